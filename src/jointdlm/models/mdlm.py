@@ -1,0 +1,263 @@
+"""The built-in masked diffusion LM: a small bidirectional transformer of the LLaDA / Dream family.
+
+RMSNorm, rotary positions, SwiGLU MLP, pre-norm blocks. The same network with `causal=True` is the
+project's autoregressive scorer. `BuiltinModel` is its `DiffusionLM` adapter (network + tokenizer + spec),
+saved and loaded as a Hugging Face-style directory: config.json, model.safetensors, tokenizer.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .protocol import FamilySpec, ModelOutput
+from .tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, BPETokenizer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+MODEL_TYPE = "jointdlm-mdlm"
+
+
+@dataclass
+class MDLMConfig:
+    vocab_size: int
+    max_length: int = 64
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    mlp_hidden: int = 0
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    causal: bool = False
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"d_model={self.d_model} must split into {self.n_heads} heads of even size")
+        if self.mlp_hidden <= 0:
+            self.mlp_hidden = 32 * math.ceil(self.d_model * 8 / 3 / 32)
+        for name in ("vocab_size", "max_length", "n_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": {"d_model": 64, "n_layers": 2, "n_heads": 4},
+    "small": {"d_model": 128, "n_layers": 4, "n_heads": 4},
+    "base": {"d_model": 384, "n_layers": 8, "n_heads": 6},
+    "large": {"d_model": 768, "n_layers": 12, "n_heads": 12},
+}
+
+
+def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape (B, 1, T, head_dim/2) for integer positions (B, T)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions.float()[..., None] * inv_freq
+    return angles.cos()[:, None], angles.sin()[:, None]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                attn_mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None)
+        return self.out(y.transpose(1, 2).reshape(b, t, d))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(d_model, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; also the building block of the ADJUST head."""
+
+    def __init__(self, d_model: int, n_heads: int, mlp_hidden: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(d_model, eps=eps)
+        self.attn = Attention(d_model, n_heads)
+        self.mlp_norm = nn.RMSNorm(d_model, eps=eps)
+        self.mlp = SwiGLU(d_model, mlp_hidden)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                attn_mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, attn_mask, causal)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def positions_and_mask(attention_mask: torch.Tensor | None, shape: torch.Size, causal: bool,
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Positions count real tokens only, so a left-padded prompt sees the same positions as an unpadded one."""
+    b, t = shape
+    if attention_mask is None:
+        return torch.arange(t, device=device).expand(b, t), None
+    keep = attention_mask.bool()
+    positions = (keep.long().cumsum(-1) - 1).clamp(min=0)
+    mask = keep[:, None, None, :].expand(b, 1, t, t)
+    if causal:
+        mask = mask & torch.ones(t, t, dtype=torch.bool, device=device).tril()
+    # A padding query with nothing to attend to would give NaN; let it see itself.
+    mask = mask | torch.eye(t, dtype=torch.bool, device=device)
+    return positions, mask
+
+
+class MaskedDiffusionTransformer(nn.Module):
+    def __init__(self, config: MDLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(
+            Block(config.d_model, config.n_heads, config.mlp_hidden, config.norm_eps) for _ in range(config.n_layers)
+        )
+        self.final_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.output = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.out.weight", "mlp.down.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rotary_tables(positions, self.config.d_model // self.config.n_heads, self.config.rope_theta)
+
+    def forward(self, tokens: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (logits, hidden) where hidden is the last block's output before the final norm."""
+        if tokens.shape[1] > self.config.max_length:
+            raise ValueError(f"sequence of {tokens.shape[1]} tokens exceeds max_length={self.config.max_length}")
+        positions, mask = positions_and_mask(attention_mask, tokens.shape, self.config.causal, tokens.device)
+        rope = self.rope(positions)
+        x = self.embedding(tokens)
+        for block in self.blocks:
+            x = block(x, rope, mask, self.config.causal)
+        return self.head(x), x
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.output(self.final_norm(hidden))
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+def builtin_spec(vocab_size: int) -> FamilySpec:
+    return FamilySpec(name=MODEL_TYPE, vocab_size=vocab_size, mask_id=MASK_ID, pad_id=PAD_ID,
+                      eos_id=EOS_ID, bos_id=BOS_ID, shifted_logits=False)
+
+
+def weights_fingerprint(config: dict, state: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def atomic_write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+class BuiltinModel:
+    """`DiffusionLM` adapter for the built-in network (or its causal twin, the scorer)."""
+
+    def __init__(self, net: MaskedDiffusionTransformer, tokenizer: BPETokenizer) -> None:
+        if tokenizer.vocab_size != net.config.vocab_size:
+            raise ValueError("tokenizer and network disagree on the vocabulary size")
+        self.net = net
+        self.tokenizer = tokenizer
+        self.spec = builtin_spec(net.config.vocab_size)
+        self.hidden_size = net.config.d_model
+        self.max_length = net.config.max_length
+        self._fingerprint: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> ModelOutput:
+        logits, hidden = self.net(tokens, attention_mask)
+        return ModelOutput(logits=logits, hidden=hidden)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.net.embedding(tokens)
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.net.head(hidden)
+
+    def block_factory(self) -> Block:
+        """A fresh block of this family's shape (the ADJUST head is one of these)."""
+        c = self.net.config
+        return Block(c.d_model, c.n_heads, c.mlp_hidden, c.norm_eps)
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.net.rope(positions)
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = weights_fingerprint(asdict(self.net.config), self.net.state_dict())
+        return self._fingerprint
+
+    def to(self, device: str | torch.device) -> BuiltinModel:
+        self.net.to(device)
+        return self
+
+    def eval(self) -> BuiltinModel:
+        self.net.eval()
+        return self
+
+    def save(self, directory: str | Path, extra_config: dict | None = None) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / (WEIGHTS_FILE + ".tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}, str(tmp))
+        os.replace(tmp, directory / WEIGHTS_FILE)
+        self.tokenizer.save(directory)
+        config = {"model_type": MODEL_TYPE, **asdict(self.net.config), **(extra_config or {})}
+        atomic_write_json(directory / CONFIG_FILE, config)
+        self._fingerprint = None
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> BuiltinModel:
+        directory = Path(directory)
+        if not (directory / CONFIG_FILE).exists() or not (directory / WEIGHTS_FILE).exists():
+            raise FileNotFoundError(f"{directory} is not a model directory (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+        raw = json.loads((directory / CONFIG_FILE).read_text())
+        if raw.get("model_type") != MODEL_TYPE:
+            raise ValueError(f"{directory} holds model_type={raw.get('model_type')!r}, not {MODEL_TYPE!r}")
+        names = {f.name for f in fields(MDLMConfig)}
+        net = MaskedDiffusionTransformer(MDLMConfig(**{k: v for k, v in raw.items() if k in names}))
+        net.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
+        net.requires_grad_(False)
+        return cls(net, BPETokenizer.load(directory)).to(device).eval()

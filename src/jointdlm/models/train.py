@@ -1,0 +1,213 @@
+"""Pre-training the built-in models: the MDLM objective (or next-token for the causal scorer).
+
+MDLM objective: t ~ U(0, 1) (stratified across the batch, which lowers the variance of the 1/t weight),
+each token masked with probability t, cross-entropy on masked positions weighted by 1/t. BOS is never
+masked; EOS and the padding after it are, so the model learns where a document ends.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .mdlm import PRESETS, BuiltinModel, MaskedDiffusionTransformer, MDLMConfig, atomic_write_json
+from .tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, BPETokenizer
+
+STATE_FILE = "trainer_state.pt"
+LOG_FILE = "train_log.jsonl"
+
+
+@dataclass
+class PretrainConfig:
+    preset: str = "small"
+    objective: str = "mdlm"
+    max_steps: int = 2000
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seq_len: int = 0
+    vocab_size: int = 1024
+    eval_every: int = 250
+    save_every: int = 500
+    heldout_fraction: float = 0.05
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
+        if self.objective not in ("mdlm", "ar"):
+            raise ValueError(f"objective must be 'mdlm' or 'ar', got {self.objective!r}")
+        for name in ("max_steps", "batch_size", "eval_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.vocab_size < 300:
+            raise ValueError("vocab_size must be >= 300 (256 bytes + special tokens + merges)")
+        if not 0 < self.heldout_fraction < 0.5:
+            raise ValueError("heldout_fraction must be in (0, 0.5)")
+
+
+def read_documents(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus file {path} does not exist")
+    docs = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    docs = [d for d in docs if d]
+    if not docs:
+        raise ValueError(f"corpus {path} is empty (no non-blank lines)")
+    return docs
+
+
+def encode_documents(tokenizer: BPETokenizer, docs: list[str], seq_len: int) -> torch.Tensor:
+    """(N, seq_len) rows of BOS + tokens + EOS + PAD..., cut at seq_len."""
+    rows = torch.full((len(docs), seq_len), PAD_ID, dtype=torch.long)
+    for i, doc in enumerate(docs):
+        ids = [BOS_ID, *tokenizer.encode(doc), EOS_ID][:seq_len]
+        rows[i, : len(ids)] = torch.tensor(ids)
+    return rows
+
+
+def auto_seq_len(tokenizer: BPETokenizer, docs: list[str], cap: int = 128) -> int:
+    """Long enough for 95% of documents with BOS and EOS, rounded up to a multiple of 8."""
+    lengths = sorted(len(tokenizer.encode(d)) + 2 for d in docs[:5000])
+    p95 = lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))]
+    return min(cap, 8 * math.ceil(p95 / 8))
+
+
+def mdlm_loss(net: MaskedDiffusionTransformer, batch: torch.Tensor, generator: torch.Generator,
+              eps: float = 1e-3) -> torch.Tensor:
+    b, t = batch.shape
+    offsets = torch.rand((), generator=generator, device=batch.device)
+    times = eps + (1 - eps) * ((offsets + torch.arange(b, device=batch.device) / b) % 1.0)
+    masked = torch.rand(b, t, generator=generator, device=batch.device) < times[:, None]
+    masked[:, 0] = False
+    noisy = torch.where(masked, torch.full_like(batch, MASK_ID), batch)
+    logits, _ = net(noisy)
+    ce = F.cross_entropy(logits.transpose(1, 2), batch, reduction="none")
+    return ((ce * masked) / times[:, None]).sum() / (b * (t - 1))
+
+
+def ar_loss(net: MaskedDiffusionTransformer, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    logits, _ = net(batch)
+    return F.cross_entropy(logits[:, :-1].transpose(1, 2), batch[:, 1:], ignore_index=PAD_ID)
+
+
+def lr_at(step: int, cfg: PretrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+@torch.no_grad()
+def heldout_loss(net: MaskedDiffusionTransformer, data: torch.Tensor, objective: str, batch_size: int = 256) -> float:
+    """Fixed masks (seed 1234), so successive evaluations are comparable."""
+    gen = torch.Generator(device=data.device).manual_seed(1234)
+    loss_fn = mdlm_loss if objective == "mdlm" else ar_loss
+    was_training = net.training
+    net.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        chunk = data[start:start + batch_size]
+        total += loss_fn(net, chunk, gen).item() * len(chunk)
+        count += len(chunk)
+    net.train(was_training)
+    return total / count
+
+
+def _training_extra(cfg: PretrainConfig, corpus: Path) -> dict:
+    return {"pretrain": {**asdict(cfg), "corpus": str(corpus)}}
+
+
+def pretrain(corpus: str | Path, out: str | Path, cfg: PretrainConfig) -> BuiltinModel:
+    """Train (or resume training of) a built-in model on a one-document-per-line corpus."""
+    corpus, out = Path(corpus), Path(out)
+    docs = read_documents(corpus)
+    torch.manual_seed(cfg.seed)
+    state_path = out / STATE_FILE
+    resume = state_path.exists()
+    if resume:
+        model = BuiltinModel.load(out)
+        tokenizer, net = model.tokenizer, model.net
+        net.requires_grad_(True)
+        seq_len = net.config.max_length
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        tokenizer = BPETokenizer.train(docs, cfg.vocab_size)
+        seq_len = cfg.seq_len or auto_seq_len(tokenizer, docs)
+        net = MaskedDiffusionTransformer(MDLMConfig(
+            vocab_size=tokenizer.vocab_size, max_length=seq_len, causal=cfg.objective == "ar", **PRESETS[cfg.preset]))
+    net.to(cfg.device).train()
+
+    data = encode_documents(tokenizer, docs, seq_len)
+    split_gen = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(len(data), generator=split_gen)
+    n_held = max(1, min(1000, int(cfg.heldout_fraction * len(data)))) if len(data) > 1 else 0
+    heldout, train = data[order[:n_held]].to(cfg.device), data[order[n_held:]].to(cfg.device)
+    if len(train) == 0:
+        train = heldout
+
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    batch_gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed + 1)
+    step = 0
+    if resume:
+        state = torch.load(state_path, map_location=cfg.device, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        batch_gen.set_state(state["generator"])
+        step = state["step"]
+
+    loss_fn = mdlm_loss if cfg.objective == "mdlm" else ar_loss
+    model = BuiltinModel(net, tokenizer)
+
+    def checkpoint(step: int) -> None:
+        model.save(out, _training_extra(cfg, corpus))
+        tmp = state_path.with_name(STATE_FILE + ".tmp")
+        torch.save({"optimizer": optimizer.state_dict(), "generator": batch_gen.get_state(), "step": step}, tmp)
+        os.replace(tmp, state_path)
+
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not cfg.progress, desc=f"pretrain {cfg.objective}",
+               dynamic_ncols=True)
+    start_time, running = time.time(), None
+    with open(out / LOG_FILE, "a") as log:
+        while step < cfg.max_steps:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            idx = torch.randint(len(train), (cfg.batch_size,), generator=batch_gen, device=cfg.device)
+            loss = loss_fn(net, train[idx], batch_gen)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            optimizer.step()
+            step += 1
+            running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+            bar.update(1)
+            bar.set_postfix(loss=f"{running:.3f}")
+            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                held = heldout_loss(net, heldout, cfg.objective)
+                record = {"step": step, "train_loss": running, "heldout_loss": held,
+                          "elapsed_s": round(time.time() - start_time, 1)}
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                bar.write(f"step {step}: train {running:.4f}  held-out {held:.4f}")
+            if step % cfg.save_every == 0 or step == cfg.max_steps:
+                checkpoint(step)
+    bar.close()
+    if step == 0 or not (out / "model.safetensors").exists():
+        checkpoint(step)
+    net.eval().requires_grad_(False)
+    atomic_write_json(out / "training_done.json", {"step": step, "max_steps": cfg.max_steps})
+    return model

@@ -1,0 +1,102 @@
+"""The sampler protocol: one denoising step as a small strategy.
+
+The loop owns the canvas; a sampler sees a `StepContext` (the model through its protocol, the current
+tokens, which positions it may fill, how many the schedule asks for, each row's generator) and returns a
+frozen `StepResult`. `check_step` states the invariants once; the loop runs it on every step of every sampler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ..models.protocol import DiffusionLM, ModelOutput
+from . import rules
+
+
+@dataclass(frozen=True)
+class TokenChoice:
+    """How positions are ranked and tokens drawn; shared by every sampler."""
+
+    rule: str = "confidence"
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.rule not in rules.RULES:
+            raise ValueError(f"unknown unmasking rule {self.rule!r}; choose from {', '.join(rules.RULES)}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class StepContext:
+    model: DiffusionLM
+    tokens: torch.Tensor
+    attention_mask: torch.Tensor
+    eligible: torch.Tensor
+    budget: torch.Tensor
+    generators: list[torch.Generator]
+    choice: TokenChoice
+
+    def forward(self, tokens: torch.Tensor | None = None) -> ModelOutput:
+        with torch.no_grad():
+            return self.model.forward(self.tokens if tokens is None else tokens, self.attention_mask)
+
+    def logprobs(self, logits: torch.Tensor) -> torch.Tensor:
+        return rules.model_logprobs(logits, self.model.spec.never_sampled())
+
+    def scores(self, logprobs: torch.Tensor, eligible: torch.Tensor | None = None) -> torch.Tensor:
+        return rules.position_scores(logprobs, self.choice.rule, self.eligible if eligible is None else eligible,
+                                     self.generators)
+
+    def sample(self, logprobs: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+        c = self.choice
+        return rules.sample_at(logprobs, fill, self.generators, c.temperature, c.top_k, c.top_p)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """Positions to fill (B, T bool), the ids to write there, and the passes it cost."""
+
+    fill: torch.Tensor
+    tokens: torch.Tensor
+    base_passes: int = 1
+    extra_passes: int = 0
+
+
+class Sampler(Protocol):
+    name: str
+    follows_budget: bool
+    """True when the sampler fills exactly `budget` tokens per row (NFE then follows the schedule)."""
+
+    def step(self, ctx: StepContext) -> StepResult: ...
+
+
+def check_step(ctx: StepContext, result: StepResult, follows_budget: bool) -> None:
+    """The invariants of one step, for every sampler."""
+    fill, tokens = result.fill, result.tokens
+    if fill.shape != ctx.tokens.shape or tokens.shape != ctx.tokens.shape:
+        raise AssertionError("step result shapes differ from the canvas")
+    if (fill & ~ctx.eligible).any():
+        raise AssertionError("sampler filled a position that was not masked and eligible")
+    counts = fill.sum(-1)
+    if (counts < 1).any():
+        raise AssertionError("sampler made no progress on a row that still has masks")
+    if follows_budget and not torch.equal(counts, ctx.budget):
+        raise AssertionError(f"sampler filled {counts.tolist()} tokens, the schedule asked for {ctx.budget.tolist()}")
+    written = tokens[fill]
+    spec = ctx.model.spec
+    if ((written < 0) | (written >= spec.vocab_size)).any():
+        raise AssertionError("sampler wrote a token id outside the vocabulary")
+    if torch.isin(written, torch.tensor(spec.never_sampled(), device=written.device)).any():
+        raise AssertionError("sampler wrote the mask token or another never-sampled id")
+    if result.base_passes < 0 or result.extra_passes < 0:
+        raise AssertionError("pass counts must be non-negative")

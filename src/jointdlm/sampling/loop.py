@@ -1,0 +1,223 @@
+"""The one denoising loop shared by every sampler.
+
+text -> tokens -> canvas (BOS + prompt + `length` masks, left-padded across the batch) -> repeated
+(sampler step) -> tokens -> text, with counters. Masks are filled block by block (semi-autoregressive when
+`block_length` is set); each sample draws from its own generator seeded from (seed, sample index).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from ..models.protocol import DiffusionLM
+from .base import Sampler, StepContext, TokenChoice, check_step
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    length: int = 32
+    tokens_per_step: int = 1
+    steps: int | None = None
+    block_length: int | None = None
+    choice: TokenChoice = field(default_factory=TokenChoice)
+    seed: int = 0
+    batch_size: int = 64
+    record_history: bool = False
+    validate: bool = True
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.length < 1:
+            raise ValueError(f"length must be >= 1, got {self.length}")
+        if self.tokens_per_step < 1:
+            raise ValueError(f"tokens_per_step must be >= 1, got {self.tokens_per_step}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.block_length is not None and self.block_length < 1:
+            raise ValueError(f"block_length must be >= 1, got {self.block_length}")
+        if self.steps is not None:
+            if self.steps < 1:
+                raise ValueError(f"steps must be >= 1, got {self.steps}")
+            if self.steps % self.num_blocks:
+                raise ValueError(f"steps={self.steps} must be a multiple of the number of blocks ({self.num_blocks})")
+            if self.steps > self.length:
+                raise ValueError(f"steps={self.steps} exceeds length={self.length}")
+
+    @property
+    def num_blocks(self) -> int:
+        return math.ceil(self.length / (self.block_length or self.length))
+
+    def block_sizes(self) -> list[int]:
+        size = self.block_length or self.length
+        return [min(size, self.length - start) for start in range(0, self.length, size)]
+
+    def schedule(self, block_size: int) -> list[int]:
+        """Tokens to unmask at each step of one block."""
+        if self.steps is None:
+            k = self.tokens_per_step
+            return [k] * (block_size // k) + ([block_size % k] if block_size % k else [])
+        n = self.steps // self.num_blocks
+        base, extra = divmod(block_size, n)
+        return [base + (1 if i < extra else 0) for i in range(n) if base + (1 if i < extra else 0) > 0]
+
+
+@dataclass
+class Counters:
+    """Per-sample averages except wall time and totals."""
+
+    samples: int = 0
+    generated_tokens: int = 0
+    base_passes: float = 0.0
+    extra_passes: float = 0.0
+    steps: float = 0.0
+    wall_time_s: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.wall_time_s if self.wall_time_s > 0 else 0.0
+
+    @property
+    def tokens_per_base_pass(self) -> float:
+        return self.generated_tokens / (self.base_passes * self.samples) if self.base_passes else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {"samples": self.samples, "generated_tokens": self.generated_tokens,
+                "base_passes_per_sample": self.base_passes, "extra_passes_per_sample": self.extra_passes,
+                "steps_per_sample": self.steps, "wall_time_s": round(self.wall_time_s, 4),
+                "tokens_per_second": round(self.tokens_per_second, 2),
+                "tokens_per_base_pass": round(self.tokens_per_base_pass, 4)}
+
+
+@dataclass
+class Generation:
+    prompts: list[str]
+    texts: list[str]
+    tokens: list[list[int]]
+    history: list[list[int]] | None
+    counters: Counters
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """A distinct, stable seed per (run seed, sample index)."""
+    return (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 1) % (2**63 - 1)
+
+
+def encode_prompts(model: DiffusionLM, prompts: Sequence[str]) -> list[list[int]]:
+    bos = [] if model.spec.bos_id is None else [model.spec.bos_id]
+    return [bos + model.tokenizer.encode(p) for p in prompts]
+
+
+def build_canvas(model: DiffusionLM, prefixes: Sequence[Sequence[int]],
+                 length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Left-padded canvas (B, P + length), its attention mask, and P (where generation starts)."""
+    spec = model.spec
+    longest = max(len(p) for p in prefixes)
+    if longest + length > model.max_length:
+        raise ValueError(f"prompt of {longest} tokens + {length} to generate exceeds the model's "
+                         f"maximum of {model.max_length} tokens")
+    tokens = torch.full((len(prefixes), longest + length), spec.mask_id, dtype=torch.long)
+    attention = torch.ones_like(tokens)
+    for row, prefix in enumerate(prefixes):
+        pad = longest - len(prefix)
+        tokens[row, :pad] = spec.pad_id
+        attention[row, :pad] = 0
+        tokens[row, pad:longest] = torch.tensor(list(prefix), dtype=torch.long)
+    return tokens.to(model.device), attention.to(model.device), longest
+
+
+def cut_at_eos(ids: Sequence[int], eos_id: int) -> list[int]:
+    ids = list(ids)
+    return ids[: ids.index(eos_id)] if eos_id in ids else ids
+
+
+def generate(model: DiffusionLM, sampler: Sampler, config: SamplingConfig,
+             prompts: Sequence[str] | None = None, num: int | None = None,
+             index_offset: int = 0) -> Generation:
+    """Generate `num` unconditional samples, or one sample per prompt.
+
+    Sample i draws from a generator seeded by (config.seed, index_offset + i), so any slice of a run can be
+    regenerated on its own (resuming, sharding across processes) and gives the same samples.
+    """
+    fixed_k = getattr(sampler, "tokens_per_step", None)
+    if fixed_k is not None and config.tokens_per_step != fixed_k:
+        raise ValueError(f"the {sampler.name} sampler unmasks {fixed_k} token per step; "
+                         f"got tokens_per_step={config.tokens_per_step}")
+    if prompts is None:
+        if num is None or num < 1:
+            raise ValueError("give prompts or a positive number of samples")
+        prompts = [""] * num
+    prompts = list(prompts)
+    prefixes = encode_prompts(model, prompts)
+    counters = Counters(samples=len(prompts))
+    all_tokens: list[list[int]] = []
+    history: list[list[int]] = []
+    bar = tqdm(total=len(prompts), disable=not config.progress, desc=f"sample {sampler.name}", dynamic_ncols=True)
+    start = time.perf_counter()
+    for first in range(0, len(prompts), config.batch_size):
+        rows = range(first, min(first + config.batch_size, len(prompts)))
+        gens = [torch.Generator().manual_seed(sample_seed(config.seed, index_offset + i)) for i in rows]
+        out, filled_at, base, extra, steps = _generate_batch(model, sampler, config, [prefixes[i] for i in rows], gens)
+        all_tokens.extend(out.tolist())
+        history.extend(filled_at.tolist())
+        counters.base_passes += base.sum().item()
+        counters.extra_passes += extra.sum().item()
+        counters.steps += steps.sum().item()
+        bar.update(len(rows))
+    counters.wall_time_s = time.perf_counter() - start
+    bar.close()
+    n = max(1, len(prompts))
+    counters.base_passes /= n
+    counters.extra_passes /= n
+    counters.steps /= n
+    counters.generated_tokens = config.length * len(prompts)
+    texts = [model.tokenizer.decode(cut_at_eos(t, model.spec.eos_id)) for t in all_tokens]
+    return Generation(prompts=prompts, texts=texts, tokens=all_tokens,
+                      history=history if config.record_history else None, counters=counters)
+
+
+def _generate_batch(model: DiffusionLM, sampler: Sampler, config: SamplingConfig,
+                    prefixes: list[list[int]], gens: list[torch.Generator]):
+    tokens, attention, start = build_canvas(model, prefixes, config.length)
+    batch = tokens.shape[0]
+    filled_at = torch.full((batch, config.length), -1, dtype=torch.long)
+    base = torch.zeros(batch, dtype=torch.long)
+    extra = torch.zeros(batch, dtype=torch.long)
+    steps = torch.zeros(batch, dtype=torch.long)
+    mask_id = model.spec.mask_id
+    step_index = 0
+    block_start = start
+    for block_size in config.block_sizes():
+        region = torch.zeros_like(tokens, dtype=torch.bool)
+        region[:, block_start:block_start + block_size] = True
+        schedule = config.schedule(block_size)
+        for k in range(10**9):
+            eligible = (tokens == mask_id) & region
+            remaining = eligible.sum(-1)
+            active = (remaining > 0).nonzero().squeeze(-1)
+            if active.numel() == 0:
+                break
+            want = schedule[k] if k < len(schedule) else schedule[-1]
+            ctx = StepContext(model=model, tokens=tokens[active], attention_mask=attention[active],
+                              eligible=eligible[active], budget=remaining[active].clamp(max=want),
+                              generators=[gens[i] for i in active.tolist()], choice=config.choice)
+            result = sampler.step(ctx)
+            if config.validate:
+                check_step(ctx, result, sampler.follows_budget)
+            rows_tokens = torch.where(result.fill, result.tokens, ctx.tokens)
+            tokens[active] = rows_tokens
+            filled = result.fill[:, start:].cpu()
+            sub = filled_at[active.cpu()]
+            sub[filled] = step_index
+            filled_at[active.cpu()] = sub
+            base[active.cpu()] += result.base_passes
+            extra[active.cpu()] += result.extra_passes
+            steps[active.cpu()] += 1
+            step_index += 1
+        block_start += block_size
+    return tokens[:, start:].cpu(), filled_at, base, extra, steps

@@ -1,0 +1,21 @@
+"""Samplers by name: adding a sampler is adding its module and one line here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .base import Sampler
+from .parallel import ParallelSampler
+from .sequential import SequentialSampler
+
+SAMPLERS: dict[str, Callable[..., Sampler]] = {
+    "sequential": SequentialSampler,
+    "parallel": ParallelSampler,
+}
+
+
+def make_sampler(name: str, **options: Any) -> Sampler:
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(sorted(SAMPLERS))}")
+    return SAMPLERS[name](**options)
