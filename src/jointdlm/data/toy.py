@@ -152,7 +152,8 @@ class TemplateLanguage(ToyLanguage):
 
     def render(self, choices: Sequence[int]) -> str:
         subject = self.subjects[choices[0]]
-        words = {slot: pair[c] for slot, pair, c in zip(TEMPLATE_SLOTS, subject.slots, choices[1:])}
+        slots = zip(TEMPLATE_SLOTS, subject.slots, choices[1:], strict=True)
+        words = {slot: pair[c] for slot, pair, c in slots}
         return TEMPLATE_FRAME.format(subj=subject.word, home=subject.home, **words)
 
 
@@ -200,7 +201,8 @@ def get_language(name: str) -> ToyLanguage:
     try:
         return LANGUAGES[name]
     except KeyError:
-        raise ValueError(f"unknown toy language {name!r}; valid names: {', '.join(sorted(LANGUAGES))}") from None
+        valid = ", ".join(sorted(LANGUAGES))
+        raise ValueError(f"unknown toy language {name!r}; valid names: {valid}") from None
 
 
 def validity_rate(lang: ToyLanguage, texts: Iterable[str]) -> float:

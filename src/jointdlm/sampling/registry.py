@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from .adjust import AdjustSampler
 from .base import Sampler
 from .parallel import ParallelSampler
 from .sequential import SequentialSampler
@@ -12,6 +13,7 @@ from .sequential import SequentialSampler
 SAMPLERS: dict[str, Callable[..., Sampler]] = {
     "sequential": SequentialSampler,
     "parallel": ParallelSampler,
+    "adjust": AdjustSampler,
 }
 
 

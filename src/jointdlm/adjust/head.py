@@ -1,0 +1,114 @@
+"""The ADJUST head: one transformer block on top of a frozen base that updates the base's marginals
+after tokens are written, so K tokens per base pass approximately follow the joint.
+
+    z  = proj(concat(RMSNorm(E(x)), RMSNorm(h)))      input_form="concat" (the paper's form)
+    z  = h + proj(E(x))                               input_form="sum"    (trains faster on tiny bases)
+    z  = Block(z)                                     one bidirectional block of the base family
+    h' = RMSNorm(z) + h                               residual onto the previous hidden state
+    logits = base.lm_head(h')                         the frozen base head
+
+The output RMSNorm gain starts at zero, so an untrained head returns h unchanged: exactly naive parallel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..models.mdlm import Block, positions_and_mask, rotary_tables
+from ..models.protocol import DiffusionLM
+
+HEAD_CONFIG_FILE = "adjust_config.json"
+HEAD_WEIGHTS_FILE = "adjust.safetensors"
+INPUT_FORMS = ("concat", "sum")
+
+
+@dataclass(frozen=True)
+class AdjustHeadConfig:
+    d_model: int
+    n_heads: int
+    mlp_hidden: int
+    base_fingerprint: str
+    input_form: str = "sum"
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.input_form not in INPUT_FORMS:
+            raise ValueError(f"input_form must be one of {INPUT_FORMS}, got {self.input_form!r}")
+
+    @classmethod
+    def for_base(cls, base: DiffusionLM, input_form: str = "sum") -> AdjustHeadConfig:
+        net_config = getattr(getattr(base, "net", None), "config", None)
+        n_heads = getattr(net_config, "n_heads", max(1, base.hidden_size // 64))
+        mlp_hidden = getattr(net_config, "mlp_hidden", 4 * base.hidden_size)
+        theta = getattr(net_config, "rope_theta", 10000.0)
+        return cls(d_model=base.hidden_size, n_heads=n_heads, mlp_hidden=mlp_hidden,
+                   base_fingerprint=base.fingerprint(), input_form=input_form, rope_theta=theta)
+
+
+class AdjustHead(nn.Module):
+    def __init__(self, config: AdjustHeadConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        if config.input_form == "concat":
+            self.embed_norm = nn.RMSNorm(d, eps=config.norm_eps)
+            self.hidden_norm = nn.RMSNorm(d, eps=config.norm_eps)
+            self.proj = nn.Linear(2 * d, d, bias=False)
+        else:
+            self.proj = nn.Linear(d, d, bias=False)
+        self.block = Block(d, config.n_heads, config.mlp_hidden, config.norm_eps)
+        self.out_norm = nn.RMSNorm(d, eps=config.norm_eps)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+        nn.init.zeros_(self.out_norm.weight)
+
+    def forward(self, base: DiffusionLM, tokens: torch.Tensor, attention_mask: torch.Tensor | None,
+                hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One cheap pass: (current tokens, previous hidden) -> (new hidden, logits)."""
+        embedded = base.embed(tokens)
+        if self.config.input_form == "concat":
+            z = self.proj(torch.cat([self.embed_norm(embedded), self.hidden_norm(hidden)], dim=-1))
+        else:
+            z = hidden + self.proj(embedded)
+        positions, mask = positions_and_mask(attention_mask, tokens.shape, False, tokens.device)
+        rope = rotary_tables(positions, self.config.d_model // self.config.n_heads, self.config.rope_theta)
+        new_hidden = self.out_norm(self.block(z, rope, mask)) + hidden
+        return new_hidden, base.lm_head(new_hidden)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, directory: str | Path, extra: dict | None = None) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / (HEAD_WEIGHTS_FILE + ".tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp))
+        os.replace(tmp, directory / HEAD_WEIGHTS_FILE)
+        tmp = directory / (HEAD_CONFIG_FILE + ".tmp")
+        tmp.write_text(json.dumps({**asdict(self.config), **(extra or {})}, indent=2, sort_keys=True))
+        os.replace(tmp, directory / HEAD_CONFIG_FILE)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, base: DiffusionLM) -> AdjustHead:
+        directory = Path(directory)
+        if not (directory / HEAD_CONFIG_FILE).exists() or not (directory / HEAD_WEIGHTS_FILE).exists():
+            raise FileNotFoundError(f"{directory} is not an ADJUST head directory "
+                                    f"(needs {HEAD_CONFIG_FILE} and {HEAD_WEIGHTS_FILE})")
+        raw = json.loads((directory / HEAD_CONFIG_FILE).read_text())
+        names = AdjustHeadConfig.__dataclass_fields__
+        config = AdjustHeadConfig(**{k: v for k, v in raw.items() if k in names})
+        if config.base_fingerprint != base.fingerprint():
+            raise ValueError(f"the ADJUST head in {directory} was trained on base {config.base_fingerprint}, "
+                             f"but this base model is {base.fingerprint()}; train a head for this base")
+        head = cls(config)
+        head.load_state_dict(load_file(str(directory / HEAD_WEIGHTS_FILE)))
+        return head.to(base.device).eval().requires_grad_(False)

@@ -1,0 +1,182 @@
+"""Command-line interface: a thin layer over the Python API (every flag is a config field)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .sampling.base import TokenChoice
+from .sampling.loop import SamplingConfig
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    """Write all rows or nothing: a failed run never leaves a half-written output file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_prompts(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"prompts file {p} does not exist")
+    prompts = [line.rstrip("\n") for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompts file {p} has no prompts")
+    return prompts
+
+
+def add_choice_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rule", default="confidence",
+                        help="unmasking rule: confidence, margin, entropy, random, left_to_right")
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+
+
+def choice_from_args(args: argparse.Namespace) -> TokenChoice:
+    return TokenChoice(rule=args.rule, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+
+
+def cmd_corpus(args: argparse.Namespace) -> None:
+    from .data import write_corpus
+
+    count = write_corpus(args.name, args.out, num=args.num, seed=args.seed)
+    print(f"wrote {count} documents to {args.out}", file=sys.stderr)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from .models.train import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(preset=args.preset, objective=args.objective, max_steps=args.max_steps,
+                         batch_size=args.batch_size, lr=args.lr, seq_len=args.seq_len, vocab_size=args.vocab_size,
+                         eval_every=args.eval_every, save_every=args.save_every, seed=args.seed, device=args.device)
+    model = pretrain(args.corpus, args.out, cfg)
+    print(f"saved {model.net.num_parameters():,}-parameter model to {args.out}", file=sys.stderr)
+
+
+def sampling_config_from_args(args: argparse.Namespace, length: int) -> SamplingConfig:
+    return SamplingConfig(length=length, tokens_per_step=args.tokens_per_step, steps=args.steps,
+                          block_length=args.block_length, choice=choice_from_args(args), seed=args.seed,
+                          batch_size=args.batch_size, record_history=args.history, progress=True)
+
+
+def build_sampler(args: argparse.Namespace, model):
+    from .sampling.registry import make_sampler
+
+    return make_sampler(args.sampler)
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from .models.loading import load_model
+    from .sampling.loop import encode_prompts, generate
+
+    if not args.out.endswith(".jsonl"):
+        raise ValueError(f"--out must name a .jsonl file, got {args.out}")
+    model = load_model(args.model, args.device)
+    prompts = read_prompts(args.prompts) if args.prompts else None
+    longest = max(len(p) for p in encode_prompts(model, prompts)) if prompts else len(encode_prompts(model, [""])[0])
+    length = args.length or model.max_length - longest
+    config = sampling_config_from_args(args, length)
+    sampler = build_sampler(args, model)
+    result = generate(model, sampler, config, prompts=prompts, num=None if prompts else args.num)
+    rows = []
+    for i, (prompt, text, tokens) in enumerate(zip(result.prompts, result.texts, result.tokens, strict=True)):
+        row = {"index": i, "prompt": prompt, "text": text, "tokens": tokens}
+        if result.history is not None:
+            row["history"] = result.history[i]
+        rows.append(row)
+    write_jsonl_atomic(Path(args.out), rows)
+    c = result.counters
+    print(f"{args.sampler} K={args.tokens_per_step}: {c.samples} samples x {length} tokens, "
+          f"NFE {c.base_passes:.1f}/sample, extra passes {c.extra_passes:.1f}/sample, "
+          f"{c.tokens_per_base_pass:.2f} tokens/pass, {c.tokens_per_second:.1f} tokens/s, "
+          f"{c.wall_time_s:.2f}s -> {args.out}", file=sys.stderr)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(workdir=Path(args.workdir), quick=args.quick, seed=args.seed))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jointdlm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("corpus", help="write a corpus file (one document per line)")
+    p.add_argument("name", help="template, agreement, english or code")
+    p.add_argument("--out", required=True)
+    p.add_argument("--num", type=_positive_int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_corpus)
+
+    p = sub.add_parser("pretrain", help="train the built-in diffusion LM (or causal scorer) on a corpus")
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--preset", default="small", help="tiny, small, base, large")
+    p.add_argument("--objective", default="mdlm", help="mdlm (diffusion) or ar (causal scorer)")
+    p.add_argument("--max-steps", type=_positive_int, default=2000)
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seq-len", type=int, default=0, help="canvas length; 0 = from the corpus")
+    p.add_argument("--vocab-size", type=int, default=1024)
+    p.add_argument("--eval-every", type=_positive_int, default=250)
+    p.add_argument("--save-every", type=_positive_int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("sample", help="generate samples with one sampler")
+    p.add_argument("--model", required=True)
+    p.add_argument("--sampler", required=True)
+    p.add_argument("--tokens-per-step", type=int, default=1)
+    p.add_argument("--steps", type=int, default=None, help="total steps instead of a fixed tokens-per-step")
+    p.add_argument("--block-length", type=int, default=None)
+    p.add_argument("--num", type=_positive_int, default=16)
+    p.add_argument("--length", type=_positive_int, default=None, help="tokens to generate; default fills the canvas")
+    p.add_argument("--prompts", default=None, help="file with one prompt per line")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--history", action="store_true", help="record the step at which each position was filled")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True)
+    add_choice_args(p)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("demo", help="the whole story on the built-in default, end to end")
+    p.add_argument("--workdir", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="seconds instead of minutes: tiny models, few samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as err:
+        print(f"jointdlm: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("jointdlm: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
