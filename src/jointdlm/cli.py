@@ -77,7 +77,48 @@ def sampling_config_from_args(args: argparse.Namespace, length: int) -> Sampling
 def build_sampler(args: argparse.Namespace, model):
     from .sampling.registry import make_sampler
 
+    if args.sampler == "adjust":
+        if not args.adjust:
+            raise ValueError("the adjust sampler needs --adjust DIR (a head trained with train-adjust)")
+        from .adjust.head import AdjustHead
+
+        return make_sampler("adjust", head=AdjustHead.from_pretrained(args.adjust, model))
+    if args.adjust:
+        raise ValueError(f"--adjust is only used by the adjust sampler, not {args.sampler}")
     return make_sampler(args.sampler)
+
+
+def cmd_trajectories(args: argparse.Namespace) -> None:
+    from .adjust.trajectories import TrajectoryConfig, collect_trajectories, distributed_rank_world
+    from .models.loading import load_model
+    from .sampling.loop import encode_prompts
+
+    model = load_model(args.model, args.device)
+    prompts = read_prompts(args.prompts) if args.prompts else None
+    longest = max(len(p) for p in encode_prompts(model, prompts or [""]))
+    cfg = TrajectoryConfig(num=args.num, length=args.length or model.max_length - longest,
+                           temperature=args.temperature, rule=args.rule, top_p=args.top_p, top_k=args.top_k,
+                           seed=args.seed, shard_size=args.shard_size, batch_size=args.batch_size)
+    rank, world = distributed_rank_world()
+    stats = collect_trajectories(model, args.out, cfg, prompts=prompts, rank=rank, world_size=world)
+    print(f"rank {rank}/{world}: {stats['generated']} trajectories generated, {stats['skipped']} already there, "
+          f"{stats['samples_per_s']:.1f} samples/s -> {args.out}", file=sys.stderr)
+
+
+def cmd_train_adjust(args: argparse.Namespace) -> None:
+    from .adjust.train import AdjustTrainConfig, final_heldout, train_adjust
+    from .models.loading import load_model
+
+    model = load_model(args.model, args.device)
+    cfg = AdjustTrainConfig(max_steps=args.max_steps, rollout=args.rollout, batch_size=args.batch_size, lr=args.lr,
+                            warmup_steps=args.warmup_steps, input_form=args.input_form,
+                            eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
+                            device=args.device)
+    head = train_adjust(model, args.trajectories, args.out, cfg)
+    scores = final_heldout(args.out) or {}
+    summary = ", ".join(f"depth {d}: {v['head_kl']:.4f} vs stale {v['stale_kl']:.4f}" for d, v in scores.items())
+    print(f"saved {head.num_parameters():,}-parameter ADJUST head to {args.out}; held-out KL {summary}",
+          file=sys.stderr)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -152,10 +193,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--history", action="store_true", help="record the step at which each position was filled")
+    p.add_argument("--adjust", default=None, help="ADJUST head directory (for --sampler adjust)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True)
     add_choice_args(p)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("trajectories", help="collect K=1 trajectories of a base model (ADJUST training data)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--num", type=_positive_int, default=1000)
+    p.add_argument("--length", type=_positive_int, default=None, help="default fills the canvas")
+    p.add_argument("--prompts", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard-size", type=_positive_int, default=256)
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--device", default="cpu")
+    add_choice_args(p)
+    p.set_defaults(func=cmd_trajectories)
+
+    p = sub.add_parser("train-adjust", help="train an ADJUST head on trajectories of a frozen base")
+    p.add_argument("--model", required=True)
+    p.add_argument("--trajectories", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-steps", type=_positive_int, default=1500)
+    p.add_argument("--rollout", type=int, default=4, help="train depths 1..rollout-1")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--input-form", default="concat", help="concat (paper) or sum")
+    p.add_argument("--eval-every", type=_positive_int, default=250)
+    p.add_argument("--save-every", type=_positive_int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_train_adjust)
 
     p = sub.add_parser("demo", help="the whole story on the built-in default, end to end")
     p.add_argument("--workdir", default="runs/demo")

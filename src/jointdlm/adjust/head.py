@@ -2,7 +2,7 @@
 after tokens are written, so K tokens per base pass approximately follow the joint.
 
     z  = proj(concat(RMSNorm(E(x)), RMSNorm(h)))      input_form="concat" (the paper's form)
-    z  = h + proj(E(x))                               input_form="sum"    (trains faster on tiny bases)
+    z  = h + proj(E(x))                               input_form="sum"    (the simpler form; docs/results.md)
     z  = Block(z)                                     one bidirectional block of the base family
     h' = RMSNorm(z) + h                               residual onto the previous hidden state
     logits = base.lm_head(h')                         the frozen base head
@@ -35,7 +35,7 @@ class AdjustHeadConfig:
     n_heads: int
     mlp_hidden: int
     base_fingerprint: str
-    input_form: str = "sum"
+    input_form: str = "concat"
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
 
@@ -44,7 +44,7 @@ class AdjustHeadConfig:
             raise ValueError(f"input_form must be one of {INPUT_FORMS}, got {self.input_form!r}")
 
     @classmethod
-    def for_base(cls, base: DiffusionLM, input_form: str = "sum") -> AdjustHeadConfig:
+    def for_base(cls, base: DiffusionLM, input_form: str = "concat") -> AdjustHeadConfig:
         net_config = getattr(getattr(base, "net", None), "config", None)
         n_heads = getattr(net_config, "n_heads", max(1, base.hidden_size // 64))
         mlp_hidden = getattr(net_config, "mlp_hidden", 4 * base.hidden_size)

@@ -36,7 +36,7 @@ class AdjustTrainConfig:
     warmup_steps: int = 100
     grad_clip: float = 1.0
     weight_decay: float = 0.0
-    input_form: str = "sum"
+    input_form: str = "concat"
     eval_every: int = 250
     save_every: int = 250
     heldout: int = 64
