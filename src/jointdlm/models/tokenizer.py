@@ -23,6 +23,7 @@ class BPETokenizer:
         for i, name in enumerate(SPECIAL_TOKENS):
             if tokenizer.token_to_id(name) != i:
                 raise ValueError(f"tokenizer must map {name} to id {i}")
+        tokenizer.encode_special_tokens = True  # "<mask>" typed in text is text, never the special id
         self.vocab_size = tokenizer.get_vocab_size()
 
     @classmethod

@@ -145,9 +145,10 @@ def generate(model: DiffusionLM, sampler: Sampler, config: SamplingConfig,
     regenerated on its own (resuming, sharding across processes) and gives the same samples.
     """
     fixed_k = getattr(sampler, "tokens_per_step", None)
-    if fixed_k is not None and config.tokens_per_step != fixed_k:
+    schedule_ks = {k for size in config.block_sizes() for k in config.schedule(size)}
+    if fixed_k is not None and (config.tokens_per_step != fixed_k or max(schedule_ks) > fixed_k):
         raise ValueError(f"the {sampler.name} sampler unmasks {fixed_k} token per step; "
-                         f"got tokens_per_step={config.tokens_per_step}")
+                         f"got tokens_per_step={config.tokens_per_step}, steps={config.steps}")
     if prompts is None:
         if num is None or num < 1:
             raise ValueError("give prompts or a positive number of samples")
@@ -157,6 +158,7 @@ def generate(model: DiffusionLM, sampler: Sampler, config: SamplingConfig,
     counters = Counters(samples=len(prompts))
     all_tokens: list[list[int]] = []
     history: list[list[int]] = []
+    build_canvas(model, [max(prefixes, key=len, default=[])], config.length)  # fail before the progress bar starts
     bar = tqdm(total=len(prompts), disable=not config.progress, desc=f"sample {sampler.name}", dynamic_ncols=True)
     start = time.perf_counter()
     for first in range(0, len(prompts), config.batch_size):

@@ -1,0 +1,456 @@
+"""Invariants of the one sampling loop, checked on a tiny trained MDLM with recording and broken samplers."""
+
+import math
+
+import pytest
+import torch
+
+from jointdlm.sampling.base import StepContext, StepResult, TokenChoice, check_step
+from jointdlm.sampling.loop import SamplingConfig, build_canvas, encode_prompts, generate
+from jointdlm.sampling.parallel import ParallelSampler
+from jointdlm.sampling.registry import make_sampler
+from jointdlm.sampling.rules import RULES
+from jointdlm.sampling.sequential import SequentialSampler
+
+PROMPTS = ["the cat", "the", "the busy bee buzzed"]
+PROMPTS8 = ["the cat", "the", "the busy bee buzzed", "the wise owl", "", "the sleek cat sat", "the cat", "the strong"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Recorder:
+    """Wraps a sampler and keeps a copy of every StepContext's canvas and every StepResult."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.name = f"recorded-{inner.name}"
+        self.follows_budget = inner.follows_budget
+        self.steps: list[dict[str, torch.Tensor]] = []
+
+    def step(self, ctx: StepContext) -> StepResult:
+        result = self.inner.step(ctx)
+        self.steps.append({"tokens": ctx.tokens.clone(), "eligible": ctx.eligible.clone(),
+                           "budget": ctx.budget.clone(), "fill": result.fill.clone(), "written": result.tokens.clone()})
+        return result
+
+
+def expected_nfe(length: int, k: int, block: int | None = None) -> int:
+    block = block or length
+    return sum(math.ceil(min(block, length - s) / k) for s in range(0, length, block))
+
+
+# --------------------------------------------------------------------------------------------- canvas and prompt
+
+
+def test_canvas_is_left_padded_bos_prompt_then_masks(tiny_model):
+    spec = tiny_model.spec
+    prefixes = encode_prompts(tiny_model, PROMPTS)
+    assert all(p[0] == spec.bos_id and len(p) >= 1 for p in prefixes)
+    assert len({len(p) for p in prefixes}) == 3, "the test needs prompts of different token lengths"
+    tokens, attention, start = build_canvas(tiny_model, prefixes, 6)
+    longest = max(len(p) for p in prefixes)
+    assert start == longest and tokens.shape == (3, longest + 6)
+    for row, prefix in enumerate(prefixes):
+        pad = longest - len(prefix)
+        assert tokens[row, :pad].tolist() == [spec.pad_id] * pad
+        assert attention[row, :pad].tolist() == [0] * pad
+        assert tokens[row, pad:start].tolist() == prefix
+        assert attention[row, pad:].tolist() == [1] * (len(prefix) + 6)
+        assert tokens[row, start:].tolist() == [spec.mask_id] * 6
+
+
+@pytest.mark.parametrize("sampler_name,k", [("parallel", 3), ("sequential", 1)])
+def test_prompt_untouched_and_every_position_filled_once(tiny_model, sampler_name, k):
+    spec = tiny_model.spec
+    length = 10
+    rec = Recorder(make_sampler(sampler_name))
+    config = SamplingConfig(length=length, tokens_per_step=k, record_history=True)
+    gen = generate(tiny_model, rec, config, prompts=PROMPTS)
+    initial, _, start = build_canvas(tiny_model, encode_prompts(tiny_model, PROMPTS), length)
+
+    assert len(rec.steps) == expected_nfe(length, k)
+    fills = torch.zeros_like(initial)
+    previous = initial
+    for i, s in enumerate(rec.steps):
+        canvas = s["tokens"]
+        assert canvas.shape == initial.shape, "all rows share a schedule, so every row is active at every step"
+        assert torch.equal(canvas[:, :start], initial[:, :start]), f"prefix (pads, BOS, prompt) changed at step {i}"
+        assert torch.equal(canvas, previous), "the loop changed the canvas outside the sampler's fill"
+        assert torch.equal(s["eligible"], canvas == spec.mask_id)
+        assert not s["fill"][:, :start].any()
+        fills += s["fill"].long()
+        previous = torch.where(s["fill"], s["written"], canvas)
+        filled_before = canvas != spec.mask_id
+        assert torch.equal(previous[filled_before], canvas[filled_before]), "a filled position changed again"
+    assert (fills[:, start:] == 1).all() and (fills[:, :start] == 0).all()
+    assert not (previous == spec.mask_id).any()
+    assert previous[:, start:].tolist() == gen.tokens
+    # history: every position has a step, each step index appears, and the step agrees with the recording
+    hist = torch.tensor(gen.history)
+    assert hist.shape == (3, length) and (hist >= 0).all()
+    assert set(hist.flatten().tolist()) == set(range(len(rec.steps)))
+    for i, s in enumerate(rec.steps):
+        assert torch.equal(hist == i, s["fill"][:, start:])
+
+
+def test_generated_text_is_decoded_generated_region_only(tiny_model):
+    gen = generate(tiny_model, make_sampler("parallel"), SamplingConfig(length=8, tokens_per_step=2), prompts=PROMPTS)
+    eos = tiny_model.spec.eos_id
+    for prompt, text, toks in zip(PROMPTS, gen.texts, gen.tokens, strict=True):
+        assert len(toks) == 8
+        cut = toks[: toks.index(eos)] if eos in toks else toks
+        assert text == tiny_model.tokenizer.decode(cut)
+    assert gen.prompts == PROMPTS
+
+
+# ----------------------------------------------------------------------------------------------- NFE and schedule
+
+
+@pytest.mark.parametrize("length,k", [(12, 1), (12, 3), (12, 5), (12, 12), (7, 20), (13, 4)])
+def test_nfe_parallel_fixed_k(tiny_model, length, k):
+    gen = generate(tiny_model, make_sampler("parallel"), SamplingConfig(length=length, tokens_per_step=k), num=2)
+    c = gen.counters
+    assert c.base_passes == math.ceil(length / k) == c.steps
+    assert c.extra_passes == 0
+    assert c.generated_tokens == 2 * length and c.samples == 2
+    assert c.tokens_per_base_pass == pytest.approx(length / math.ceil(length / k))
+
+
+def test_nfe_sequential_is_length(tiny_model):
+    gen = generate(tiny_model, make_sampler("sequential"), SamplingConfig(length=11), num=3)
+    assert gen.counters.base_passes == 11 and gen.counters.tokens_per_base_pass == pytest.approx(1.0)
+    assert gen.counters.generated_tokens == 33
+
+
+@pytest.mark.parametrize("length,block,k", [(12, 4, 3), (12, 5, 2), (10, 3, 4), (9, 9, 2), (8, 20, 3)])
+def test_nfe_with_blocks(tiny_model, length, block, k):
+    config = SamplingConfig(length=length, tokens_per_step=k, block_length=block)
+    gen = generate(tiny_model, make_sampler("parallel"), config, num=2)
+    assert gen.counters.base_passes == expected_nfe(length, k, block)
+
+
+@pytest.mark.parametrize("length,block,steps", [(12, None, 4), (12, None, 5), (13, None, 13), (12, 4, 6), (12, 6, 4)])
+def test_nfe_with_steps(tiny_model, length, block, steps):
+    config = SamplingConfig(length=length, steps=steps, block_length=block, record_history=True)
+    gen = generate(tiny_model, make_sampler("parallel"), config, num=2)
+    assert gen.counters.base_passes == steps
+    hist = torch.tensor(gen.history)
+    assert set(hist.flatten().tolist()) == set(range(steps))
+
+
+@pytest.mark.parametrize("block", [3, 4, 5])
+def test_semi_autoregressive_blocks_fill_in_order(tiny_model, block):
+    length = 12
+    config = SamplingConfig(length=length, tokens_per_step=2, block_length=block, record_history=True)
+    gen = generate(tiny_model, make_sampler("parallel"), config, prompts=PROMPTS)
+    for hist in gen.history:
+        blocks = [hist[s:s + block] for s in range(0, length, block)]
+        for earlier, later in zip(blocks, blocks[1:], strict=False):
+            assert max(earlier) < min(later), f"block filled before the previous one finished: {hist}"
+
+
+def test_rows_finishing_at_different_steps(tiny_model):
+    """A sampler that ignores the budget (row r fills r+1 positions) makes rows drop out of the active set."""
+
+    class Uneven:
+        name = "uneven"
+        follows_budget = False
+
+        def __init__(self):
+            self.active_rows: list[int] = []
+            self.row_of: dict[int, int] = {}
+
+        def step(self, ctx):
+            self.active_rows.append(ctx.tokens.shape[0])
+            for g in ctx.generators:  # the first step sees every row, in order
+                self.row_of.setdefault(id(g), len(self.row_of))
+            fill = torch.zeros_like(ctx.eligible)
+            for row, g in enumerate(ctx.generators):
+                pos = ctx.eligible[row].nonzero().squeeze(-1)[: self.row_of[id(g)] + 1]
+                fill[row, pos] = True
+            return StepResult(fill=fill, tokens=torch.full_like(ctx.tokens, 10), base_passes=1)
+
+    sampler = Uneven()
+    gen = generate(tiny_model, sampler, SamplingConfig(length=6, record_history=True), num=3)
+    assert all(t == [10] * 6 for t in gen.tokens)
+    assert sampler.active_rows[0] == 3 and sampler.active_rows[-1] == 1
+    assert [max(h) + 1 for h in gen.history] == [6, 3, 2]
+    assert gen.counters.base_passes == pytest.approx((6 + 3 + 2) / 3)
+
+
+# ------------------------------------------------------------------------------------------------------- rules
+
+
+def test_left_to_right_fills_in_order(tiny_model):
+    choice = TokenChoice(rule="left_to_right")
+    for name in ("sequential", "parallel"):
+        gen = generate(tiny_model, make_sampler(name), SamplingConfig(length=9, choice=choice, record_history=True),
+                       prompts=PROMPTS)
+        assert gen.history == [list(range(9))] * 3
+
+
+def test_left_to_right_parallel_k_fills_leftmost(tiny_model):
+    choice = TokenChoice(rule="left_to_right")
+    config = SamplingConfig(length=9, tokens_per_step=4, choice=choice, record_history=True)
+    gen = generate(tiny_model, make_sampler("parallel"), config, num=2)
+    assert gen.history == [[0, 0, 0, 0, 1, 1, 1, 1, 2]] * 2
+
+
+def test_random_rule_order_depends_on_seed(tiny_model):
+    orders = []
+    for seed in (0, 1, 2):
+        config = SamplingConfig(length=12, choice=TokenChoice(rule="random"), seed=seed, record_history=True)
+        gen = generate(tiny_model, make_sampler("sequential"), config, num=2)
+        for hist in gen.history:
+            assert sorted(hist) == list(range(12))
+        orders.append(gen.history)
+    assert orders[0] != orders[1] and orders[1] != orders[2] and orders[0] != orders[2]
+    assert orders[0][0] != orders[0][1], "two samples of one run should get different random orders"
+    assert orders[0][0] != list(range(12))
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("name,k", [("parallel", 3), ("sequential", 1)])
+def test_every_rule_runs(tiny_model, rule, name, k):
+    config = SamplingConfig(length=8, tokens_per_step=k, choice=TokenChoice(rule=rule), record_history=True)
+    gen = generate(tiny_model, make_sampler(name), config, prompts=PROMPTS)
+    assert gen.counters.base_passes == math.ceil(8 / k)
+    for toks, hist in zip(gen.tokens, gen.history, strict=True):
+        assert tiny_model.spec.mask_id not in toks and -1 not in hist
+
+
+def test_confidence_rule_fills_the_most_confident_position(tiny_model):
+    """Sequential + confidence at step 0 must pick argmax over positions of max-prob (checked by recomputing)."""
+    rec = Recorder(SequentialSampler())
+    generate(tiny_model, rec, SamplingConfig(length=8, choice=TokenChoice(rule="confidence")), prompts=PROMPTS)
+    for s in rec.steps:
+        ctx_tokens, fill = s["tokens"], s["fill"]
+        _, attention, _ = build_canvas(tiny_model, encode_prompts(tiny_model, PROMPTS), 8)
+        logits = tiny_model.forward(ctx_tokens, attention).logits.float()
+        logits[..., tiny_model.spec.never_sampled()] = -torch.inf
+        conf = logits.softmax(-1).max(-1).values.masked_fill(~s["eligible"], -1)
+        assert torch.equal(fill.float().argmax(-1), conf.argmax(-1))
+
+
+# ------------------------------------------------------------------------------------------------ token sampling
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (5.0, 0, 1.0), (50.0, 0, 1.0), (2.0, 0, 0.99)])
+def test_mask_and_bos_never_generated(tiny_model, temperature, top_k, top_p):
+    spec = tiny_model.spec
+    choice = TokenChoice(temperature=temperature, top_k=top_k, top_p=top_p)
+    gen = generate(tiny_model, make_sampler("parallel"), SamplingConfig(length=16, tokens_per_step=4, choice=choice),
+                   num=24)
+    flat = [t for toks in gen.tokens for t in toks]
+    assert spec.mask_id not in flat and spec.bos_id not in flat
+    if temperature >= 5:
+        assert len(set(flat)) > 50, "a hot sampler should spread over many ids (else the test proves nothing)"
+
+
+class GreedyChecker:
+    """Parallel sampler that checks every written token is the argmax of the model's allowed distribution."""
+
+    name = "greedy-check"
+    follows_budget = True
+
+    def __init__(self):
+        self.inner = ParallelSampler()
+        self.checked = 0
+
+    def step(self, ctx):
+        result = self.inner.step(ctx)
+        lp = ctx.logprobs(ctx.forward().logits)
+        assert torch.equal(result.tokens[result.fill], lp.argmax(-1)[result.fill])
+        self.checked += int(result.fill.sum())
+        return result
+
+
+def test_greedy_is_argmax_and_deterministic(tiny_model):
+    greedy = TokenChoice(temperature=0.0)
+    checker = GreedyChecker()
+    a = generate(tiny_model, checker, SamplingConfig(length=12, tokens_per_step=3, choice=greedy, seed=0), num=3)
+    assert checker.checked == 3 * 12
+    b = generate(tiny_model, make_sampler("parallel"),
+                 SamplingConfig(length=12, tokens_per_step=3, choice=greedy, seed=7), num=3)
+    assert a.tokens == b.tokens, "greedy decoding must not depend on the seed"
+    assert a.tokens[0] == a.tokens[1] == a.tokens[2], "greedy unconditional samples are all the same string"
+
+
+def test_top_k_one_equals_greedy(tiny_model):
+    greedy = generate(tiny_model, make_sampler("parallel"),
+                      SamplingConfig(length=12, tokens_per_step=2, choice=TokenChoice(temperature=0.0)),
+                      prompts=PROMPTS)
+    top1 = generate(tiny_model, make_sampler("parallel"),
+                    SamplingConfig(length=12, tokens_per_step=2, choice=TokenChoice(temperature=1.0, top_k=1), seed=5),
+                    prompts=PROMPTS)
+    sampled = generate(tiny_model, make_sampler("parallel"),
+                       SamplingConfig(length=12, tokens_per_step=2, choice=TokenChoice(temperature=1.0), seed=5),
+                       prompts=PROMPTS)
+    assert top1.tokens == greedy.tokens
+    assert sampled.tokens != greedy.tokens
+
+
+# ----------------------------------------------------------------------------------------- seeds and batching
+
+
+def test_same_seed_same_output_different_seed_different(tiny_model):
+    def run(seed):
+        return generate(tiny_model, make_sampler("parallel"), SamplingConfig(length=14, tokens_per_step=2, seed=seed),
+                        num=4).tokens
+
+    a, b, c = run(3), run(3), run(4)
+    assert a == b
+    assert sum(x != y for x, y in zip(a, c, strict=True)) >= 3
+    assert len({tuple(t) for t in a}) == 4, "samples of one run must differ from each other"
+
+
+@pytest.mark.parametrize("name,k", [("parallel", 3), ("sequential", 1)])
+def test_batch_independence(tiny_model, name, k):
+    def run(batch_size, prompts):
+        config = SamplingConfig(length=14, tokens_per_step=k, batch_size=batch_size, seed=11, record_history=True)
+        return generate(tiny_model, make_sampler(name), config, prompts=prompts, num=None if prompts else 8)
+
+    for prompts in (None, PROMPTS8):
+        full, single = run(8, prompts), run(1, prompts)
+        differ = sum(a != b for a, b in zip(full.tokens, single.tokens, strict=True))
+        print(f"\nbatch independence {name} prompts={prompts is not None}: {differ}/8 samples differ")
+        assert differ <= 1
+        order_differ = sum(a != b for a, b in zip(full.history, single.history, strict=True))
+        assert order_differ <= 1
+        three = run(3, prompts)  # batches of 3, 3, 2: other paddings again
+        assert sum(a != b for a, b in zip(full.tokens, three.tokens, strict=True)) <= 1
+
+
+def test_index_offset_regenerates_a_slice(tiny_model):
+    config = SamplingConfig(length=10, tokens_per_step=2, seed=2, batch_size=3)
+    whole = generate(tiny_model, make_sampler("parallel"), config, num=8)
+    tail = generate(tiny_model, make_sampler("parallel"), config, num=4, index_offset=4)
+    head = generate(tiny_model, make_sampler("parallel"), config, num=4)
+    assert tail.tokens == whole.tokens[4:]
+    assert head.tokens == whole.tokens[:4]
+    assert tail.tokens != head.tokens
+
+
+# ------------------------------------------------------------------------------------------------- check_step
+
+
+class Broken:
+    follows_budget = True
+
+    def __init__(self, kind: str):
+        self.name = f"broken-{kind}"
+        self.kind = kind
+        self.inner = ParallelSampler()
+
+    def step(self, ctx):
+        good = self.inner.step(ctx)
+        fill, tokens = good.fill.clone(), good.tokens.clone()
+        if self.kind == "prompt":
+            fill[:, 0] = True  # BOS / padding column: never eligible
+        elif self.kind == "filled":
+            if not (~ctx.eligible).any():
+                return good
+            fill = fill | (~ctx.eligible & (ctx.tokens != ctx.model.spec.pad_id))
+        elif self.kind == "mask":
+            tokens = torch.where(fill, ctx.model.spec.mask_id, tokens)
+        elif self.kind == "bos":
+            tokens = torch.where(fill, ctx.model.spec.bos_id, tokens)
+        elif self.kind == "vocab":
+            tokens = torch.where(fill, ctx.model.spec.vocab_size, tokens)
+        elif self.kind == "nothing":
+            fill = torch.zeros_like(fill)
+        elif self.kind == "too_many":
+            fill = ctx.eligible.clone()
+        elif self.kind == "shape":
+            fill = fill[:, 1:]
+        return StepResult(fill=fill, tokens=tokens, base_passes=1)
+
+
+@pytest.mark.parametrize("kind", ["prompt", "filled", "mask", "bos", "vocab", "nothing", "too_many", "shape"])
+def test_check_step_catches_broken_sampler(tiny_model, kind):
+    config = SamplingConfig(length=8, tokens_per_step=2)
+    with pytest.raises(AssertionError):
+        generate(tiny_model, Broken(kind), config, prompts=PROMPTS)
+
+
+def test_check_step_accepts_good_step_and_budget(tiny_model):
+    tokens, attention, start = build_canvas(tiny_model, encode_prompts(tiny_model, PROMPTS), 4)
+    eligible = tokens == tiny_model.spec.mask_id
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    ctx = StepContext(model=tiny_model, tokens=tokens, attention_mask=attention, eligible=eligible,
+                      budget=torch.tensor([2, 2, 2]), generators=gens, choice=TokenChoice())
+    fill = torch.zeros_like(eligible)
+    fill[:, start:start + 2] = True
+    ok = StepResult(fill=fill, tokens=torch.full_like(tokens, 20))
+    check_step(ctx, ok, follows_budget=True)
+    one = fill.clone()
+    one[:, start + 1] = False
+    check_step(ctx, StepResult(fill=one, tokens=ok.tokens), follows_budget=False)
+    with pytest.raises(AssertionError, match="schedule asked"):
+        check_step(ctx, StepResult(fill=one, tokens=ok.tokens), follows_budget=True)
+    with pytest.raises(AssertionError, match="non-negative"):
+        check_step(ctx, StepResult(fill=fill, tokens=ok.tokens, extra_passes=-1), follows_budget=True)
+
+
+# ------------------------------------------------------------------------------------------------- validation
+
+
+def test_sequential_rejects_more_than_one_token_per_step(tiny_model):
+    with pytest.raises(ValueError, match="token per step"):
+        generate(tiny_model, make_sampler("sequential"), SamplingConfig(length=8, tokens_per_step=2), num=1)
+    with pytest.raises(ValueError, match="token per step"):
+        generate(tiny_model, make_sampler("sequential"), SamplingConfig(length=12, steps=4), num=1)
+    # steps == length is one token per step: allowed
+    gen = generate(tiny_model, make_sampler("sequential"), SamplingConfig(length=6, steps=6), num=1)
+    assert gen.counters.base_passes == 6
+
+
+def test_prompt_longer_than_canvas(tiny_model):
+    long_prompt = " ".join(["the busy bee buzzed"] * 10)
+    with pytest.raises(ValueError, match="exceeds"):
+        generate(tiny_model, make_sampler("parallel"), SamplingConfig(length=4), prompts=["the", long_prompt])
+    with pytest.raises(ValueError, match="exceeds"):
+        generate(tiny_model, make_sampler("parallel"), SamplingConfig(length=tiny_model.max_length), num=1)
+    ok = generate(tiny_model, make_sampler("parallel"), SamplingConfig(length=tiny_model.max_length - 1), num=1)
+    assert len(ok.tokens[0]) == tiny_model.max_length - 1
+
+
+def test_generate_needs_prompts_or_num(tiny_model):
+    with pytest.raises(ValueError):
+        generate(tiny_model, make_sampler("parallel"), SamplingConfig(length=4))
+    with pytest.raises(ValueError):
+        generate(tiny_model, make_sampler("parallel"), SamplingConfig(length=4), num=0)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"length": 0}, {"tokens_per_step": 0}, {"batch_size": 0}, {"block_length": 0}, {"steps": 0},
+    {"length": 12, "block_length": 5, "steps": 4}, {"length": 8, "steps": 9},
+])
+def test_sampling_config_rejects(kwargs):
+    with pytest.raises(ValueError):
+        SamplingConfig(**kwargs)
+
+
+def test_sampling_config_accepts_and_schedules():
+    assert SamplingConfig(length=12, block_length=5, steps=6).block_sizes() == [5, 5, 2]
+    cfg = SamplingConfig(length=10, tokens_per_step=4)
+    assert cfg.schedule(10) == [4, 4, 2] and cfg.num_blocks == 1
+    assert SamplingConfig(length=10, steps=4).schedule(10) == [3, 3, 2, 2]
+
+
+@pytest.mark.parametrize("kwargs", [{"rule": "bogus"}, {"top_p": 0.0}, {"top_p": 1.5}, {"temperature": -1.0},
+                                    {"top_k": -1}])
+def test_token_choice_rejects(kwargs):
+    with pytest.raises(ValueError):
+        TokenChoice(**kwargs)
+
+
+def test_unknown_sampler():
+    with pytest.raises(ValueError, match="unknown sampler"):
+        make_sampler("nope")

@@ -1,0 +1,312 @@
+"""The built-in model family: tokenizer, network, save/load, fingerprint, pre-training and its resume."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from jointdlm.data import write_corpus
+from jointdlm.models.loading import load_model
+from jointdlm.models.mdlm import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    BuiltinModel,
+    MaskedDiffusionTransformer,
+    MDLMConfig,
+    weights_fingerprint,
+)
+from jointdlm.models.protocol import DiffusionLM, FamilySpec
+from jointdlm.models.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, SPECIAL_TOKENS, BPETokenizer
+from jointdlm.models.train import LOG_FILE, STATE_FILE, PretrainConfig, pretrain
+
+TEXTS = [
+    "the cat sat on the mat.",
+    "naïve café — 東京",
+    "emoji 🙂 and ñandú, Ünïcödé ß",
+    "   leading and   inner   spaces   ",
+    "def f(x):\n\treturn x + 1\n\n\nclass A:\n    pass\n",
+    "tabs\t\tand\r\nwindows line ends\n",
+    "",
+    " ",
+    "\n",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> BPETokenizer:
+    corpus = ["the cat sat on the mat", "def f(x): return x", "naïve café"] * 50
+    return BPETokenizer.train(corpus, vocab_size=320)
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "template.txt"
+    write_corpus("template", path, num=400, seed=1)
+    return path
+
+
+def random_net(vocab=300, max_length=16, causal=False, seed=0) -> MaskedDiffusionTransformer:
+    torch.manual_seed(seed)
+    net = MaskedDiffusionTransformer(MDLMConfig(vocab_size=vocab, max_length=max_length, d_model=32, n_layers=2,
+                                                n_heads=4, causal=causal))
+    return net.eval()
+
+
+# ---------------------------------------------------------------------------------------------------- tokenizer
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_tokenizer_round_trip(tokenizer, text):
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids) == text
+    assert all(i >= len(SPECIAL_TOKENS) for i in ids)
+    assert all(0 <= i < tokenizer.vocab_size for i in ids)
+
+
+def test_tokenizer_special_ids_fixed_and_never_encoded(tokenizer, tiny_model):
+    assert (PAD_ID, BOS_ID, EOS_ID, MASK_ID) == (0, 1, 2, 3)
+    for tok in (tokenizer, tiny_model.tokenizer):
+        for text in ("hello <mask> world", "<eos>", "a<pad>b<bos>c", "<mask><mask>"):
+            ids = tok.encode(text)
+            assert min(ids) >= len(SPECIAL_TOKENS), f"{text!r} encoded to special ids {ids}"
+            assert tok.decode(ids) == text
+
+
+def test_tokenizer_decode_drops_specials(tokenizer):
+    ids = tokenizer.encode("the cat")
+    assert tokenizer.decode([BOS_ID, *ids[:1], MASK_ID, *ids[1:], EOS_ID, PAD_ID, PAD_ID]) == "the cat"
+    assert tokenizer.decode([MASK_ID, MASK_ID]) == ""
+    pieces = tokenizer.decode_tokens([BOS_ID, *ids, MASK_ID])
+    assert pieces[0] == "<bos>" and pieces[-1] == "<mask>" and "".join(pieces[1:-1]) == "the cat"
+
+
+def test_tokenizer_save_load(tokenizer, tmp_path):
+    tokenizer.save(tmp_path)
+    again = BPETokenizer.load(tmp_path)
+    assert again.vocab_size == tokenizer.vocab_size
+    for text in TEXTS + ["x <mask> y"]:
+        assert again.encode(text) == tokenizer.encode(text)
+    with pytest.raises(FileNotFoundError):
+        BPETokenizer.load(tmp_path / "nowhere")
+
+
+def test_tokenizer_learned_merges(tokenizer):
+    assert len(tokenizer.encode("the cat sat on the mat")) < len("the cat sat on the mat".encode())
+
+
+# ------------------------------------------------------------------------------------------------------- network
+
+
+def test_forward_shapes_and_protocol(tiny_model):
+    assert isinstance(tiny_model, DiffusionLM)
+    v, d = tiny_model.spec.vocab_size, tiny_model.hidden_size
+    tokens = torch.randint(4, v, (3, 10))
+    out = tiny_model.forward(tokens)
+    assert out.logits.shape == (3, 10, v) and out.hidden.shape == (3, 10, d)
+    assert torch.isfinite(out.logits).all()
+    assert torch.allclose(tiny_model.lm_head(out.hidden), out.logits, atol=1e-5)
+    assert tiny_model.embed(tokens).shape == (3, 10, d)
+    assert tiny_model.spec.mask_id == MASK_ID and tiny_model.spec.bos_id == BOS_ID
+    assert sorted(tiny_model.spec.never_sampled()) == [BOS_ID, MASK_ID]
+    with pytest.raises(ValueError, match="max_length"):
+        tiny_model.forward(torch.full((1, tiny_model.max_length + 1), 5))
+
+
+def test_bidirectional_vs_causal():
+    tokens = torch.randint(4, 300, (1, 12))
+    later = tokens.clone()
+    later[0, 9] = (later[0, 9] + 1 - 4) % 296 + 4
+    with torch.no_grad():
+        bi = random_net()
+        a, b = bi(tokens)[0], bi(later)[0]
+        assert (a[0, 2] - b[0, 2]).abs().max() > 1e-4, "MDLM position 2 must see token 9"
+        causal = random_net(causal=True)
+        a, b = causal(tokens)[0], causal(later)[0]
+        assert torch.allclose(a[0, :9], b[0, :9], atol=1e-6), "causal positions < 9 must not see token 9"
+        assert (a[0, 9] - b[0, 9]).abs().max() > 1e-4
+        # the same with an explicit attention mask (the other attention path)
+        ones = torch.ones_like(tokens)
+        a, b = causal(tokens, ones)[0], causal(later, ones)[0]
+        assert torch.allclose(a[0, :9], b[0, :9], atol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_left_padding_invariance(causal):
+    net = random_net(causal=causal, seed=3)
+    seq = torch.randint(4, 300, (1, 9))
+    pad = 4
+    padded = torch.cat([torch.full((1, pad), PAD_ID), seq], dim=1)
+    padded[0, :pad] = torch.tensor([7, 100, 250, 0])  # junk under the pads must not matter either
+    mask = torch.cat([torch.zeros(1, pad, dtype=torch.long), torch.ones(1, 9, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        alone, h_alone = net(seq)
+        alone_masked, _ = net(seq, torch.ones_like(seq))
+        padded_out, h_padded = net(padded, mask)
+    assert torch.isfinite(padded_out).all()
+    assert (alone - padded_out[:, pad:]).abs().max() < 1e-5
+    assert (h_alone - h_padded[:, pad:]).abs().max() < 1e-5
+    assert (alone - alone_masked).abs().max() < 1e-5
+    # and without the mask, the pads do change the result (so the check above is not vacuous)
+    with torch.no_grad():
+        unmasked, _ = net(padded)
+    assert (alone - unmasked[:, pad:]).abs().max() > 1e-4
+
+
+def test_batched_padding_matches_single(tiny_model):
+    """Two rows of different lengths in one left-padded batch give the per-row logits to 1e-5."""
+    a = torch.tensor([[BOS_ID, 300, 301, 302, 303, MASK_ID, MASK_ID]])
+    b = torch.tensor([[BOS_ID, 400, MASK_ID, MASK_ID]])
+    batch = torch.cat([a, torch.cat([torch.full((1, 3), PAD_ID), b], 1)])
+    att = torch.ones_like(batch)
+    att[1, :3] = 0
+    out = tiny_model.forward(batch, att).logits
+    assert (out[0] - tiny_model.forward(a).logits[0]).abs().max() < 1e-5
+    assert (out[1, 3:] - tiny_model.forward(b).logits[0]).abs().max() < 1e-5
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        MDLMConfig(vocab_size=300, d_model=30, n_heads=4)
+    with pytest.raises(ValueError):
+        MDLMConfig(vocab_size=0)
+    assert MDLMConfig(vocab_size=300, d_model=64).mlp_hidden % 32 == 0
+    with pytest.raises(ValueError, match="outside"):
+        FamilySpec(name="x", vocab_size=10, mask_id=10, pad_id=0, eos_id=1)
+
+
+# ------------------------------------------------------------------------------------------ save, load, fingerprint
+
+
+def test_save_load_round_trip(tiny_model, tmp_path):
+    tiny_model.save(tmp_path / "copy")
+    again = BuiltinModel.load(tmp_path / "copy")
+    tokens = torch.randint(4, tiny_model.spec.vocab_size, (2, 12))
+    assert torch.equal(tiny_model.forward(tokens).logits, again.forward(tokens).logits)
+    assert again.fingerprint() == tiny_model.fingerprint()
+    assert len(tiny_model.fingerprint()) == 16
+    assert again.net.config == tiny_model.net.config
+    assert not any(p.requires_grad for p in again.net.parameters()) and not again.net.training
+    assert isinstance(load_model(tmp_path / "copy"), BuiltinModel)
+
+
+def test_fingerprint_tracks_weights_and_config(tiny_model_dir):
+    model = BuiltinModel.load(tiny_model_dir)
+    fp = model.fingerprint()
+    with torch.no_grad():
+        model.net.blocks[1].mlp.down.weight[3, 5] += 1e-3
+    changed = BuiltinModel(model.net, model.tokenizer).fingerprint()
+    assert changed != fp
+    state = load_file(str(tiny_model_dir / WEIGHTS_FILE))
+    config = json.loads((tiny_model_dir / CONFIG_FILE).read_text())
+    arch = {k: v for k, v in config.items() if k in MDLMConfig.__dataclass_fields__}
+    assert weights_fingerprint(arch, state) == fp
+    assert weights_fingerprint({**arch, "rope_theta": 500.0}, state) != fp
+
+
+def test_load_errors(tiny_model_dir, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError):
+        BuiltinModel.load(empty)
+    with pytest.raises(FileNotFoundError):
+        load_model(empty)
+    with pytest.raises(FileNotFoundError):
+        load_model(tmp_path / "missing")
+    no_config = tmp_path / "no_config"
+    shutil.copytree(tiny_model_dir, no_config)
+    (no_config / CONFIG_FILE).unlink()
+    with pytest.raises(FileNotFoundError):
+        BuiltinModel.load(no_config)
+    wrong = tmp_path / "wrong"
+    shutil.copytree(tiny_model_dir, wrong)
+    config = json.loads((wrong / CONFIG_FILE).read_text())
+    (wrong / CONFIG_FILE).write_text(json.dumps({**config, "model_type": "llada"}))
+    with pytest.raises(ValueError, match="model_type"):
+        BuiltinModel.load(wrong)
+    with pytest.raises(ValueError, match="not supported"):
+        load_model(wrong)
+
+
+# ------------------------------------------------------------------------------------------------- pre-training
+
+
+def quick_cfg(**kw) -> PretrainConfig:
+    base = {"preset": "tiny", "batch_size": 16, "vocab_size": 300, "progress": False, "eval_every": 10,
+            "save_every": 10, "seed": 0}
+    return PretrainConfig(**{**base, **kw})
+
+
+def log_steps(directory) -> list[int]:
+    return [json.loads(line)["step"] for line in (directory / LOG_FILE).read_text().splitlines()]
+
+
+def test_pretrain_resume_continues_and_matches_uninterrupted(small_corpus, tmp_path):
+    resumed = tmp_path / "resumed"
+    pretrain(small_corpus, resumed, quick_cfg(max_steps=20))
+    assert torch.load(resumed / STATE_FILE, weights_only=False)["step"] == 20
+    assert log_steps(resumed) == [10, 20]
+    pretrain(small_corpus, resumed, quick_cfg(max_steps=40))
+    assert log_steps(resumed) == [10, 20, 30, 40], "resume must start from step 20, not 0"
+    assert torch.load(resumed / STATE_FILE, weights_only=False)["step"] == 40
+    assert json.loads((resumed / "training_done.json").read_text())["step"] == 40
+
+    straight = tmp_path / "straight"
+    pretrain(small_corpus, straight, quick_cfg(max_steps=40))
+    a, b = load_file(str(resumed / WEIGHTS_FILE)), load_file(str(straight / WEIGHTS_FILE))
+    # warmup_steps=100 > 40, so the learning-rate schedule does not depend on max_steps: resuming is exact.
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff == 0.0, f"resumed weights differ from an uninterrupted run by {diff}"
+    assert BuiltinModel.load(resumed).fingerprint() == BuiltinModel.load(straight).fingerprint()
+
+    # a run that is already done is a no-op
+    before = (resumed / WEIGHTS_FILE).read_bytes()
+    pretrain(small_corpus, resumed, quick_cfg(max_steps=40))
+    assert (resumed / WEIGHTS_FILE).read_bytes() == before and log_steps(resumed) == [10, 20, 30, 40]
+
+
+def test_pretrain_loss_decreases(small_corpus, tmp_path):
+    model = pretrain(small_corpus, tmp_path / "m", quick_cfg(max_steps=100, eval_every=25, save_every=100,
+                                                              warmup_steps=10))
+    records = [json.loads(line) for line in (tmp_path / "m" / LOG_FILE).read_text().splitlines()]
+    assert [r["step"] for r in records] == [25, 50, 75, 100]
+    held = [r["heldout_loss"] for r in records]
+    assert all(torch.isfinite(torch.tensor(held)))
+    print(f"\nheld-out MDLM loss over training: {held}")
+    assert held[-1] < held[0] * 0.9
+    assert held[-1] < 5.0
+    assert not model.net.training and (tmp_path / "m" / "training_done.json").exists()
+    config = json.loads((tmp_path / "m" / CONFIG_FILE).read_text())
+    assert config["pretrain"]["max_steps"] == 100 and config["causal"] is False
+
+
+def test_pretrain_ar_objective_is_causal(small_corpus, tmp_path):
+    model = pretrain(small_corpus, tmp_path / "ar", quick_cfg(objective="ar", max_steps=3, seq_len=24))
+    assert model.net.config.causal and model.max_length == 24
+    assert BuiltinModel.load(tmp_path / "ar").net.config.causal
+
+
+@pytest.mark.parametrize("kwargs", [{"preset": "huge"}, {"objective": "bert"}, {"max_steps": 0}, {"lr": 0.0},
+                                    {"vocab_size": 100}, {"heldout_fraction": 0.0}, {"batch_size": 0}])
+def test_pretrain_config_rejects(kwargs):
+    with pytest.raises(ValueError):
+        PretrainConfig(**kwargs)
+
+
+def test_pretrain_corpus_errors(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n   \n\n")
+    with pytest.raises(ValueError, match="empty"):
+        pretrain(empty, tmp_path / "out1", quick_cfg(max_steps=2))
+    with pytest.raises(FileNotFoundError):
+        pretrain(tmp_path / "missing.txt", tmp_path / "out2", quick_cfg(max_steps=2))
+    assert not (tmp_path / "out1").exists() and not (tmp_path / "out2").exists()
