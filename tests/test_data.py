@@ -162,7 +162,7 @@ def test_code_encoding_round_trip():
 
 
 def test_corpus_errors(tmp_path):
-    assert set(CORPORA) == {"template", "agreement", "english", "code"}
+    assert set(CORPORA) == {"template", "agreement", "english", "code", "tasks"}
     with pytest.raises(ValueError, match="valid names"):
         write_corpus("klingon", tmp_path / "x.txt")
     with pytest.raises(ValueError, match="no documents"):

@@ -101,7 +101,7 @@ def test_tokenizer_save_load(tokenizer, tmp_path):
 
 
 def test_tokenizer_learned_merges(tokenizer):
-    assert len(tokenizer.encode("the cat sat on the mat")) < len("the cat sat on the mat".encode())
+    assert len(tokenizer.encode("the cat sat on the mat")) < len("the cat sat on the mat")
 
 
 # ------------------------------------------------------------------------------------------------------- network

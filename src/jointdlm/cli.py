@@ -63,7 +63,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
     cfg = PretrainConfig(preset=args.preset, objective=args.objective, max_steps=args.max_steps,
                          batch_size=args.batch_size, lr=args.lr, seq_len=args.seq_len, vocab_size=args.vocab_size,
-                         eval_every=args.eval_every, save_every=args.save_every, seed=args.seed, device=args.device)
+                         eval_every=args.eval_every, save_every=args.save_every, seed=args.seed, device=args.device,
+                         tokenizer_from=args.tokenizer_from)
     model = pretrain(args.corpus, args.out, cfg)
     print(f"saved {model.net.num_parameters():,}-parameter model to {args.out}", file=sys.stderr)
 
@@ -148,10 +149,38 @@ def cmd_sample(args: argparse.Namespace) -> None:
           f"{c.wall_time_s:.2f}s -> {args.out}", file=sys.stderr)
 
 
+def _csv(text: str, kind=str) -> tuple:
+    items = tuple(kind(x.strip()) for x in text.split(",") if x.strip())
+    if not items:
+        raise ValueError(f"expected a comma-separated list, got {text!r}")
+    return items
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .adjust.head import AdjustHead
+    from .eval.runner import EvalConfig, run_eval
+    from .models.causal import CausalScorer
+    from .models.loading import load_model
+
+    cfg = EvalConfig(samplers=_csv(args.samplers), tokens_per_step=_csv(args.tokens_per_step, int), num=args.num,
+                     seed=args.seed, task=args.task, language=args.language, length=args.length,
+                     choice=choice_from_args(args), batch_size=args.batch_size)
+    model = load_model(args.model, args.device)
+    head = AdjustHead.from_pretrained(args.adjust, model) if args.adjust else None
+    scorer = CausalScorer.load(args.scorer, args.device) if args.scorer else None
+    results = run_eval(model, cfg, args.out, adjust_head=head, scorer=scorer)
+    from .eval.runner import format_table
+
+    print(format_table(results))
+    print(f"results, table and plots in {args.out}", file=sys.stderr)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(workdir=Path(args.workdir), quick=args.quick, seed=args.seed))
+    if args.quick and args.full:
+        raise ValueError("--quick and --full exclude each other")
+    run_demo(DemoConfig(workdir=Path(args.workdir), quick=args.quick, full=args.full, seed=args.seed))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seq-len", type=int, default=0, help="canvas length; 0 = from the corpus")
     p.add_argument("--vocab-size", type=int, default=1024)
+    p.add_argument("--tokenizer-from", default=None,
+                   help="reuse the tokenizer and canvas length of this model dir (e.g. for the causal scorer)")
     p.add_argument("--eval-every", type=_positive_int, default=250)
     p.add_argument("--save-every", type=_positive_int, default=500)
     p.add_argument("--seed", type=int, default=0)
@@ -228,9 +259,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_train_adjust)
 
+    p = sub.add_parser("eval", help="quality and speed of samplers x tokens per step, with tables and plots")
+    p.add_argument("--model", required=True)
+    p.add_argument("--adjust", default=None, help="ADJUST head directory (needed for the adjust sampler)")
+    p.add_argument("--scorer", default=None, help="causal scorer directory: NLL and MAUVE (and edlm/apd)")
+    p.add_argument("--samplers", default="parallel,adjust", help="comma-separated sampler names")
+    p.add_argument("--tokens-per-step", default="1,2,3,4,8", help="comma-separated K values (1 = the K=1 row)")
+    p.add_argument("--num", type=_positive_int, default=200)
+    p.add_argument("--task", default=None,
+                   help="a prompted task (copy, reverse, sort, insert, remove, replace, add, all)")
+    p.add_argument("--language", default=None, help="toy language of the model's corpus: exact validity and TV")
+    p.add_argument("--length", type=_positive_int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=_positive_int, default=250)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True)
+    add_choice_args(p)
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("demo", help="the whole story on the built-in default, end to end")
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="seconds instead of minutes: tiny models, few samples")
+    p.add_argument("--full", action="store_true", help="also the prompted-task stage (list operations, arithmetic)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
     return parser

@@ -179,13 +179,19 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + accelerator.process_index)
     step = 0
+    identity = {"config": _comparable(asdict(cfg)), "base_fingerprint": base_fingerprint,
+                "trajectories": _trajectory_identity(data), "num_processes": accelerator.num_processes}
     if state_path.exists():
         state = torch.load(state_path, map_location="cpu", weights_only=False)
-        if _comparable(state["config"]) != _comparable(asdict(cfg)):
-            raise ValueError(f"{out} holds a run with a different configuration; use a new --out or the same flags")
+        problems = _resume_problems(state, identity)
+        if problems:
+            raise ValueError(f"{out} holds a training run that cannot be resumed with these settings "
+                             f"({'; '.join(problems)}); use a new --out, or the same flags, base and trajectories")
         head.load_state_dict(state["head"])
         optimizer.load_state_dict(state["optimizer"])
-        gen.set_state(state["generators"][accelerator.process_index])
+        # clone(): a row saved as a view of the gathered (world, n) tensor keeps a storage offset, and
+        # Generator.set_state reads such a tensor from the wrong place (invalid state or a crash).
+        gen.set_state(state["generators"][accelerator.process_index].clone())
         step = state["step"]
     loss_module, optimizer = accelerator.prepare(RolloutLoss(head), optimizer)
     depth_p = depth_probabilities(cfg.rollout)
@@ -199,8 +205,9 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
             accelerator.unwrap_model(loss_module).head.save_pretrained(out, {"training": asdict(cfg), "step": step})
             tmp = state_path.with_name(STATE_FILE + ".tmp")
             torch.save({"head": accelerator.unwrap_model(loss_module).head.state_dict(),
-                        "optimizer": optimizer.state_dict(), "generators": list(gens), "step": step,
-                        "config": asdict(cfg)}, tmp)
+                        "optimizer": optimizer.state_dict(), "generators": [g.clone() for g in gens], "step": step,
+                        "config": asdict(cfg), "base_fingerprint": base_fingerprint,
+                        "trajectories": identity["trajectories"], "num_processes": accelerator.num_processes}, tmp)
             os.replace(tmp, state_path)
         accelerator.wait_for_everyone()
 
@@ -254,6 +261,30 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
 def _comparable(config: dict) -> dict:
     """Fields that may change between a run and its resumption do not count."""
     return {k: v for k, v in config.items() if k not in ("progress", "max_steps", "eval_every", "save_every")}
+
+
+def _trajectory_identity(data: Trajectories) -> dict:
+    """What makes a trajectory collection the same data (its progress flag does not)."""
+    return {"fingerprint": data.fingerprint, **{k: v for k, v in asdict(data.config).items() if k != "progress"}}
+
+
+def _resume_problems(state: dict, wanted: dict) -> list[str]:
+    """Why a saved trainer state cannot be continued by this run (empty when it can).
+
+    State files written before a key was recorded are not held to that key."""
+    problems = []
+    old_cfg, new_cfg = _comparable(state["config"]), wanted["config"]
+    for key in sorted(set(old_cfg) | set(new_cfg)):
+        if old_cfg.get(key) != new_cfg.get(key):
+            problems.append(f"{key}={old_cfg.get(key)!r} there, {new_cfg.get(key)!r} now")
+    if state.get("base_fingerprint", wanted["base_fingerprint"]) != wanted["base_fingerprint"]:
+        problems.append(f"base model {state['base_fingerprint']} there, {wanted['base_fingerprint']} now")
+    if state.get("trajectories", wanted["trajectories"]) != wanted["trajectories"]:
+        problems.append("trained on a different trajectory collection")
+    saved_procs = state.get("num_processes", len(state["generators"]))
+    if saved_procs != wanted["num_processes"]:
+        problems.append(f"{saved_procs} training process(es) there, {wanted['num_processes']} now")
+    return problems
 
 
 def _recompute_fingerprint(base: DiffusionLM) -> str:

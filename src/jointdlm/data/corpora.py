@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
 
+from jointdlm.data.tasks import tasks_corpus
 from jointdlm.data.toy import LANGUAGES
 
 CODE_NEWLINE = "\u21b5"
@@ -160,6 +161,7 @@ CORPORA: dict[str, Callable[[int | None, int], list[str]]] = {
     "agreement": _toy_builder("agreement"),
     "english": _english,
     "code": _code,
+    "tasks": tasks_corpus,
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +45,9 @@ class PretrainConfig:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+    tokenizer_from: str | None = None
+    """A model directory whose tokenizer (and canvas length) to reuse, e.g. so a causal scorer shares the
+    diffusion model's tokenizer."""
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -147,8 +151,13 @@ def pretrain(corpus: str | Path, out: str | Path, cfg: PretrainConfig) -> Builti
         seq_len = net.config.max_length
     else:
         out.mkdir(parents=True, exist_ok=True)
-        tokenizer = BPETokenizer.train(docs, cfg.vocab_size)
-        seq_len = cfg.seq_len or auto_seq_len(tokenizer, docs)
+        if cfg.tokenizer_from:
+            tokenizer = BPETokenizer.load(cfg.tokenizer_from)
+            donor = json.loads((Path(cfg.tokenizer_from) / "config.json").read_text())
+            seq_len = cfg.seq_len or donor["max_length"]
+        else:
+            tokenizer = BPETokenizer.train(docs, cfg.vocab_size)
+            seq_len = cfg.seq_len or auto_seq_len(tokenizer, docs)
         net = MaskedDiffusionTransformer(MDLMConfig(
             vocab_size=tokenizer.vocab_size, max_length=seq_len, causal=cfg.objective == "ar", **PRESETS[cfg.preset]))
     net.to(cfg.device).train()
@@ -202,7 +211,7 @@ def pretrain(corpus: str | Path, out: str | Path, cfg: PretrainConfig) -> Builti
                           "elapsed_s": round(time.time() - start_time, 1)}
                 log.write(json.dumps(record) + "\n")
                 log.flush()
-                bar.write(f"step {step}: train {running:.4f}  held-out {held:.4f}")
+                tqdm.write(f"step {step}: train {running:.4f}  held-out {held:.4f}", file=sys.stderr)
             if step % cfg.save_every == 0 or step == cfg.max_steps:
                 checkpoint(step)
     bar.close()

@@ -46,8 +46,9 @@ class SamplingConfig:
                 raise ValueError(f"steps must be >= 1, got {self.steps}")
             if self.steps % self.num_blocks:
                 raise ValueError(f"steps={self.steps} must be a multiple of the number of blocks ({self.num_blocks})")
-            if self.steps > self.length:
-                raise ValueError(f"steps={self.steps} exceeds length={self.length}")
+            if self.steps // self.num_blocks > min(self.block_sizes()):
+                raise ValueError(f"steps={self.steps} gives {self.steps // self.num_blocks} steps per block, more than "
+                                 f"the smallest block has tokens ({min(self.block_sizes())})")
 
     @property
     def num_blocks(self) -> int:

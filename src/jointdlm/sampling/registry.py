@@ -6,14 +6,24 @@ from collections.abc import Callable
 from typing import Any
 
 from .adjust import AdjustSampler
+from .apd import APDSampler
 from .base import Sampler
+from .eb import EBSampler
+from .edlm import EDLMSampler
 from .parallel import ParallelSampler
+from .punt import PUNTSampler
 from .sequential import SequentialSampler
+from .threshold import ThresholdSampler
 
 SAMPLERS: dict[str, Callable[..., Sampler]] = {
     "sequential": SequentialSampler,
     "parallel": ParallelSampler,
     "adjust": AdjustSampler,
+    "threshold": ThresholdSampler,
+    "eb": EBSampler,
+    "punt": PUNTSampler,
+    "edlm": EDLMSampler,
+    "apd": APDSampler,
 }
 
 

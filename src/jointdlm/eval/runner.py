@@ -1,0 +1,185 @@
+"""The evaluation grid: samplers x tokens per step, every quality metric beside every speed counter.
+
+The reference is always K=1 (sequential) samples of the same base at the same temperature, generated once
+per run and cached in the output directory; the K=1 row of the table is an independent K=1 draw (another
+seed), so it shows the noise ceiling of each metric rather than a trivial 1.0.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..models.causal import CausalScorer
+from ..models.protocol import DiffusionLM
+from ..sampling.base import TokenChoice
+from ..sampling.loop import Generation, SamplingConfig, encode_prompts, generate
+from ..sampling.registry import SAMPLERS, make_sampler
+from . import metrics
+
+REFERENCE_FILE = "reference.jsonl"
+RESULTS_FILE = "results.json"
+TABLE_FILE = "results.md"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    samplers: tuple[str, ...] = ("parallel", "adjust")
+    tokens_per_step: tuple[int, ...] = (1, 2, 3, 4, 8)
+    num: int = 200
+    seed: int = 0
+    task: str | None = None
+    language: str | None = None
+    length: int | None = None
+    choice: TokenChoice = field(default_factory=TokenChoice)
+    batch_size: int = 250
+    mauve_seeds: tuple[int, ...] = (0, 1, 2)
+    history_examples: int = 4
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.samplers if s not in SAMPLERS]
+        if unknown:
+            raise ValueError(f"unknown sampler(s) {', '.join(unknown)}; choose from {', '.join(sorted(SAMPLERS))}")
+        if not self.tokens_per_step or min(self.tokens_per_step) < 1:
+            raise ValueError(f"tokens per step must be >= 1, got {self.tokens_per_step}")
+        if self.num < 2:
+            raise ValueError(f"num must be >= 2 for a spread, got {self.num}")
+
+
+def _prompts(cfg: EvalConfig):
+    if cfg.task is None:
+        return None, None
+    from ..data.tasks import make_examples
+
+    examples = make_examples(cfg.task, cfg.num, seed=10_000 + cfg.seed)
+    return examples, [e.prompt for e in examples]
+
+
+def _quality(cfg: EvalConfig, texts: list[str], reference: list[str], scorer: CausalScorer | None,
+             examples) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    if cfg.language:
+        from ..data import get_language
+
+        lang = get_language(cfg.language)
+        out["validity"] = asdict(metrics.validity(lang, texts))
+        out["tv_distance"] = asdict(metrics.total_variation(lang, texts))
+    if examples is not None:
+        out["accuracy"] = asdict(metrics.task_accuracy(examples, texts))
+    if scorer is not None:
+        out["nll"] = asdict(metrics.nll(scorer, texts))
+        out["mauve"] = asdict(metrics.mauve_texts(scorer, reference, texts, seeds=cfg.mauve_seeds))
+    return out
+
+
+def primary_metric(row: dict) -> str | None:
+    for name in ("validity", "accuracy", "mauve", "nll"):
+        if name in row["quality"]:
+            return name
+    return None
+
+
+def _run(model: DiffusionLM, name: str, k: int, cfg: EvalConfig, length: int, prompts, seed: int, heads: dict,
+         scorer: CausalScorer | None) -> Generation:
+    options = {}
+    if name == "adjust":
+        options["head"] = heads["adjust"]
+    if name in ("edlm", "apd"):
+        if scorer is None:
+            raise ValueError(f"the {name} sampler needs a causal scorer (--scorer DIR)")
+        options["scorer"] = scorer
+    sampler = make_sampler(name, **options)
+    config = SamplingConfig(length=length, tokens_per_step=k, choice=cfg.choice, seed=seed,
+                            batch_size=cfg.batch_size, record_history=True, progress=True)
+    return generate(model, sampler, config, prompts=prompts, num=None if prompts else cfg.num)
+
+
+def run_eval(model: DiffusionLM, cfg: EvalConfig, out: str | Path, adjust_head=None,
+             scorer: CausalScorer | None = None) -> dict:
+    """Run the grid, write results.json and results.md (and plots) into `out`, return the results."""
+    if "adjust" in cfg.samplers and adjust_head is None:
+        raise ValueError("the adjust sampler needs an ADJUST head (--adjust DIR)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    examples, prompts = _prompts(cfg)
+    longest = max(len(p) for p in encode_prompts(model, prompts or [""]))
+    length = cfg.length or model.max_length - longest
+    heads = {"adjust": adjust_head}
+
+    reference_path = out / REFERENCE_FILE
+    reference_key = {"seed": cfg.seed + 1000, "num": cfg.num, "length": length, "task": cfg.task,
+                     "choice": asdict(cfg.choice), "model": model.fingerprint()}
+    reference = None
+    if reference_path.exists():
+        cached = [json.loads(line) for line in reference_path.read_text().splitlines()]
+        if cached and cached[0].get("key") == reference_key:
+            reference = [row["text"] for row in cached[1:]]
+    if reference is None:
+        print("generating the K=1 reference samples", file=sys.stderr)
+        ref = _run(model, "sequential", 1, cfg, length, prompts, cfg.seed + 1000, heads, scorer)
+        reference = ref.texts
+        tmp = reference_path.with_name(REFERENCE_FILE + ".tmp")
+        tmp.write_text("\n".join(json.dumps(r) for r in [{"key": reference_key}] + [{"text": t} for t in reference]))
+        tmp.replace(reference_path)
+
+    grid = [("sequential", 1)] if 1 in cfg.tokens_per_step else []
+    for name in cfg.samplers:
+        if getattr(SAMPLERS[name], "follows_budget", True):
+            grid += [(name, k) for k in cfg.tokens_per_step if k > 1]
+        else:
+            grid.append((name, 1))
+    rows, histories = [], {}
+    for name, k in grid:
+        print(f"eval: {name} K={k}", file=sys.stderr)
+        gen = _run(model, name, k, cfg, length, prompts, cfg.seed, heads, scorer)
+        c = gen.counters
+        rows.append({"sampler": name, "tokens_per_step": k if getattr(SAMPLERS[name], "follows_budget", True)
+                     else None, "quality": _quality(cfg, gen.texts, reference, scorer, examples),
+                     "speed": c.as_dict(), "examples": gen.texts[:3]})
+        histories[f"{name} K={k}"] = gen.history[: cfg.history_examples]
+    base_time = next((r["speed"]["wall_time_s"] for r in rows if r["sampler"] == "sequential"), None)
+    for row in rows:
+        wall = row["speed"]["wall_time_s"]
+        row["speed"]["speedup_vs_k1"] = base_time / wall if base_time and wall else None
+        naive = next((r for r in rows if r["sampler"] == "parallel" and r["tokens_per_step"] == row["tokens_per_step"]),
+                     None)
+        row["speed"]["time_vs_naive"] = wall / naive["speed"]["wall_time_s"] if naive else None
+
+    results = {"command": None, "config": {**asdict(cfg), "length": length}, "rows": rows,
+               "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+                          f"python {platform.python_version()}",
+               "date": time.strftime("%Y-%m-%d"), "histories": histories}
+    (out / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+    (out / TABLE_FILE).write_text(format_table(results) + "\n")
+    from .plots import plot_all
+
+    plot_all(results, out)
+    return results
+
+
+def _fmt(estimate: dict | None) -> str:
+    if estimate is None:
+        return "–"
+    return f"{estimate['value']:.3f} [{estimate['low']:.3f}, {estimate['high']:.3f}]"
+
+
+def format_table(results: dict) -> str:
+    rows = results["rows"]
+    names = [m for m in ("validity", "tv_distance", "accuracy", "mauve", "nll") if any(m in r["quality"] for r in rows)]
+    header = ["sampler", "K", *names, "base passes", "extra passes", "tokens/pass", "tokens/s", "speed-up vs K=1"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        s = r["speed"]
+        k = r["tokens_per_step"] if r["tokens_per_step"] is not None else "adaptive"
+        speedup = f"{s['speedup_vs_k1']:.2f}x" if s.get("speedup_vs_k1") else "–"
+        cells = [r["sampler"], str(k), *[_fmt(r["quality"].get(m)) for m in names],
+                 f"{s['base_passes_per_sample']:.1f}", f"{s['extra_passes_per_sample']:.1f}",
+                 f"{s['tokens_per_base_pass']:.2f}", f"{s['tokens_per_second']:.0f}", speedup]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,84 @@
+"""PUNT (arXiv 2510.21961): keep only the candidate tokens that pass a conditional-independence test.
+
+One base pass gives every masked position a marginal and a candidate token. Positions are ranked by the
+unmasking rule (confidence by default, rank 0 = best) and each rank is read as a binary number. In the round
+for bit b the still-alive positions whose bit b is 0 are anchors (their candidates are written into the
+canvas) and the alive positions whose bit b is 1 are tested: position j is dropped when
+KL(p_j(.|x) || p_j(.|x + anchors)) > epsilon, i.e. when the anchors would change what j should be.
+
+Why the rounds look like this:
+* Two distinct ranks differ in at least one bit, so every pair of positions meets once as anchor/tested;
+  a pair that both survive was tested against each other, which is what licenses filling them together.
+* Bits go from the most significant down. The first round tests the less certain half against the more
+  certain half, so in a conflict the less certain token is the one dropped (the paper's rule). Rank 0 has
+  every bit 0: it is always an anchor, never tested, and always survives.
+* A dropped position stops being an anchor: it will not be written this step, so testing others against it
+  would only drop them for nothing. The survivors are tested against (a superset of) the other survivors.
+
+Written as "anchor when bit b is set", this is the same scheme with each code the bitwise complement of
+the rank. A dropped position stays masked. Cost: ceil(log2 |M|) extra batched passes at most; rounds with
+nothing left to test are skipped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .base import StepContext, StepResult
+
+
+@dataclass(frozen=True)
+class PUNTConfig:
+    epsilon: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.epsilon) and self.epsilon >= 0):
+            raise ValueError(f"epsilon must be a finite number >= 0, got {self.epsilon}")
+
+
+class PUNTSampler:
+    name = "punt"
+    follows_budget = False
+
+    def __init__(self, config: PUNTConfig | None = None, **settings: Any) -> None:
+        if config is not None and settings:
+            raise ValueError("give a PUNTConfig or its fields as keywords, not both")
+        self.config = config if config is not None else PUNTConfig(**settings)
+
+    def step(self, ctx: StepContext) -> StepResult:
+        logprobs = ctx.logprobs(ctx.forward().logits)
+        candidates = ctx.sample(logprobs, ctx.eligible)
+        ranks = rank_of(ctx.scores(logprobs))
+        alive = ctx.eligible.clone()
+        rounds = (int(ctx.eligible.sum(-1).max()) - 1).bit_length()
+        passes = 0
+        for bit in reversed(range(rounds)):
+            upper = (ranks >> bit) & 1 == 0
+            tested = alive & ~upper
+            rows = tested.any(-1).nonzero().squeeze(-1)
+            if rows.numel() == 0:
+                continue
+            probe = torch.where(alive & upper, candidates, ctx.tokens)[rows]
+            with torch.no_grad():
+                conditioned = ctx.logprobs(ctx.model.forward(probe, ctx.attention_mask[rows]).logits)
+            dependent = kl_divergence(logprobs[rows], conditioned) > self.config.epsilon
+            alive[rows] &= ~(tested[rows] & dependent)
+            passes += 1
+        return StepResult(fill=alive, tokens=candidates, base_passes=1, extra_passes=passes)
+
+
+def rank_of(scores: torch.Tensor) -> torch.Tensor:
+    """(B, T) rank of each position by descending score, ties by position (0 = best)."""
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    return ranks.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
+
+
+def kl_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) over the last dimension; ids with p = 0 contribute nothing."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)

@@ -1,0 +1,57 @@
+"""Fast-dLLM threshold unmasking: from one base pass, fill every position the model is sure enough of.
+
+The number of tokens per step follows the model's confidence instead of a schedule: confident stretches are
+filled at once, uncertain ones one by one. The most confident position is always filled, so each step makes
+progress. The factor variant accepts the largest n whose n-th best confidence c_(n) satisfies
+(n + 1)(1 - c_(n)) < factor, which lets more tokens through when all of them are near-certain.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .base import StepContext, StepResult
+from .rules import position_scores, select_top
+
+
+@dataclass(frozen=True)
+class ThresholdConfig:
+    tau: float = 0.9
+    factor: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.tau) and self.tau >= 0):
+            raise ValueError(f"tau must be a finite number >= 0, got {self.tau}")
+        if self.factor is not None and not (math.isfinite(self.factor) and self.factor > 0):
+            raise ValueError(f"factor must be a finite number > 0 (or None), got {self.factor}")
+
+
+class ThresholdSampler:
+    name = "threshold"
+    follows_budget = False
+
+    def __init__(self, config: ThresholdConfig | None = None, **settings: Any) -> None:
+        if config is not None and settings:
+            raise ValueError("give a ThresholdConfig or its fields as keywords, not both")
+        self.config = config if config is not None else ThresholdConfig(**settings)
+
+    def step(self, ctx: StepContext) -> StepResult:
+        logprobs = ctx.logprobs(ctx.forward().logits)
+        confidence = position_scores(logprobs, "confidence", ctx.eligible, ctx.generators)
+        fill = select_top(confidence, accepted_count(confidence, self.config))
+        return StepResult(fill=fill, tokens=ctx.sample(logprobs, fill), base_passes=1)
+
+
+def accepted_count(confidence: torch.Tensor, config: ThresholdConfig) -> torch.Tensor:
+    """(B,) how many of each row's most confident positions to fill (at least one)."""
+    if config.factor is None:
+        count = (confidence >= config.tau).sum(-1)
+    else:
+        ordered = confidence.sort(dim=-1, descending=True).values
+        n = torch.arange(1, ordered.shape[1] + 1, dtype=ordered.dtype, device=ordered.device)
+        count = (torch.isfinite(ordered) & ((n + 1) * (1 - ordered) < config.factor)).sum(-1)
+    return count.clamp(min=1)

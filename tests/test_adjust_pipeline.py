@@ -1,0 +1,431 @@
+"""The ADJUST pipeline end to end on a tiny base: trajectories -> train-adjust -> sample --sampler adjust.
+
+One tiny base (150 pretraining steps on the template corpus) and one trajectory collection are built per
+module; one 300-step head is trained once and shared. Kill and distributed tests run real subprocesses
+(`python -m jointdlm.cli`, `torchrun --standalone --nproc_per_node 2` over gloo on CPU).
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from jointdlm import cli
+from jointdlm.adjust.head import AdjustHead, AdjustHeadConfig
+from jointdlm.adjust.train import (
+    LOG_FILE,
+    STATE_FILE,
+    AdjustTrainConfig,
+    final_heldout,
+    train_adjust,
+)
+from jointdlm.adjust.trajectories import TrajectoryConfig, collect_trajectories, load_trajectories
+from jointdlm.data import write_corpus
+from jointdlm.models.mdlm import BuiltinModel
+from jointdlm.models.train import PretrainConfig, pretrain
+from jointdlm.sampling.base import StepContext, TokenChoice
+from jointdlm.sampling.loop import SamplingConfig, build_canvas, encode_prompts, generate, sample_seed
+from jointdlm.sampling.registry import make_sampler
+
+K = 4
+TRAJ = dict(num=200, shard_size=50, progress=False)
+# The shared trained head; lr/warmup must match the CLI flags in test_mismatched_resume_is_refused.
+TRAINED = AdjustTrainConfig(max_steps=300, lr=3e-3, warmup_steps=20, eval_every=300, save_every=300, progress=False)
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A tiny model gains nothing from intra-op threads, and they spin badly on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("adjust_pipeline")
+
+
+@pytest.fixture(scope="module")
+def base_dir(root, one_thread) -> Path:
+    write_corpus("template", root / "corpus.txt", num=3000)
+    pretrain(root / "corpus.txt", root / "base", PretrainConfig(preset="tiny", max_steps=150, vocab_size=1024,
+                                                                progress=False, eval_every=150, save_every=150))
+    return root / "base"
+
+
+@pytest.fixture(scope="module")
+def base(base_dir) -> BuiltinModel:
+    return BuiltinModel.load(base_dir)
+
+
+@pytest.fixture(scope="module")
+def traj_dir(base, root) -> Path:
+    out = root / "traj"
+    collect_trajectories(base, out, TrajectoryConfig(length=base.max_length - 1, **TRAJ))
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(base, traj_dir, root) -> SimpleNamespace:
+    """One head trained for 300 steps, with the base's weights snapshotted before training."""
+    before = {k: v.clone() for k, v in base.net.state_dict().items()}
+    fingerprint = base.fingerprint()
+    out = root / "trained"
+    start = time.perf_counter()
+    head = train_adjust(base, traj_dir, out, TRAINED)
+    return SimpleNamespace(out=out, head=head, before=before, fingerprint=fingerprint,
+                           seconds=time.perf_counter() - start)
+
+
+def perturbed(model: BuiltinModel) -> BuiltinModel:
+    """The same architecture with one weight nudged: a different base."""
+    net = type(model.net)(model.net.config)
+    net.load_state_dict(model.net.state_dict())
+    with torch.no_grad():
+        net.blocks[0].mlp.down.weight[0, 0] += 1e-3
+    net.requires_grad_(False)
+    return BuiltinModel(net.eval(), model.tokenizer)
+
+
+def same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def log_steps(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / LOG_FILE).read_text().splitlines() if line.strip()]
+
+
+def trainer_state(out: Path) -> dict:
+    return torch.load(out / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def run_cli(capsys, argv: list[str]) -> tuple[int, str]:
+    capsys.readouterr()
+    code = cli.main(argv)
+    return code, capsys.readouterr().err
+
+
+# 1. An untrained head is exactly naive parallel.
+
+@pytest.mark.parametrize("form", ["concat", "sum"])
+def test_zero_init_head_is_naive_parallel(base, form):
+    torch.manual_seed(11)
+    head = AdjustHead(AdjustHeadConfig.for_base(base, form)).eval()
+    tokens, attention, _ = build_canvas(base, encode_prompts(base, ["", "the cat"]), 12)
+    with torch.no_grad():
+        out = base.forward(tokens, attention)
+        written = tokens.clone()
+        written[:, -1] = 300
+        hidden, logits = head(base, written, attention, out.hidden)
+    assert torch.equal(hidden, out.hidden) and torch.equal(logits, out.logits)
+
+    length = base.max_length - 1
+    # Greedy draws, or a rule that picks positions in canvas order, consume no randomness in a different
+    # order between the two samplers, so the samples agree token for token.
+    for choice in (TokenChoice("confidence", temperature=0.0), TokenChoice("left_to_right", temperature=1.0),
+                   TokenChoice("margin", temperature=0.0)):
+        cfg = SamplingConfig(length=length, tokens_per_step=K, seed=5, batch_size=8, choice=choice,
+                             record_history=True)
+        adjust = generate(base, make_sampler("adjust", head=head), cfg, num=12)
+        naive = generate(base, make_sampler("parallel"), cfg, num=12)
+        assert adjust.tokens == naive.tokens, choice
+        assert adjust.history == naive.history, choice
+        a, n = adjust.counters, naive.counters
+        assert a.base_passes == n.base_passes == len(cfg.schedule(length)) == 6
+        assert n.extra_passes == 0
+        assert a.extra_passes == sum(k - 1 for k in cfg.schedule(length)) == 5 * (K - 1) + 2
+        assert a.steps == n.steps
+
+    # Sampling at temperature 1 with the confidence rule: the same positions are chosen from one base pass;
+    # the tokens then come from the same marginals but Gumbel noise is drawn per round (ADJUST) instead of in
+    # canvas order (parallel), so per-seed token equality is not expected there.
+    choice = TokenChoice("confidence", temperature=1.0)
+    eligible = (tokens == base.spec.mask_id)
+    fills = []
+    for sampler in (make_sampler("adjust", head=head), make_sampler("parallel")):
+        ctx = StepContext(model=base, tokens=tokens, attention_mask=attention, eligible=eligible,
+                          budget=torch.full((2,), K), choice=choice,
+                          generators=[torch.Generator().manual_seed(sample_seed(5, i)) for i in range(2)])
+        result = sampler.step(ctx)
+        fills.append(result.fill)
+        assert result.base_passes == 1 and result.extra_passes == (K - 1 if sampler.name == "adjust" else 0)
+    assert torch.equal(fills[0], fills[1]) and (fills[0].sum(-1) == K).all()
+
+
+# 2. Heads are tied to their base by fingerprint.
+
+def test_head_refuses_another_base(base, traj_dir, tmp_path, capsys):
+    torch.manual_seed(3)
+    head = AdjustHead(AdjustHeadConfig.for_base(base, "sum"))
+    with torch.no_grad():
+        head.out_norm.weight.fill_(0.5)
+    head.save_pretrained(tmp_path / "head", {"note": "test"})
+    loaded = AdjustHead.from_pretrained(tmp_path / "head", base)
+    assert loaded.config == head.config and same_state(loaded.state_dict(), head.state_dict())
+    assert not any(p.requires_grad for p in loaded.parameters())
+
+    other = perturbed(base)
+    assert other.fingerprint() != base.fingerprint()
+    with pytest.raises(ValueError, match=f"trained on base {base.fingerprint()}.*this base model is "
+                                         f"{other.fingerprint()}"):
+        AdjustHead.from_pretrained(tmp_path / "head", other)
+    with pytest.raises(ValueError, match=f"come from base {base.fingerprint()}, not from this base "
+                                         f"\\({other.fingerprint()}\\)"):
+        train_adjust(other, traj_dir, tmp_path / "wrong", replace(TRAINED, max_steps=2))
+    assert not (tmp_path / "wrong").exists()
+
+    # The CLI: the head samples on its base, and is refused with one error line on the other.
+    other.save(tmp_path / "other_base")
+    code, err = run_cli(capsys, ["sample", "--model", str(tmp_path / "other_base"), "--sampler", "adjust",
+                                 "--adjust", str(tmp_path / "head"), "--num", "2", "--out",
+                                 str(tmp_path / "x.jsonl")])
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("jointdlm: error: ") and base.fingerprint() in err
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_cli_samples_with_trained_head(base_dir, trained, tmp_path, capsys):
+    out = tmp_path / "s.jsonl"
+    code, err = run_cli(capsys, ["sample", "--model", str(base_dir), "--sampler", "adjust", "--adjust",
+                                 str(trained.out), "--tokens-per-step", str(K), "--num", "6", "--out", str(out)])
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 6 and all(len(r["tokens"]) == 23 for r in rows)
+    assert "adjust K=4" in err and "NFE 6.0/sample, extra passes 17.0/sample" in err
+    code, err = run_cli(capsys, ["sample", "--model", str(base_dir), "--sampler", "adjust", "--num", "2",
+                                 "--out", str(out)])
+    assert code == 2 and "needs --adjust DIR" in err
+
+
+# 3. Training leaves the base bit for bit, and only the head trains.
+
+def test_training_leaves_base_untouched(base, trained):
+    after = base.net.state_dict()
+    assert same_state(after, trained.before)
+    assert all(not p.requires_grad and p.grad is None for p in base.net.parameters())
+    base._fingerprint = None
+    assert base.fingerprint() == trained.fingerprint
+
+    head_params = list(trained.head.parameters())
+    optimizer = trainer_state(trained.out)["optimizer"]
+    assert [len(g["params"]) for g in optimizer["param_groups"]] == [len(head_params)]
+    shapes = [optimizer["state"][i]["exp_avg"].shape for i in sorted(optimizer["state"])]
+    assert shapes == [p.shape for p in head_params]
+    assert not any(p.requires_grad for p in trained.head.parameters()) and not trained.head.training
+    config = json.loads((trained.out / "adjust_config.json").read_text())
+    assert config["base_fingerprint"] == base.fingerprint() and config["step"] == TRAINED.max_steps
+    assert same_state(AdjustHead.from_pretrained(trained.out, base).state_dict(), trained.head.state_dict())
+
+
+# 4. Training works: held-out KL to the base's true next-state distributions drops below the stale marginals.
+
+def test_training_reduces_heldout_kl(trained):
+    scores = final_heldout(trained.out)
+    assert log_steps(trained.out) == [TRAINED.max_steps]
+    ratios = {d: v["head_kl"] / v["stale_kl"] for d, v in scores.items()}
+    print(f"trained in {trained.seconds:.1f}s; held-out KL {scores}; head/stale {ratios}")
+    assert set(scores) == {"1", "2", "3"}
+    assert all(v["stale_kl"] > 0 for v in scores.values())
+    # Measured on this setup: head/stale = 0.713 (depth 1), 0.820 (depth 2), 0.734 (depth 3).
+    assert ratios["1"] < 0.85 and ratios["3"] < 0.85
+    assert ratios["2"] < 0.95
+
+
+# 5. Resuming is exact.
+
+def test_resume_equals_uninterrupted_run(base, traj_dir, tmp_path):
+    cfg = AdjustTrainConfig(max_steps=20, save_every=10, eval_every=20, batch_size=8, warmup_steps=10,
+                            progress=False)
+    resumed, straight = tmp_path / "resumed", tmp_path / "straight"
+    train_adjust(base, traj_dir, resumed, cfg)
+    assert trainer_state(resumed)["step"] == 20 and log_steps(resumed) == [20]
+    head_a = train_adjust(base, traj_dir, resumed, replace(cfg, max_steps=40))
+    # A restart from step 0 would have appended 20 again before 40.
+    assert log_steps(resumed) == [20, 40]
+    head_b = train_adjust(base, traj_dir, straight, replace(cfg, max_steps=40))
+    assert log_steps(straight) == [20, 40]
+
+    assert same_state(head_a.state_dict(), head_b.state_dict())
+    assert same_state(load_file(str(resumed / "adjust.safetensors")), load_file(str(straight / "adjust.safetensors")))
+    sa, sb = trainer_state(resumed), trainer_state(straight)
+    assert sa["step"] == sb["step"] == 40
+    assert all(torch.equal(x, y) for x, y in zip(sa["generators"], sb["generators"], strict=True))
+    for i in sa["optimizer"]["state"]:
+        assert same_state(sa["optimizer"]["state"][i], sb["optimizer"]["state"][i])
+    assert final_heldout(resumed) == final_heldout(straight)
+
+    # A finished run asked again is a no-op that returns the same head.
+    again = train_adjust(base, traj_dir, resumed, replace(cfg, max_steps=40))
+    assert same_state(again.state_dict(), head_a.state_dict()) and log_steps(resumed) == [20, 40]
+
+
+# 6. Killed training resumes from its last checkpoint.
+
+def test_killed_training_resumes_from_checkpoint(base, base_dir, traj_dir, tmp_path):
+    out, n, every = tmp_path / "killed", 40, 20
+    cmd = [sys.executable, "-m", "jointdlm.cli", "train-adjust", "--model", str(base_dir), "--trajectories",
+           str(traj_dir), "--out", str(out), "--max-steps", str(n), "--save-every", str(every),
+           "--eval-every", str(every), "--batch-size", "8", "--warmup-steps", "10"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "first.err", "wb") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
+        try:
+            deadline = time.monotonic() + 60
+            while not (out / STATE_FILE).exists():
+                assert proc.poll() is None, (tmp_path / "first.err").read_text()
+                assert time.monotonic() < deadline, "training wrote no checkpoint in 60 s"
+                time.sleep(0.02)
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    killed_at = trainer_state(out)["step"]
+    assert every <= killed_at < n and killed_at % every == 0
+    before = log_steps(out)
+
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert trainer_state(out)["step"] == n
+    steps = log_steps(out)
+    assert steps[:len(before)] == before
+    # Evaluations resume after the checkpoint, not from step 0.
+    assert steps[len(before):] == list(range(killed_at + every, n + 1, every))
+    head = AdjustHead.from_pretrained(out, base)
+    assert json.loads((out / "adjust_config.json").read_text())["step"] == n
+    assert same_state(head.state_dict(), trainer_state(out)["head"])
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
+
+
+# 7. A run is only continued with the settings it was started with.
+
+def test_mismatched_resume_is_refused(base, base_dir, traj_dir, trained, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained.out, out)
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    common = ["train-adjust", "--model", str(base_dir), "--trajectories", str(traj_dir), "--out", str(out),
+              "--max-steps", str(TRAINED.max_steps), "--warmup-steps", str(TRAINED.warmup_steps)]
+    for flags, problem in [(["--lr", "0.001"], "lr=0.003 there, 0.001 now"),
+                           (["--lr", "0.003", "--rollout", "3"], "rollout=4 there, 3 now"),
+                           (["--lr", "0.003", "--input-form", "sum"], "input_form='concat' there, 'sum' now")]:
+        code, err = run_cli(capsys, common + flags)
+        assert code == 2
+        assert err.count("\n") == 1 and err.startswith("jointdlm: error: "), err
+        assert "cannot be resumed" in err and problem in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+
+    # The same flags are accepted (the run is already finished: nothing to do).
+    code, err = run_cli(capsys, common + ["--lr", "0.003"])
+    assert code == 0, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+
+    # Other trajectories from the same base, or a different number of processes, are refused too.
+    other = tmp_path / "other_traj"
+    collect_trajectories(base, other, TrajectoryConfig(length=base.max_length - 1, seed=1, **{**TRAJ, "num": 20}))
+    with pytest.raises(ValueError, match="different trajectory collection"):
+        train_adjust(base, other, out, TRAINED)
+    state = trainer_state(out)
+    torch.save({**state, "num_processes": 2, "generators": state["generators"] * 2}, out / STATE_FILE)
+    with pytest.raises(ValueError, match=r"2 training process\(es\) there, 1 now"):
+        train_adjust(base, traj_dir, out, TRAINED)
+
+
+# 8. Distributed: two CPU processes over gloo, launched by torchrun.
+
+CLI_UNDER_TORCHRUN = """
+import os, sys
+import torch
+torch.set_num_threads(1)
+import jointdlm.adjust.train as train
+from jointdlm import cli
+
+rank = int(os.environ["RANK"])
+dump = os.environ.get("JOINTDLM_TEST_DUMP")
+train_adjust = train.train_adjust
+calls = []
+
+def recording(*args, **kwargs):
+    head = train_adjust(*args, **kwargs)
+    calls.append(1)
+    torch.save(head.state_dict(), os.path.join(dump, f"call{len(calls)}_rank{rank}.pt"))
+    return head
+
+train.train_adjust = recording
+# torchrun's own parser rejects flags after the script such as --num (an abbreviation of --numa-binding),
+# so each jointdlm command arrives as one JSON argument.
+import json
+for argv in json.loads(sys.argv[1]):
+    code = cli.main(argv)
+    if code:
+        sys.exit(code)
+"""
+
+
+def torchrun(tmp_path: Path, commands: list[list[str]], dump: Path | None = None) -> subprocess.CompletedProcess:
+    if not TORCHRUN.exists():
+        pytest.skip(f"no torchrun next to {sys.executable}")
+    script = tmp_path / "cli_under_torchrun.py"
+    script.write_text(CLI_UNDER_TORCHRUN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "JOINTDLM_TEST_DUMP": str(dump or tmp_path)}
+    done = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(script),
+                           json.dumps(commands)], capture_output=True, text=True, env=env, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return done
+
+
+def test_distributed_trajectories_equal_single_process(base, base_dir, traj_dir, tmp_path):
+    out = tmp_path / "traj2"
+    done = torchrun(tmp_path, [["trajectories", "--model", str(base_dir), "--out", str(out), "--num", "200",
+                                "--shard-size", "50"]])
+    assert "rank 0/2: 100 trajectories generated" in done.stderr
+    assert "rank 1/2: 100 trajectories generated" in done.stderr
+    two, one = load_trajectories(out), load_trajectories(traj_dir)
+    for key in ("prefix", "prefix_len", "tokens", "order"):
+        assert torch.equal(getattr(two, key), getattr(one, key)), key
+    assert two.fingerprint == one.fingerprint == base.fingerprint()
+    assert replace(two.config, progress=False) == one.config
+
+
+def test_distributed_training(base, base_dir, traj_dir, tmp_path):
+    """Two ranks end with identical heads; a run killed (here: stopped) at 20 and resumed to 40 equals an
+    uninterrupted 2-process run bit for bit; only rank 0 writes the log."""
+    resumed, straight, dump = tmp_path / "resumed", tmp_path / "straight", tmp_path / "dump"
+    dump.mkdir()
+
+    def command(out: Path, steps: int) -> list[str]:
+        return ["train-adjust", "--model", str(base_dir), "--trajectories", str(traj_dir), "--out", str(out),
+                "--max-steps", str(steps), "--save-every", "10", "--eval-every", "40", "--batch-size", "8",
+                "--warmup-steps", "10"]
+
+    torchrun(tmp_path, [command(resumed, 20), command(resumed, 40), command(straight, 40)], dump)
+    heads = {(c, r): torch.load(dump / f"call{c}_rank{r}.pt") for c in (1, 2, 3) for r in (0, 1)}
+    for c in (1, 2, 3):
+        assert same_state(heads[c, 0], heads[c, 1]), f"ranks disagree after call {c}"
+    assert same_state(heads[2, 0], heads[3, 0])
+    assert not same_state(heads[1, 0], heads[2, 0])
+    # Evaluations run at every eval_every and at max_steps; rank 1 writes no log lines.
+    assert log_steps(resumed) == [20, 40] and log_steps(straight) == [40]
+    for out in (resumed, straight):
+        state = trainer_state(out)
+        assert state["step"] == 40 and state["num_processes"] == 2
+        assert len(state["generators"]) == 2 and not torch.equal(*state["generators"])
+        assert same_state(AdjustHead.from_pretrained(out, base).state_dict(), heads[3, 0])
+        assert not list(out.glob("*.tmp"))
+    assert all(torch.equal(x, y) for x, y in zip(trainer_state(resumed)["generators"],
+                                                 trainer_state(straight)["generators"], strict=True))
+    # This 2-process run cannot be continued by one process.
+    with pytest.raises(ValueError, match=r"2 training process\(es\) there, 1 now"):
+        train_adjust(base, traj_dir, straight, AdjustTrainConfig(max_steps=50, save_every=10, eval_every=20,
+                                                                 batch_size=8, warmup_steps=10))

@@ -1,0 +1,151 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from jointdlm.data import TemplateLanguage, make_examples
+from jointdlm.eval.metrics import (
+    Estimate,
+    bootstrap,
+    mauve,
+    mauve_texts,
+    nll,
+    proportion,
+    task_accuracy,
+    total_variation,
+    validity,
+)
+from jointdlm.models.causal import CausalScorer
+from jointdlm.models.train import PretrainConfig, pretrain
+
+SENTENCE = "the quick brown fox jumps over the lazy dog near the river bank"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def memorised_scorer(tmp_path_factory) -> CausalScorer:
+    root = tmp_path_factory.mktemp("memorised")
+    corpus = root / "corpus.txt"
+    corpus.write_text((SENTENCE + "\n") * 500, encoding="utf-8")
+    pretrain(
+        corpus,
+        root / "model",
+        PretrainConfig(
+            preset="tiny", objective="ar", max_steps=150, vocab_size=400, progress=False, eval_every=150, save_every=150
+        ),
+    )
+    return CausalScorer.load(root / "model")
+
+
+def test_estimate_str():
+    assert str(Estimate(0.8123, 0.781, 0.8449, 100, "x")) == "0.812 [0.78, 0.84]"
+
+
+def test_wilson_on_known_counts():
+    half = proportion([True] * 50 + [False] * 50)
+    assert half.value == 0.5 and half.n == 100 and half.method == "wilson"
+    assert half.low < 0.5 < half.high
+    assert half.high - half.low == pytest.approx(0.192, abs=0.002)
+    assert half.low == pytest.approx(0.4038, abs=1e-3)
+    none, every = proportion([False] * 20), proportion([True] * 20)
+    assert none.value == 0 and none.low == 0 and 0.1 < none.high < 0.2
+    assert every.value == 1 and every.high == 1 and 0.8 < every.low < 0.9
+    with pytest.raises(ValueError):
+        proportion([])
+
+
+def test_bootstrap_contains_mean_and_narrows_with_n():
+    rng = np.random.default_rng(0)
+    small, large = rng.normal(3.0, 1.0, 50), rng.normal(3.0, 1.0, 2000)
+    a, b = bootstrap(small), bootstrap(large)
+    assert a.low < a.value < a.high and a.value == pytest.approx(small.mean())
+    assert b.low < b.value < b.high and b.low < 3.0 < b.high
+    assert (b.high - b.low) < 0.3 * (a.high - a.low)
+    assert (b.high - b.low) == pytest.approx(2 * 1.96 / np.sqrt(2000), rel=0.15)
+    assert bootstrap(small, seed=1) == bootstrap(small, seed=1)
+    median = bootstrap(small, statistic=np.median, n_boot=300)
+    assert median.value == pytest.approx(np.median(small)) and median.low <= median.value <= median.high
+    assert bootstrap([2.0]) == Estimate(2.0, 2.0, 2.0, 1, "percentile bootstrap (1000)")
+
+
+def test_validity_and_tv_on_template_language():
+    lang = TemplateLanguage()
+    support = list(lang.strings())
+    full_valid, full_tv = validity(lang, support), total_variation(lang, support)
+    assert full_valid.value == 1.0 and full_valid.low > 0.99
+    assert full_tv.value == pytest.approx(0.0, abs=1e-9) and full_tv.high < 0.05
+
+    invalid = [s.replace("cat", "dog", 1) for s in support if " cat " in s][:100]
+    assert validity(lang, invalid).value == 0.0
+    assert total_variation(lang, invalid).value == pytest.approx(1.0)
+    assert total_variation(lang, invalid).low == pytest.approx(1.0)
+
+    samples = lang.sample(1000, seed=0)
+    sampled_tv = total_variation(lang, samples, seed=1)
+    assert sampled_tv.low <= sampled_tv.value <= sampled_tv.high
+    mixed = samples[:500] + invalid * 5
+    assert validity(lang, mixed).low < 0.5 < validity(lang, mixed).high
+    assert total_variation(lang, mixed).low > sampled_tv.high
+
+
+def test_task_accuracy_is_a_proportion():
+    examples = make_examples("all", 40, seed=0)
+    predictions = [e.answer if i < 30 else "" for i, e in enumerate(examples)]
+    estimate = task_accuracy(examples, predictions)
+    assert estimate.value == 0.75 and estimate.n == 40 and estimate.low < 0.75 < estimate.high
+
+
+def gaussians(n: int, d: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, d))
+
+
+def test_mauve_of_a_set_against_itself_is_one():
+    features = gaussians(200, 32, seed=0)
+    same = mauve(features, features)
+    assert same.value > 0.99 and same.method == "mauve kmeans seeds" and same.n == 200
+    assert same.low <= same.value <= same.high
+
+
+def test_mauve_of_two_draws_of_one_distribution_is_high():
+    assert mauve(gaussians(200, 32, seed=0), torch.from_numpy(gaussians(200, 32, seed=1))).value > 0.9
+
+
+def test_mauve_of_disjoint_sets_is_near_zero():
+    reference = gaussians(200, 32, seed=0)
+    far = mauve(reference, gaussians(200, 32, seed=1) + 10.0)
+    assert far.high < 0.1
+
+
+def test_mauve_checks_shapes():
+    with pytest.raises(ValueError, match="widths differ"):
+        mauve(gaussians(50, 8, 0), gaussians(50, 9, 1))
+
+
+def test_nll_of_memorised_sentence(memorised_scorer):
+    words = SENTENCE.split()
+    random.Random(0).shuffle(words)
+    shuffled = " ".join(words)
+    memorised = nll(memorised_scorer, [SENTENCE])
+    scrambled = nll(memorised_scorer, [shuffled])
+    assert memorised.value < 0.5
+    assert scrambled.value > memorised.value + 2.0
+    both = nll(memorised_scorer, [SENTENCE, shuffled] * 10)
+    assert both.low < both.value < both.high and both.n == 20
+
+
+def test_mauve_of_identical_points_is_one():
+    point = np.tile(gaussians(1, 16, seed=0), (30, 1))
+    assert mauve(point, 2 * point).value == 1.0
+
+
+def test_mauve_texts_runs_offline(memorised_scorer):
+    texts = TemplateLanguage().sample(60, seed=0)
+    assert mauve_texts(memorised_scorer, texts, texts, seeds=(0,)).value > 0.99

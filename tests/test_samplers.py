@@ -1,0 +1,434 @@
+"""The training-free samplers (threshold, EB, PUNT) and the causal-LM baselines (EDLM, APD).
+
+Each sampler is checked against the property that defines it: its reduction to the sequential sampler, its
+behaviour on test-double models whose dependence structure is known exactly, and, on a tiny MDLM trained on
+the template language, the dependence PUNT is meant to catch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from jointdlm.data import get_language, validity_rate, write_corpus
+from jointdlm.models.causal import CausalScorer
+from jointdlm.models.mdlm import BuiltinModel
+from jointdlm.models.protocol import ModelOutput
+from jointdlm.models.train import PretrainConfig, pretrain
+from jointdlm.sampling.apd import APDConfig, APDSampler
+from jointdlm.sampling.base import StepContext, TokenChoice
+from jointdlm.sampling.eb import EBConfig, EBSampler
+from jointdlm.sampling.eb import accepted_count as eb_count
+from jointdlm.sampling.edlm import EDLMConfig, EDLMSampler
+from jointdlm.sampling.loop import SamplingConfig, build_canvas, encode_prompts, generate
+from jointdlm.sampling.punt import PUNTConfig, PUNTSampler
+from jointdlm.sampling.registry import make_sampler
+from jointdlm.sampling.threshold import ThresholdConfig, ThresholdSampler
+from jointdlm.sampling.threshold import accepted_count as threshold_count
+
+PROMPTS = ["the cat", "the", "the busy bee buzzed", ""]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def fixture_dir(tmp_path_factory, name: str) -> Path:
+    """JOINTDLM_FIXTURE_CACHE=DIR keeps trained fixtures between runs while iterating."""
+    cache = os.environ.get("JOINTDLM_FIXTURE_CACHE")
+    return Path(cache) / name if cache else tmp_path_factory.mktemp(name)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[BuiltinModel, CausalScorer]:
+    """A tiny MDLM (200 steps) and a tiny causal scorer sharing its tokenizer (100 steps): ~30 s together."""
+    root = fixture_dir(tmp_path_factory, "samplers")
+    common = {"preset": "tiny", "progress": False}
+    if not (root / "ar" / "training_done.json").exists():
+        write_corpus("template", root / "corpus.txt", num=3000, seed=0)
+        pretrain(root / "corpus.txt", root / "mdlm",
+                 PretrainConfig(max_steps=200, vocab_size=1024, eval_every=200, save_every=200, **common))
+        pretrain(root / "corpus.txt", root / "ar",
+                 PretrainConfig(objective="ar", max_steps=100, tokenizer_from=str(root / "mdlm"), eval_every=100,
+                                save_every=100, **common))
+    return BuiltinModel.load(root / "mdlm"), CausalScorer.load(root / "ar")
+
+
+@pytest.fixture(scope="module")
+def model(trained) -> BuiltinModel:
+    return trained[0]
+
+
+@pytest.fixture(scope="module")
+def scorer(trained) -> CausalScorer:
+    return trained[1]
+
+
+def canvas_length(model, prompts: list[str] | None = None) -> int:
+    """The longest generation that fits after BOS and the longest prompt."""
+    return model.max_length - max(len(p) for p in encode_prompts(model, prompts or [""]))
+
+
+def build(name: str, scorer: CausalScorer, **options):
+    if name in ("edlm", "apd"):
+        options["scorer"] = scorer
+    return make_sampler(name, **options)
+
+
+# ------------------------------------------------------------------------------------------------ test doubles
+
+
+class FixedModel:
+    """A `DiffusionLM` test double whose output at each position never depends on the other tokens."""
+
+    def __init__(self, like: BuiltinModel, seed: int = 0) -> None:
+        self.spec = like.spec
+        self.tokenizer = like.tokenizer
+        self.hidden_size = 8
+        self.max_length = like.max_length
+        gen = torch.Generator().manual_seed(seed)
+        self.table = torch.randn(self.max_length, self.spec.vocab_size, generator=gen) * 3
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> ModelOutput:
+        b, t = tokens.shape
+        return ModelOutput(logits=self.table[:t].expand(b, t, -1).clone(), hidden=torch.zeros(b, t, self.hidden_size))
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(*tokens.shape, self.hidden_size)
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(*hidden.shape[:-1], self.spec.vocab_size)
+
+    def fingerprint(self) -> str:
+        return "fixed"
+
+
+class PairModel(FixedModel):
+    """Generated positions come in pairs (1, 2), (3, 4), ... that must hold the same token, A or B.
+
+    With its partner masked a position is A or B with probability 1/2 each; with the partner visible it copies
+    it. Filling both members of a pair from one pass mismatches them half of the time.
+    """
+
+    A, B = 10, 11
+
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> ModelOutput:
+        b, t = tokens.shape
+        positions = torch.arange(t)
+        partner = torch.where(positions % 2 == 1, positions + 1, positions - 1).clamp(0, t - 1)
+        seen = tokens[:, partner]
+        visible = seen != self.spec.mask_id
+        logits = torch.full((b, t, self.spec.vocab_size), -1e4)
+        logits[..., self.A] = torch.where(visible & (seen != self.A), -1e4, 0.0)
+        logits[..., self.B] = torch.where(visible & (seen != self.B), -1e4, 0.0)
+        return ModelOutput(logits=logits, hidden=torch.zeros(b, t, self.hidden_size))
+
+    def pairs_agree(self, tokens: list[int]) -> bool:
+        return all(tokens[i] == tokens[i + 1] for i in range(0, len(tokens) - 1, 2))
+
+
+# ------------------------------------------------------------------------------------------------ configs
+
+
+@pytest.mark.parametrize("factory,bad", [
+    (ThresholdConfig, {"tau": -0.1}), (ThresholdConfig, {"tau": math.nan}), (ThresholdConfig, {"factor": 0.0}),
+    (ThresholdConfig, {"factor": -1.0}), (EBConfig, {"gamma": -1e-3}), (EBConfig, {"gamma": math.inf}),
+    (PUNTConfig, {"epsilon": -0.01}), (PUNTConfig, {"epsilon": math.nan}), (EDLMConfig, {"proposals": 0}),
+    (EDLMConfig, {"proposals": 2.5}), (APDConfig, {"mixture_weight": 1.5}), (APDConfig, {"mixture_weight": -0.1}),
+    (APDConfig, {"max_draft": 0}), (APDConfig, {"max_draft": True}),
+])
+def test_configs_reject_bad_values(factory, bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        factory(**bad)
+
+
+def test_published_defaults():
+    assert ThresholdConfig() == ThresholdConfig(tau=0.9, factor=None)
+    assert EBConfig().gamma == 0.01
+    assert PUNTConfig().epsilon == 0.1
+    assert EDLMConfig().proposals == 4
+    assert APDConfig() == APDConfig(mixture_weight=0.5, max_draft=16)
+
+
+def test_registry_builds_each_sampler_with_its_options(scorer):
+    assert make_sampler("threshold", tau=0.5).config.tau == 0.5
+    assert make_sampler("threshold", config=ThresholdConfig(factor=2.0)).config.factor == 2.0
+    assert make_sampler("eb", gamma=0.2).config.gamma == 0.2
+    assert make_sampler("punt", epsilon=0.05).config.epsilon == 0.05
+    assert make_sampler("edlm", scorer=scorer, proposals=2).config.proposals == 2
+    apd = make_sampler("apd", scorer=scorer, mixture_weight=0.7, max_draft=4)
+    assert (apd.config.mixture_weight, apd.config.max_draft, apd.scorer) == (0.7, 4, scorer)
+    for name in ("threshold", "eb", "punt", "edlm", "apd"):
+        assert build(name, scorer).name == name
+    with pytest.raises(ValueError, match="not both"):
+        ThresholdSampler(ThresholdConfig(), tau=0.5)
+    with pytest.raises(TypeError):
+        PUNTSampler(eps=0.1)
+    with pytest.raises(ValueError, match="tau"):
+        make_sampler("threshold", tau=-1.0)
+
+
+# ------------------------------------------------------------------------------------------------ counting rules
+
+
+def test_threshold_counts_by_tau_and_by_factor():
+    conf = torch.tensor([[0.99, 0.95, 0.9, 0.5, -math.inf], [0.4, 0.3, -math.inf, -math.inf, -math.inf]],
+                        dtype=torch.float64)
+    assert threshold_count(conf, ThresholdConfig(tau=0.9)).tolist() == [3, 1]
+    assert threshold_count(conf, ThresholdConfig(tau=0.0)).tolist() == [4, 2]
+    assert threshold_count(conf, ThresholdConfig(tau=2.0)).tolist() == [1, 1]
+    # (n+1)(1-c_n): 0.02, 0.15, 0.4, 2.5 | 1.2, 2.1
+    assert threshold_count(conf, ThresholdConfig(factor=1.0)).tolist() == [3, 1]
+    assert threshold_count(conf, ThresholdConfig(factor=3.0)).tolist() == [4, 2]
+    shuffled = conf[:, [3, 0, 4, 2, 1]]
+    assert threshold_count(shuffled, ThresholdConfig(factor=1.0)).tolist() == [3, 1]
+
+
+def test_eb_counts_entropy_prefix():
+    entropy = torch.tensor([[0.001, 0.004, 0.006, 0.5, math.inf], [0.3, 0.2, math.inf, math.inf, math.inf]],
+                           dtype=torch.float64)
+    neg = -entropy
+    # prefix sums before each element: 0, .001, .005, .011 | 0, .2
+    assert eb_count(neg, 0.01).tolist() == [3, 1]
+    assert eb_count(neg, 0.0).tolist() == [1, 1]
+    assert eb_count(neg, 0.25).tolist() == [4, 2]
+
+
+# ----------------------------------------------------------------------------------- reductions to sequential
+
+
+@pytest.mark.parametrize("name,options,rule", [
+    ("threshold", {"tau": 1.5}, "confidence"),
+    ("eb", {"gamma": 0.0}, "entropy"),
+])
+@pytest.mark.parametrize("temperature,block", [(1.0, None), (0.7, 8)])
+def test_one_token_limit_is_the_sequential_sampler(model, name, options, rule, temperature, block):
+    choice = TokenChoice(rule=rule, temperature=temperature)
+    length = canvas_length(model, PROMPTS)
+    config = SamplingConfig(length=length, block_length=block, choice=choice, seed=3, record_history=True)
+    ours = generate(model, make_sampler(name, **options), config, prompts=PROMPTS)
+    reference = generate(model, make_sampler("sequential"), config, prompts=PROMPTS)
+    assert ours.tokens == reference.tokens
+    assert ours.history == reference.history
+    assert ours.counters.base_passes == length
+
+
+def test_threshold_zero_fills_everything_at_once_and_factor_lies_between(model):
+    length = canvas_length(model)
+    config = SamplingConfig(length=length, record_history=True)
+    everything = generate(model, make_sampler("threshold", tau=0.0), config, num=4)
+    assert everything.counters.base_passes == 1 and everything.history == [[0] * length] * 4
+    factor = generate(model, make_sampler("threshold", factor=1.0), config, num=4).counters.base_passes
+    default = generate(model, make_sampler("threshold"), config, num=4).counters.base_passes
+    assert 1 < factor < length and 1 < default < length
+    blocks = generate(model, make_sampler("threshold", tau=0.0), SamplingConfig(length=length, block_length=5), num=2)
+    assert blocks.counters.base_passes == math.ceil(length / 5)
+
+
+def test_eb_larger_gamma_fewer_steps(model):
+    config = SamplingConfig(length=canvas_length(model))
+    steps = [generate(model, make_sampler("eb", gamma=g), config, num=8).counters.base_passes
+             for g in (0.0, 0.5, 5.0, 1e6)]
+    assert steps[0] == canvas_length(model) and steps[-1] == 1
+    assert steps == sorted(steps, reverse=True) and steps[1] > steps[2]
+
+
+# ------------------------------------------------------------------------------------------------ PUNT
+
+
+@pytest.mark.parametrize("length", [5, 8, 23])
+def test_punt_fills_independent_positions_in_one_step(model, length):
+    fixed = FixedModel(model)
+    gen = generate(fixed, make_sampler("punt", epsilon=0.0), SamplingConfig(length=length, record_history=True), num=3)
+    assert gen.counters.base_passes == 1 == gen.counters.steps
+    assert gen.counters.extra_passes == math.ceil(math.log2(length))
+    assert gen.history == [[0] * length] * 3
+
+
+def test_punt_separates_dependent_pairs_that_naive_parallel_breaks(model):
+    pairs = PairModel(model)
+    length = 16
+    punt = generate(pairs, make_sampler("punt", epsilon=0.1), SamplingConfig(length=length, record_history=True),
+                    num=20)
+    assert all(pairs.pairs_agree(t) for t in punt.tokens)
+    assert punt.counters.base_passes == 2, "one member of every pair, then the other members"
+    for hist in punt.history:
+        assert all(hist[i] != hist[i + 1] for i in range(0, length, 2))
+    naive = generate(pairs, make_sampler("parallel"), SamplingConfig(length=length, tokens_per_step=length // 2),
+                     num=20)
+    broken = sum(not pairs.pairs_agree(t) for t in naive.tokens)
+    assert broken >= 10, f"naive parallel at the same tokens per pass should break pairs, broke {broken}/20"
+
+
+def word_steps(model: BuiltinModel, tokens: list[int], history: list[int]) -> dict[int, set[int]]:
+    """The steps at which the tokens of each word (by index in the decoded text) were filled."""
+    steps: dict[int, set[int]] = {}
+    for i, step in enumerate(history):
+        word = len(model.tokenizer.decode(tokens[: i + 1]).split()) - 1
+        steps.setdefault(word, set()).add(step)
+    return steps
+
+
+def subject_home_stats(model: BuiltinModel, gen) -> dict[str, float]:
+    """Template sentences: word 2 is the subject, word 7 its home. How often they share a step, and agree."""
+    home_of = {s.word: s.home for s in get_language("template").subjects}
+    together = agree = n = 0
+    for tokens, history, text in zip(gen.tokens, gen.history, gen.texts, strict=True):
+        words = text.split()
+        if len(words) < 8 or words[2] not in home_of:
+            continue
+        n += 1
+        agree += home_of[words[2]] == words[7]
+        steps = word_steps(model, tokens, history)
+        together += bool(steps.get(2, set()) & steps.get(7, set()))
+    return {"n": n, "together": together / max(n, 1), "agree": agree / max(n, 1),
+            "validity": validity_rate(get_language("template"), gen.texts)}
+
+
+def test_punt_keeps_subject_and_home_apart_more_than_naive(model):
+    """At matched tokens per base pass, PUNT fills the subject and the home it determines in one step far less
+    often than naive parallel does, and so they agree more often."""
+    length = canvas_length(model)
+    punt = generate(model, make_sampler("punt", epsilon=0.02), SamplingConfig(length=length, record_history=True),
+                    num=200)
+    k = max(2, round(punt.counters.tokens_per_base_pass))
+    naive = generate(model, make_sampler("parallel"),
+                     SamplingConfig(length=length, tokens_per_step=k, record_history=True), num=200)
+    ours, theirs = subject_home_stats(model, punt), subject_home_stats(model, naive)
+    print(f"\nPUNT eps=0.02: {punt.counters.tokens_per_base_pass:.2f} tokens/base pass, "
+          f"{punt.counters.extra_passes:.1f} test passes/sample, {ours}\nnaive K={k}: {theirs}")
+    assert ours["n"] >= 100 and theirs["n"] >= 100
+    assert ours["together"] <= theirs["together"] - 0.4
+    assert ours["agree"] >= theirs["agree"] + 0.08
+
+
+# ------------------------------------------------------------------------------------------------ EDLM
+
+
+@pytest.mark.parametrize("rule,temperature,k", [("confidence", 1.0, 3), ("entropy", 0.8, 4), ("random", 1.0, 5)])
+def test_edlm_with_one_proposal_is_naive_parallel(model, scorer, rule, temperature, k):
+    config = SamplingConfig(length=canvas_length(model, PROMPTS), tokens_per_step=k, record_history=True, seed=5,
+                            choice=TokenChoice(rule=rule, temperature=temperature))
+    edlm = generate(model, make_sampler("edlm", scorer=scorer, proposals=1), config, prompts=PROMPTS)
+    naive = generate(model, make_sampler("parallel"), config, prompts=PROMPTS)
+    assert edlm.tokens == naive.tokens and edlm.history == naive.history
+    assert edlm.counters.extra_passes == 0
+
+
+def test_edlm_proposals_lower_the_scorer_nll(model, scorer):
+    config = SamplingConfig(length=canvas_length(model), tokens_per_step=4, seed=1)
+    edlm = generate(model, make_sampler("edlm", scorer=scorer, proposals=8), config, num=64)
+    naive = generate(model, make_sampler("parallel"), config, num=64)
+    steps = math.ceil(canvas_length(model) / 4)
+    assert edlm.counters.base_passes == steps and edlm.counters.extra_passes == 8 * steps
+    ours, theirs = (sum(scorer.nll(g.texts)) / len(g.texts) for g in (edlm, naive))
+    print(f"\nscorer NLL: edlm(8) {ours:.3f}, naive {theirs:.3f}")
+    assert ours < theirs - 0.05
+
+
+# ------------------------------------------------------------------------------------------------ APD
+
+
+@pytest.mark.parametrize("max_draft", [1, 5, 8, 16, 40])
+def test_apd_with_weight_one_accepts_every_draft(model, scorer, max_draft):
+    length = canvas_length(model)
+    config = SamplingConfig(length=length, record_history=True)
+    gen = generate(model, make_sampler("apd", scorer=scorer, mixture_weight=1.0, max_draft=max_draft), config, num=3)
+    steps = math.ceil(length / max_draft)
+    assert gen.counters.base_passes == steps == gen.counters.extra_passes
+    assert gen.history == [[i // max_draft for i in range(length)]] * 3
+
+
+def test_apd_with_weight_zero_greedy_is_causal_greedy_decoding(model, scorer):
+    """R = 0 makes the target the causal model alone; greedily, every accepted token is its argmax."""
+    length = 12
+    config = SamplingConfig(length=length, choice=TokenChoice(temperature=0.0))
+    gen = generate(model, make_sampler("apd", scorer=scorer, mixture_weight=0.0, max_draft=6), config,
+                   prompts=PROMPTS[:2])
+    tokens, attention, start = build_canvas(model, encode_prompts(model, PROMPTS[:2]), length)
+    banned = model.spec.never_sampled()
+    for i in range(length):
+        lp = scorer.next_token_logprobs(tokens, attention)[:, start + i - 1]
+        lp[:, banned] = -torch.inf
+        tokens[:, start + i] = lp.argmax(-1)
+    assert gen.tokens == tokens[:, start:].tolist()
+    assert gen.counters.base_passes < length, "greedy drafts should agree with the causal model some of the time"
+
+
+def test_apd_fills_left_to_right(model, scorer):
+    config = SamplingConfig(length=canvas_length(model, PROMPTS), block_length=7, record_history=True)
+    gen = generate(model, make_sampler("apd", scorer=scorer), config, prompts=PROMPTS)
+    for hist in gen.history:
+        assert hist == sorted(hist)
+    assert gen.counters.extra_passes == gen.counters.base_passes
+
+
+def test_apd_refuses_a_mask_left_of_the_draft(model, scorer):
+    tokens, attention, start = build_canvas(model, encode_prompts(model, ["the"]), 6)
+    eligible = tokens == model.spec.mask_id
+    eligible[:, start] = False
+    ctx = StepContext(model=model, tokens=tokens, attention_mask=attention, eligible=eligible,
+                      budget=torch.tensor([5]), generators=[torch.Generator().manual_seed(0)], choice=TokenChoice())
+    with pytest.raises(ValueError, match="left to right"):
+        APDSampler(scorer=scorer).step(ctx)
+
+
+# ------------------------------------------------------------------------------------------------ all samplers
+
+ALL = [("threshold", {}), ("threshold", {"factor": 1.0}), ("eb", {}), ("eb", {"gamma": 1.0}),
+       ("punt", {}), ("edlm", {"proposals": 3}), ("apd", {}), ("apd", {"max_draft": 4, "mixture_weight": 0.8})]
+
+
+@pytest.mark.parametrize("name,options", ALL)
+@pytest.mark.parametrize("rule,temperature,top_p,block", [("confidence", 1.0, 1.0, None), ("margin", 0.0, 1.0, 6),
+                                                          ("random", 2.0, 0.9, None)])
+def test_every_sampler_passes_the_step_invariants(model, scorer, name, options, rule, temperature, top_p, block):
+    choice = TokenChoice(rule=rule, temperature=temperature, top_p=top_p)
+    config = SamplingConfig(length=14, tokens_per_step=3, block_length=block, choice=choice, validate=True,
+                            record_history=True)
+    gen = generate(model, build(name, scorer, **options), config, prompts=PROMPTS)
+    banned = set(model.spec.never_sampled())
+    for tokens, hist in zip(gen.tokens, gen.history, strict=True):
+        assert not banned & set(tokens) and -1 not in hist
+    assert gen.counters.base_passes <= 14
+
+
+@pytest.mark.parametrize("name,options", ALL)
+def test_every_sampler_is_batch_independent(model, scorer, name, options):
+    def run(batch_size, prompts):
+        config = SamplingConfig(length=canvas_length(model, PROMPTS), batch_size=batch_size, seed=9, tokens_per_step=3,
+                                record_history=True)
+        return generate(model, build(name, scorer, **options), config, prompts=prompts, num=None if prompts else 4)
+
+    for prompts in (None, PROMPTS):
+        together, alone = run(4, prompts), run(1, prompts)
+        assert together.tokens == alone.tokens
+        assert together.history == alone.history
+
+
+# ------------------------------------------------------------------------------------------- validity (slow)
+
+
+@pytest.fixture(scope="module")
+def well_trained() -> BuiltinModel:
+    """The quality suite's base model (shared with it through JOINTDLM_FIXTURE_CACHE)."""
+    cache = os.environ.get("JOINTDLM_FIXTURE_CACHE")
+    workdir = Path(cache) / "quality" if cache else Path(os.environ.get("TMPDIR", "/tmp")) / "jointdlm-punt-quality"
+    if not (workdir / "model" / "training_done.json").exists():
+        write_corpus("template", workdir / "corpus.txt", num=20000, seed=0)
+        pretrain(workdir / "corpus.txt", workdir / "model",
+                 PretrainConfig(preset="tiny", max_steps=1500, vocab_size=1024, batch_size=128, progress=False,
+                                eval_every=500, save_every=1500))
+    return BuiltinModel.load(workdir / "model")
