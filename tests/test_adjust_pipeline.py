@@ -133,10 +133,10 @@ def test_zero_init_head_is_naive_parallel(base, form):
     assert torch.equal(hidden, out.hidden) and torch.equal(logits, out.logits)
 
     length = base.max_length - 1
-    # Greedy draws, or a rule that picks positions in canvas order, consume no randomness in a different
-    # order between the two samplers, so the samples agree token for token.
+    # Noise is keyed by (step seed, position), so the samples agree token for token under every rule.
     for choice in (TokenChoice("confidence", temperature=0.0), TokenChoice("left_to_right", temperature=1.0),
-                   TokenChoice("margin", temperature=0.0)):
+                   TokenChoice("margin", temperature=0.0), TokenChoice("confidence", temperature=1.0),
+                   TokenChoice("random", temperature=1.0), TokenChoice("entropy", temperature=0.7, top_p=0.9)):
         cfg = SamplingConfig(length=length, tokens_per_step=K, seed=5, batch_size=8, choice=choice,
                              record_history=True)
         adjust = generate(base, make_sampler("adjust", head=head), cfg, num=12)
@@ -149,20 +149,21 @@ def test_zero_init_head_is_naive_parallel(base, form):
         assert a.extra_passes == sum(k - 1 for k in cfg.schedule(length)) == 5 * (K - 1) + 2
         assert a.steps == n.steps
 
-    # Sampling at temperature 1 with the confidence rule: the same positions are chosen from one base pass;
-    # the tokens then come from the same marginals but Gumbel noise is drawn per round (ADJUST) instead of in
-    # canvas order (parallel), so per-seed token equality is not expected there.
+    # Sampling at temperature 1 with the confidence rule: noise is keyed by (step seed, position), so the
+    # per-round draws of ADJUST and the one-shot draws of parallel give the same tokens.
     choice = TokenChoice("confidence", temperature=1.0)
     eligible = (tokens == base.spec.mask_id)
-    fills = []
+    fills, written = [], []
     for sampler in (make_sampler("adjust", head=head), make_sampler("parallel")):
         ctx = StepContext(model=base, tokens=tokens, attention_mask=attention, eligible=eligible,
                           budget=torch.full((2,), K), choice=choice,
                           generators=[torch.Generator().manual_seed(sample_seed(5, i)) for i in range(2)])
         result = sampler.step(ctx)
         fills.append(result.fill)
+        written.append(result.tokens[result.fill])
         assert result.base_passes == 1 and result.extra_passes == (K - 1 if sampler.name == "adjust" else 0)
     assert torch.equal(fills[0], fills[1]) and (fills[0].sum(-1) == K).all()
+    assert torch.equal(written[0], written[1])
 
 
 # 2. Heads are tied to their base by fingerprint.

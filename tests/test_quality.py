@@ -7,7 +7,6 @@ Set JOINTDLM_FIXTURE_CACHE=DIR to keep the trained fixtures between runs while i
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -16,9 +15,8 @@ import torch
 from jointdlm.adjust.head import AdjustHead
 from jointdlm.adjust.train import AdjustTrainConfig, final_heldout, train_adjust
 from jointdlm.adjust.trajectories import TrajectoryConfig, collect_trajectories
-from jointdlm.data import get_language, validity_rate, write_corpus
+from jointdlm.data import get_language, validity_rate
 from jointdlm.models.mdlm import BuiltinModel
-from jointdlm.models.train import PretrainConfig, pretrain
 from jointdlm.sampling.loop import SamplingConfig, generate
 from jointdlm.sampling.registry import make_sampler
 
@@ -28,19 +26,13 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    cache = os.environ.get("JOINTDLM_FIXTURE_CACHE")
-    return Path(cache) / "quality" if cache else tmp_path_factory.mktemp("quality")
+def workdir(template_workdir: Path) -> Path:
+    return template_workdir
 
 
 @pytest.fixture(scope="module")
-def base(workdir: Path) -> BuiltinModel:
-    if not (workdir / "model" / "training_done.json").exists():
-        write_corpus("template", workdir / "corpus.txt", num=20000, seed=0)
-        pretrain(workdir / "corpus.txt", workdir / "model",
-                 PretrainConfig(preset="tiny", max_steps=1500, vocab_size=1024, batch_size=128, progress=False,
-                                eval_every=500, save_every=1500))
-    return BuiltinModel.load(workdir / "model")
+def base(template_model: BuiltinModel) -> BuiltinModel:
+    return template_model
 
 
 @pytest.fixture(scope="module")

@@ -49,7 +49,7 @@ def fixture_dir(tmp_path_factory, name: str) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[BuiltinModel, CausalScorer]:
-    """A tiny MDLM (200 steps) and a tiny causal scorer sharing its tokenizer (100 steps): ~30 s together."""
+    """A tiny MDLM and a tiny causal scorer sharing its tokenizer, 200 steps each: ~35 s on one core."""
     root = fixture_dir(tmp_path_factory, "samplers")
     common = {"preset": "tiny", "progress": False}
     if not (root / "ar" / "training_done.json").exists():
@@ -57,8 +57,8 @@ def trained(tmp_path_factory) -> tuple[BuiltinModel, CausalScorer]:
         pretrain(root / "corpus.txt", root / "mdlm",
                  PretrainConfig(max_steps=200, vocab_size=1024, eval_every=200, save_every=200, **common))
         pretrain(root / "corpus.txt", root / "ar",
-                 PretrainConfig(objective="ar", max_steps=100, tokenizer_from=str(root / "mdlm"), eval_every=100,
-                                save_every=100, **common))
+                 PretrainConfig(objective="ar", max_steps=200, tokenizer_from=str(root / "mdlm"), eval_every=200,
+                                save_every=200, **common))
     return BuiltinModel.load(root / "mdlm"), CausalScorer.load(root / "ar")
 
 
@@ -170,8 +170,11 @@ def test_registry_builds_each_sampler_with_its_options(scorer):
     assert make_sampler("edlm", scorer=scorer, proposals=2).config.proposals == 2
     apd = make_sampler("apd", scorer=scorer, mixture_weight=0.7, max_draft=4)
     assert (apd.config.mixture_weight, apd.config.max_draft, apd.scorer) == (0.7, 4, scorer)
-    for name in ("threshold", "eb", "punt", "edlm", "apd"):
-        assert build(name, scorer).name == name
+    classes = {"threshold": ThresholdSampler, "eb": EBSampler, "punt": PUNTSampler, "edlm": EDLMSampler,
+               "apd": APDSampler}
+    for name, cls in classes.items():
+        sampler = build(name, scorer)
+        assert isinstance(sampler, cls) and sampler.name == name and sampler.follows_budget == (name == "edlm")
     with pytest.raises(ValueError, match="not both"):
         ThresholdSampler(ThresholdConfig(), tau=0.5)
     with pytest.raises(TypeError):
@@ -299,19 +302,22 @@ def subject_home_stats(model: BuiltinModel, gen) -> dict[str, float]:
 
 def test_punt_keeps_subject_and_home_apart_more_than_naive(model):
     """At matched tokens per base pass, PUNT fills the subject and the home it determines in one step far less
-    often than naive parallel does, and so they agree more often."""
+    often than naive parallel does, and so they agree more often. This tiny base knows the dependence only
+    weakly (no sample is fully valid), so it shows up as a rate, not as validity; the slow test below measures
+    validity on a base that knows the language. Seen over seeds 0-3 (300 samples): together 0.20-0.26 vs
+    0.98-0.99, agree 0.21-0.28 vs 0.10-0.13."""
     length = canvas_length(model)
     punt = generate(model, make_sampler("punt", epsilon=0.02), SamplingConfig(length=length, record_history=True),
-                    num=200)
+                    num=300)
     k = max(2, round(punt.counters.tokens_per_base_pass))
     naive = generate(model, make_sampler("parallel"),
-                     SamplingConfig(length=length, tokens_per_step=k, record_history=True), num=200)
+                     SamplingConfig(length=length, tokens_per_step=k, record_history=True), num=300)
     ours, theirs = subject_home_stats(model, punt), subject_home_stats(model, naive)
     print(f"\nPUNT eps=0.02: {punt.counters.tokens_per_base_pass:.2f} tokens/base pass, "
           f"{punt.counters.extra_passes:.1f} test passes/sample, {ours}\nnaive K={k}: {theirs}")
-    assert ours["n"] >= 100 and theirs["n"] >= 100
-    assert ours["together"] <= theirs["together"] - 0.4
-    assert ours["agree"] >= theirs["agree"] + 0.08
+    assert ours["n"] >= 150 and theirs["n"] >= 150
+    assert ours["together"] <= theirs["together"] - 0.5
+    assert ours["agree"] >= theirs["agree"] + 0.04
 
 
 # ------------------------------------------------------------------------------------------------ EDLM
@@ -329,13 +335,13 @@ def test_edlm_with_one_proposal_is_naive_parallel(model, scorer, rule, temperatu
 
 def test_edlm_proposals_lower_the_scorer_nll(model, scorer):
     config = SamplingConfig(length=canvas_length(model), tokens_per_step=4, seed=1)
-    edlm = generate(model, make_sampler("edlm", scorer=scorer, proposals=8), config, num=64)
-    naive = generate(model, make_sampler("parallel"), config, num=64)
+    edlm = generate(model, make_sampler("edlm", scorer=scorer, proposals=4), config, num=32)
+    naive = generate(model, make_sampler("parallel"), config, num=32)
     steps = math.ceil(canvas_length(model) / 4)
-    assert edlm.counters.base_passes == steps and edlm.counters.extra_passes == 8 * steps
+    assert edlm.counters.base_passes == steps and edlm.counters.extra_passes == 4 * steps
     ours, theirs = (sum(scorer.nll(g.texts)) / len(g.texts) for g in (edlm, naive))
-    print(f"\nscorer NLL: edlm(8) {ours:.3f}, naive {theirs:.3f}")
-    assert ours < theirs - 0.05
+    print(f"\nscorer NLL: edlm(4) {ours:.3f}, naive {theirs:.3f}")
+    assert ours < theirs - 0.2
 
 
 # ------------------------------------------------------------------------------------------------ APD
@@ -380,7 +386,8 @@ def test_apd_refuses_a_mask_left_of_the_draft(model, scorer):
     eligible = tokens == model.spec.mask_id
     eligible[:, start] = False
     ctx = StepContext(model=model, tokens=tokens, attention_mask=attention, eligible=eligible,
-                      budget=torch.tensor([5]), generators=[torch.Generator().manual_seed(0)], choice=TokenChoice())
+                      budget=torch.tensor([5]), generators=[torch.Generator().manual_seed(0)], choice=TokenChoice(),
+                      step_seeds=[0])
     with pytest.raises(ValueError, match="left to right"):
         APDSampler(scorer=scorer).step(ctx)
 
@@ -421,14 +428,22 @@ def test_every_sampler_is_batch_independent(model, scorer, name, options):
 # ------------------------------------------------------------------------------------------- validity (slow)
 
 
-@pytest.fixture(scope="module")
-def well_trained() -> BuiltinModel:
-    """The quality suite's base model (shared with it through JOINTDLM_FIXTURE_CACHE)."""
-    cache = os.environ.get("JOINTDLM_FIXTURE_CACHE")
-    workdir = Path(cache) / "quality" if cache else Path(os.environ.get("TMPDIR", "/tmp")) / "jointdlm-punt-quality"
-    if not (workdir / "model" / "training_done.json").exists():
-        write_corpus("template", workdir / "corpus.txt", num=20000, seed=0)
-        pretrain(workdir / "corpus.txt", workdir / "model",
-                 PretrainConfig(preset="tiny", max_steps=1500, vocab_size=1024, batch_size=128, progress=False,
-                                eval_every=500, save_every=1500))
-    return BuiltinModel.load(workdir / "model")
+@pytest.mark.slow
+def test_punt_keeps_validity_where_naive_parallel_loses_it(template_model):
+    """On a base that has learned the language, PUNT at ~11 tokens per base pass stays as valid as K=1 while
+    naive parallel at the same tokens per pass produces almost no valid sentence."""
+    model, length, num = template_model, canvas_length(template_model), 500
+    config = SamplingConfig(length=length, record_history=True, batch_size=500, seed=1)
+    sequential = validity_rate(get_language("template"), generate(model, make_sampler("sequential"), config,
+                                                                  num=num).texts)
+    punt = generate(model, make_sampler("punt", epsilon=0.1), config, num=num)
+    k = max(2, round(punt.counters.tokens_per_base_pass))
+    naive = generate(model, make_sampler("parallel"),
+                     SamplingConfig(length=length, tokens_per_step=k, record_history=True, batch_size=500, seed=1),
+                     num=num)
+    ours, theirs = subject_home_stats(model, punt), subject_home_stats(model, naive)
+    print(f"\nK=1 validity {sequential:.3f}; PUNT eps=0.1: {punt.counters.tokens_per_base_pass:.2f} tokens/base "
+          f"pass, {punt.counters.extra_passes:.1f} test passes/sample, {ours}\nnaive K={k}: {theirs}")
+    assert ours["validity"] >= sequential - 0.05
+    assert ours["validity"] >= theirs["validity"] + 0.5
+    assert ours["together"] <= 0.1 and theirs["together"] >= 0.5

@@ -74,7 +74,7 @@ def proportion(successes: Sequence[bool]) -> Estimate:
     z2 = Z_95 * Z_95
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = Z_95 / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    return Estimate(p, max(0.0, centre - half), min(1.0, centre + half), n, "wilson")
+    return Estimate(p, min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half)), n, "wilson")
 
 
 def validity(lang: ToyLanguage, texts: Sequence[str]) -> Estimate:

@@ -34,8 +34,8 @@ def plot_quality(results: dict, path: Path) -> None:
             pts = [k1] + pts
         xs_k = [r["tokens_per_step"] or r["speed"]["tokens_per_base_pass"] for r in pts]
         ys = [r["quality"][metric]["value"] for r in pts]
-        lo = [r["quality"][metric]["value"] - r["quality"][metric]["low"] for r in pts]
-        hi = [r["quality"][metric]["high"] - r["quality"][metric]["value"] for r in pts]
+        lo = [max(0.0, r["quality"][metric]["value"] - r["quality"][metric]["low"]) for r in pts]
+        hi = [max(0.0, r["quality"][metric]["high"] - r["quality"][metric]["value"]) for r in pts]
         style = "o-" if len(pts) > 1 else "s"
         ax_k.errorbar(xs_k, ys, yerr=[lo, hi], fmt=style, capsize=3, label=name)
         ax_speed.errorbar([r["speed"]["tokens_per_second"] for r in pts], ys, yerr=[lo, hi], fmt=style, capsize=3,

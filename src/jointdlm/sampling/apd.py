@@ -1,13 +1,14 @@
 """Adaptive Parallel Decoding: draft left to right from the marginals, keep what a causal LM agrees with.
 
 One base pass gives the marginals p_D of the leftmost `max_draft` masked positions; a draft is drawn from
-them with Gumbel noise g. One causal-scorer pass over the canvas with the draft written in gives p_AR at each
-drafted position, conditioned on the true prefix and the drafted tokens before it. The target is
-p_T ∝ p_D^R · p_AR^(1-R); the target token at each position is drawn with the same noise g, so draft and
-target coincide wherever the two distributions agree closely. The longest agreeing prefix is accepted and the
-first disagreeing position takes the target's token, so every step writes at least one token and every
-written token is the target's. R = 1 makes the target the draft (everything accepted); R = 0 is the causal
-model alone. The unmasking rule is not used: APD is left to right by construction.
+them. One causal-scorer pass over the canvas with the draft written in gives p_AR at each drafted position,
+conditioned on the true prefix and the drafted tokens before it. The target is p_T ∝ p_D^R · p_AR^(1-R).
+Its token at each position is drawn with the same Gumbel noise as the draft (same step seed, position and
+stream), so draft and target coincide wherever the two distributions agree closely. The longest agreeing
+prefix is accepted and the first disagreeing position takes the target's token, so every step writes at
+least one token and every written token is the target's. R = 1 makes the target the draft (everything
+accepted); R = 0 is the causal model alone. The unmasking rule is not used: APD is left to right by
+construction.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from typing import Any
 import torch
 
 from ..models.causal import CausalScorer
-from .base import StepContext, StepResult, TokenChoice
+from .base import StepContext, StepResult
 from .edlm import check_vocabulary
-from .rules import model_logprobs, truncate
+from .rules import model_logprobs
 
 
 @dataclass(frozen=True)
@@ -50,44 +51,17 @@ class APDSampler:
         check_vocabulary(self.scorer, ctx)
         lp_draft = ctx.logprobs(ctx.forward().logits)
         drafted = ctx.eligible & (ctx.eligible.long().cumsum(-1) <= self.config.max_draft)
-        positions = [drafted[row].nonzero().squeeze(-1) for row in range(drafted.shape[0])]
-        vocab = lp_draft.shape[-1]
-        noise = [gumbel((len(pos), vocab), gen, ctx.choice) for pos, gen in zip(positions, ctx.generators, strict=True)]
-        draft = torch.zeros_like(ctx.tokens)
-        for row, pos in enumerate(positions):
-            draft[row, pos] = draw(lp_draft[row, pos], noise[row], ctx.choice)
+        draft = ctx.sample(lp_draft, drafted)
         canvas = torch.where(drafted, draft, ctx.tokens)
-        check_prefix(canvas, ctx.attention_mask, positions, ctx.model.spec.mask_id)
-
+        check_prefix(canvas, ctx.attention_mask, drafted, ctx.model.spec.mask_id)
         next_lp = self.scorer.next_token_logprobs(canvas.to(self.scorer.device),
                                                   ctx.attention_mask.to(self.scorer.device)).to(lp_draft.device)
-        banned = ctx.model.spec.never_sampled()
-        fill = torch.zeros_like(ctx.eligible)
-        tokens = torch.zeros_like(ctx.tokens)
-        for row, pos in enumerate(positions):
-            lp_causal = model_logprobs(next_lp[row, pos - 1], banned)
-            target = draw(mixture(lp_draft[row, pos], lp_causal, self.config.mixture_weight), noise[row], ctx.choice)
-            agree = (target == draft[row, pos]).long().cumprod(0).sum().item()
-            accepted = pos[: min(agree + 1, len(pos))]
-            fill[row, accepted] = True
-            tokens[row, accepted] = target[: len(accepted)]
-        return StepResult(fill=fill, tokens=tokens, base_passes=1, extra_passes=1)
-
-
-def gumbel(shape: tuple[int, int], gen: torch.Generator, choice: TokenChoice) -> torch.Tensor | None:
-    """Float64 Gumbel noise from the row's generator, shared by draft and target; none for greedy decoding."""
-    if choice.temperature == 0:
-        return None
-    uniform = torch.rand(shape, generator=gen, dtype=torch.float64).clamp_(min=1e-300)
-    return -torch.log(-torch.log(uniform))
-
-
-def draw(logprobs: torch.Tensor, noise: torch.Tensor | None, choice: TokenChoice) -> torch.Tensor:
-    """Gumbel-max sample from the tempered, truncated distribution (argmax when greedy)."""
-    if noise is None:
-        return logprobs.argmax(-1)
-    lp = truncate(logprobs, choice.temperature, choice.top_k, choice.top_p)
-    return (lp.cpu() + noise).argmax(-1).to(logprobs.device)
+        aligned = torch.cat([next_lp[:, :1], next_lp[:, :-1]], dim=1)
+        lp_causal = model_logprobs(aligned, ctx.model.spec.never_sampled())
+        target = ctx.sample(mixture(lp_draft, lp_causal, self.config.mixture_weight), drafted)
+        disagree = (drafted & (target != draft)).long()
+        fill = drafted & (disagree.cumsum(-1) - disagree == 0)
+        return StepResult(fill=fill, tokens=target, base_passes=1, extra_passes=1)
 
 
 def mixture(lp_draft: torch.Tensor, lp_causal: torch.Tensor, weight: float) -> torch.Tensor:
@@ -99,11 +73,11 @@ def mixture(lp_draft: torch.Tensor, lp_causal: torch.Tensor, weight: float) -> t
     return torch.log_softmax(weight * lp_draft + (1 - weight) * lp_causal, dim=-1)
 
 
-def check_prefix(canvas: torch.Tensor, attention_mask: torch.Tensor, positions: list[torch.Tensor],
-                 mask_id: int) -> None:
+def check_prefix(canvas: torch.Tensor, attention_mask: torch.Tensor, drafted: torch.Tensor, mask_id: int) -> None:
     """The causal model needs a real token before the draft and no mask inside the prefix it reads."""
-    for row, pos in enumerate(positions):
-        first, last = int(pos[0]), int(pos[-1])
+    for row in range(drafted.shape[0]):
+        positions = drafted[row].nonzero().squeeze(-1)
+        first, last = int(positions[0]), int(positions[-1])
         if first == 0 or not attention_mask[row, first - 1]:
             raise ValueError("apd needs a real token (BOS or prompt) before the first masked position")
         if (canvas[row, :last] == mask_id).any():

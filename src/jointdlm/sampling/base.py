@@ -7,7 +7,7 @@ frozen `StepResult`. `check_step` states the invariants once; the loop runs it o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -45,6 +45,16 @@ class StepContext:
     budget: torch.Tensor
     generators: list[torch.Generator]
     choice: TokenChoice
+    step_seeds: list[int] = field(init=False)
+    """One seed per row for this step, drawn from the row's generator; all noise of the step derives from it."""
+
+    def __post_init__(self) -> None:
+        self.step_seeds = [int(torch.randint(2**62, (1,), generator=g)) for g in self.generators]
+
+    @property
+    def offsets(self) -> list[int]:
+        """Left padding of each row: noise is keyed by a row's own positions, not the padded layout."""
+        return (self.attention_mask == 0).sum(-1).tolist()
 
     def forward(self, tokens: torch.Tensor | None = None) -> ModelOutput:
         with torch.no_grad():
@@ -55,11 +65,11 @@ class StepContext:
 
     def scores(self, logprobs: torch.Tensor, eligible: torch.Tensor | None = None) -> torch.Tensor:
         return rules.position_scores(logprobs, self.choice.rule, self.eligible if eligible is None else eligible,
-                                     self.generators)
+                                     self.step_seeds, self.offsets)
 
-    def sample(self, logprobs: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    def sample(self, logprobs: torch.Tensor, fill: torch.Tensor, stream: int = 0) -> torch.Tensor:
         c = self.choice
-        return rules.sample_at(logprobs, fill, self.generators, c.temperature, c.top_k, c.top_p)
+        return rules.sample_at(logprobs, fill, self.step_seeds, c.temperature, c.top_k, c.top_p, stream, self.offsets)
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ class EBSampler:
 
     def step(self, ctx: StepContext) -> StepResult:
         logprobs = ctx.logprobs(ctx.forward().logits)
-        neg_entropy = position_scores(logprobs, "entropy", ctx.eligible, ctx.generators)
+        neg_entropy = position_scores(logprobs, "entropy", ctx.eligible, ctx.step_seeds, ctx.offsets)
         fill = select_top(neg_entropy, accepted_count(neg_entropy, self.config.gamma))
         return StepResult(fill=fill, tokens=ctx.sample(logprobs, fill), base_passes=1)
 

@@ -1,11 +1,11 @@
 """EDLM-style energy baseline: draw several full completions, keep the one a causal LM likes best.
 
 One base pass gives the marginals and the unmasking rule picks the step's `budget` positions, exactly as in
-naive parallel. Each of the m proposals fills every eligible position from the marginals (the chosen
-positions first, with the same draws naive parallel would make, then the rest as context for the scorer).
-The causal scorer's mean NLL over the completed canvas is the energy; the best proposal's tokens are written
-at the chosen positions only. With one proposal there is nothing to choose: no extra draws, no scorer pass,
-and the result is naive parallel token for token.
+naive parallel. Proposal k fills every eligible position from the marginals with noise stream k (the rest
+of the block is context for the scorer). Noise is keyed by position, so proposal 0 holds at the chosen
+positions exactly the tokens naive parallel would write. The causal scorer's mean NLL over the completed
+canvas is the energy; the best proposal's tokens are written at the chosen positions only. With one
+proposal there is nothing to choose and no scorer pass: the result is naive parallel token for token.
 """
 
 from __future__ import annotations
@@ -43,20 +43,15 @@ class EDLMSampler:
         logprobs = ctx.logprobs(ctx.forward().logits)
         fill = select_top(ctx.scores(logprobs), ctx.budget)
         m = self.config.proposals
-        chosen = [ctx.sample(logprobs, fill)]
         if m == 1:
-            return StepResult(fill=fill, tokens=chosen[0], base_passes=1)
+            return StepResult(fill=fill, tokens=ctx.sample(logprobs, fill), base_passes=1)
         check_vocabulary(self.scorer, ctx)
-        rest = ctx.eligible & ~fill
-        canvases = []
-        for k in range(m):
-            if k:
-                chosen.append(ctx.sample(logprobs, fill))
-            context = ctx.sample(logprobs, rest)
-            canvases.append(torch.where(fill, chosen[k], torch.where(rest, context, ctx.tokens)))
-        energy = mean_nll(self.scorer, torch.cat(canvases), ctx.attention_mask.repeat(m, 1), ctx.model.spec.mask_id)
+        proposals = torch.stack([ctx.sample(logprobs, ctx.eligible, stream=k) for k in range(m)])
+        canvases = torch.where(ctx.eligible, proposals, ctx.tokens)
+        energy = mean_nll(self.scorer, canvases.flatten(0, 1), ctx.attention_mask.repeat(m, 1),
+                          ctx.model.spec.mask_id)
         best = energy.view(m, -1).argmin(0)
-        tokens = torch.stack(chosen)[best, torch.arange(len(best), device=best.device)]
+        tokens = proposals[best, torch.arange(len(best), device=best.device)]
         return StepResult(fill=fill, tokens=tokens, base_passes=1, extra_passes=m)
 
 

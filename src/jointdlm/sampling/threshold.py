@@ -41,7 +41,7 @@ class ThresholdSampler:
 
     def step(self, ctx: StepContext) -> StepResult:
         logprobs = ctx.logprobs(ctx.forward().logits)
-        confidence = position_scores(logprobs, "confidence", ctx.eligible, ctx.generators)
+        confidence = position_scores(logprobs, "confidence", ctx.eligible, ctx.step_seeds, ctx.offsets)
         fill = select_top(confidence, accepted_count(confidence, self.config))
         return StepResult(fill=fill, tokens=ctx.sample(logprobs, fill), base_passes=1)
 
