@@ -81,7 +81,10 @@ def test_task_accuracy_through_the_cli(tiny_model_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--samplers", "nope"], "unknown sampler"),
-    (["--samplers", "adjust"], "needs an ADJUST head"),
+    (["--samplers", "adjust"], "needs --adjust DIR"),
+    (["--samplers", "edlm"], "needs --scorer DIR"),
+    (["--samplers", "punt:epsilon"], "key=value"),
+    (["--samplers", "punt:bogus=1"], "bad options"),
     (["--tokens-per-step", "0,2"], "tokens per step"),
     (["--samplers", "parallel", "--task", "juggle"], "task"),
 ])

@@ -76,17 +76,21 @@ def sampling_config_from_args(args: argparse.Namespace, length: int) -> Sampling
 
 
 def build_sampler(args: argparse.Namespace, model):
-    from .sampling.registry import make_sampler
+    from .sampling.registry import make_from_spec, parse_spec
 
-    if args.sampler == "adjust":
-        if not args.adjust:
-            raise ValueError("the adjust sampler needs --adjust DIR (a head trained with train-adjust)")
+    name, _ = parse_spec(args.sampler)
+    head = scorer = None
+    if args.adjust:
+        if name != "adjust":
+            raise ValueError(f"--adjust is only used by the adjust sampler, not {name}")
         from .adjust.head import AdjustHead
 
-        return make_sampler("adjust", head=AdjustHead.from_pretrained(args.adjust, model))
-    if args.adjust:
-        raise ValueError(f"--adjust is only used by the adjust sampler, not {args.sampler}")
-    return make_sampler(args.sampler)
+        head = AdjustHead.from_pretrained(args.adjust, model)
+    if args.scorer:
+        from .models.causal import CausalScorer
+
+        scorer = CausalScorer.load(args.scorer, args.device)
+    return make_from_spec(args.sampler, head=head, scorer=scorer)
 
 
 def cmd_trajectories(args: argparse.Namespace) -> None:
@@ -214,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="generate samples with one sampler")
     p.add_argument("--model", required=True)
-    p.add_argument("--sampler", required=True)
+    p.add_argument("--sampler", required=True,
+                   help="sequential, parallel, adjust, threshold, eb, punt, edlm, apd; options as name:key=value, "
+                        "e.g. punt:epsilon=0.05")
     p.add_argument("--tokens-per-step", type=int, default=1)
     p.add_argument("--steps", type=int, default=None, help="total steps instead of a fixed tokens-per-step")
     p.add_argument("--block-length", type=int, default=None)
@@ -225,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--history", action="store_true", help="record the step at which each position was filled")
     p.add_argument("--adjust", default=None, help="ADJUST head directory (for --sampler adjust)")
+    p.add_argument("--scorer", default=None, help="causal LM directory (for --sampler edlm / apd)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True)
     add_choice_args(p)
@@ -263,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--adjust", default=None, help="ADJUST head directory (needed for the adjust sampler)")
     p.add_argument("--scorer", default=None, help="causal scorer directory: NLL and MAUVE (and edlm/apd)")
-    p.add_argument("--samplers", default="parallel,adjust", help="comma-separated sampler names")
+    p.add_argument("--samplers", default="parallel,adjust",
+                   help="comma-separated sampler specs, e.g. parallel,adjust,punt:epsilon=0.05,threshold:tau=0.8")
     p.add_argument("--tokens-per-step", default="1,2,3,4,8", help="comma-separated K values (1 = the K=1 row)")
     p.add_argument("--num", type=_positive_int, default=200)
     p.add_argument("--task", default=None,

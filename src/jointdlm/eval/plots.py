@@ -83,6 +83,47 @@ def plot_order(results: dict, path: Path, keys: tuple[str, ...] = ORDER_PANELS) 
     plt.close(fig)
 
 
+def plot_pareto(results: dict, path: Path) -> None:
+    """Every sampler as points of (cost, quality): base passes per sequence, and wall time per sequence."""
+    rows = results["rows"]
+    metric = _metric(rows)
+    if metric is None:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    costs = (("base_passes_per_sample", "base forward passes per sequence"),
+             ("ms_per_sequence", "wall time per sequence (ms, this machine, same run)"))
+    families = sorted({r["sampler"].split(":")[0] for r in rows})
+    markers = dict(zip(families, "osD^v<>pPX*h", strict=False))
+    for ax, (key, label) in zip(axes, costs, strict=True):
+        for spec in dict.fromkeys(r["sampler"] for r in rows):
+            pts = [r for r in rows if r["sampler"] == spec]
+            xs = [_cost(r, key) for r in pts]
+            ys = [r["quality"][metric]["value"] for r in pts]
+            ax.plot(xs, ys, marker=markers[spec.split(":")[0]], ls="-" if len(pts) > 1 else "", label=spec)
+            for r, x, y in zip(pts, xs, ys, strict=True):
+                if r["tokens_per_step"] and r["tokens_per_step"] > 1:
+                    ax.annotate(f"K={r['tokens_per_step']}", (x, y), textcoords="offset points", xytext=(3, 3),
+                                fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel(label + " (log scale)")
+        ax.set_ylabel(LABELS[metric])
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_title("quality vs model passes (up and left is better)")
+    axes[1].set_title("quality vs wall time (up and left is better)")
+    axes[1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _cost(row: dict, key: str) -> float:
+    speed = row["speed"]
+    if key == "ms_per_sequence":
+        return 1000 * speed["wall_time_s"] / max(1, speed["samples"])
+    return speed[key]
+
+
 def plot_all(results: dict, out: Path) -> None:
     plot_quality(results, out / "quality.png")
+    plot_pareto(results, out / "pareto.png")
     plot_order(results, out / "unmasking_order.png")

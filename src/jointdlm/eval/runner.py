@@ -20,7 +20,7 @@ from ..models.causal import CausalScorer
 from ..models.protocol import DiffusionLM
 from ..sampling.base import TokenChoice
 from ..sampling.loop import Generation, SamplingConfig, encode_prompts, generate
-from ..sampling.registry import SAMPLERS, make_sampler
+from ..sampling.registry import SAMPLERS, make_from_spec, parse_spec
 from . import metrics
 
 REFERENCE_FILE = "reference.jsonl"
@@ -43,9 +43,8 @@ class EvalConfig:
     history_examples: int = 4
 
     def __post_init__(self) -> None:
-        unknown = [s for s in self.samplers if s not in SAMPLERS]
-        if unknown:
-            raise ValueError(f"unknown sampler(s) {', '.join(unknown)}; choose from {', '.join(sorted(SAMPLERS))}")
+        for spec in self.samplers:
+            parse_spec(spec)
         if not self.tokens_per_step or min(self.tokens_per_step) < 1:
             raise ValueError(f"tokens per step must be >= 1, got {self.tokens_per_step}")
         if self.num < 2:
@@ -85,32 +84,28 @@ def primary_metric(row: dict) -> str | None:
     return None
 
 
-def _run(model: DiffusionLM, name: str, k: int, cfg: EvalConfig, length: int, prompts, seed: int, heads: dict,
+def _run(model: DiffusionLM, spec: str, k: int, cfg: EvalConfig, length: int, prompts, seed: int, head,
          scorer: CausalScorer | None) -> Generation:
-    options = {}
-    if name == "adjust":
-        options["head"] = heads["adjust"]
-    if name in ("edlm", "apd"):
-        if scorer is None:
-            raise ValueError(f"the {name} sampler needs a causal scorer (--scorer DIR)")
-        options["scorer"] = scorer
-    sampler = make_sampler(name, **options)
+    sampler = make_from_spec(spec, head=head, scorer=scorer)
     config = SamplingConfig(length=length, tokens_per_step=k, choice=cfg.choice, seed=seed,
                             batch_size=cfg.batch_size, record_history=True, progress=True)
     return generate(model, sampler, config, prompts=prompts, num=None if prompts else cfg.num)
 
 
+def follows_budget(spec: str) -> bool:
+    return getattr(SAMPLERS[parse_spec(spec)[0]], "follows_budget", True)
+
+
 def run_eval(model: DiffusionLM, cfg: EvalConfig, out: str | Path, adjust_head=None,
              scorer: CausalScorer | None = None) -> dict:
     """Run the grid, write results.json and results.md (and plots) into `out`, return the results."""
-    if "adjust" in cfg.samplers and adjust_head is None:
-        raise ValueError("the adjust sampler needs an ADJUST head (--adjust DIR)")
+    for spec in cfg.samplers:
+        make_from_spec(spec, head=adjust_head, scorer=scorer)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     examples, prompts = _prompts(cfg)
     longest = max(len(p) for p in encode_prompts(model, prompts or [""]))
     length = cfg.length or model.max_length - longest
-    heads = {"adjust": adjust_head}
 
     reference_path = out / REFERENCE_FILE
     reference_key = {"seed": cfg.seed + 1000, "num": cfg.num, "length": length, "task": cfg.task,
@@ -122,26 +117,25 @@ def run_eval(model: DiffusionLM, cfg: EvalConfig, out: str | Path, adjust_head=N
             reference = [row["text"] for row in cached[1:]]
     if reference is None:
         print("generating the K=1 reference samples", file=sys.stderr)
-        ref = _run(model, "sequential", 1, cfg, length, prompts, cfg.seed + 1000, heads, scorer)
+        ref = _run(model, "sequential", 1, cfg, length, prompts, cfg.seed + 1000, adjust_head, scorer)
         reference = ref.texts
         tmp = reference_path.with_name(REFERENCE_FILE + ".tmp")
         tmp.write_text("\n".join(json.dumps(r) for r in [{"key": reference_key}] + [{"text": t} for t in reference]))
         tmp.replace(reference_path)
 
     grid = [("sequential", 1)] if 1 in cfg.tokens_per_step else []
-    for name in cfg.samplers:
-        if getattr(SAMPLERS[name], "follows_budget", True):
-            grid += [(name, k) for k in cfg.tokens_per_step if k > 1]
+    for spec in cfg.samplers:
+        if follows_budget(spec):
+            grid += [(spec, k) for k in cfg.tokens_per_step if k > 1]
         else:
-            grid.append((name, 1))
+            grid.append((spec, 1))
     rows, histories = [], {}
     for name, k in grid:
         print(f"eval: {name} K={k}", file=sys.stderr)
-        gen = _run(model, name, k, cfg, length, prompts, cfg.seed, heads, scorer)
-        c = gen.counters
-        rows.append({"sampler": name, "tokens_per_step": k if getattr(SAMPLERS[name], "follows_budget", True)
-                     else None, "quality": _quality(cfg, gen.texts, reference, scorer, examples),
-                     "speed": c.as_dict(), "examples": gen.texts[:3]})
+        gen = _run(model, name, k, cfg, length, prompts, cfg.seed, adjust_head, scorer)
+        rows.append({"sampler": name, "tokens_per_step": k if follows_budget(name) else None,
+                     "quality": _quality(cfg, gen.texts, reference, scorer, examples),
+                     "speed": gen.counters.as_dict(), "examples": gen.texts[:3]})
         histories[f"{name} K={k}"] = gen.history[: cfg.history_examples]
     base_time = next((r["speed"]["wall_time_s"] for r in rows if r["sampler"] == "sequential"), None)
     for row in rows:

@@ -31,3 +31,41 @@ def make_sampler(name: str, **options: Any) -> Sampler:
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(sorted(SAMPLERS))}")
     return SAMPLERS[name](**options)
+
+
+def _value(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """`name[:key=value[:key=value...]]`, e.g. `punt:epsilon=0.05` or `threshold:tau=0.8`."""
+    name, *pairs = spec.strip().split(":")
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(sorted(SAMPLERS))}")
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"bad sampler option {pair!r} in {spec!r}; write key=value")
+        options[key.replace("-", "_")] = _value(value)
+    return name, options
+
+
+def make_from_spec(spec: str, **dependencies: Any) -> Sampler:
+    """A sampler from its spec string plus the objects it needs (`head=`, `scorer=`), passed only if used."""
+    name, options = parse_spec(spec)
+    needs = {"adjust": ("head",), "edlm": ("scorer",), "apd": ("scorer",)}.get(name, ())
+    for dep in needs:
+        if dependencies.get(dep) is None:
+            flag = {"head": "--adjust DIR", "scorer": "--scorer DIR"}[dep]
+            raise ValueError(f"the {name} sampler needs {flag}")
+        options[dep] = dependencies[dep]
+    try:
+        return SAMPLERS[name](**options)
+    except TypeError as err:
+        raise ValueError(f"bad options for the {name} sampler: {err}") from None
