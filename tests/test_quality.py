@@ -53,11 +53,13 @@ def validity(base: BuiltinModel, sampler_name: str, k: int, seed: int = 1, **opt
 
 @pytest.fixture(scope="module")
 def rates(base: BuiltinModel, head: AdjustHead) -> dict[str, float]:
-    return {
+    measured = {
         "k1": validity(base, "sequential", 1),
         "naive4": validity(base, "parallel", 4),
         "adjust4": validity(base, "adjust", 4, head=head),
     }
+    print(f"\nvalidity over {SAMPLES} samples: {measured}")
+    return measured
 
 
 def test_sequential_samples_are_valid(rates: dict[str, float]) -> None:

@@ -386,8 +386,7 @@ def test_apd_refuses_a_mask_left_of_the_draft(model, scorer):
     eligible = tokens == model.spec.mask_id
     eligible[:, start] = False
     ctx = StepContext(model=model, tokens=tokens, attention_mask=attention, eligible=eligible,
-                      budget=torch.tensor([5]), generators=[torch.Generator().manual_seed(0)], choice=TokenChoice(),
-                      step_seeds=[0])
+                      budget=torch.tensor([5]), generators=[torch.Generator().manual_seed(0)], choice=TokenChoice())
     with pytest.raises(ValueError, match="left to right"):
         APDSampler(scorer=scorer).step(ctx)
 
