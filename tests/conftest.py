@@ -3,6 +3,7 @@
 runs while iterating."""
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -13,19 +14,32 @@ from jointdlm.models.mdlm import BuiltinModel
 from jointdlm.models.train import PretrainConfig, pretrain
 
 
+@contextmanager
+def threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and threads spin badly on a busy 2-core machine."""
+    with threads(1):
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny built-in MDLM (2 layers, d=64) trained for 150 steps; a few seconds on one CPU core."""
     root = tmp_path_factory.mktemp("tiny_model")
     corpus = root / "corpus.txt"
     write_corpus("template", corpus, num=3000, seed=0)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with threads(1):
         pretrain(corpus, root / "model", PretrainConfig(preset="tiny", max_steps=150, vocab_size=1024,
                                                         progress=False, eval_every=150, save_every=150))
-    finally:
-        torch.set_num_threads(before)
     return root / "model"
 
 
@@ -46,7 +60,8 @@ def template_model(template_workdir: Path) -> BuiltinModel:
     the language (K=1 validity ~0.97), which the statistical tests need."""
     if not (template_workdir / "model" / "training_done.json").exists():
         write_corpus("template", template_workdir / "corpus.txt", num=20000, seed=0)
-        pretrain(template_workdir / "corpus.txt", template_workdir / "model",
-                 PretrainConfig(preset="tiny", max_steps=1500, vocab_size=1024, batch_size=128, progress=False,
-                                eval_every=500, save_every=1500))
+        with threads(os.cpu_count() or 1):
+            pretrain(template_workdir / "corpus.txt", template_workdir / "model",
+                     PretrainConfig(preset="tiny", max_steps=1500, vocab_size=1024, batch_size=128, progress=False,
+                                    eval_every=500, save_every=1500))
     return BuiltinModel.load(template_workdir / "model")

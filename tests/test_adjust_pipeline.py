@@ -42,15 +42,6 @@ TRAINED = AdjustTrainConfig(max_steps=300, lr=3e-3, warmup_steps=20, eval_every=
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny model gains nothing from intra-op threads, and they spin badly on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("adjust_pipeline")
@@ -394,6 +385,17 @@ def test_distributed_trajectories_equal_single_process(base, base_dir, traj_dir,
         assert torch.equal(getattr(two, key), getattr(one, key)), key
     assert two.fingerprint == one.fingerprint == base.fingerprint()
     assert replace(two.config, progress=False) == one.config
+
+
+def test_plain_torchrun_command_line(base_dir, traj_dir, tmp_path):
+    """The command the README gives, as a user types it."""
+    out = tmp_path / "traj-plain"
+    done = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "jointdlm.cli",
+                           "trajectories", "--model", str(base_dir), "--out", str(out), "--num-trajectories", "200",
+                           "--shard-size", "50"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert torch.equal(load_trajectories(out).tokens, load_trajectories(traj_dir).tokens)
 
 
 def test_distributed_training(base, base_dir, traj_dir, tmp_path):

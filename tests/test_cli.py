@@ -6,19 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from jointdlm.cli import main
 from jointdlm.models.mdlm import BuiltinModel
 from jointdlm.models.tokenizer import EOS_ID
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from jointdlm.adjust.head import AdjustHead, AdjustHeadConfig
 from jointdlm.cli import main
@@ -13,14 +12,6 @@ from jointdlm.data import write_corpus
 from jointdlm.eval.runner import EvalConfig, run_eval
 from jointdlm.models.causal import CausalScorer
 from jointdlm.models.train import PretrainConfig, pretrain
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

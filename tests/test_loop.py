@@ -16,14 +16,6 @@ PROMPTS = ["the cat", "the", "the busy bee buzzed"]
 PROMPTS8 = ["the cat", "the", "the busy bee buzzed", "the wise owl", "", "the sleek cat sat", "the cat", "the strong"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class Recorder:
     """Wraps a sampler and keeps a copy of every StepContext's canvas and every StepResult."""
 

@@ -22,14 +22,6 @@ from jointdlm.models.train import PretrainConfig, pretrain
 SENTENCE = "the quick brown fox jumps over the lazy dog near the river bank"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def memorised_scorer(tmp_path_factory) -> CausalScorer:
     root = tmp_path_factory.mktemp("memorised")

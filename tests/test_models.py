@@ -34,14 +34,6 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tokenizer() -> BPETokenizer:
     corpus = ["the cat sat on the mat", "def f(x): return x", "naïve café"] * 50

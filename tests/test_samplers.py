@@ -33,14 +33,6 @@ from jointdlm.sampling.threshold import accepted_count as threshold_count
 PROMPTS = ["the cat", "the", "the busy bee buzzed", ""]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def fixture_dir(tmp_path_factory, name: str) -> Path:
     """JOINTDLM_FIXTURE_CACHE=DIR keeps trained fixtures between runs while iterating."""
     cache = os.environ.get("JOINTDLM_FIXTURE_CACHE")

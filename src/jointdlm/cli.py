@@ -240,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("trajectories", help="collect K=1 trajectories of a base model (ADJUST training data)")
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--num", type=_positive_int, default=1000)
+    p.add_argument("--num", "--num-trajectories", dest="num", type=_positive_int, default=1000,
+                   help="under torchrun write --num-trajectories (torchrun reads --num as its --numa-binding)")
     p.add_argument("--length", type=_positive_int, default=None, help="default fills the canvas")
     p.add_argument("--prompts", default=None)
     p.add_argument("--seed", type=int, default=0)

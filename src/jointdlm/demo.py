@@ -39,18 +39,20 @@ class DemoStage:
     language: str | None = None
     task: str | None = None
     tokens_per_step: tuple[int, ...] = (1, 2, 3, 4, 8)
+    batch_size: int = 64
+    seq_len: int = 0
 
 
 FULL = (
-    DemoStage("template", 20000, "tiny", 1024, 1500, 0, 4000, 1500, 1000, language="template"),
-    DemoStage("english", None, "small", 2048, 2500, 1500, 2000, 1200, 500),
+    DemoStage("template", 20000, "tiny", 1024, 1500, 0, 4000, 1500, 500, language="template", batch_size=128),
+    DemoStage("english", None, "tiny", 2048, 1000, 500, 1000, 800, 500, seq_len=48, tokens_per_step=(1, 2, 4, 8)),
 )
 EXTRA = (
-    DemoStage("tasks", 30000, "small", 1024, 3000, 0, 3000, 1500, 500, task="all"),
+    DemoStage("tasks", 30000, "small", 1024, 3000, 0, 3000, 1500, 500, task="all", seq_len=24),
 )
 QUICK = (
     DemoStage("template", 3000, "tiny", 1024, 150, 0, 200, 60, 100, language="template", tokens_per_step=(1, 2, 4)),
-    DemoStage("english", 1500, "tiny", 1024, 60, 40, 40, 20, 24, tokens_per_step=(1, 4)),
+    DemoStage("english", 1500, "tiny", 1024, 60, 40, 40, 20, 24, tokens_per_step=(1, 4), seq_len=32),
 )
 
 
@@ -83,8 +85,8 @@ def prepare_stage(stage: DemoStage, root: Path, seed: int) -> tuple[BuiltinModel
     else:
         _say(f"[{stage.corpus}] pre-training the built-in MDLM ({stage.preset}, {stage.pretrain_steps} steps)")
         pretrain(corpus, model_dir, PretrainConfig(preset=stage.preset, max_steps=stage.pretrain_steps,
-                                                   vocab_size=stage.vocab_size, seed=seed, eval_every=500,
-                                                   save_every=500))
+                                                   vocab_size=stage.vocab_size, batch_size=stage.batch_size,
+                                                   seq_len=stage.seq_len, seed=seed, eval_every=500, save_every=500))
     scorer = None
     if stage.scorer_steps:
         scorer_dir = root / "scorer"

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..models.protocol import DiffusionLM
+from ..validation import require_choice, require_positive
 from .head import INPUT_FORMS, AdjustHead, AdjustHeadConfig
 from .trajectories import Trajectories, load_trajectories
 
@@ -47,11 +48,8 @@ class AdjustTrainConfig:
     def __post_init__(self) -> None:
         if self.rollout < 2:
             raise ValueError(f"rollout must be >= 2 (depths 1..rollout-1), got {self.rollout}")
-        if self.input_form not in INPUT_FORMS:
-            raise ValueError(f"input_form must be one of {INPUT_FORMS}, got {self.input_form!r}")
-        for name in ("max_steps", "batch_size", "eval_every", "save_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        require_choice("input_form", self.input_form, INPUT_FORMS)
+        require_positive(self, ("max_steps", "batch_size", "eval_every", "save_every"))
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.heldout < 0:

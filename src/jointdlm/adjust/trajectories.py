@@ -27,6 +27,7 @@ from ..models.protocol import DiffusionLM
 from ..sampling.base import TokenChoice
 from ..sampling.loop import SamplingConfig, encode_prompts, generate
 from ..sampling.registry import make_sampler
+from ..validation import require_positive
 
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
@@ -51,10 +52,7 @@ class TrajectoryConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("num", "length", "shard_size", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        require_positive(self, ("num", "length", "shard_size", "batch_size"))
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         self.choice()

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..validation import require_choice, require_positive
 from .mdlm import PRESETS, BuiltinModel, MaskedDiffusionTransformer, MDLMConfig, atomic_write_json
 from .tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, BPETokenizer
 
@@ -50,13 +51,9 @@ class PretrainConfig:
     diffusion model's tokenizer."""
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
-        if self.objective not in ("mdlm", "ar"):
-            raise ValueError(f"objective must be 'mdlm' or 'ar', got {self.objective!r}")
-        for name in ("max_steps", "batch_size", "eval_every", "save_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        require_choice("preset", self.preset, PRESETS)
+        require_choice("objective", self.objective, ("mdlm", "ar"))
+        require_positive(self, ("max_steps", "batch_size", "eval_every", "save_every"))
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.vocab_size < 300:

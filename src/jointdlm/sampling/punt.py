@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from .base import StepContext, StepResult
+from .rules import rank_of
 
 
 @dataclass(frozen=True)
@@ -69,13 +70,6 @@ class PUNTSampler:
             alive[rows] &= ~(tested[rows] & dependent)
             passes += 1
         return StepResult(fill=alive, tokens=candidates, base_passes=1, extra_passes=passes)
-
-
-def rank_of(scores: torch.Tensor) -> torch.Tensor:
-    """(B, T) rank of each position by descending score, ties by position (0 = best)."""
-    order = scores.argsort(dim=-1, descending=True, stable=True)
-    ranks = torch.empty_like(order)
-    return ranks.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
 
 
 def kl_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:

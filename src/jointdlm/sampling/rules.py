@@ -77,12 +77,16 @@ def position_scores(logprobs: torch.Tensor, rule: str, eligible: torch.Tensor,
     return scores.masked_fill(~eligible, -torch.inf)
 
 
-def select_top(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Boolean (B, T): the `counts[b]` best-scoring positions of each row (ties broken by position)."""
+def rank_of(scores: torch.Tensor) -> torch.Tensor:
+    """(B, T) rank of each position by descending score, ties broken by position (0 = best)."""
     order = scores.argsort(dim=-1, descending=True, stable=True)
     ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
-    return (ranks < counts[:, None]) & torch.isfinite(scores)
+    return ranks.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
+
+
+def select_top(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, T): the `counts[b]` best-scoring positions of each row (ties broken by position)."""
+    return (rank_of(scores) < counts[:, None]) & torch.isfinite(scores)
 
 
 def truncate(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
