@@ -45,11 +45,17 @@ class AdjustHeadConfig:
 
     @classmethod
     def for_base(cls, base: DiffusionLM, input_form: str = "concat") -> AdjustHeadConfig:
-        net_config = getattr(getattr(base, "net", None), "config", None)
-        n_heads = getattr(net_config, "n_heads", max(1, base.hidden_size // 64))
-        mlp_hidden = getattr(net_config, "mlp_hidden", 4 * base.hidden_size)
-        theta = getattr(net_config, "rope_theta", 10000.0)
-        return cls(d_model=base.hidden_size, n_heads=n_heads, mlp_hidden=mlp_hidden,
+        """One block of the base's own shape: from `base.block_shape()` where the base offers it (Hugging Face
+        adapters), else from the built-in network's config."""
+        if hasattr(base, "block_shape"):
+            d_model, n_heads, mlp_hidden, theta = base.block_shape()
+        else:
+            net_config = getattr(getattr(base, "net", None), "config", None)
+            d_model = base.hidden_size
+            n_heads = getattr(net_config, "n_heads", max(1, base.hidden_size // 64))
+            mlp_hidden = getattr(net_config, "mlp_hidden", 4 * base.hidden_size)
+            theta = getattr(net_config, "rope_theta", 10000.0)
+        return cls(d_model=d_model, n_heads=n_heads, mlp_hidden=mlp_hidden,
                    base_fingerprint=base.fingerprint(), input_form=input_form, rope_theta=theta)
 
 

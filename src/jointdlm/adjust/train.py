@@ -229,10 +229,10 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
         accelerator.clip_grad_norm_(loss_module.parameters(), cfg.grad_clip)
         optimizer.step()
         step += 1
-        ratio = loss.item() / max(stale.item(), 1e-9)
-        running = ratio if running is None else 0.95 * running + 0.05 * ratio
+        pair = (loss.item(), stale.item())
+        running = pair if running is None else tuple(0.95 * r + 0.05 * p for r, p in zip(running, pair, strict=True))
         bar.update(1)
-        bar.set_postfix(kl_vs_stale=f"{running:.3f}")
+        bar.set_postfix(kl=f"{running[0]:.4f}", stale_kl=f"{running[1]:.4f}")
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             scores = evaluate(accelerator.unwrap_model(loss_module), base, heldout, cfg.rollout, device)
             if log is not None:

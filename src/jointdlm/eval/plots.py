@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -105,6 +106,8 @@ def plot_pareto(results: dict, path: Path) -> None:
                     ax.annotate(f"K={r['tokens_per_step']}", (x, y), textcoords="offset points", xytext=(3, 3),
                                 fontsize=7)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(label + " (log scale)")
         ax.set_ylabel(LABELS[metric])
         ax.grid(alpha=0.3, which="both")

@@ -1,0 +1,398 @@
+"""`DiffusionLM` adapter for Hugging Face masked diffusion LMs (LLaDA-8B, Dream-7B, or any transformers model).
+
+Family quirks live in an `HFFamily`: the mask id, whether the network's output at i-1 predicts token i
+(Dream: "shifted"), and how the remote code wants padding and positions passed. Everything this adapter
+returns is aligned so that position i describes token i, like the built-in model.
+
+Special ids come from the loaded artifacts first (tokenizer, then config.json) and fall back to the family's
+known values, so a checkpoint that declares its own ids is used as it is; a mask id that disagrees with the
+family's known one is warned about, never silently replaced.
+
+`transformers` is imported only inside `load_hf_model`, so the package works without the `hf` extra.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .mdlm import CONFIG_FILE, positions_and_mask
+from .protocol import FamilySpec, ModelOutput
+
+MASK_STYLES = ("2d", "4d", "bias")
+FULL_HASH_ELEMENTS = 50_000_000
+SAMPLED_ELEMENTS = 4096
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class HFFamily:
+    """What differs between diffusion-LM families behind the same transformers interface.
+
+    mask_style says how padding reaches the network (only when a batch has padding; otherwise nothing is
+    passed, as both families' own samplers do): "2d" the usual (B, T) `attention_mask`; "4d" a boolean
+    (B, 1, T, T) `attention_mask` (Dream's remote code hands it straight to SDPA); "bias" a boolean (B, 1, T, T)
+    `attention_bias` (LLaDA's OLMo-derived code turns a padded `attention_mask` into a causal bias, while an
+    explicit bias stays bidirectional; upstream LLaDA ignores both in SDPA, ML-GSAI/LLaDA#90, so there padded
+    rows see their padding). position_ids=True passes positions that count real tokens only, as Dream's own
+    sampler does; with rotary positions and padding masked out this changes nothing but rounding.
+    """
+
+    name: str
+    default_repo: str | None
+    mask_id: int
+    shifted_logits: bool
+    eos_id: int | None = None
+    pad_id: int | None = None
+    bos_id: int | None = None
+    model_types: tuple[str, ...] = ()
+    architectures: tuple[str, ...] = ()
+    mask_style: str = "2d"
+    position_ids: bool = False
+    auto_classes: tuple[str, ...] = ("AutoModelForCausalLM", "AutoModel")
+
+    def __post_init__(self) -> None:
+        if self.mask_style not in MASK_STYLES:
+            raise ValueError(f"mask_style must be one of {MASK_STYLES}, got {self.mask_style!r}")
+
+
+FAMILIES: dict[str, HFFamily] = {
+    "llada": HFFamily(
+        name="llada", default_repo="GSAI-ML/LLaDA-8B-Base", mask_id=126336, shifted_logits=False,
+        eos_id=126081, pad_id=126081, bos_id=126080, model_types=("llada",), architectures=("llada",),
+        mask_style="bias", position_ids=False,
+    ),
+    "dream": HFFamily(
+        name="dream", default_repo="Dream-org/Dream-v0-Base-7B", mask_id=151666, shifted_logits=True,
+        eos_id=151643, pad_id=151643, bos_id=151665, model_types=("dream",), architectures=("dream",),
+        mask_style="4d", position_ids=True, auto_classes=("AutoModel", "AutoModelForCausalLM"),
+    ),
+}
+
+
+def get_family(family: str | HFFamily) -> HFFamily:
+    if isinstance(family, HFFamily):
+        return family
+    if family.lower() not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; choose from {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[family.lower()]
+
+
+def detect_family(config: Mapping[str, Any]) -> str | None:
+    """The family a config.json belongs to, by `model_type` or by a name in `architectures`; None if neither."""
+    model_type = str(config.get("model_type", "")).lower()
+    architectures = [str(a).lower() for a in config.get("architectures") or []]
+    for name, family in FAMILIES.items():
+        if model_type in family.model_types:
+            return name
+        if any(key in arch for key in family.architectures for arch in architectures):
+            return name
+    return None
+
+
+class HFTokenizer:
+    """`TextTokenizer` view of a transformers tokenizer: no special tokens in, none out.
+
+    Special-token strings typed in the text stay text (`split_special_tokens`), so a prompt can never smuggle
+    in a mask or EOS id.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.hf = tokenizer
+        self.vocab_size = len(tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def _first_id(value: Any) -> int | None:
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    return None if value is None else int(value)
+
+
+def resolve_spec(family: HFFamily, tokenizer: Any, config: Any, vocab_size: int) -> FamilySpec:
+    """Special ids from the tokenizer, then the model config, then the family's known values."""
+
+    def pick(attr: str, fallback: int | None) -> int | None:
+        for source in (tokenizer, config):
+            found = _first_id(getattr(source, attr, None))
+            if found is not None:
+                return found
+        return fallback
+
+    mask_id = pick("mask_token_id", family.mask_id)
+    if mask_id != family.mask_id:
+        warnings.warn(f"the {family.name} family's mask id is {family.mask_id}, but this checkpoint declares "
+                      f"{mask_id}; using {mask_id}", stacklevel=3)
+    eos_id = pick("eos_token_id", family.eos_id)
+    if eos_id is None:
+        raise ValueError(f"no EOS id in the tokenizer, the config or the {family.name} family")
+    pad_id = pick("pad_token_id", family.pad_id)
+    bos_id = pick("bos_token_id", family.bos_id)
+    if family.shifted_logits and bos_id is None:
+        raise ValueError(f"the {family.name} family has shifted logits and needs a BOS token, so that position 0 "
+                         "(whose output predicts token 1) is never masked; the tokenizer and config declare none")
+    return FamilySpec(name=family.name, vocab_size=vocab_size, mask_id=mask_id, eos_id=eos_id,
+                      pad_id=eos_id if pad_id is None else pad_id, bos_id=bos_id,
+                      shifted_logits=family.shifted_logits)
+
+
+def _config_value(config: Any, *names: str) -> Any:
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def hf_fingerprint(config: Mapping[str, Any], state: Mapping[str, torch.Tensor],
+                   full_hash_elements: int = FULL_HASH_ELEMENTS) -> str:
+    """Hash of config, every tensor's name/shape/dtype, and its values.
+
+    Up to `full_hash_elements` parameters every value is hashed; above that (an 8B model: minutes of hashing)
+    only `SAMPLED_ELEMENTS` evenly spaced values per tensor are, first and last included. A sampled fingerprint
+    tells different checkpoints apart, but can miss an edit that touches none of the sampled values.
+    """
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    total = sum(t.numel() for t in state.values())
+    sampled = total > full_hash_elements
+    digest.update(b"sampled" if sampled else b"full")
+    for name in sorted(state):
+        t = state[name]
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        if sampled and t.numel() > SAMPLED_ELEMENTS:
+            index = torch.linspace(0, t.numel() - 1, SAMPLED_ELEMENTS, device=t.device).long()
+            t = t.detach().reshape(-1)[index]
+        digest.update(_tensor_bytes(t))
+    return digest.hexdigest()[:16]
+
+
+class HFDiffusionModel:
+    """`DiffusionLM` adapter around a transformers model and its tokenizer.
+
+    hidden: HF's `hidden_states[-1]` (for Llama-style code, LLaDA and Dream: after the final norm), re-aligned
+    like the logits when the family is shifted, and returned in `hidden_dtype` (float32 by default, so a float32
+    ADJUST head can sit on a bfloat16 base; None keeps the model's dtype). `lm_head(h)` applies `final_norm`
+    (for code whose `hidden_states[-1]` is taken before the final norm; None for LLaDA and Dream), the output
+    embedding's weight and `logit_scale` (None: LLaDA's `scale_logits` convention read from the config).
+
+    Shifted families: aligned[:, i] = raw[:, i-1] for i >= 1 and aligned[:, 0] = raw[:, 0]. Position 0, and
+    with left padding the first real token, is BOS or prompt and never masked, so what it holds is never used.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, family: str | HFFamily, *, max_length: int | None = None,
+                 final_norm: nn.Module | None = None, logit_scale: float | None = None,
+                 hidden_dtype: torch.dtype | None = torch.float32,
+                 full_hash_elements: int = FULL_HASH_ELEMENTS) -> None:
+        self.model = model
+        self.family = get_family(family)
+        self.tokenizer = tokenizer if isinstance(tokenizer, HFTokenizer) else HFTokenizer(tokenizer)
+        self.config = model.config
+        output = model.get_output_embeddings()
+        if output is None:
+            raise ValueError(f"{type(model).__name__} has no output embedding; load it with its LM head "
+                             "(AutoModelForCausalLM or the family's remote class)")
+        self.final_norm = final_norm
+        d_model = self.block_shape()[0]
+        if logit_scale is None:
+            logit_scale = 1 / math.sqrt(d_model) if getattr(self.config, "scale_logits", False) else 1.0
+        self.logit_scale = logit_scale
+        self.hidden_dtype = hidden_dtype
+        self.full_hash_elements = full_hash_elements
+        self.hidden_size = d_model
+        positions = _config_value(self.config, "max_position_embeddings", "max_sequence_length", "n_positions")
+        if max_length is None and positions is None:
+            raise ValueError("the config gives no maximum length; pass max_length")
+        self.max_length = int(max_length if max_length is not None else positions)
+        self.spec = resolve_spec(self.family, self.tokenizer.hf, self.config, output.weight.shape[0])
+        self._fingerprint: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    def block_shape(self) -> tuple[int, int, int, float]:
+        """(d_model, n_heads, mlp_hidden, rope_theta) of one block, for an ADJUST head of the same shape."""
+        c = self.config
+        d_model = _config_value(c, "hidden_size", "d_model", "n_embd")
+        n_heads = _config_value(c, "num_attention_heads", "n_heads", "n_head")
+        if d_model is None or n_heads is None:
+            raise ValueError(f"cannot read the hidden size and head count from {type(c).__name__}")
+        mlp_hidden = _config_value(c, "intermediate_size", "mlp_hidden_size")
+        if mlp_hidden is None:
+            mlp_hidden = int(_config_value(c, "mlp_ratio") or 4) * d_model
+        theta = _config_value(c, "rope_theta")
+        if theta is None:
+            theta = (getattr(c, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+        return int(d_model), int(n_heads), int(mlp_hidden), float(theta)
+
+    def _inputs(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None) -> dict[str, Any]:
+        inputs: dict[str, Any] = {"input_ids": tokens, "output_hidden_states": True, "use_cache": False}
+        if attention_mask is None or bool(attention_mask.all()):
+            return inputs
+        positions, square = positions_and_mask(attention_mask, tokens.shape, False, tokens.device)
+        style = self.family.mask_style
+        if style == "2d":
+            inputs["attention_mask"] = attention_mask
+        else:
+            inputs["attention_mask" if style == "4d" else "attention_bias"] = square
+        if self.family.position_ids:
+            inputs["position_ids"] = positions
+        return inputs
+
+    def _check_first_token(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        first = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
+        if attention_mask is not None:
+            first = attention_mask.long().argmax(-1)
+        if bool((tokens.gather(1, first[:, None]) == self.spec.mask_id).any()):
+            raise ValueError(f"the {self.family.name} family's logits are shifted: the first real token must be "
+                             "BOS or prompt, never a mask")
+
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> ModelOutput:
+        if tokens.shape[1] > self.max_length:
+            raise ValueError(f"sequence of {tokens.shape[1]} tokens exceeds max_length={self.max_length}")
+        if self.family.shifted_logits:
+            self._check_first_token(tokens, attention_mask)
+        out = self.model(**self._inputs(tokens, attention_mask))
+        logits, hidden = out.logits, out.hidden_states[-1]
+        if self.family.shifted_logits:
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+            hidden = torch.cat([hidden[:, :1], hidden[:, :-1]], dim=1)
+        if self.hidden_dtype is not None:
+            hidden = hidden.to(self.hidden_dtype)
+        return ModelOutput(logits=logits, hidden=hidden)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        embedded = self.model.get_input_embeddings()(tokens)
+        return embedded if self.hidden_dtype is None else embedded.to(self.hidden_dtype)
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Applied through the weight, not the module: LLaDA's tied output embedding is an `nn.Embedding`."""
+        output = self.model.get_output_embeddings()
+        hidden = hidden.to(output.weight.dtype)
+        if self.final_norm is not None:
+            hidden = self.final_norm(hidden)
+        logits = F.linear(hidden, output.weight, getattr(output, "bias", None))
+        return logits * self.logit_scale if self.logit_scale != 1.0 else logits
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            config = {k: v for k, v in self.config.to_dict().items()
+                      if not k.startswith("_") and k != "transformers_version"}
+            config["jointdlm_spec"] = asdict(self.spec)
+            self._fingerprint = hf_fingerprint(config, self.model.state_dict(), self.full_hash_elements)
+        return self._fingerprint
+
+    def check_head(self) -> None:
+        """One short pass showing `lm_head(hidden) == logits`, i.e. that the hidden-state convention holds."""
+        bos = self.spec.bos_id if self.spec.bos_id is not None else self.spec.eos_id
+        tokens = torch.tensor([[bos] + [self.spec.mask_id] * 3], device=self.device)
+        with torch.no_grad():
+            out = self.forward(tokens)
+            logits, again = out.logits.float(), self.lm_head(out.hidden).float()
+        error = ((again - logits).norm() / logits.norm().clamp(min=1e-12)).item()
+        if not error < 0.05:
+            raise ValueError(f"lm_head(hidden_states[-1]) differs from the model's logits (relative error "
+                             f"{error:.3g}); this model may apply a final norm outside hidden_states[-1]: "
+                             "pass final_norm= (and logit_scale=) to HFDiffusionModel")
+
+    def to(self, device: str | torch.device) -> HFDiffusionModel:
+        self.model.to(device)
+        return self
+
+    def eval(self) -> HFDiffusionModel:
+        self.model.eval()
+        return self
+
+
+def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | str | None:
+    if isinstance(dtype, str) and dtype != "auto":
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}")
+        return getattr(torch, dtype)
+    return dtype
+
+
+def _locate(path_or_repo: str | Path) -> tuple[str, bool]:
+    """(what to hand transformers, whether it is a local directory); a clear error for a missing directory."""
+    path = Path(path_or_repo).expanduser()
+    if path.is_dir():
+        if not (path / CONFIG_FILE).exists():
+            raise FileNotFoundError(f"{path} has no {CONFIG_FILE}; is it a model directory?")
+        return str(path), True
+    text = str(path_or_repo)
+    if path.exists() or not _REPO_ID.match(text):
+        raise FileNotFoundError(f"model directory {text} does not exist (nor is it a Hub repo id like "
+                                "GSAI-ML/LLaDA-8B-Base)")
+    return text, False
+
+
+def load_hf_model(path_or_repo: str | Path | None, family: str | HFFamily, device: str | torch.device = "cpu",
+                  dtype: torch.dtype | str | None = None, trust_remote_code: bool = True,
+                  max_length: int | None = None, check: bool = True) -> HFDiffusionModel:
+    """Load model + tokenizer from a local directory (never touching the network) or a Hub repo id.
+
+    `path_or_repo=None` uses the family's default repo. The family's auto classes are tried in order; a class
+    the checkpoint does not register, or one that comes without an LM head, is skipped. `check` runs
+    `check_head` once on four tokens.
+    """
+    family = get_family(family)
+    if path_or_repo is None:
+        if family.default_repo is None:
+            raise ValueError(f"the {family.name} family has no default repo; give a path")
+        path_or_repo = family.default_repo
+    source, local = _locate(path_or_repo)
+    try:
+        import transformers
+    except ImportError as err:
+        raise ImportError("loading Hugging Face models needs transformers: pip install 'jointdlm[hf]'") from err
+    options: dict[str, Any] = {"trust_remote_code": trust_remote_code, "local_files_only": local}
+    where = source if local else f"{source} (no such directory, so tried as a Hub repo: cached? network?)"
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, **options)
+    except (OSError, ValueError) as err:
+        raise OSError(f"could not load a tokenizer from {where}: {err}") from None
+    if dtype is not None:
+        major_minor = tuple(int(p) for p in re.findall(r"\d+", transformers.__version__)[:2])
+        options["dtype" if major_minor >= (4, 56) else "torch_dtype"] = _dtype(dtype)
+    model, tried = None, []
+    for name in family.auto_classes:
+        try:
+            candidate = getattr(transformers, name).from_pretrained(source, **options)
+        except ValueError as err:
+            tried.append(f"{name}: {str(err).splitlines()[0]}")
+            continue
+        except OSError as err:
+            raise OSError(f"could not load model weights from {where}: {err}") from None
+        if candidate.get_output_embeddings() is None:
+            tried.append(f"{name}: loaded {type(candidate).__name__}, which has no LM head")
+            continue
+        model = candidate
+        break
+    if model is None:
+        raise ValueError(f"no auto class loads {source} as a {family.name} model with an LM head; "
+                         + "; ".join(tried))
+    model.requires_grad_(False)
+    adapter = HFDiffusionModel(model.eval(), tokenizer, family, max_length=max_length).to(device)
+    if check:
+        adapter.check_head()
+    return adapter

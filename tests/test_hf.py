@@ -1,0 +1,257 @@
+"""The Hugging Face adapter on a tiny random Llama (bidirectional via `is_causal=False`) and our own BPE tokenizer.
+
+Real LLaDA / Dream weights and their remote code cannot be fetched here; families are exercised through
+custom `HFFamily` values with the tiny vocabulary's ids, and the real families through the same checkpoint
+(its tokenizer declares its own mask id, which wins over the family's known one, with a warning).
+"""
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from jointdlm.adjust.head import AdjustHead, AdjustHeadConfig  # noqa: E402
+from jointdlm.models.hf import (  # noqa: E402
+    FAMILIES,
+    HFDiffusionModel,
+    HFFamily,
+    detect_family,
+    hf_fingerprint,
+    load_hf_model,
+)
+from jointdlm.models.loading import load_model  # noqa: E402
+from jointdlm.models.protocol import DiffusionLM  # noqa: E402
+from jointdlm.models.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, BPETokenizer  # noqa: E402
+from jointdlm.sampling.loop import SamplingConfig, generate  # noqa: E402
+from jointdlm.sampling.registry import make_sampler  # noqa: E402
+
+LINES = ["the cat sat on the mat", "a dog ran to the park", "birds sing in the morning"] * 20
+PLAIN = HFFamily(name="tiny-plain", default_repo=None, mask_id=MASK_ID, shifted_logits=False, mask_style="2d",
+                 position_ids=True)
+SHIFTED = HFFamily(name="tiny-shifted", default_repo=None, mask_id=MASK_ID, shifted_logits=True, mask_style="4d",
+                   position_ids=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("hf_tiny")
+    BPETokenizer.train(LINES, vocab_size=300).save(root)
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(root / "tokenizer.json"), pad_token="<pad>",
+                                               bos_token="<bos>", eos_token="<eos>", mask_token="<mask>")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+                                      is_causal=False, pad_token_id=PAD_ID, bos_token_id=BOS_ID,
+                                      eos_token_id=EOS_ID)
+    model_dir = root / "model"
+    transformers.LlamaForCausalLM(config).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    return model_dir
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_dir) -> HFDiffusionModel:
+    return load_hf_model(tiny_dir, PLAIN)
+
+
+@pytest.fixture(scope="module")
+def shifted(tiny_dir) -> HFDiffusionModel:
+    return load_hf_model(tiny_dir, SHIFTED)
+
+
+def canvas(model: HFDiffusionModel, text: str = "the cat", masks: int = 5) -> torch.Tensor:
+    return torch.tensor([[model.spec.bos_id, *model.tokenizer.encode(text), *[model.spec.mask_id] * masks]])
+
+
+def raw(model: HFDiffusionModel, tokens: torch.Tensor):
+    return model.model(input_ids=tokens, output_hidden_states=True)
+
+
+@torch.no_grad()
+def test_unshifted_family_passes_logits_through(plain):
+    assert isinstance(plain, DiffusionLM)
+    assert plain.spec.mask_id == MASK_ID and plain.spec.eos_id == EOS_ID and plain.spec.bos_id == BOS_ID
+    tokens = canvas(plain)
+    out, ref = plain.forward(tokens), raw(plain, tokens)
+    assert torch.equal(out.logits, ref.logits)
+    assert torch.equal(out.hidden, ref.hidden_states[-1])
+
+
+@torch.no_grad()
+def test_shifted_family_realigns_logits_and_hidden(shifted):
+    tokens = canvas(shifted)
+    out, ref = shifted.forward(tokens), raw(shifted, tokens)
+    assert torch.equal(out.logits[:, 1:], ref.logits[:, :-1])
+    assert torch.equal(out.hidden[:, 1:], ref.hidden_states[-1][:, :-1])
+    assert torch.equal(out.logits[:, 0], ref.logits[:, 0])
+    with pytest.raises(ValueError, match="never a mask"):
+        shifted.forward(torch.full((1, 4), MASK_ID))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["plain", "shifted"])
+def test_lm_head_of_hidden_gives_logits(name, request):
+    model = request.getfixturevalue(name)
+    out = model.forward(canvas(model))
+    torch.testing.assert_close(model.lm_head(out.hidden), out.logits)
+    assert model.embed(canvas(model)).shape == out.hidden.shape
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["plain", "shifted"])
+def test_left_padding_leaves_real_tokens_unchanged(name, request):
+    model = request.getfixturevalue(name)
+    tokens = canvas(model)
+    padded = torch.cat([torch.full((1, 3), PAD_ID), tokens], dim=1)
+    attention = (torch.arange(padded.shape[1]) >= 3).long()[None]
+    alone, batched = model.forward(tokens), model.forward(padded, attention)
+    torch.testing.assert_close(batched.logits[:, 4:], alone.logits[:, 1:])
+    torch.testing.assert_close(batched.hidden[:, 4:], alone.hidden[:, 1:])
+
+
+def test_kwargs_per_mask_style(shifted):
+    tokens = canvas(shifted)
+    attention = torch.ones_like(tokens)
+    attention[0, 0] = 0
+    assert "attention_mask" not in shifted._inputs(tokens, torch.ones_like(tokens))
+    four = shifted._inputs(tokens, attention)
+    assert four["attention_mask"].shape == (1, 1, tokens.shape[1], tokens.shape[1])
+    assert four["position_ids"][0, 1:].tolist() == list(range(tokens.shape[1] - 1))
+    llada_like = HFDiffusionModel(shifted.model, shifted.tokenizer, replace(FAMILIES["llada"], mask_id=MASK_ID))
+    bias = llada_like._inputs(tokens, attention)
+    assert bias["attention_bias"].dtype == torch.bool and "position_ids" not in bias
+
+
+def test_parallel_generation(shifted):
+    gen = generate(shifted, make_sampler("parallel"), SamplingConfig(length=8, tokens_per_step=2), num=3)
+    assert gen.counters.base_passes == 4
+    assert all(len(t) == 8 and MASK_ID not in t and BOS_ID not in t for t in gen.tokens)
+    assert all(isinstance(text, str) for text in gen.texts)
+
+
+@pytest.mark.parametrize("name", ["plain", "shifted"])
+def test_untrained_adjust_head_equals_parallel(name, request):
+    model = request.getfixturevalue(name)
+    config = AdjustHeadConfig.for_base(model)
+    assert (config.d_model, config.n_heads, config.mlp_hidden, config.rope_theta) == (32, 4, 64, 10000.0)
+    head = AdjustHead(config).eval()
+    cfg = SamplingConfig(length=8, tokens_per_step=4, seed=3)
+    adjust = generate(model, make_sampler("adjust", head=head), cfg, prompts=["the cat", "a"])
+    parallel = generate(model, make_sampler("parallel"), cfg, prompts=["the cat", "a"])
+    assert adjust.tokens == parallel.tokens
+    assert adjust.counters.extra_passes == 2 * 3
+
+
+def test_bfloat16_base_with_float32_head(tiny_dir):
+    model = load_hf_model(tiny_dir, SHIFTED, dtype="bfloat16")
+    assert model.model.dtype == torch.bfloat16
+    with torch.no_grad():
+        out = model.forward(canvas(model))
+    assert out.hidden.dtype == torch.float32 and out.logits.dtype == torch.bfloat16
+    head = AdjustHead(AdjustHeadConfig.for_base(model)).eval()
+    gen = generate(model, make_sampler("adjust", head=head), SamplingConfig(length=4, tokens_per_step=2), num=2)
+    assert all(MASK_ID not in t for t in gen.tokens)
+
+
+def test_load_model_with_family_round_trip(tiny_dir, shifted):
+    with pytest.warns(UserWarning, match="mask id is 151666"):
+        model = load_model(tiny_dir, family="dream")
+    assert isinstance(model, HFDiffusionModel)
+    assert model.spec.shifted_logits and model.spec.mask_id == MASK_ID and model.max_length == 64
+    tokens = canvas(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward(tokens).logits, shifted.forward(tokens).logits)
+    with pytest.raises(ValueError, match="pass family="):
+        load_model(tiny_dir)
+
+
+REMOTE_CONFIG = """from transformers import LlamaConfig
+
+
+class TinyDreamConfig(LlamaConfig):
+    model_type = "Dream"
+"""
+REMOTE_MODEL = """from transformers import LlamaForCausalLM
+
+from .configuration_tinydream import TinyDreamConfig
+
+
+class DreamModel(LlamaForCausalLM):
+    config_class = TinyDreamConfig
+"""
+
+
+@pytest.fixture(scope="module")
+def remote_dir(tiny_dir, tmp_path_factory) -> Path:
+    """The tiny checkpoint dressed as Dream ships: remote code registered for AutoModel only."""
+    target = tmp_path_factory.mktemp("remote") / "tinydream"
+    shutil.copytree(tiny_dir, target)
+    (target / "configuration_tinydream.py").write_text(REMOTE_CONFIG)
+    (target / "modeling_tinydream.py").write_text(REMOTE_MODEL)
+    config = json.loads((target / "config.json").read_text())
+    config.update(model_type="Dream", architectures=["DreamModel"],
+                  auto_map={"AutoConfig": "configuration_tinydream.TinyDreamConfig",
+                            "AutoModel": "modeling_tinydream.DreamModel"})
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+def test_load_model_detects_remote_code_family(remote_dir, shifted):
+    with pytest.warns(UserWarning, match="mask id is 151666"):
+        model = load_model(remote_dir)
+    assert type(model.model).__name__ == "DreamModel" and model.family is FAMILIES["dream"]
+    tokens = canvas(model)
+    with torch.no_grad():
+        assert torch.equal(model.forward(tokens).logits, shifted.forward(tokens).logits)
+    assert model.fingerprint() != shifted.fingerprint()
+
+
+def test_detect_family():
+    assert detect_family({"model_type": "llada", "architectures": ["LLaDAModelLM"]}) == "llada"
+    assert detect_family({"model_type": "Dream", "architectures": ["DreamModel"]}) == "dream"
+    assert detect_family({"architectures": ["DreamModel"]}) == "dream"
+    assert detect_family({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}) is None
+
+
+def test_fingerprint_stable_and_weight_sensitive(tiny_dir, plain):
+    again = load_hf_model(tiny_dir, PLAIN, check=False)
+    assert again.fingerprint() == plain.fingerprint()
+    assert load_hf_model(tiny_dir, SHIFTED, check=False).fingerprint() != plain.fingerprint()
+    state = {k: v.clone() for k, v in again.model.state_dict().items()}
+    sampled = hf_fingerprint({}, state, full_hash_elements=0)
+    assert sampled != hf_fingerprint({}, state)
+    with torch.no_grad():
+        again.model.get_input_embeddings().weight[7, 0] += 1.0
+    again._fingerprint = None
+    assert again.fingerprint() != plain.fingerprint()
+    state["model.embed_tokens.weight"].view(-1)[0] += 1.0
+    assert hf_fingerprint({}, state, full_hash_elements=0) != sampled
+
+
+def test_tokenizer_wrapper(plain):
+    ids = plain.tokenizer.encode("the cat <mask> sat")
+    assert MASK_ID not in ids and min(ids) > MASK_ID
+    assert plain.tokenizer.decode([BOS_ID, *ids, MASK_ID, EOS_ID, PAD_ID]) == "the cat <mask> sat"
+
+
+def test_clear_errors(tmp_path, tiny_dir, plain):
+    no_weights = tmp_path / "no_weights"
+    shutil.copytree(tiny_dir, no_weights)
+    (no_weights / "model.safetensors").unlink()
+    with pytest.raises(OSError, match="could not load model weights"):
+        load_hf_model(no_weights, PLAIN)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_hf_model(tmp_path / "missing", "llada")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(tmp_path / "missing", family="dream")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_hf_model(tmp_path, "dream")
+    with pytest.raises(ValueError, match="unknown model family"):
+        load_hf_model(tmp_path, "gpt")
+    with pytest.raises(ValueError, match="no output embedding"):
+        HFDiffusionModel(plain.model.model, plain.tokenizer.hf, PLAIN)
