@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--input-form", default="concat")
     parser.add_argument("--rollout", type=int, default=4)
+    parser.add_argument("--remask-fraction", type=float, default=0.0)
     parser.add_argument("--head-seeds", default="0")
     parser.add_argument("--sample-seeds", default="1,2")
     parser.add_argument("--tokens-per-step", default="2,4,8")
@@ -68,13 +69,16 @@ def main() -> None:
         results[("parallel", k)] = rates("parallel", k)
     heldout = {}
     for head_seed in [int(s) for s in args.head_seeds.split(",")]:
-        out = work / f"adjust-{args.input_form}-r{args.rollout}-lr{args.lr}-s{args.head_steps}-seed{head_seed}"
+        out = work / (f"adjust-{args.input_form}-r{args.rollout}-lr{args.lr}-s{args.head_steps}"
+                      f"{f'-remask{args.remask_fraction}' if args.remask_fraction else ''}-seed{head_seed}")
         head = train_adjust(base, work / "trajectories", out, AdjustTrainConfig(
             max_steps=args.head_steps, lr=args.lr, rollout=args.rollout, input_form=args.input_form, seed=head_seed,
+            remask_fraction=args.remask_fraction,
             eval_every=args.head_steps, save_every=args.head_steps))
         heldout[head_seed] = final_heldout(out)
         for k in ks:
             values, ms = rates("adjust", k, head=head)
+            print(f"head seed {head_seed} K={k}: validity per sampling seed {values}")
             previous = results.get(("adjust", k), ([], 0.0))
             results[("adjust", k)] = (previous[0] + values, ms if not previous[0] else (previous[1] + ms) / 2)
 

@@ -118,7 +118,7 @@ def cmd_train_adjust(args: argparse.Namespace) -> None:
     cfg = AdjustTrainConfig(max_steps=args.max_steps, rollout=args.rollout, batch_size=args.batch_size, lr=args.lr,
                             warmup_steps=args.warmup_steps, input_form=args.input_form,
                             eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
-                            device=args.device)
+                            remask_fraction=args.remask_fraction, device=args.device)
     head = train_adjust(model, args.trajectories, args.out, cfg)
     scores = final_heldout(args.out) or {}
     summary = ", ".join(f"depth {d}: {v['head_kl']:.4f} vs stale {v['stale_kl']:.4f}" for d, v in scores.items())
@@ -261,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--input-form", default="concat", help="concat (paper) or sum")
+    p.add_argument("--remask-fraction", type=float, default=0.0,
+                   help="share of training states made by re-masking final samples at a random ratio")
     p.add_argument("--eval-every", type=_positive_int, default=250)
     p.add_argument("--save-every", type=_positive_int, default=250)
     p.add_argument("--seed", type=int, default=0)

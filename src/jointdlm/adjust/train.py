@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..models.protocol import DiffusionLM
+from ..sampling.rules import rank_of
 from ..validation import require_choice, require_positive
 from .head import INPUT_FORMS, AdjustHead, AdjustHeadConfig
 from .trajectories import Trajectories, load_trajectories
@@ -41,6 +42,8 @@ class AdjustTrainConfig:
     eval_every: int = 250
     save_every: int = 250
     heldout: int = 64
+    remask_fraction: float = 0.0
+    """Share of training rows built by re-masking the final sample at a random ratio (see `make_batch`)."""
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
@@ -54,6 +57,8 @@ class AdjustTrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.heldout < 0:
             raise ValueError(f"heldout must be >= 0, got {self.heldout}")
+        if not 0.0 <= self.remask_fraction <= 1.0:
+            raise ValueError(f"remask_fraction must be in [0, 1], got {self.remask_fraction}")
 
 
 def depth_probabilities(rollout: int) -> torch.Tensor:
@@ -80,20 +85,39 @@ class Batch:
     attention: torch.Tensor  # (B, P + L)
     steps: list[torch.Tensor]  # n boolean (B, P + L) masks: the position written at each teacher-forced pass
     targets: torch.Tensor    # (B, P + L) the trajectory's final tokens (prefix included)
+    by_rule: torch.Tensor | None = None  # (B,) rows whose next positions follow the base's confidence
 
 
 def make_batch(data: Trajectories, rows: torch.Tensor, states: torch.Tensor, depth: int, mask_id: int,
-               device: str) -> Batch:
+               device: str, remask: torch.Tensor | None = None, gen: torch.Generator | None = None) -> Batch:
+    """Exact trajectory states; rows flagged in `remask` instead re-mask the final sample at a random ratio
+    (states that K>1 sampling reaches but K=1 trajectories never visit), their next positions then chosen by
+    the base's confidence inside `RolloutLoss`."""
     prefix, order, final = data.prefix[rows], data.order[rows], data.tokens[rows]
     width = prefix.shape[1]
     attention = torch.cat([(torch.arange(width) >= width - data.prefix_len[rows][:, None]).long(),
                            torch.ones_like(final)], dim=1)
     targets = torch.cat([prefix, final], dim=1)
     known = order < states[:, None]
+    if remask is not None and remask.any():
+        ratio = torch.rand(len(rows), 1, generator=gen)
+        hidden_again = torch.rand(final.shape, generator=gen) < ratio
+        remask = remask & (hidden_again.sum(-1) > depth)
+        known = torch.where(remask[:, None], ~hidden_again, known)
     tokens = torch.cat([prefix, torch.where(known, final, torch.full_like(final, mask_id))], dim=1)
     pad = torch.zeros(len(rows), width, dtype=torch.bool)
     steps = [torch.cat([pad, order == (states[:, None] + m)], dim=1).to(device) for m in range(depth)]
-    return Batch(tokens.to(device), attention.to(device), steps, targets.to(device))
+    by_rule = remask.to(device) if remask is not None and remask.any() else None
+    return Batch(tokens.to(device), attention.to(device), steps, targets.to(device), by_rule)
+
+
+def confidence_steps(logits: torch.Tensor, masked: torch.Tensor, depth: int, banned: list[int]) -> list[torch.Tensor]:
+    """The next `depth` positions the confidence rule would fill from these logits, one mask per pass."""
+    logits = logits.float().clone()
+    logits[..., banned] = -torch.inf
+    confidence = torch.log_softmax(logits, dim=-1).max(-1).values.masked_fill(~masked, -torch.inf)
+    ranks = rank_of(confidence)
+    return [(ranks == m) & masked for m in range(depth)]
 
 
 class RolloutLoss(nn.Module):
@@ -108,7 +132,11 @@ class RolloutLoss(nn.Module):
         with torch.no_grad():
             start = base.forward(batch.tokens, batch.attention)
         hidden, tokens = start.hidden, batch.tokens
-        for written in batch.steps:
+        steps = batch.steps
+        if batch.by_rule is not None:
+            by_rule = confidence_steps(start.logits, tokens == base.spec.mask_id, len(steps), base.spec.never_sampled())
+            steps = [torch.where(batch.by_rule[:, None], r, s) for r, s in zip(by_rule, steps, strict=True)]
+        for written in steps:
             tokens = torch.where(written, batch.targets, tokens)
             hidden, logits = self.head(base, tokens, batch.attention, hidden)
         with torch.no_grad():
@@ -223,7 +251,9 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
         depth = int(torch.multinomial(depth_p, 1, generator=gen).item()) + 1
         depth = min(depth, train_data.tokens.shape[1] - 1)
         rows, states = draw_examples(train_data, cfg.batch_size, depth, gen)
-        loss, stale = loss_module(base, make_batch(train_data, rows, states, depth, mask_id, device))
+        remask = torch.rand(cfg.batch_size, generator=gen) < cfg.remask_fraction if cfg.remask_fraction else None
+        batch = make_batch(train_data, rows, states, depth, mask_id, device, remask=remask, gen=gen)
+        loss, stale = loss_module(base, batch)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(loss_module.parameters(), cfg.grad_clip)
