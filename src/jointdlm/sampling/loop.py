@@ -7,6 +7,7 @@ text -> tokens -> canvas (BOS + prompt + `length` masks, left-padded across the 
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Sequence
@@ -199,7 +200,7 @@ def _generate_batch(model: DiffusionLM, sampler: Sampler, config: SamplingConfig
         region = torch.zeros_like(tokens, dtype=torch.bool)
         region[:, block_start:block_start + block_size] = True
         schedule = config.schedule(block_size)
-        for k in range(10**9):
+        for k in itertools.count():
             eligible = (tokens == mask_id) & region
             remaining = eligible.sum(-1)
             active = (remaining > 0).nonzero().squeeze(-1)
@@ -212,15 +213,14 @@ def _generate_batch(model: DiffusionLM, sampler: Sampler, config: SamplingConfig
             result = sampler.step(ctx)
             if config.validate:
                 check_step(ctx, result, sampler.follows_budget)
-            rows_tokens = torch.where(result.fill, result.tokens, ctx.tokens)
-            tokens[active] = rows_tokens
-            filled = result.fill[:, start:].cpu()
-            sub = filled_at[active.cpu()]
-            sub[filled] = step_index
-            filled_at[active.cpu()] = sub
-            base[active.cpu()] += result.base_passes
-            extra[active.cpu()] += result.extra_passes
-            steps[active.cpu()] += 1
+            tokens[active] = torch.where(result.fill, result.tokens, ctx.tokens)
+            rows = active.cpu()
+            history = filled_at[rows]
+            history[result.fill[:, start:].cpu()] = step_index
+            filled_at[rows] = history
+            base[rows] += result.base_passes
+            extra[rows] += result.extra_passes
+            steps[rows] += 1
             step_index += 1
         block_start += block_size
     return tokens[:, start:].cpu(), filled_at, base, extra, steps
