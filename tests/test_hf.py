@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
-transformers = pytest.importorskip("transformers")
-
-from jointdlm.adjust.head import AdjustHead, AdjustHeadConfig  # noqa: E402
-from jointdlm.models.hf import (  # noqa: E402
+from jointdlm.adjust.head import AdjustHead, AdjustHeadConfig
+from jointdlm.models.hf import (
     FAMILIES,
     HFDiffusionModel,
     HFFamily,
@@ -24,11 +23,11 @@ from jointdlm.models.hf import (  # noqa: E402
     hf_fingerprint,
     load_hf_model,
 )
-from jointdlm.models.loading import load_model  # noqa: E402
-from jointdlm.models.protocol import DiffusionLM  # noqa: E402
-from jointdlm.models.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, BPETokenizer  # noqa: E402
-from jointdlm.sampling.loop import SamplingConfig, generate  # noqa: E402
-from jointdlm.sampling.registry import make_sampler  # noqa: E402
+from jointdlm.models.loading import load_model
+from jointdlm.models.protocol import DiffusionLM
+from jointdlm.models.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, BPETokenizer
+from jointdlm.sampling.loop import SamplingConfig, generate
+from jointdlm.sampling.registry import make_sampler
 
 LINES = ["the cat sat on the mat", "a dog ran to the park", "birds sing in the morning"] * 20
 PLAIN = HFFamily(name="tiny-plain", default_repo=None, mask_id=MASK_ID, shifted_logits=False, mask_style="2d",

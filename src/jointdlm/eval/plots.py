@@ -91,7 +91,7 @@ def plot_pareto(results: dict, path: Path) -> None:
     if metric is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    costs = (("base_passes_per_sample", "base forward passes per sequence"),
+    costs = (("all_passes", "model passes per sequence: base + extra (head / test / scorer passes counted as 1)"),
              ("ms_per_sequence", "wall time per sequence (ms, this machine, same run)"))
     families = sorted({r["sampler"].split(":")[0] for r in rows})
     markers = dict(zip(families, "osD^v<>pPX*h", strict=False))
@@ -108,7 +108,7 @@ def plot_pareto(results: dict, path: Path) -> None:
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xlabel(label + " (log scale)")
+        ax.set_xlabel(label + " (log scale)", fontsize=8)
         ax.set_ylabel(LABELS[metric])
         ax.grid(alpha=0.3, which="both")
     axes[0].set_title("quality vs model passes (up and left is better)")
@@ -123,6 +123,8 @@ def _cost(row: dict, key: str) -> float:
     speed = row["speed"]
     if key == "ms_per_sequence":
         return 1000 * speed["wall_time_s"] / max(1, speed["samples"])
+    if key == "all_passes":
+        return speed["base_passes_per_sample"] + speed["extra_passes_per_sample"]
     return speed[key]
 
 
