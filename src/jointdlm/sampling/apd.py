@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..models.causal import CausalScorer
-from .base import StepContext, StepResult
+from .base import StepContext, StepResult, resolve_config
 from .edlm import check_vocabulary
 from .rules import model_logprobs
 
@@ -42,9 +42,7 @@ class APDSampler:
     follows_budget = False
 
     def __init__(self, config: APDConfig | None = None, *, scorer: CausalScorer, **settings: Any) -> None:
-        if config is not None and settings:
-            raise ValueError("give an APDConfig or its fields as keywords, not both")
-        self.config = config if config is not None else APDConfig(**settings)
+        self.config = resolve_config(APDConfig, config, settings)
         self.scorer = scorer
 
     def step(self, ctx: StepContext) -> StepResult:

@@ -110,3 +110,10 @@ def check_step(ctx: StepContext, result: StepResult, follows_budget: bool) -> No
         raise AssertionError("sampler wrote the mask token or another never-sampled id")
     if result.base_passes < 0 or result.extra_passes < 0:
         raise AssertionError("pass counts must be non-negative")
+
+
+def resolve_config(config_class: type, config: object | None, settings: dict) -> object:
+    """A sampler takes either its config dataclass or that dataclass's fields as keywords, not both."""
+    if config is not None and settings:
+        raise ValueError(f"give a {config_class.__name__} or its fields as keywords, not both")
+    return config if config is not None else config_class(**settings)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..models.causal import CausalScorer
-from .base import StepContext, StepResult
+from .base import StepContext, StepResult, resolve_config
 from .rules import select_top
 
 
@@ -34,9 +34,7 @@ class EDLMSampler:
     follows_budget = True
 
     def __init__(self, config: EDLMConfig | None = None, *, scorer: CausalScorer, **settings: Any) -> None:
-        if config is not None and settings:
-            raise ValueError("give an EDLMConfig or its fields as keywords, not both")
-        self.config = config if config is not None else EDLMConfig(**settings)
+        self.config = resolve_config(EDLMConfig, config, settings)
         self.scorer = scorer
 
     def step(self, ctx: StepContext) -> StepResult:

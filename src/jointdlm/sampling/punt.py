@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .base import StepContext, StepResult
+from .base import StepContext, StepResult, resolve_config
 from .rules import rank_of
 
 
@@ -46,9 +46,7 @@ class PUNTSampler:
     follows_budget = False
 
     def __init__(self, config: PUNTConfig | None = None, **settings: Any) -> None:
-        if config is not None and settings:
-            raise ValueError("give a PUNTConfig or its fields as keywords, not both")
-        self.config = config if config is not None else PUNTConfig(**settings)
+        self.config = resolve_config(PUNTConfig, config, settings)
 
     def step(self, ctx: StepContext) -> StepResult:
         logprobs = ctx.logprobs(ctx.forward().logits)

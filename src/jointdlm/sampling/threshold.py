@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .base import StepContext, StepResult
+from .base import StepContext, StepResult, resolve_config
 from .rules import position_scores, select_top
 
 
@@ -35,9 +35,7 @@ class ThresholdSampler:
     follows_budget = False
 
     def __init__(self, config: ThresholdConfig | None = None, **settings: Any) -> None:
-        if config is not None and settings:
-            raise ValueError("give a ThresholdConfig or its fields as keywords, not both")
-        self.config = config if config is not None else ThresholdConfig(**settings)
+        self.config = resolve_config(ThresholdConfig, config, settings)
 
     def step(self, ctx: StepContext) -> StepResult:
         logprobs = ctx.logprobs(ctx.forward().logits)
