@@ -108,10 +108,10 @@ def run_cli(capsys, argv: list[str]) -> tuple[int, str]:
 
 # 1. An untrained head is exactly naive parallel.
 
-@pytest.mark.parametrize("form", ["concat", "sum"])
-def test_zero_init_head_is_naive_parallel(base, form):
+@pytest.mark.parametrize("form, output_layer", [("concat", "gain"), ("sum", "gain"), ("concat", "linear")])
+def test_zero_init_head_is_naive_parallel(base, form, output_layer):
     torch.manual_seed(11)
-    head = AdjustHead(AdjustHeadConfig.for_base(base, form)).eval()
+    head = AdjustHead(AdjustHeadConfig.for_base(base, form, output_layer)).eval()
     tokens, attention, _ = build_canvas(base, encode_prompts(base, ["", "the cat"]), 12)
     with torch.no_grad():
         out = base.forward(tokens, attention)
@@ -152,6 +152,21 @@ def test_zero_init_head_is_naive_parallel(base, form):
         assert result.base_passes == 1 and result.extra_passes == (K - 1 if sampler.name == "adjust" else 0)
     assert torch.equal(fills[0], fills[1]) and (fills[0].sum(-1) == K).all()
     assert torch.equal(written[0], written[1])
+
+
+
+def test_linear_output_layer_learns_and_round_trips(base, traj_dir, tmp_path):
+    """The zero-init W_out gets gradient from the first step, trains, and is saved and loaded with its config."""
+    cfg = replace(TRAINED, output_layer="linear", max_steps=60, eval_every=60, save_every=60)
+    head = train_adjust(base, traj_dir, tmp_path / "lin", cfg)
+    assert head.config.output_layer == "linear" and head.out_proj is not None
+    assert head.out_proj.weight.abs().max() > 0, "W_out never left zero"
+    loaded = AdjustHead.from_pretrained(tmp_path / "lin", base)
+    assert loaded.config.output_layer == "linear"
+    assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), loaded.state_dict().values(),
+                                                  strict=True))
+    with pytest.raises(ValueError, match="output_layer"):
+        AdjustHeadConfig.for_base(base, "concat", "cubic")
 
 
 # 2. Heads are tied to their base by fingerprint.
@@ -329,6 +344,19 @@ def test_mismatched_resume_is_refused(base, base_dir, traj_dir, trained, tmp_pat
     torch.save({**state, "num_processes": 2, "generators": state["generators"] * 2}, out / STATE_FILE)
     with pytest.raises(ValueError, match=r"2 training process\(es\) there, 1 now"):
         train_adjust(base, traj_dir, out, TRAINED)
+
+
+
+def test_run_saved_before_a_config_field_existed_still_resumes(base, traj_dir, trained, tmp_path):
+    """A state file from before `remask_fraction` existed ran with it off, which is the default."""
+    out = tmp_path / "old"
+    shutil.copytree(trained.out, out)
+    state = trainer_state(out)
+    del state["config"]["remask_fraction"]
+    torch.save(state, out / STATE_FILE)
+    train_adjust(base, traj_dir, out, TRAINED)
+    with pytest.raises(ValueError, match="remask_fraction=0.0 there, 0.5 now"):
+        train_adjust(base, traj_dir, out, replace(TRAINED, remask_fraction=0.5))
 
 
 # 8. Distributed: two CPU processes over gloo, launched by torchrun.

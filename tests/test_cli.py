@@ -164,3 +164,24 @@ def test_console_script_installed():
     assert proc.returncode == 0, proc.stderr
     for command in ("corpus", "pretrain", "sample", "trajectories", "train-adjust"):
         assert command in proc.stdout
+
+
+def test_demo_quick_runs_one_stage_end_to_end(tmp_path, capsys):
+    work = tmp_path / "demo"
+    assert main(["demo", "--quick", "--stages", "template", "--workdir", str(work)]) == 0
+    out = capsys.readouterr().out
+    assert "## template" in out and "## english" not in out
+    results = json.loads((work / "template" / "eval" / "results.json").read_text())
+    assert "--quick --stages template" in results["command"]
+    rows = {(r["sampler"], r["tokens_per_step"]) for r in results["rows"]}
+    assert rows == {("sequential", 1), ("parallel", 2), ("parallel", 4), ("adjust", 2), ("adjust", 4)}
+    assert all("validity" in r["quality"] for r in results["rows"])
+    assert (work / "template" / "eval" / "quality.png").exists()
+    assert not (work / "english").exists()
+
+
+def test_demo_rejects_an_unknown_stage(tmp_path, capsys):
+    assert main(["demo", "--stages", "klingon", "--workdir", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("jointdlm: error:") and "no stage named klingon" in err[-1] and "template" in err[-1]
+    assert not (tmp_path / "d").exists()

@@ -63,9 +63,16 @@ def test_reference_is_generated_once(tiny_model, tmp_path, capsys):
 
 
 def test_task_accuracy_through_the_cli(tiny_model_dir, tmp_path, capsys):
-    code = main(["eval", "--model", str(tiny_model_dir), "--samplers", "parallel", "--tokens-per-step", "1,2",
-                 "--num", "6", "--task", "copy", "--out", str(tmp_path / "ev")])
-    assert code == 0
+    # The template model's canvas has no room left after a task prompt: a clear error, not a crash.
+    argv = ["eval", "--samplers", "parallel", "--tokens-per-step", "1,2", "--num", "6", "--task", "copy"]
+    assert main([*argv, "--model", str(tiny_model_dir), "--out", str(tmp_path / "bad")]) == 2
+    assert "leave no room to generate" in capsys.readouterr().err
+    write_corpus("tasks", tmp_path / "tasks.txt", num=300, seed=0)
+    pretrain(tmp_path / "tasks.txt", tmp_path / "m", PretrainConfig(preset="tiny", max_steps=3, vocab_size=300,
+                                                                     seq_len=32, prompt_separator="=",
+                                                                     progress=False))
+    code = main([*argv, "--model", str(tmp_path / "m"), "--out", str(tmp_path / "ev")])
+    assert code == 0, capsys.readouterr().err
     results = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert all("accuracy" in r["quality"] for r in results["rows"])
 
@@ -85,3 +92,26 @@ def test_bad_eval_arguments(tiny_model_dir, tmp_path, capsys, argv, message):
     assert code == 2
     assert err[-1].startswith("jointdlm: error:") and message in err[-1]
     assert not (tmp_path / "ev" / "results.json").exists()
+
+
+def test_task_prompts_come_from_the_heldout_split():
+    from jointdlm.data.tasks import is_heldout
+    from jointdlm.eval.runner import _prompts
+
+    examples, prompts = _prompts(EvalConfig(task="all", num=200))
+    assert len(prompts) == 200 and all(map(is_heldout, prompts))
+
+
+def test_accuracy_per_task_in_results_and_table():
+    from jointdlm.data.tasks import make_examples
+    from jointdlm.eval.runner import _quality, format_table
+
+    examples = make_examples(["copy", "reverse"], 6, seed=0)
+    texts = [e.answer if e.task == "copy" else "wrong" for e in examples]
+    quality = _quality(EvalConfig(task="all", num=6), texts, texts, None, examples)
+    assert quality["accuracy"]["value"] == 0.5
+    assert {t: a["value"] for t, a in quality["accuracy_by_task"].items()} == {"copy": 1.0, "reverse": 0.0}
+    speed = {"base_passes_per_sample": 1.0, "extra_passes_per_sample": 0.0, "tokens_per_base_pass": 1.0,
+             "tokens_per_second": 1.0, "speedup_vs_k1": None}
+    table = format_table({"rows": [{"sampler": "parallel", "tokens_per_step": 2, "quality": quality, "speed": speed}]})
+    assert "| sampler | K | copy | reverse |" in table and "| parallel | 2 | 1.00 | 0.00 |" in table

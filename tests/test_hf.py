@@ -169,6 +169,21 @@ def test_load_model_with_family_round_trip(tiny_dir, shifted):
         load_model(tiny_dir)
 
 
+
+def test_cli_family_flag_samples_a_hf_checkpoint(tiny_dir, tmp_path, capsys):
+    from jointdlm.cli import main
+
+    out = tmp_path / "s.jsonl"
+    argv = ["sample", "--model", str(tiny_dir), "--sampler", "parallel", "--tokens-per-step", "2", "--num", "2",
+            "--length", "4", "--out", str(out)]
+    assert main(argv) == 2 and "pass family=" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="mask id"):
+        assert main([*argv, "--family", "dream"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 and all(len(r["tokens"]) == 4 and MASK_ID not in r["tokens"] for r in rows)
+    assert main([*argv, "--family", "gpt"]) == 2 and "unknown model family" in capsys.readouterr().err
+
+
 REMOTE_CONFIG = """from transformers import LlamaConfig
 
 

@@ -1,6 +1,7 @@
 """The built-in model family: tokenizer, network, save/load, fingerprint, pre-training and its resume."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -19,7 +20,16 @@ from jointdlm.models.mdlm import (
 )
 from jointdlm.models.protocol import DiffusionLM, FamilySpec
 from jointdlm.models.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, SPECIAL_TOKENS, BPETokenizer
-from jointdlm.models.train import LOG_FILE, STATE_FILE, PretrainConfig, pretrain
+from jointdlm.models.train import (
+    LOG_FILE,
+    STATE_FILE,
+    PretrainConfig,
+    encode_documents,
+    mdlm_loss,
+    pretrain,
+    random_cut,
+    split_prompt,
+)
 
 TEXTS = [
     "the cat sat on the mat.",
@@ -288,7 +298,8 @@ def test_pretrain_ar_objective_is_causal(small_corpus, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs", [{"preset": "huge"}, {"objective": "bert"}, {"max_steps": 0}, {"lr": 0.0},
-                                    {"vocab_size": 100}, {"heldout_fraction": 0.0}, {"batch_size": 0}])
+                                    {"vocab_size": 100}, {"heldout_fraction": 0.0}, {"batch_size": 0},
+                                    {"prompt_separator": " "}, {"prompt_separator": "=", "objective": "ar"}])
 def test_pretrain_config_rejects(kwargs):
     with pytest.raises(ValueError):
         PretrainConfig(**kwargs)
@@ -302,3 +313,79 @@ def test_pretrain_corpus_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         pretrain(tmp_path / "missing.txt", tmp_path / "out2", quick_cfg(max_steps=2))
     assert not (tmp_path / "out1").exists() and not (tmp_path / "out2").exists()
+
+
+# ------------------------------------------------------------------------------------- prompt-conditioned training
+
+PAIRS = ["copy : ann bob = ann bob", "reverse : ann bob tom = tom bob ann", "add : 1 2 + 3 4 = 4 6"]
+
+
+class RecordingNet:
+    """Stands in for the network: uniform logits, and remembers what it was shown."""
+
+    def __init__(self, vocab: int) -> None:
+        self.vocab, self.seen = vocab, []
+
+    def __call__(self, tokens):
+        self.seen.append(tokens.clone())
+        return torch.zeros(*tokens.shape, self.vocab), None
+
+
+def test_prompt_pairs_encode_like_whole_documents(tokenizer):
+    whole, whole_context = encode_documents(tokenizer, PAIRS, 24)
+    rows, context = encode_documents(tokenizer, PAIRS, 24, "=")
+    assert torch.equal(rows, whole), "splitting at the separator must not change the tokens"
+    assert whole_context.tolist() == [1, 1, 1]
+    for row, n, doc in zip(rows, context.tolist(), PAIRS, strict=True):
+        assert row[0] == BOS_ID
+        assert tokenizer.decode(row[1:n].tolist()) == split_prompt(doc, "=")[0]
+    assert split_prompt("a = b = c", "=") == ("a =", " b = c")
+    with pytest.raises(ValueError, match="no prompt separator"):
+        encode_documents(tokenizer, ["copy : ann bob"], 24, "=")
+    with pytest.raises(ValueError, match="fills the whole canvas"):
+        encode_documents(tokenizer, PAIRS, 4, "=")
+
+
+def test_mdlm_loss_never_masks_the_prompt(tokenizer):
+    rows, context = encode_documents(tokenizer, PAIRS * 40, 24, "=")
+    net = RecordingNet(tokenizer.vocab_size)
+    gen = torch.Generator().manual_seed(0)
+    losses = [mdlm_loss(net, rows, context, gen).item() for _ in range(20)]
+    noisy = torch.stack(net.seen)
+    position = torch.arange(rows.shape[1])
+    prompt = position[None, :] < context[:, None]
+    assert not (noisy[:, prompt] == MASK_ID).any(), "a prompt token was masked"
+    assert (noisy[:, ~prompt] == MASK_ID).float().mean() > 0.3, "answers must be masked at rate t ~ U(0, 1)"
+    # Uniform logits cost log V per masked token; averaged over answer positions with the 1/t weight, ~log V.
+    mean = sum(losses) / len(losses)
+    assert abs(mean / math.log(tokenizer.vocab_size) - 1) < 0.15, mean
+
+
+def test_random_cut_never_cuts_a_document():
+    batch = torch.full((3, 20), PAD_ID)
+    batch[0, :7], batch[1, :12], batch[2, :4] = 5, 6, 7
+    gen = torch.Generator().manual_seed(0)
+    cuts = [random_cut(batch, gen) for _ in range(300)]
+    assert min(cuts) == 12 and max(cuts) == 20 and len(set(cuts)) == 9
+    assert random_cut(torch.full((2, 5), 9), gen) == 5
+
+
+def test_pretrain_with_prompts_through_the_cli(tmp_path, capsys):
+    from jointdlm.cli import main
+
+    corpus = tmp_path / "tasks.txt"
+    write_corpus("tasks", corpus, num=300, seed=0)
+    out = tmp_path / "m"
+    code = main(["pretrain", "--corpus", str(corpus), "--out", str(out), "--preset", "tiny", "--max-steps", "4",
+                 "--vocab-size", "300", "--seq-len", "24", "--prompt-separator", "=", "--random-canvas"])
+    assert code == 0, capsys.readouterr().err
+    recorded = json.loads((out / CONFIG_FILE).read_text())["pretrain"]
+    assert recorded["prompt_separator"] == "=" and recorded["random_canvas"] is True
+
+    bad = tmp_path / "bad.txt"
+    bad.write_text("copy : ann bob = ann bob\nno separator here\n")
+    code = main(["pretrain", "--corpus", str(bad), "--out", str(tmp_path / "bad"), "--preset", "tiny",
+                 "--max-steps", "2", "--vocab-size", "300", "--prompt-separator", "="])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "no prompt separator" in err[-1]
+    assert not (tmp_path / "bad").exists(), "a rejected corpus must leave nothing behind"

@@ -44,7 +44,10 @@ def test_generated_answers_pass_their_own_scorer(task):
         example = task.make(rng)
         assert example.task == task.name
         assert example.prompt.startswith(task.name + " ") and example.prompt.endswith(" =")
-        assert task.solve(example.prompt) == example.answer
+        if task.name == "shuffle":
+            assert task.score(example, task.solve(example.prompt))
+        else:
+            assert task.solve(example.prompt) == example.answer
         assert task.score(example, example.answer)
         assert task.score(example, "  " + example.answer.replace(" ", "   ") + "\n")
 
@@ -66,6 +69,26 @@ def test_hand_made_answers(name, prompt, answer):
     assert not task.score(example, " ".join(answer.split()[:-1]))
     assert not task.score(example, answer + " ann")
     assert not task.score(example, answer.replace(" ", ""))
+
+
+def test_shuffle_accepts_every_ordering_and_nothing_else():
+    task = TASKS["shuffle"]
+    example = TaskExample("shuffle", "shuffle : ann bob tom =", "bob tom ann")
+    for answer in ["ann bob tom", "tom bob ann", " bob  ann tom ", "tom ann bob"]:
+        assert task.score(example, answer), answer
+    for answer in ["ann ann bob", "ann bob", "ann bob tom tom", "ann bob sue", ""]:
+        assert not task.score(example, answer), answer
+
+
+def test_shuffle_documents_are_uniform_orderings():
+    examples = [e for e in make_examples("shuffle", 3000, seed=6) if len(e.answer.split()) == 3]
+    orders = {}
+    for e in examples:
+        items = e.prompt.removeprefix("shuffle : ").removesuffix(" =").split()
+        key = tuple(items.index(name) for name in e.answer.split())
+        orders[key] = orders.get(key, 0) + 1
+    assert len(orders) == 6, "all 3! orderings must occur"
+    assert max(orders.values()) / min(orders.values()) < 1.6, orders
 
 
 def test_wrong_digit_is_wrong():

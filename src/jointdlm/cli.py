@@ -39,6 +39,12 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model directory (built-in, or a LLaDA / Dream checkpoint)")
+    parser.add_argument("--family", default=None,
+                        help="force a Hugging Face family (llada, dream) instead of detecting it from config.json")
+
+
 def add_choice_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rule", default="confidence",
                         help="unmasking rule: confidence, margin, entropy, random, left_to_right")
@@ -64,7 +70,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     cfg = PretrainConfig(preset=args.preset, objective=args.objective, max_steps=args.max_steps,
                          batch_size=args.batch_size, lr=args.lr, seq_len=args.seq_len, vocab_size=args.vocab_size,
                          eval_every=args.eval_every, save_every=args.save_every, seed=args.seed, device=args.device,
-                         tokenizer_from=args.tokenizer_from)
+                         tokenizer_from=args.tokenizer_from, prompt_separator=args.prompt_separator,
+                         random_canvas=args.random_canvas)
     model = pretrain(args.corpus, args.out, cfg)
     print(f"saved {model.net.num_parameters():,}-parameter model to {args.out}", file=sys.stderr)
 
@@ -96,12 +103,12 @@ def build_sampler(args: argparse.Namespace, model):
 def cmd_trajectories(args: argparse.Namespace) -> None:
     from .adjust.trajectories import TrajectoryConfig, collect_trajectories, distributed_rank_world
     from .models.loading import load_model
-    from .sampling.loop import encode_prompts
+    from .sampling.loop import encode_prompts, fill_length
 
-    model = load_model(args.model, args.device)
+    model = load_model(args.model, args.device, family=args.family)
     prompts = read_prompts(args.prompts) if args.prompts else None
-    longest = max(len(p) for p in encode_prompts(model, prompts or [""]))
-    cfg = TrajectoryConfig(num=args.num, length=args.length or model.max_length - longest,
+    length = args.length or fill_length(model, encode_prompts(model, prompts or [""]))
+    cfg = TrajectoryConfig(num=args.num, length=length,
                            temperature=args.temperature, rule=args.rule, top_p=args.top_p, top_k=args.top_k,
                            seed=args.seed, shard_size=args.shard_size, batch_size=args.batch_size)
     rank, world = distributed_rank_world()
@@ -114,9 +121,10 @@ def cmd_train_adjust(args: argparse.Namespace) -> None:
     from .adjust.train import AdjustTrainConfig, final_heldout, train_adjust
     from .models.loading import load_model
 
-    model = load_model(args.model, args.device)
+    model = load_model(args.model, args.device, family=args.family)
     cfg = AdjustTrainConfig(max_steps=args.max_steps, rollout=args.rollout, batch_size=args.batch_size, lr=args.lr,
                             warmup_steps=args.warmup_steps, input_form=args.input_form,
+                            output_layer=args.output_layer,
                             eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
                             remask_fraction=args.remask_fraction, device=args.device)
     head = train_adjust(model, args.trajectories, args.out, cfg)
@@ -128,14 +136,13 @@ def cmd_train_adjust(args: argparse.Namespace) -> None:
 
 def cmd_sample(args: argparse.Namespace) -> None:
     from .models.loading import load_model
-    from .sampling.loop import encode_prompts, generate
+    from .sampling.loop import encode_prompts, fill_length, generate
 
     if not args.out.endswith(".jsonl"):
         raise ValueError(f"--out must name a .jsonl file, got {args.out}")
-    model = load_model(args.model, args.device)
+    model = load_model(args.model, args.device, family=args.family)
     prompts = read_prompts(args.prompts) if args.prompts else None
-    longest = max(len(p) for p in encode_prompts(model, prompts)) if prompts else len(encode_prompts(model, [""])[0])
-    length = args.length or model.max_length - longest
+    length = args.length or fill_length(model, encode_prompts(model, prompts or [""]))
     config = sampling_config_from_args(args, length)
     sampler = build_sampler(args, model)
     result = generate(model, sampler, config, prompts=prompts, num=None if prompts else args.num)
@@ -169,7 +176,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     cfg = EvalConfig(samplers=_csv(args.samplers), tokens_per_step=_csv(args.tokens_per_step, int), num=args.num,
                      seed=args.seed, task=args.task, language=args.language, length=args.length,
                      choice=choice_from_args(args), batch_size=args.batch_size)
-    model = load_model(args.model, args.device)
+    model = load_model(args.model, args.device, family=args.family)
     head = AdjustHead.from_pretrained(args.adjust, model) if args.adjust else None
     scorer = CausalScorer.load(args.scorer, args.device) if args.scorer else None
     results = run_eval(model, cfg, args.out, adjust_head=head, scorer=scorer)
@@ -184,7 +191,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     if args.quick and args.full:
         raise ValueError("--quick and --full exclude each other")
-    run_demo(DemoConfig(workdir=Path(args.workdir), quick=args.quick, full=args.full, seed=args.seed))
+    run_demo(DemoConfig(workdir=Path(args.workdir), quick=args.quick, full=args.full, seed=args.seed,
+                        stages=_csv(args.stages) if args.stages else None))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=1024)
     p.add_argument("--tokenizer-from", default=None,
                    help="reuse the tokenizer and canvas length of this model dir (e.g. for the causal scorer)")
+    p.add_argument("--prompt-separator", default=None,
+                   help="documents are PROMPT SEP ANSWER: learn the answer given the prompt (e.g. '=' for the "
+                        "tasks corpus)")
+    p.add_argument("--random-canvas", action="store_true",
+                   help="cut each batch's canvas at a random length, so answers do not depend on where the canvas "
+                        "ends (use with --prompt-separator)")
     p.add_argument("--eval-every", type=_positive_int, default=250)
     p.add_argument("--save-every", type=_positive_int, default=500)
     p.add_argument("--seed", type=int, default=0)
@@ -217,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("sample", help="generate samples with one sampler")
-    p.add_argument("--model", required=True)
+    add_model_args(p)
     p.add_argument("--sampler", required=True,
                    help="sequential, parallel, adjust, threshold, eb, punt, edlm, apd; options as name:key=value, "
                         "e.g. punt:epsilon=0.05")
@@ -238,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("trajectories", help="collect K=1 trajectories of a base model (ADJUST training data)")
-    p.add_argument("--model", required=True)
+    add_model_args(p)
     p.add_argument("--out", required=True)
     p.add_argument("--num", "--num-trajectories", dest="num", type=_positive_int, default=1000,
                    help="under torchrun write --num-trajectories (torchrun reads --num as its --numa-binding)")
@@ -252,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_trajectories)
 
     p = sub.add_parser("train-adjust", help="train an ADJUST head on trajectories of a frozen base")
-    p.add_argument("--model", required=True)
+    add_model_args(p)
     p.add_argument("--trajectories", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--max-steps", type=_positive_int, default=1500)
@@ -261,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--input-form", default="concat", help="concat (paper) or sum")
+    p.add_argument("--output-layer", default="gain",
+                   help="gain (zero-init RMSNorm gain) or linear (zero-init d x d map; learns sparse signals, "
+                        "e.g. prompted tasks)")
     p.add_argument("--remask-fraction", type=float, default=0.0,
                    help="share of training states made by re-masking final samples at a random ratio")
     p.add_argument("--eval-every", type=_positive_int, default=250)
@@ -270,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_adjust)
 
     p = sub.add_parser("eval", help="quality and speed of samplers x tokens per step, with tables and plots")
-    p.add_argument("--model", required=True)
+    add_model_args(p)
     p.add_argument("--adjust", default=None, help="ADJUST head directory (needed for the adjust sampler)")
     p.add_argument("--scorer", default=None, help="causal scorer directory: NLL and MAUVE (and edlm/apd)")
     p.add_argument("--samplers", default="parallel,adjust",
@@ -292,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="seconds instead of minutes: tiny models, few samples")
     p.add_argument("--full", action="store_true", help="also the prompted-task stage (list operations, arithmetic)")
+    p.add_argument("--stages", default=None, help="run only these stages, e.g. tasks (default: all of the mode)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
     return parser

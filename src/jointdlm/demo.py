@@ -23,6 +23,7 @@ from .eval.runner import EvalConfig, format_table, run_eval
 from .models.causal import CausalScorer
 from .models.mdlm import BuiltinModel
 from .models.train import PretrainConfig, pretrain
+from .sampling.loop import encode_prompts, fill_length
 
 
 @dataclass(frozen=True)
@@ -41,14 +42,21 @@ class DemoStage:
     tokens_per_step: tuple[int, ...] = (1, 2, 3, 4, 8)
     batch_size: int = 64
     seq_len: int = 0
+    lr: float = 3e-3
+    prompt_separator: str | None = None
+    head_output_layer: str = "gain"
 
 
 FULL = (
     DemoStage("template", 20000, "tiny", 1024, 1500, 0, 4000, 1500, 500, language="template", batch_size=128),
     DemoStage("english", None, "tiny", 2048, 1000, 500, 1000, 800, 500, seq_len=48, tokens_per_step=(1, 2, 4, 8)),
 )
+# Prompt-conditioned training on a random canvas at lr 1e-3: with the whole document as target, or at lr 3e-3,
+# or on a fixed canvas, the small base scored 0-66% at K=1 (docs/results.md §4, benchmarks/task_training.py).
+# The head uses the linear output layer: with the zero gain it did not learn from these trajectories at all.
 EXTRA = (
-    DemoStage("tasks", 30000, "small", 1024, 3000, 0, 3000, 1500, 500, task="all", seq_len=24),
+    DemoStage("tasks", 30000, "small", 1024, 8000, 0, 3000, 3000, 500, task="all", seq_len=24, lr=1e-3,
+              prompt_separator="=", head_output_layer="linear"),
 )
 QUICK = (
     DemoStage("template", 3000, "tiny", 1024, 150, 0, 200, 60, 100, language="template", tokens_per_step=(1, 2, 4)),
@@ -62,6 +70,8 @@ class DemoConfig:
     quick: bool = False
     full: bool = False
     seed: int = 0
+    stages: tuple[str, ...] | None = None
+    """Run only the stages with these names (their corpus names); None runs every stage of the mode."""
 
 
 def _say(text: str) -> None:
@@ -86,7 +96,10 @@ def prepare_stage(stage: DemoStage, root: Path, seed: int) -> tuple[BuiltinModel
         _say(f"[{stage.corpus}] pre-training the built-in MDLM ({stage.preset}, {stage.pretrain_steps} steps)")
         pretrain(corpus, model_dir, PretrainConfig(preset=stage.preset, max_steps=stage.pretrain_steps,
                                                    vocab_size=stage.vocab_size, batch_size=stage.batch_size,
-                                                   seq_len=stage.seq_len, seed=seed, eval_every=500, save_every=500))
+                                                   seq_len=stage.seq_len, lr=stage.lr, seed=seed,
+                                                   prompt_separator=stage.prompt_separator,
+                                                   random_canvas=stage.prompt_separator is not None,
+                                                   eval_every=500, save_every=500))
     scorer = None
     if stage.scorer_steps:
         scorer_dir = root / "scorer"
@@ -101,23 +114,31 @@ def prepare_stage(stage: DemoStage, root: Path, seed: int) -> tuple[BuiltinModel
     if stage.task:
         from .data.tasks import make_examples
 
-        prompts = [e.prompt for e in make_examples(stage.task, stage.trajectories, seed=seed)]
-    longest = max(len(model.tokenizer.encode(p)) + 1 for p in prompts or [""])
-    _say(f"[{stage.corpus}] K=1 trajectories: {stage.trajectories} x {model.max_length - longest} tokens")
+        prompts = [e.prompt for e in make_examples(stage.task, stage.trajectories, seed=seed, split="train")]
+    length = fill_length(model, encode_prompts(model, prompts or [""]))
+    _say(f"[{stage.corpus}] K=1 trajectories: {stage.trajectories} x {length} tokens")
     collect_trajectories(model, root / "trajectories",
-                         TrajectoryConfig(num=stage.trajectories, length=model.max_length - longest, seed=seed,
+                         TrajectoryConfig(num=stage.trajectories, length=length, seed=seed,
                                           batch_size=256, shard_size=500), prompts=prompts)
     _say(f"[{stage.corpus}] training the ADJUST head ({stage.head_steps} steps)")
     every = max(50, stage.head_steps // 3)
     head = train_adjust(model, root / "trajectories", root / "adjust",
-                        AdjustTrainConfig(max_steps=stage.head_steps, seed=seed, eval_every=every, save_every=every))
+                        AdjustTrainConfig(max_steps=stage.head_steps, seed=seed, eval_every=every, save_every=every,
+                                          output_layer=stage.head_output_layer))
     return model, head, scorer
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, dict]:
     started = time.time()
     stages = QUICK if cfg.quick else FULL + (EXTRA if cfg.full else ())
+    if cfg.stages is not None:
+        unknown = set(cfg.stages) - {s.corpus for s in stages}
+        if unknown:
+            raise ValueError(f"no stage named {', '.join(sorted(unknown))} in this mode; stages: "
+                             f"{', '.join(s.corpus for s in stages)}")
+        stages = tuple(s for s in stages if s.corpus in cfg.stages)
     flags = " --quick" if cfg.quick else (" --full" if cfg.full else "")
+    flags += f" --stages {','.join(cfg.stages)}" if cfg.stages is not None else ""
     command = f"jointdlm demo{flags} --workdir {cfg.workdir} --seed {cfg.seed}"
     summary = {}
     for stage in stages:

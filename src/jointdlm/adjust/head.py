@@ -4,10 +4,15 @@ after tokens are written, so K tokens per base pass approximately follow the joi
     z  = proj(concat(RMSNorm(E(x)), RMSNorm(h)))      input_form="concat" (the paper's form)
     z  = h + proj(E(x))                               input_form="sum"    (the simpler form; docs/results.md)
     z  = Block(z)                                     one bidirectional block of the base family
-    h' = RMSNorm(z) + h                               residual onto the previous hidden state
+    h' = RMSNorm(z) + h                               output_layer="gain": residual onto the previous hidden
+    h' = W_out RMSNorm(z) + h                         output_layer="linear": through a d x d map first
     logits = base.lm_head(h')                         the frozen base head
 
-The output RMSNorm gain starts at zero, so an untrained head returns h unchanged: exactly naive parallel.
+Either way the last factor starts at zero (the RMSNorm gain, or W_out), so an untrained head returns h
+unchanged: exactly naive parallel. A zero gain is a d-vector that only learns where the block's random
+features already point somewhere useful; where the signal is sparse (prompted tasks, whose answers are mostly
+certain) it never leaves zero, while a zero W_out gets a full-rank gradient from the first step
+(docs/results.md §4).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from ..models.protocol import DiffusionLM
 HEAD_CONFIG_FILE = "adjust_config.json"
 HEAD_WEIGHTS_FILE = "adjust.safetensors"
 INPUT_FORMS = ("concat", "sum")
+OUTPUT_LAYERS = ("gain", "linear")
 
 
 @dataclass(frozen=True)
@@ -38,13 +44,16 @@ class AdjustHeadConfig:
     input_form: str = "concat"
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
+    output_layer: str = "gain"
 
     def __post_init__(self) -> None:
         if self.input_form not in INPUT_FORMS:
             raise ValueError(f"input_form must be one of {INPUT_FORMS}, got {self.input_form!r}")
+        if self.output_layer not in OUTPUT_LAYERS:
+            raise ValueError(f"output_layer must be one of {OUTPUT_LAYERS}, got {self.output_layer!r}")
 
     @classmethod
-    def for_base(cls, base: DiffusionLM, input_form: str = "concat") -> AdjustHeadConfig:
+    def for_base(cls, base: DiffusionLM, input_form: str = "concat", output_layer: str = "gain") -> AdjustHeadConfig:
         """One block of the base's own shape: from `base.block_shape()` where the base offers it (Hugging Face
         adapters), else from the built-in network's config."""
         if hasattr(base, "block_shape"):
@@ -56,7 +65,8 @@ class AdjustHeadConfig:
             mlp_hidden = getattr(net_config, "mlp_hidden", 4 * base.hidden_size)
             theta = getattr(net_config, "rope_theta", 10000.0)
         return cls(d_model=d_model, n_heads=n_heads, mlp_hidden=mlp_hidden,
-                   base_fingerprint=base.fingerprint(), input_form=input_form, rope_theta=theta)
+                   base_fingerprint=base.fingerprint(), input_form=input_form, rope_theta=theta,
+                   output_layer=output_layer)
 
 
 class AdjustHead(nn.Module):
@@ -72,10 +82,14 @@ class AdjustHead(nn.Module):
             self.proj = nn.Linear(d, d, bias=False)
         self.block = Block(d, config.n_heads, config.mlp_hidden, config.norm_eps)
         self.out_norm = nn.RMSNorm(d, eps=config.norm_eps)
+        self.out_proj = nn.Linear(d, d, bias=False) if config.output_layer == "linear" else None
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=0.02)
-        nn.init.zeros_(self.out_norm.weight)
+        if self.out_proj is None:
+            nn.init.zeros_(self.out_norm.weight)
+        else:
+            nn.init.zeros_(self.out_proj.weight)
 
     def forward(self, base: DiffusionLM, tokens: torch.Tensor, attention_mask: torch.Tensor | None,
                 hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +101,8 @@ class AdjustHead(nn.Module):
             z = hidden + self.proj(embedded)
         positions, mask = positions_and_mask(attention_mask, tokens.shape, False, tokens.device)
         rope = rotary_tables(positions, self.config.d_model // self.config.n_heads, self.config.rope_theta)
-        new_hidden = self.out_norm(self.block(z, rope, mask)) + hidden
+        update = self.out_norm(self.block(z, rope, mask))
+        new_hidden = (update if self.out_proj is None else self.out_proj(update)) + hidden
         return new_hidden, base.lm_head(new_hidden)
 
     def num_parameters(self) -> int:

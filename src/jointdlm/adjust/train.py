@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..models.protocol import DiffusionLM
 from ..sampling.rules import rank_of
 from ..validation import require_choice, require_positive
-from .head import INPUT_FORMS, AdjustHead, AdjustHeadConfig
+from .head import INPUT_FORMS, OUTPUT_LAYERS, AdjustHead, AdjustHeadConfig
 from .trajectories import Trajectories, load_trajectories
 
 STATE_FILE = "adjust_trainer_state.pt"
@@ -39,6 +39,9 @@ class AdjustTrainConfig:
     grad_clip: float = 1.0
     weight_decay: float = 0.0
     input_form: str = "concat"
+    output_layer: str = "gain"
+    """How the head's update reaches the hidden state: "gain" (a zero-init RMSNorm gain) or "linear" (a zero-init
+    d x d map, which learns where the signal is sparse; see adjust/head.py)."""
     eval_every: int = 250
     save_every: int = 250
     heldout: int = 64
@@ -52,6 +55,7 @@ class AdjustTrainConfig:
         if self.rollout < 2:
             raise ValueError(f"rollout must be >= 2 (depths 1..rollout-1), got {self.rollout}")
         require_choice("input_form", self.input_form, INPUT_FORMS)
+        require_choice("output_layer", self.output_layer, OUTPUT_LAYERS)
         require_positive(self, ("max_steps", "batch_size", "eval_every", "save_every"))
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
@@ -199,7 +203,7 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
     device = str(accelerator.device)
     base_fingerprint = base.fingerprint()
     state_path = out / STATE_FILE
-    head_config = AdjustHeadConfig.for_base(base, cfg.input_form)
+    head_config = AdjustHeadConfig.for_base(base, cfg.input_form, cfg.output_layer)
     torch.manual_seed(cfg.seed)
     head = AdjustHead(head_config)
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -299,12 +303,15 @@ def _trajectory_identity(data: Trajectories) -> dict:
 def _resume_problems(state: dict, wanted: dict) -> list[str]:
     """Why a saved trainer state cannot be continued by this run (empty when it can).
 
-    State files written before a key was recorded are not held to that key."""
+    State files written before a key was recorded are not held to that key, and a config field added since
+    counts as its default there (new fields default to the old behaviour)."""
     problems = []
+    defaults = {f.name: f.default for f in fields(AdjustTrainConfig)}
     old_cfg, new_cfg = _comparable(state["config"]), wanted["config"]
     for key in sorted(set(old_cfg) | set(new_cfg)):
-        if old_cfg.get(key) != new_cfg.get(key):
-            problems.append(f"{key}={old_cfg.get(key)!r} there, {new_cfg.get(key)!r} now")
+        old = old_cfg.get(key, defaults.get(key))
+        if old != new_cfg.get(key):
+            problems.append(f"{key}={old!r} there, {new_cfg.get(key)!r} now")
     if state.get("base_fingerprint", wanted["base_fingerprint"]) != wanted["base_fingerprint"]:
         problems.append(f"base model {state['base_fingerprint']} there, {wanted['base_fingerprint']} now")
     if state.get("trajectories", wanted["trajectories"]) != wanted["trajectories"]:

@@ -1,9 +1,11 @@
 """Short prompted tasks with one exactly checkable answer, small enough for the built-in models.
 
-ParallelBench-style list operations (copy, reverse, sort, insert, remove, replace) over a dozen short
-names, plus three-digit addition written digit by digit. In each answer some tokens depend on others
-(the order of a sorted list, a carry into the next digit), which is where filling positions
-independently goes wrong, and the score is exact match, so accuracy needs no judge.
+ParallelBench-style list operations (copy, reverse, sort, insert, remove, replace, shuffle) over a dozen
+short names, plus three-digit addition written digit by digit. Every task but `shuffle` has one right
+answer, scored by exact match. `shuffle` accepts any ordering of the given names: its answer is a
+distribution, so the names a model writes at different positions depend on each other (each name exactly
+once), which is what filling positions independently breaks. The check is exact either way, so accuracy
+needs no judge.
 
 Prompts look like `reverse : ann bob tom =` and a training document is the prompt, a space and the
 answer. Every prompt is assigned to the training or the held-out split by a stable hash of its text, so
@@ -59,8 +61,8 @@ def _parse(prompt: str) -> tuple[list[str], list[str]]:
 class Task(ABC):
     """One kind of prompt: how to draw one and how to answer any prompt of its kind.
 
-    `solve` computes the answer from the prompt text alone, so hand-written prompts can be checked and
-    the generator's answers are not taken on trust.
+    `solve` computes a right answer from the prompt text alone (the only one, except for `shuffle`), so
+    hand-written prompts can be checked and the generator's answers are not taken on trust.
     """
 
     name: str
@@ -71,11 +73,15 @@ class Task(ABC):
 
     @abstractmethod
     def solve(self, prompt: str) -> str:
-        """The one correct answer to a prompt of this task."""
+        """A correct answer to a prompt of this task."""
+
+    def answer(self, prompt: str, rng: random.Random) -> str:
+        """The answer a training document shows: a draw from the right answers (the one, for most tasks)."""
+        return self.solve(prompt)
 
     def make(self, rng: random.Random) -> TaskExample:
         prompt = self.draw(rng)
-        return TaskExample(self.name, prompt, self.solve(prompt))
+        return TaskExample(self.name, prompt, self.answer(prompt, rng))
 
     def score(self, example: TaskExample, prediction: str) -> bool:
         """Exact match, ignoring how whitespace is laid out around the words."""
@@ -173,6 +179,19 @@ class ReplaceTask(Task):
         return " ".join(items[:i] + [new] + items[i + 1 :])
 
 
+class ShuffleTask(CopyTask):
+    """Any ordering of the given names (the given one included) is right; documents show uniform draws."""
+
+    name = "shuffle"
+
+    def answer(self, prompt: str, rng: random.Random) -> str:
+        items = self._args(prompt, 0)[1]
+        return " ".join(rng.sample(items, len(items)))
+
+    def score(self, example: TaskExample, prediction: str) -> bool:
+        return sorted(normalize(prediction).split()) == sorted(self._args(example.prompt, 0)[1])
+
+
 class AddTask(Task):
     """Sum of two three-digit numbers, one token per digit, so a carry ties neighbouring answer tokens."""
 
@@ -202,7 +221,8 @@ def add_prompt(a: int, b: int) -> str:
 
 TASKS: dict[str, Task] = {
     task.name: task
-    for task in (CopyTask(), ReverseTask(), SortTask(), InsertTask(), RemoveTask(), ReplaceTask(), AddTask())
+    for task in (CopyTask(), ReverseTask(), SortTask(), InsertTask(), RemoveTask(), ReplaceTask(), ShuffleTask(),
+                 AddTask())
 }
 
 

@@ -19,7 +19,7 @@ import torch
 from ..models.causal import CausalScorer
 from ..models.protocol import DiffusionLM
 from ..sampling.base import TokenChoice
-from ..sampling.loop import Generation, SamplingConfig, encode_prompts, generate
+from ..sampling.loop import Generation, SamplingConfig, encode_prompts, fill_length, generate
 from ..sampling.registry import SAMPLERS, make_from_spec, parse_spec
 from . import metrics
 
@@ -56,7 +56,7 @@ def _prompts(cfg: EvalConfig):
         return None, None
     from ..data.tasks import make_examples
 
-    examples = make_examples(cfg.task, cfg.num, seed=10_000 + cfg.seed)
+    examples = make_examples(cfg.task, cfg.num, seed=10_000 + cfg.seed, split="heldout")
     return examples, [e.prompt for e in examples]
 
 
@@ -71,6 +71,13 @@ def _quality(cfg: EvalConfig, texts: list[str], reference: list[str], scorer: Ca
         out["tv_distance"] = asdict(metrics.total_variation(lang, texts))
     if examples is not None:
         out["accuracy"] = asdict(metrics.task_accuracy(examples, texts))
+        tasks = list(dict.fromkeys(e.task for e in examples))
+        if len(tasks) > 1:
+            by_task = {}
+            for task in tasks:
+                pairs = [(e, t) for e, t in zip(examples, texts, strict=True) if e.task == task]
+                by_task[task] = asdict(metrics.task_accuracy([e for e, _ in pairs], [t for _, t in pairs]))
+            out["accuracy_by_task"] = by_task
     if scorer is not None:
         out["nll"] = asdict(metrics.nll(scorer, texts))
         out["mauve"] = asdict(metrics.mauve_texts(scorer, reference, texts, seeds=cfg.mauve_seeds))
@@ -101,11 +108,10 @@ def run_eval(model: DiffusionLM, cfg: EvalConfig, out: str | Path, adjust_head=N
     """Run the grid, write results.json and results.md (and plots) into `out`, return the results."""
     for spec in cfg.samplers:
         make_from_spec(spec, head=adjust_head, scorer=scorer)
+    examples, prompts = _prompts(cfg)
+    length = cfg.length or fill_length(model, encode_prompts(model, prompts or [""]))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    examples, prompts = _prompts(cfg)
-    longest = max(len(p) for p in encode_prompts(model, prompts or [""]))
-    length = cfg.length or model.max_length - longest
 
     reference_path = out / REFERENCE_FILE
     reference_key = {"seed": cfg.seed + 1000, "num": cfg.num, "length": length, "task": cfg.task,
@@ -176,4 +182,12 @@ def format_table(results: dict) -> str:
                  f"{s['base_passes_per_sample']:.1f}", f"{s['extra_passes_per_sample']:.1f}",
                  f"{s['tokens_per_base_pass']:.2f}", f"{s['tokens_per_second']:.0f}", speedup]
         lines.append("| " + " | ".join(cells) + " |")
+    by_task = [r["quality"].get("accuracy_by_task") for r in rows]
+    if any(by_task):
+        tasks = list(next(t for t in by_task if t))
+        lines += ["", "| sampler | K | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 2)]
+        for r, accuracies in zip(rows, by_task, strict=True):
+            k = r["tokens_per_step"] if r["tokens_per_step"] is not None else "adaptive"
+            cells = [f"{accuracies[t]['value']:.2f}" if accuracies else "–" for t in tasks]
+            lines.append(f"| {r['sampler']} | {k} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

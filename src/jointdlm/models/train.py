@@ -49,6 +49,12 @@ class PretrainConfig:
     tokenizer_from: str | None = None
     """A model directory whose tokenizer (and canvas length) to reuse, e.g. so a causal scorer shares the
     diffusion model's tokenizer."""
+    prompt_separator: str | None = None
+    """Documents are PROMPT SEPARATOR ANSWER; train on the answer given the prompt (mdlm objective only)."""
+    random_canvas: bool = False
+    """Cut each batch's canvas at a random length (never inside a document), so the model does not tie where
+    an answer ends to where the canvas ends: prompted sampling gives every prompt the same number of masks,
+    so canvases end at different distances from the prompt."""
 
     def __post_init__(self) -> None:
         require_choice("preset", self.preset, PRESETS)
@@ -60,6 +66,11 @@ class PretrainConfig:
             raise ValueError("vocab_size must be >= 300 (256 bytes + special tokens + merges)")
         if not 0 < self.heldout_fraction < 0.5:
             raise ValueError("heldout_fraction must be in (0, 0.5)")
+        if self.prompt_separator is not None:
+            if not self.prompt_separator.strip():
+                raise ValueError("prompt_separator must contain a non-space character")
+            if self.objective != "mdlm":
+                raise ValueError("prompt_separator applies to the mdlm objective only")
 
 
 def read_documents(path: str | Path) -> list[str]:
@@ -73,13 +84,33 @@ def read_documents(path: str | Path) -> list[str]:
     return docs
 
 
-def encode_documents(tokenizer: BPETokenizer, docs: list[str], seq_len: int) -> torch.Tensor:
-    """(N, seq_len) rows of BOS + tokens + EOS + PAD..., cut at seq_len."""
+def split_prompt(doc: str, separator: str) -> tuple[str, str]:
+    """(prompt including the separator, answer) at the first occurrence of the separator."""
+    cut = doc.find(separator)
+    if cut < 0:
+        raise ValueError(f"document {doc[:60]!r} has no prompt separator {separator!r}")
+    cut += len(separator)
+    return doc[:cut], doc[cut:]
+
+
+def encode_documents(tokenizer: BPETokenizer, docs: list[str], seq_len: int,
+                     prompt_separator: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, seq_len) rows of BOS + tokens + EOS + PAD..., cut at seq_len, and per row how many leading tokens
+    are context that is never masked: BOS, plus the prompt when documents are prompt/answer pairs."""
     rows = torch.full((len(docs), seq_len), PAD_ID, dtype=torch.long)
+    context = torch.ones(len(docs), dtype=torch.long)
     for i, doc in enumerate(docs):
-        ids = [BOS_ID, *tokenizer.encode(doc), EOS_ID][:seq_len]
+        if prompt_separator is None:
+            ids = [BOS_ID, *tokenizer.encode(doc), EOS_ID][:seq_len]
+        else:
+            prompt, answer = split_prompt(doc, prompt_separator)
+            prompt_ids = [BOS_ID, *tokenizer.encode(prompt)]
+            if len(prompt_ids) >= seq_len:
+                raise ValueError(f"prompt of {doc[:60]!r} fills the whole canvas of {seq_len} tokens")
+            ids = [*prompt_ids, *tokenizer.encode(answer), EOS_ID][:seq_len]
+            context[i] = len(prompt_ids)
         rows[i, : len(ids)] = torch.tensor(ids)
-    return rows
+    return rows, context
 
 
 def auto_seq_len(tokenizer: BPETokenizer, docs: list[str], cap: int = 128) -> int:
@@ -89,22 +120,31 @@ def auto_seq_len(tokenizer: BPETokenizer, docs: list[str], cap: int = 128) -> in
     return min(cap, 8 * math.ceil(p95 / 8))
 
 
-def mdlm_loss(net: MaskedDiffusionTransformer, batch: torch.Tensor, generator: torch.Generator,
-              eps: float = 1e-3) -> torch.Tensor:
+def mdlm_loss(net: MaskedDiffusionTransformer, batch: torch.Tensor, context: torch.Tensor,
+              generator: torch.Generator, eps: float = 1e-3) -> torch.Tensor:
+    """The 1/t-weighted masked cross-entropy, averaged over the positions that may be masked."""
     b, t = batch.shape
     offsets = torch.rand((), generator=generator, device=batch.device)
     times = eps + (1 - eps) * ((offsets + torch.arange(b, device=batch.device) / b) % 1.0)
-    masked = torch.rand(b, t, generator=generator, device=batch.device) < times[:, None]
-    masked[:, 0] = False
+    maskable = torch.arange(t, device=batch.device)[None, :] >= context[:, None]
+    masked = (torch.rand(b, t, generator=generator, device=batch.device) < times[:, None]) & maskable
     noisy = torch.where(masked, torch.full_like(batch, MASK_ID), batch)
     logits, _ = net(noisy)
     ce = F.cross_entropy(logits.transpose(1, 2), batch, reduction="none")
-    return ((ce * masked) / times[:, None]).sum() / (b * (t - 1))
+    return ((ce * masked) / times[:, None]).sum() / maskable.sum()
 
 
-def ar_loss(net: MaskedDiffusionTransformer, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def ar_loss(net: MaskedDiffusionTransformer, batch: torch.Tensor, context: torch.Tensor,
+            generator: torch.Generator) -> torch.Tensor:
     logits, _ = net(batch)
     return F.cross_entropy(logits[:, :-1].transpose(1, 2), batch[:, 1:], ignore_index=PAD_ID)
+
+
+def random_cut(batch: torch.Tensor, generator: torch.Generator) -> int:
+    """A canvas length between the batch's longest document (through its EOS) and the full canvas."""
+    used = int((batch != PAD_ID).sum(-1).max())
+    high = batch.shape[1]
+    return used + int(torch.randint(high - used + 1, (), generator=generator, device=batch.device))
 
 
 def lr_at(step: int, cfg: PretrainConfig) -> float:
@@ -115,7 +155,8 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
 
 
 @torch.no_grad()
-def heldout_loss(net: MaskedDiffusionTransformer, data: torch.Tensor, objective: str, batch_size: int = 256) -> float:
+def heldout_loss(net: MaskedDiffusionTransformer, data: torch.Tensor, context: torch.Tensor, objective: str,
+                 batch_size: int = 256) -> float:
     """Fixed masks (seed 1234), so successive evaluations are comparable."""
     gen = torch.Generator(device=data.device).manual_seed(1234)
     loss_fn = mdlm_loss if objective == "mdlm" else ar_loss
@@ -124,7 +165,7 @@ def heldout_loss(net: MaskedDiffusionTransformer, data: torch.Tensor, objective:
     total, count = 0.0, 0
     for start in range(0, len(data), batch_size):
         chunk = data[start:start + batch_size]
-        total += loss_fn(net, chunk, gen).item() * len(chunk)
+        total += loss_fn(net, chunk, context[start:start + batch_size], gen).item() * len(chunk)
         count += len(chunk)
     net.train(was_training)
     return total / count
@@ -138,6 +179,9 @@ def pretrain(corpus: str | Path, out: str | Path, cfg: PretrainConfig) -> Builti
     """Train (or resume training of) a built-in model on a one-document-per-line corpus."""
     corpus, out = Path(corpus), Path(out)
     docs = read_documents(corpus)
+    if cfg.prompt_separator is not None:
+        for doc in docs:
+            split_prompt(doc, cfg.prompt_separator)
     torch.manual_seed(cfg.seed)
     state_path = out / STATE_FILE
     resume = state_path.exists()
@@ -159,13 +203,14 @@ def pretrain(corpus: str | Path, out: str | Path, cfg: PretrainConfig) -> Builti
             vocab_size=tokenizer.vocab_size, max_length=seq_len, causal=cfg.objective == "ar", **PRESETS[cfg.preset]))
     net.to(cfg.device).train()
 
-    data = encode_documents(tokenizer, docs, seq_len)
+    data, context = encode_documents(tokenizer, docs, seq_len, cfg.prompt_separator)
     split_gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(data), generator=split_gen)
     n_held = max(1, min(1000, int(cfg.heldout_fraction * len(data)))) if len(data) > 1 else 0
     heldout, train = data[order[:n_held]].to(cfg.device), data[order[n_held:]].to(cfg.device)
+    heldout_context, train_context = context[order[:n_held]].to(cfg.device), context[order[n_held:]].to(cfg.device)
     if len(train) == 0:
-        train = heldout
+        train, train_context = heldout, heldout_context
 
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     batch_gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed + 1)
@@ -193,7 +238,10 @@ def pretrain(corpus: str | Path, out: str | Path, cfg: PretrainConfig) -> Builti
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
             idx = torch.randint(len(train), (cfg.batch_size,), generator=batch_gen, device=cfg.device)
-            loss = loss_fn(net, train[idx], batch_gen)
+            batch = train[idx]
+            if cfg.random_canvas:
+                batch = batch[:, :random_cut(batch, batch_gen)]
+            loss = loss_fn(net, batch, train_context[idx], batch_gen)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
@@ -203,7 +251,7 @@ def pretrain(corpus: str | Path, out: str | Path, cfg: PretrainConfig) -> Builti
             bar.update(1)
             bar.set_postfix(loss=f"{running:.3f}")
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                held = heldout_loss(net, heldout, cfg.objective)
+                held = heldout_loss(net, heldout, heldout_context, cfg.objective)
                 record = {"step": step, "train_loss": running, "heldout_loss": held,
                           "elapsed_s": round(time.time() - start_time, 1)}
                 log.write(json.dumps(record) + "\n")

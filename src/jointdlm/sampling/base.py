@@ -74,7 +74,10 @@ class StepContext:
 
 @dataclass(frozen=True)
 class StepResult:
-    """Positions to fill (B, T bool), the ids to write there, and the passes it cost."""
+    """Positions to fill (B, T bool), the ids to write there, and the passes it cost.
+
+    `base_passes` counts every forward pass of the base model (the NFE); `extra_passes` counts passes of a
+    smaller network beside it (an ADJUST head, an autoregressive scorer)."""
 
     fill: torch.Tensor
     tokens: torch.Tensor

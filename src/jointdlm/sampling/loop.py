@@ -115,6 +115,15 @@ def encode_prompts(model: DiffusionLM, prompts: Sequence[str]) -> list[list[int]
     return [bos + model.tokenizer.encode(p) for p in prompts]
 
 
+def fill_length(model: DiffusionLM, prefixes: Sequence[Sequence[int]]) -> int:
+    """How many tokens fill the model's canvas after the longest prefix (BOS + prompt)."""
+    longest = max((len(p) for p in prefixes), default=0)
+    if longest >= model.max_length:
+        raise ValueError(f"prompts of up to {longest} tokens leave no room to generate in the model's canvas of "
+                         f"{model.max_length} tokens")
+    return model.max_length - longest
+
+
 def build_canvas(model: DiffusionLM, prefixes: Sequence[Sequence[int]],
                  length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Left-padded canvas (B, P + length), its attention mask, and P (where generation starts)."""

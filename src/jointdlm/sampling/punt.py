@@ -17,7 +17,8 @@ Why the rounds look like this:
 
 Written as "anchor when bit b is set", this is the same scheme with each code the bitwise complement of
 the rank. A dropped position stays masked. Cost: ceil(log2 |M|) extra batched passes at most; rounds with
-nothing left to test are skipped.
+nothing left to test are skipped. Test passes are full passes of the base model, so they are counted as base
+passes (the NFE), not as cheap extra passes.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class PUNTSampler:
             dependent = kl_divergence(logprobs[rows], conditioned) > self.config.epsilon
             alive[rows] &= ~(tested[rows] & dependent)
             passes += 1
-        return StepResult(fill=alive, tokens=candidates, base_passes=1, extra_passes=passes)
+        return StepResult(fill=alive, tokens=candidates, base_passes=1 + passes, extra_passes=0)
 
 
 def kl_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
