@@ -82,10 +82,11 @@ class AdjustHead(nn.Module):
             self.proj = nn.Linear(d, d, bias=False)
         self.block = Block(d, config.n_heads, config.mlp_hidden, config.norm_eps)
         self.out_norm = nn.RMSNorm(d, eps=config.norm_eps)
-        self.out_proj = nn.Linear(d, d, bias=False) if config.output_layer == "linear" else None
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=0.02)
+        # Built after the other layers are drawn, so both output layers share one initialisation of the rest.
+        self.out_proj = nn.Linear(d, d, bias=False) if config.output_layer == "linear" else None
         if self.out_proj is None:
             nn.init.zeros_(self.out_norm.weight)
         else:
