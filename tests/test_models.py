@@ -389,3 +389,7 @@ def test_pretrain_with_prompts_through_the_cli(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "no prompt separator" in err[-1]
     assert not (tmp_path / "bad").exists(), "a rejected corpus must leave nothing behind"
+    code = main(["pretrain", "--corpus", str(corpus), "--out", str(tmp_path / "short"), "--preset", "tiny",
+                 "--max-steps", "2", "--vocab-size", "300", "--seq-len", "4", "--prompt-separator", "="])
+    assert code == 2 and "fills the whole canvas" in capsys.readouterr().err
+    assert not (tmp_path / "short").exists()

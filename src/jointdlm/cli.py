@@ -103,11 +103,11 @@ def build_sampler(args: argparse.Namespace, model):
 def cmd_trajectories(args: argparse.Namespace) -> None:
     from .adjust.trajectories import TrajectoryConfig, collect_trajectories, distributed_rank_world
     from .models.loading import load_model
-    from .sampling.loop import encode_prompts, fill_length
+    from .sampling.loop import fill_length
 
     model = load_model(args.model, args.device, family=args.family)
     prompts = read_prompts(args.prompts) if args.prompts else None
-    length = args.length or fill_length(model, encode_prompts(model, prompts or [""]))
+    length = args.length or fill_length(model, prompts)
     cfg = TrajectoryConfig(num=args.num, length=length,
                            temperature=args.temperature, rule=args.rule, top_p=args.top_p, top_k=args.top_k,
                            seed=args.seed, shard_size=args.shard_size, batch_size=args.batch_size)
@@ -136,13 +136,13 @@ def cmd_train_adjust(args: argparse.Namespace) -> None:
 
 def cmd_sample(args: argparse.Namespace) -> None:
     from .models.loading import load_model
-    from .sampling.loop import encode_prompts, fill_length, generate
+    from .sampling.loop import fill_length, generate
 
     if not args.out.endswith(".jsonl"):
         raise ValueError(f"--out must name a .jsonl file, got {args.out}")
     model = load_model(args.model, args.device, family=args.family)
     prompts = read_prompts(args.prompts) if args.prompts else None
-    length = args.length or fill_length(model, encode_prompts(model, prompts or [""]))
+    length = args.length or fill_length(model, prompts)
     config = sampling_config_from_args(args, length)
     sampler = build_sampler(args, model)
     result = generate(model, sampler, config, prompts=prompts, num=None if prompts else args.num)

@@ -23,7 +23,7 @@ from .eval.runner import EvalConfig, format_table, run_eval
 from .models.causal import CausalScorer
 from .models.mdlm import BuiltinModel
 from .models.train import PretrainConfig, pretrain
-from .sampling.loop import encode_prompts, fill_length
+from .sampling.loop import fill_length
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ def prepare_stage(stage: DemoStage, root: Path, seed: int) -> tuple[BuiltinModel
         from .data.tasks import make_examples
 
         prompts = [e.prompt for e in make_examples(stage.task, stage.trajectories, seed=seed, split="train")]
-    length = fill_length(model, encode_prompts(model, prompts or [""]))
+    length = fill_length(model, prompts)
     _say(f"[{stage.corpus}] K=1 trajectories: {stage.trajectories} x {length} tokens")
     collect_trajectories(model, root / "trajectories",
                          TrajectoryConfig(num=stage.trajectories, length=length, seed=seed,

@@ -19,7 +19,7 @@ import torch
 from ..models.causal import CausalScorer
 from ..models.protocol import DiffusionLM
 from ..sampling.base import TokenChoice
-from ..sampling.loop import Generation, SamplingConfig, encode_prompts, fill_length, generate
+from ..sampling.loop import Generation, SamplingConfig, fill_length, generate
 from ..sampling.registry import SAMPLERS, make_from_spec, parse_spec
 from . import metrics
 
@@ -109,7 +109,7 @@ def run_eval(model: DiffusionLM, cfg: EvalConfig, out: str | Path, adjust_head=N
     for spec in cfg.samplers:
         make_from_spec(spec, head=adjust_head, scorer=scorer)
     examples, prompts = _prompts(cfg)
-    length = cfg.length or fill_length(model, encode_prompts(model, prompts or [""]))
+    length = cfg.length or fill_length(model, prompts)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 

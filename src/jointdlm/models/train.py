@@ -179,9 +179,6 @@ def pretrain(corpus: str | Path, out: str | Path, cfg: PretrainConfig) -> Builti
     """Train (or resume training of) a built-in model on a one-document-per-line corpus."""
     corpus, out = Path(corpus), Path(out)
     docs = read_documents(corpus)
-    if cfg.prompt_separator is not None:
-        for doc in docs:
-            split_prompt(doc, cfg.prompt_separator)
     torch.manual_seed(cfg.seed)
     state_path = out / STATE_FILE
     resume = state_path.exists()
@@ -191,7 +188,6 @@ def pretrain(corpus: str | Path, out: str | Path, cfg: PretrainConfig) -> Builti
         net.requires_grad_(True)
         seq_len = net.config.max_length
     else:
-        out.mkdir(parents=True, exist_ok=True)
         if cfg.tokenizer_from:
             tokenizer = BPETokenizer.load(cfg.tokenizer_from)
             donor = json.loads((Path(cfg.tokenizer_from) / "config.json").read_text())
@@ -204,6 +200,7 @@ def pretrain(corpus: str | Path, out: str | Path, cfg: PretrainConfig) -> Builti
     net.to(cfg.device).train()
 
     data, context = encode_documents(tokenizer, docs, seq_len, cfg.prompt_separator)
+    out.mkdir(parents=True, exist_ok=True)  # only once the corpus is known to encode, so bad input leaves nothing
     split_gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(data), generator=split_gen)
     n_held = max(1, min(1000, int(cfg.heldout_fraction * len(data)))) if len(data) > 1 else 0

@@ -115,9 +115,9 @@ def encode_prompts(model: DiffusionLM, prompts: Sequence[str]) -> list[list[int]
     return [bos + model.tokenizer.encode(p) for p in prompts]
 
 
-def fill_length(model: DiffusionLM, prefixes: Sequence[Sequence[int]]) -> int:
-    """How many tokens fill the model's canvas after the longest prefix (BOS + prompt)."""
-    longest = max((len(p) for p in prefixes), default=0)
+def fill_length(model: DiffusionLM, prompts: Sequence[str] | None) -> int:
+    """How many tokens fill the model's canvas after the longest prompt (with BOS); None = unconditional."""
+    longest = max(len(p) for p in encode_prompts(model, prompts or [""]))
     if longest >= model.max_length:
         raise ValueError(f"prompts of up to {longest} tokens leave no room to generate in the model's canvas of "
                          f"{model.max_length} tokens")
