@@ -54,14 +54,29 @@ def template_workdir(tmp_path_factory) -> Path:
     return Path(cache) / "quality" if cache else tmp_path_factory.mktemp("quality")
 
 
-@pytest.fixture(scope="session")
-def template_model(template_workdir: Path) -> BuiltinModel:
-    """The `tiny` preset trained 1500 steps on 20,000 template sentences (~1.5 min on 2 cores): it has learned
-    the language (K=1 validity ~0.97), which the statistical tests need."""
-    if not (template_workdir / "model" / "training_done.json").exists():
-        write_corpus("template", template_workdir / "corpus.txt", num=20000, seed=0)
+def language_model(workdir: Path, language: str) -> BuiltinModel:
+    """The `tiny` preset trained 1500 steps on 20,000 sentences of a toy language (~1.5 min on 2 cores): it has
+    learned the language (K=1 validity ~0.97), which the statistical tests need."""
+    if not (workdir / "model" / "training_done.json").exists():
+        write_corpus(language, workdir / "corpus.txt", num=20000, seed=0)
         with threads(os.cpu_count() or 1):
-            pretrain(template_workdir / "corpus.txt", template_workdir / "model",
+            pretrain(workdir / "corpus.txt", workdir / "model",
                      PretrainConfig(preset="tiny", max_steps=1500, vocab_size=1024, batch_size=128, progress=False,
                                     eval_every=500, save_every=1500))
-    return BuiltinModel.load(template_workdir / "model")
+    return BuiltinModel.load(workdir / "model")
+
+
+@pytest.fixture(scope="session")
+def template_model(template_workdir: Path) -> BuiltinModel:
+    return language_model(template_workdir, "template")
+
+
+@pytest.fixture(scope="session")
+def choice_workdir(tmp_path_factory) -> Path:
+    cache = os.environ.get("JOINTDLM_FIXTURE_CACHE")
+    return Path(cache) / "choice" if cache else tmp_path_factory.mktemp("choice")
+
+
+@pytest.fixture(scope="session")
+def choice_model(choice_workdir: Path) -> BuiltinModel:
+    return language_model(choice_workdir, "choice")

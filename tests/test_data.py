@@ -39,14 +39,14 @@ def test_samples_are_valid_and_seeded(lang):
 def test_support_is_exact_distribution(lang):
     support = list(lang.strings())
     assert len(support) == len(set(support)) == lang.num_strings()
-    assert 2000 <= lang.num_strings() <= 5000
-    assert all(len(s.split()) <= 16 for s in support)
+    assert 500 <= lang.num_strings() <= 25_000
+    assert all(len(s.split()) <= 22 for s in support)
     assert logsumexp([lang.log_prob(s) for s in support]) == pytest.approx(0.0, abs=1e-9)
     assert tv_distance(lang, support) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_words_are_plain_lowercase(lang):
-    assert all(w in {",", "."} or (w.isascii() and w.isalpha() and w.islower()) for w in lang.vocabulary())
+    assert all(w in {",", ".", ";"} or (w.isascii() and w.isalpha() and w.islower()) for w in lang.vocabulary())
 
 
 def test_validity_normalises_whitespace(lang):
@@ -162,7 +162,7 @@ def test_code_encoding_round_trip():
 
 
 def test_corpus_errors(tmp_path):
-    assert set(CORPORA) == {"template", "agreement", "english", "code", "tasks"}
+    assert set(CORPORA) == {*LANGUAGES, "english", "code", "tasks"} and len(LANGUAGES) == 6
     with pytest.raises(ValueError, match="valid names"):
         write_corpus("klingon", tmp_path / "x.txt")
     with pytest.raises(ValueError, match="no documents"):
@@ -176,3 +176,23 @@ def test_corpus_errors(tmp_path):
         read_corpus(empty)
     with pytest.raises(ValueError, match="valid names"):
         get_language("klingon")
+
+
+def test_choice_and_permutation_languages_encode_their_dependencies():
+    choice, permutation = get_language("choice"), get_language("permutation")
+    good = "anna the baker kneads the dough with her rolling pin in the bakery at dawn ."
+    assert choice.is_valid(good)
+    assert not choice.is_valid(good.replace("her", "his"))            # the name fixes the pronoun
+    assert not choice.is_valid(good.replace("bakery", "forge"))       # the job fixes the place
+    assert not choice.is_valid(good.replace("at dawn", "every dawn"))  # the time is one of four phrases
+    listed = "the planets are venus , mars , mercury , saturn and jupiter ."
+    assert permutation.is_valid(listed)
+    assert not permutation.is_valid(listed.replace("venus", "mars"))  # each member once
+    assert not permutation.is_valid(listed.replace("venus", "oak"))   # members of the header's group only
+    assert permutation.num_strings() == 6 * 120
+    seating = get_language("seating")
+    assert seating.num_strings() == 8 * 7 * 6 * 5
+    assert not seating.is_valid("at the table sit ada , ada , ben and cy , each on one chair .")
+    binding = get_language("binding")
+    text = binding.sample(1, seed=0)[0].split()
+    assert text[1] == text[10] == text[14] and text[5] == text[12] == text[16] and text[-2] not in (text[1], text[5])

@@ -108,10 +108,27 @@ def test_accuracy_per_task_in_results_and_table():
 
     examples = make_examples(["copy", "reverse"], 6, seed=0)
     texts = [e.answer if e.task == "copy" else "wrong" for e in examples]
-    quality = _quality(EvalConfig(task="all", num=6), texts, texts, None, examples)
+    quality = _quality(EvalConfig(task="all", num=6), texts, texts, None, examples, model=None)
     assert quality["accuracy"]["value"] == 0.5
     assert {t: a["value"] for t, a in quality["accuracy_by_task"].items()} == {"copy": 1.0, "reverse": 0.0}
     speed = {"base_passes_per_sample": 1.0, "extra_passes_per_sample": 0.0, "tokens_per_base_pass": 1.0,
              "tokens_per_second": 1.0, "speedup_vs_k1": None}
     table = format_table({"rows": [{"sampler": "parallel", "tokens_per_step": 2, "quality": quality, "speed": speed}]})
     assert "| sampler | K | copy | reverse |" in table and "| parallel | 2 | 1.00 | 0.00 |" in table
+
+
+def test_without_a_quality_source_mauve_uses_the_base_features(tiny_model, tmp_path):
+    """No language, task or scorer: the grid still compares every row with the K=1 reference."""
+    cfg = EvalConfig(samplers=("parallel",), tokens_per_step=(1, 4), num=40, batch_size=40, mauve_seeds=(0,))
+    results = run_eval(tiny_model, cfg, tmp_path)
+    for row in results["rows"]:
+        est = row["quality"]["mauve_base"]
+        assert 0.0 <= est["low"] <= est["value"] <= est["high"] <= 1.0
+    assert "mauve_base" in (tmp_path / "results.md").read_text()
+
+
+def test_sequential_in_the_sampler_list_is_the_k1_row(tiny_model, tmp_path):
+    cfg = EvalConfig(samplers=("sequential", "parallel"), tokens_per_step=(1, 2), num=8, language="template",
+                     batch_size=8)
+    rows = [(r["sampler"], r["tokens_per_step"]) for r in run_eval(tiny_model, cfg, tmp_path)["rows"]]
+    assert rows == [("sequential", 1), ("parallel", 2)]

@@ -14,6 +14,7 @@ import pytest
 import torch
 import transformers
 
+from jointdlm import cli
 from jointdlm.adjust.head import AdjustHead, AdjustHeadConfig
 from jointdlm.models.hf import (
     FAMILIES,
@@ -215,9 +216,31 @@ def remote_dir(tiny_dir, tmp_path_factory) -> Path:
     return target
 
 
+def test_remote_code_runs_only_when_trusted(remote_dir, tmp_path, capsys):
+    """A checkpoint's own Python is never imported without the opt-in; the error names the flag and the files."""
+    marked = tmp_path / "marked"
+    shutil.copytree(remote_dir, marked)
+    marker = tmp_path / "imported.txt"
+    (marked / "modeling_tinydream.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n" + REMOTE_MODEL)
+    with pytest.raises(ValueError, match=r"ships its own Python code \(configuration_tinydream.py, "
+                                         r"modeling_tinydream.py\).*--trust-remote-code"):
+        load_model(marked)
+    with pytest.raises(ValueError, match="trust-remote-code"):
+        load_model(marked, family="dream")
+    code = cli.main(["sample", "--model", str(marked), "--sampler", "parallel", "--num", "1",
+                     "--out", str(tmp_path / "o.jsonl")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--trust-remote-code" in err
+    assert not marker.exists() and not (tmp_path / "o.jsonl").exists()
+    with pytest.warns(UserWarning, match="mask id is 151666"):
+        load_model(marked, trust_remote_code=True)
+    assert marker.read_text() == "ran"
+
+
 def test_load_model_detects_remote_code_family(remote_dir, shifted):
     with pytest.warns(UserWarning, match="mask id is 151666"):
-        model = load_model(remote_dir)
+        model = load_model(remote_dir, trust_remote_code=True)
     assert type(model.model).__name__ == "DreamModel" and model.family is FAMILIES["dream"]
     tokens = canvas(model)
     with torch.no_grad():

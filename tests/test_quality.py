@@ -1,7 +1,9 @@
-"""The phenomenon and the fix, measured on the template language whose valid strings are known exactly.
+"""The phenomenon and the fix, measured on toy languages whose valid strings are known exactly.
 
-One base model (the `tiny` preset, ~1.5 CPU minutes), its K=1 trajectories and one ADJUST head are built
-once for the module. With 1000 samples per sampler the standard error of a validity rate is at most 0.016.
+Template language: one base (the `tiny` preset, ~1.5 CPU minutes), its K=1 trajectories and one ADJUST head
+trained with the default recipe. Choice language (not the one the recipe was first measured on): two heads of
+different seeds, each of which must recover most of what naive parallel loses. With 1000 (template) and 500
+(choice) samples per sampler, the standard error of a validity rate is at most 0.016 / 0.022.
 Set JOINTDLM_FIXTURE_CACHE=DIR to keep the trained fixtures between runs while iterating.
 """
 
@@ -21,6 +23,8 @@ from jointdlm.sampling.loop import SamplingConfig, generate
 from jointdlm.sampling.registry import make_sampler
 
 SAMPLES = 1000
+# The default recipe with a cap on steps, so the suite stays within its time budget.
+RECIPE = AdjustTrainConfig(max_steps=2000, progress=False)
 
 pytestmark = pytest.mark.slow
 
@@ -35,20 +39,25 @@ def base(template_model: BuiltinModel) -> BuiltinModel:
     return template_model
 
 
+def trained_head(base: BuiltinModel, workdir: Path, seed: int, trajectories: int) -> AdjustHead:
+    collect_trajectories(base, workdir / "trajectories",
+                         TrajectoryConfig(num=trajectories, length=base.max_length - 1, batch_size=256,
+                                          shard_size=1024, progress=False))
+    return train_adjust(base, workdir / "trajectories", workdir / f"adjust-seed{seed}",
+                        AdjustTrainConfig(**{**RECIPE.__dict__, "seed": seed}))
+
+
 @pytest.fixture(scope="module")
 def head(base: BuiltinModel, workdir: Path) -> AdjustHead:
-    collect_trajectories(base, workdir / "trajectories",
-                         TrajectoryConfig(num=4000, length=base.max_length - 1, batch_size=256, shard_size=1024,
-                                          progress=False))
-    return train_adjust(base, workdir / "trajectories", workdir / "adjust",
-                        AdjustTrainConfig(max_steps=1500, lr=3e-3, rollout=4, eval_every=1500, save_every=1500,
-                                          progress=False))
+    return trained_head(base, workdir, 0, 4000)
 
 
-def validity(base: BuiltinModel, sampler_name: str, k: int, seed: int = 1, **options) -> float:
+def validity(base: BuiltinModel, sampler_name: str, k: int, seed: int = 1, num: int = SAMPLES,
+             language: str = "template", **options) -> float:
     config = SamplingConfig(length=base.max_length - 1, tokens_per_step=k, seed=seed, batch_size=500)
-    texts = generate(base, make_sampler(sampler_name, **options), config, num=SAMPLES).texts
-    return validity_rate(get_language("template"), texts)
+    with torch.no_grad():
+        texts = generate(base, make_sampler(sampler_name, **options), config, num=num).texts
+    return validity_rate(get_language(language), texts)
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +81,13 @@ def test_naive_parallel_loses_validity(rates: dict[str, float]) -> None:
 
 def test_adjust_recovers_most_of_the_lost_validity(rates: dict[str, float]) -> None:
     recovered = (rates["adjust4"] - rates["naive4"]) / (rates["k1"] - rates["naive4"])
-    assert recovered >= 0.80, {**rates, "recovered": recovered}
+    assert recovered >= 0.85, {**rates, "recovered": recovered}
 
 
 def test_heldout_kl_of_head_is_a_fraction_of_stale_marginals(head: AdjustHead, workdir: Path) -> None:
-    scores = final_heldout(workdir / "adjust")
+    scores = final_heldout(workdir / "adjust-seed0")
     depth3 = scores["3"]
-    assert depth3["head_kl"] <= depth3["stale_kl"] / 5, scores
+    assert depth3["head_kl"] <= depth3["stale_kl"] / 20, scores
 
 
 def test_untrained_head_is_naive_parallel(base: BuiltinModel, head: AdjustHead) -> None:
@@ -95,3 +104,19 @@ def test_trained_head_changes_the_outputs(base: BuiltinModel, head: AdjustHead) 
         naive = generate(base, make_sampler("parallel"), config, num=64).tokens
         adjusted = generate(base, make_sampler("adjust", head=head), config, num=64).tokens
     assert naive != adjusted
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_default_recipe_recovers_validity_on_another_language(choice_model: BuiltinModel, choice_workdir: Path,
+                                                             seed: int) -> None:
+    """Each head seed on its own must recover most of naive parallel's loss at K=4 on the choice language."""
+    head = trained_head(choice_model, choice_workdir, seed, 2000)
+    num = 500
+    k1 = validity(choice_model, "sequential", 1, num=num, language="choice")
+    naive = validity(choice_model, "parallel", 4, num=num, language="choice")
+    adjust = validity(choice_model, "adjust", 4, num=num, language="choice", head=head)
+    recovered = (adjust - naive) / (k1 - naive)
+    print(f"\nchoice, head seed {seed}: K=1 {k1:.3f}, naive K=4 {naive:.3f}, ADJUST K=4 {adjust:.3f}, "
+          f"recovered {recovered:.0%}")
+    assert k1 >= 0.9 and naive <= 0.3
+    assert recovered >= 0.75

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from .sampling.base import TokenChoice
 from .sampling.loop import SamplingConfig
 
@@ -33,7 +35,11 @@ def read_prompts(path: str) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"prompts file {p} does not exist")
-    prompts = [line.rstrip("\n") for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"prompts file {p} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    prompts = [line.rstrip("\n") for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"prompts file {p} has no prompts")
     return prompts
@@ -43,6 +49,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model directory (built-in, or a LLaDA / Dream checkpoint)")
     parser.add_argument("--family", default=None,
                         help="force a Hugging Face family (llada, dream) instead of detecting it from config.json")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow a checkpoint's own Python files (LLaDA, Dream) to run; off by default because "
+                             "a downloaded checkpoint is untrusted code")
 
 
 def add_choice_args(parser: argparse.ArgumentParser) -> None:
@@ -77,7 +86,10 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def sampling_config_from_args(args: argparse.Namespace, length: int) -> SamplingConfig:
-    return SamplingConfig(length=length, tokens_per_step=args.tokens_per_step, steps=args.steps,
+    if args.steps is not None and args.tokens_per_step is not None:
+        raise ValueError("--steps and --tokens-per-step both fix how many tokens each step unmasks; give one")
+    k = 1 if args.tokens_per_step is None else args.tokens_per_step
+    return SamplingConfig(length=length, tokens_per_step=k, steps=args.steps,
                           block_length=args.block_length, choice=choice_from_args(args), seed=args.seed,
                           batch_size=args.batch_size, record_history=args.history, progress=True)
 
@@ -105,7 +117,7 @@ def cmd_trajectories(args: argparse.Namespace) -> None:
     from .models.loading import load_model
     from .sampling.loop import fill_length
 
-    model = load_model(args.model, args.device, family=args.family)
+    model = load_model(args.model, args.device, family=args.family, trust_remote_code=args.trust_remote_code)
     prompts = read_prompts(args.prompts) if args.prompts else None
     length = args.length or fill_length(model, prompts)
     cfg = TrajectoryConfig(num=args.num, length=length,
@@ -118,20 +130,19 @@ def cmd_trajectories(args: argparse.Namespace) -> None:
 
 
 def cmd_train_adjust(args: argparse.Namespace) -> None:
-    from .adjust.train import AdjustTrainConfig, final_heldout, train_adjust
+    from .adjust.train import AdjustTrainConfig, format_verdict, read_verdict, train_adjust
     from .models.loading import load_model
 
-    model = load_model(args.model, args.device, family=args.family)
+    model = load_model(args.model, args.device, family=args.family, trust_remote_code=args.trust_remote_code)
     cfg = AdjustTrainConfig(max_steps=args.max_steps, rollout=args.rollout, batch_size=args.batch_size, lr=args.lr,
-                            warmup_steps=args.warmup_steps, input_form=args.input_form,
-                            output_layer=args.output_layer,
-                            eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
-                            remask_fraction=args.remask_fraction, device=args.device)
+                            warmup_steps=args.warmup_steps, onpolicy_rounds=args.onpolicy_rounds, focus=args.focus,
+                            patience=args.patience, eval_every=args.eval_every, save_every=args.save_every,
+                            seed=args.seed, device=args.device)
     head = train_adjust(model, args.trajectories, args.out, cfg)
-    scores = final_heldout(args.out) or {}
-    summary = ", ".join(f"depth {d}: {v['head_kl']:.4f} vs stale {v['stale_kl']:.4f}" for d, v in scores.items())
-    print(f"saved {head.num_parameters():,}-parameter ADJUST head to {args.out}; held-out KL {summary}",
-          file=sys.stderr)
+    verdict = read_verdict(args.out)
+    print(f"saved {head.num_parameters():,}-parameter ADJUST head to {args.out}", file=sys.stderr)
+    if verdict is not None:
+        print(format_verdict(verdict), file=sys.stderr)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -140,7 +151,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     if not args.out.endswith(".jsonl"):
         raise ValueError(f"--out must name a .jsonl file, got {args.out}")
-    model = load_model(args.model, args.device, family=args.family)
+    model = load_model(args.model, args.device, family=args.family, trust_remote_code=args.trust_remote_code)
     prompts = read_prompts(args.prompts) if args.prompts else None
     length = args.length or fill_length(model, prompts)
     config = sampling_config_from_args(args, length)
@@ -154,7 +165,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
         rows.append(row)
     write_jsonl_atomic(Path(args.out), rows)
     c = result.counters
-    print(f"{args.sampler} K={args.tokens_per_step}: {c.samples} samples x {length} tokens, "
+    schedule = f"steps={args.steps}" if args.steps is not None else f"K={config.tokens_per_step}"
+    print(f"{args.sampler} {schedule}: {c.samples} samples x {length} tokens, "
           f"NFE {c.base_passes:.1f}/sample, extra passes {c.extra_passes:.1f}/sample, "
           f"{c.tokens_per_base_pass:.2f} tokens/pass, {c.tokens_per_second:.1f} tokens/s, "
           f"{c.wall_time_s:.2f}s -> {args.out}", file=sys.stderr)
@@ -176,7 +188,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     cfg = EvalConfig(samplers=_csv(args.samplers), tokens_per_step=_csv(args.tokens_per_step, int), num=args.num,
                      seed=args.seed, task=args.task, language=args.language, length=args.length,
                      choice=choice_from_args(args), batch_size=args.batch_size)
-    model = load_model(args.model, args.device, family=args.family)
+    model = load_model(args.model, args.device, family=args.family, trust_remote_code=args.trust_remote_code)
     head = AdjustHead.from_pretrained(args.adjust, model) if args.adjust else None
     scorer = CausalScorer.load(args.scorer, args.device) if args.scorer else None
     results = run_eval(model, cfg, args.out, adjust_head=head, scorer=scorer)
@@ -195,9 +207,16 @@ def cmd_demo(args: argparse.Namespace) -> None:
                         stages=_csv(args.stages) if args.stages else None))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is the same one `jointdlm: error:` line as every other error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"jointdlm: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jointdlm", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="jointdlm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("corpus", help="write a corpus file (one document per line)")
     p.add_argument("name", help="template, agreement, english or code")
@@ -235,8 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", required=True,
                    help="sequential, parallel, adjust, threshold, eb, punt, edlm, apd; options as name:key=value, "
                         "e.g. punt:epsilon=0.05")
-    p.add_argument("--tokens-per-step", type=int, default=1)
-    p.add_argument("--steps", type=int, default=None, help="total steps instead of a fixed tokens-per-step")
+    p.add_argument("--tokens-per-step", type=int, default=None, help="K, tokens unmasked per step (default 1)")
+    p.add_argument("--steps", type=int, default=None, help="total steps, instead of --tokens-per-step")
     p.add_argument("--block-length", type=int, default=None)
     p.add_argument("--num", type=_positive_int, default=16)
     p.add_argument("--length", type=_positive_int, default=None, help="tokens to generate; default fills the canvas")
@@ -269,17 +288,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--trajectories", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--max-steps", type=_positive_int, default=1500)
+    p.add_argument("--max-steps", type=_positive_int, default=6000,
+                   help="upper bound; training stops earlier when held-out KL stops falling")
     p.add_argument("--rollout", type=int, default=4, help="train depths 1..rollout-1")
     p.add_argument("--batch-size", type=_positive_int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=None, help="default: 3e-3, scaled by 128/d for wider bases")
     p.add_argument("--warmup-steps", type=int, default=100)
-    p.add_argument("--input-form", default="concat", help="concat (paper) or sum")
-    p.add_argument("--output-layer", default="gain",
-                   help="gain (zero-init RMSNorm gain) or linear (zero-init d x d map; learns sparse signals, "
-                        "e.g. prompted tasks)")
-    p.add_argument("--remask-fraction", type=float, default=0.0,
-                   help="share of training states made by re-masking final samples at a random ratio")
+    p.add_argument("--onpolicy-rounds", type=int, default=2,
+                   help="rounds of states from the K>1 sampler (naive, then ADJUST); 0 = K=1 trajectories only")
+    p.add_argument("--focus", type=float, default=0.5,
+                   help="share of each batch drawn where the stale marginals are most wrong (importance weighted)")
+    p.add_argument("--patience", type=int, default=4,
+                   help="evaluations without a 3%% held-out gain that count as a plateau (0 = run to --max-steps)")
     p.add_argument("--eval-every", type=_positive_int, default=250)
     p.add_argument("--save-every", type=_positive_int, default=250)
     p.add_argument("--seed", type=int, default=0)
@@ -315,16 +335,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 600 else text[:600] + " ..."
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Every failure ends as one `jointdlm: error: ...` line (exit 2 for bad input, 1 for anything unexpected);
+    JOINTDLM_DEBUG=1 shows the traceback instead."""
     args = build_parser().parse_args(argv)
+    debug = os.environ.get("JOINTDLM_DEBUG", "") not in ("", "0")
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as err:
-        print(f"jointdlm: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("jointdlm: interrupted", file=sys.stderr)
         return 130
+    except (ValueError, OSError, ImportError, SafetensorError) as err:
+        if debug:
+            raise
+        print(f"jointdlm: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 - the one error boundary of the command line
+        if debug:
+            raise
+        print(f"jointdlm: error: unexpected {type(err).__name__}: {_one_line(err)} "
+              "(JOINTDLM_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
     return 0
 
 

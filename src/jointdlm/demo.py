@@ -44,7 +44,6 @@ class DemoStage:
     seq_len: int = 0
     lr: float = 3e-3
     prompt_separator: str | None = None
-    head_output_layer: str = "gain"
 
 
 FULL = (
@@ -53,10 +52,9 @@ FULL = (
 )
 # Prompt-conditioned training on a random canvas at lr 1e-3: with the whole document as target, or at lr 3e-3,
 # or on a fixed canvas, the small base scored 0-66% at K=1 (docs/results.md §4, benchmarks/task_training.py).
-# The head uses the linear output layer: with the zero gain it did not learn from these trajectories at all.
 EXTRA = (
     DemoStage("tasks", 30000, "small", 1024, 8000, 0, 3000, 3000, 500, task="all", seq_len=24, lr=1e-3,
-              prompt_separator="=", head_output_layer="linear"),
+              prompt_separator="="),
 )
 QUICK = (
     DemoStage("template", 3000, "tiny", 1024, 150, 0, 200, 60, 100, language="template", tokens_per_step=(1, 2, 4)),
@@ -120,11 +118,10 @@ def prepare_stage(stage: DemoStage, root: Path, seed: int) -> tuple[BuiltinModel
     collect_trajectories(model, root / "trajectories",
                          TrajectoryConfig(num=stage.trajectories, length=length, seed=seed,
                                           batch_size=256, shard_size=500), prompts=prompts)
-    _say(f"[{stage.corpus}] training the ADJUST head ({stage.head_steps} steps)")
-    every = max(50, stage.head_steps // 3)
+    _say(f"[{stage.corpus}] training the ADJUST head (at most {stage.head_steps} steps)")
+    every = min(250, max(20, stage.head_steps // 4))
     head = train_adjust(model, root / "trajectories", root / "adjust",
-                        AdjustTrainConfig(max_steps=stage.head_steps, seed=seed, eval_every=every, save_every=every,
-                                          output_layer=stage.head_output_layer))
+                        AdjustTrainConfig(max_steps=stage.head_steps, seed=seed, eval_every=every, save_every=every))
     return model, head, scorer
 
 

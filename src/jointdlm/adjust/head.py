@@ -17,21 +17,21 @@ certain) it never leaves zero, while a zero W_out gets a full-rank gradient from
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from ..models.mdlm import Block, positions_and_mask, rotary_tables
+from ..models.mdlm import Block, positions_and_mask, read_config, read_weights, rotary_tables
 from ..models.protocol import DiffusionLM
 
 HEAD_CONFIG_FILE = "adjust_config.json"
 HEAD_WEIGHTS_FILE = "adjust.safetensors"
-INPUT_FORMS = ("concat", "sum")
 OUTPUT_LAYERS = ("gain", "linear")
 
 
@@ -41,19 +41,21 @@ class AdjustHeadConfig:
     n_heads: int
     mlp_hidden: int
     base_fingerprint: str
-    input_form: str = "concat"
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     output_layer: str = "gain"
+    hidden_scale: bool = False
+    """Whether the update is scaled by the hidden state's own size (every head trained since docs/results.md §2;
+    False only in heads saved before)."""
+    qk_norm: bool = False
+    """Whether the block normalises queries and keys (likewise)."""
 
     def __post_init__(self) -> None:
-        if self.input_form not in INPUT_FORMS:
-            raise ValueError(f"input_form must be one of {INPUT_FORMS}, got {self.input_form!r}")
         if self.output_layer not in OUTPUT_LAYERS:
             raise ValueError(f"output_layer must be one of {OUTPUT_LAYERS}, got {self.output_layer!r}")
 
     @classmethod
-    def for_base(cls, base: DiffusionLM, input_form: str = "concat", output_layer: str = "gain") -> AdjustHeadConfig:
+    def for_base(cls, base: DiffusionLM, output_layer: str = "gain") -> AdjustHeadConfig:
         """One block of the base's own shape: from `base.block_shape()` where the base offers it (Hugging Face
         adapters), else from the built-in network's config."""
         if hasattr(base, "block_shape"):
@@ -65,8 +67,8 @@ class AdjustHeadConfig:
             mlp_hidden = getattr(net_config, "mlp_hidden", 4 * base.hidden_size)
             theta = getattr(net_config, "rope_theta", 10000.0)
         return cls(d_model=d_model, n_heads=n_heads, mlp_hidden=mlp_hidden,
-                   base_fingerprint=base.fingerprint(), input_form=input_form, rope_theta=theta,
-                   output_layer=output_layer)
+                   base_fingerprint=base.fingerprint(), rope_theta=theta,
+                   output_layer=output_layer, hidden_scale=True, qk_norm=True)
 
 
 class AdjustHead(nn.Module):
@@ -74,13 +76,10 @@ class AdjustHead(nn.Module):
         super().__init__()
         self.config = config
         d = config.d_model
-        if config.input_form == "concat":
-            self.embed_norm = nn.RMSNorm(d, eps=config.norm_eps)
-            self.hidden_norm = nn.RMSNorm(d, eps=config.norm_eps)
-            self.proj = nn.Linear(2 * d, d, bias=False)
-        else:
-            self.proj = nn.Linear(d, d, bias=False)
-        self.block = Block(d, config.n_heads, config.mlp_hidden, config.norm_eps)
+        self.embed_norm = nn.RMSNorm(d, eps=config.norm_eps)
+        self.hidden_norm = nn.RMSNorm(d, eps=config.norm_eps)
+        self.proj = nn.Linear(2 * d, d, bias=False)
+        self.block = Block(d, config.n_heads, config.mlp_hidden, config.norm_eps, qk_norm=config.qk_norm)
         self.out_norm = nn.RMSNorm(d, eps=config.norm_eps)
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -96,15 +95,24 @@ class AdjustHead(nn.Module):
                 hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One cheap pass: (current tokens, previous hidden) -> (new hidden, logits)."""
         embedded = base.embed(tokens)
-        if self.config.input_form == "concat":
-            z = self.proj(torch.cat([self.embed_norm(embedded), self.hidden_norm(hidden)], dim=-1))
-        else:
-            z = hidden + self.proj(embedded)
+        z = self.proj(torch.cat([self.embed_norm(embedded), self.hidden_norm(hidden)], dim=-1))
         positions, mask = positions_and_mask(attention_mask, tokens.shape, False, tokens.device)
         rope = rotary_tables(positions, self.config.d_model // self.config.n_heads, self.config.rope_theta)
         update = self.out_norm(self.block(z, rope, mask))
-        new_hidden = (update if self.out_proj is None else self.out_proj(update)) + hidden
+        if self.out_proj is not None:
+            update = self.out_proj(update)
+        if self.config.hidden_scale:
+            update = update * hidden.detach().pow(2).mean(-1, keepdim=True).sqrt()
+        new_hidden = update + hidden
         return new_hidden, base.lm_head(new_hidden)
+
+    def fingerprint(self) -> str:
+        """A hash of the config and weights (names the head that drove an on-policy collection)."""
+        digest = hashlib.sha256(json.dumps(asdict(self.config), sort_keys=True).encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -125,12 +133,16 @@ class AdjustHead(nn.Module):
         if not (directory / HEAD_CONFIG_FILE).exists() or not (directory / HEAD_WEIGHTS_FILE).exists():
             raise FileNotFoundError(f"{directory} is not an ADJUST head directory "
                                     f"(needs {HEAD_CONFIG_FILE} and {HEAD_WEIGHTS_FILE})")
-        raw = json.loads((directory / HEAD_CONFIG_FILE).read_text())
+        raw = read_config(directory / HEAD_CONFIG_FILE)
         names = AdjustHeadConfig.__dataclass_fields__
         config = AdjustHeadConfig(**{k: v for k, v in raw.items() if k in names})
         if config.base_fingerprint != base.fingerprint():
             raise ValueError(f"the ADJUST head in {directory} was trained on base {config.base_fingerprint}, "
                              f"but this base model is {base.fingerprint()}; train a head for this base")
         head = cls(config)
-        head.load_state_dict(load_file(str(directory / HEAD_WEIGHTS_FILE)))
+        try:
+            head.load_state_dict(read_weights(directory / HEAD_WEIGHTS_FILE))
+        except RuntimeError as err:
+            raise ValueError(f"{directory / HEAD_WEIGHTS_FILE} does not match its config: "
+                             f"{str(err).splitlines()[0]}") from None
         return head.to(base.device).eval().requires_grad_(False)

@@ -1,52 +1,85 @@
-"""Training the ADJUST head by KL distillation from the frozen base on its own K=1 trajectories.
+"""Training the ADJUST head by KL distillation from the frozen base.
 
-One training example: a trajectory, a state x_t on it (j positions unmasked), a depth n in 1..rollout-1
-drawn with P(n) proportional to 0.5^(n-1). The head starts from the base's hidden states at x_t, is fed the
-trajectory's next n true tokens one pass at a time (teacher forcing), and after the n-th pass is fitted to
-the base's own distributions on x_t + those n tokens:  KL(p_base(. | x_t + n) || p_head), averaged over
-the positions still masked. Only the head trains; the base is checked bit for bit at the end.
+One training example: a trajectory, a state x_t on it, a depth n in 1..rollout-1 (P(n) proportional to
+0.5^(n-1)). The head starts from the base's hidden states at x_t, is fed the trajectory's next n true tokens one
+pass at a time (teacher forcing), and after the n-th pass is fitted to the base's own distributions on x_t + those
+n tokens: KL(p_base(. | x_t + n) || p_head), averaged over the positions still masked.
+
+The recipe (docs/results.md §2 measures each part):
+* **Where the sampler goes.** Besides the user's K=1 trajectories, each round collects on-policy states: the
+  K>1 sampler (naive parallel first, then ADJUST with the head trained so far) is stopped after a random number
+  of steps and continued with K=1, which gives the true next tokens from exactly the states that sampling at
+  K>1 reaches (DAgger). Rounds: collect, train until held-out KL stops falling, collect with the new head, ...
+* **Where the signal is.** Most states teach nothing: when the tokens written next are certain, the base's
+  marginals do not move (stale KL = 0). Before training, one no-grad sweep measures the stale KL of every
+  (trajectory, state, depth); half of each batch is drawn in proportion to it, and importance weights
+  1 / ((1 - f) + f * stale / mean stale) keep the objective the uniform one.
+* **Until it has learned.** Held-out KL on K=1 and on on-policy states is measured every `eval_every` steps;
+  a round ends when it has not improved by 3% for `patience` evaluations, and the best weights are kept.
+* **A verdict.** The run ends with the held-out head/stale KL ratio per depth and kind of state, and a warning
+  when the head learned little.
+Only the head trains; the base is checked bit for bit at the end.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..models.protocol import DiffusionLM
-from ..sampling.rules import rank_of
-from ..validation import require_choice, require_positive
-from .head import INPUT_FORMS, OUTPUT_LAYERS, AdjustHead, AdjustHeadConfig
-from .trajectories import Trajectories, load_trajectories
+from ..validation import require_choice, require_finite, require_positive
+from .head import OUTPUT_LAYERS, AdjustHead, AdjustHeadConfig
+from .trajectories import Trajectories, TrajectoryConfig, collect_trajectories, load_trajectories
 
 STATE_FILE = "adjust_trainer_state.pt"
 LOG_FILE = "adjust_log.jsonl"
+VERDICT_FILE = "adjust_verdict.json"
+POLICY_HEAD_FILE = "policy_head.safetensors"
+LEARNED_LITTLE = 0.5
+"""A held-out head/stale KL ratio above this at depth >= 2 means the head learned little."""
+REFERENCE_WIDTH = 128
+REFERENCE_LR = 3e-3
 
 
 @dataclass(frozen=True)
 class AdjustTrainConfig:
-    max_steps: int = 1500
+    max_steps: int = 6000
+    """Upper bound on optimizer steps over all rounds; training normally stops earlier, on held-out KL."""
     rollout: int = 4
     batch_size: int = 32
-    lr: float = 3e-3
+    lr: float | None = None
+    """None: 3e-3 for bases up to d=128, scaled by 128/d above (Adam steps per weight shrink with width)."""
     warmup_steps: int = 100
     grad_clip: float = 1.0
     weight_decay: float = 0.0
-    input_form: str = "concat"
     output_layer: str = "gain"
-    """How the head's update reaches the hidden state: "gain" (a zero-init RMSNorm gain) or "linear" (a zero-init
-    d x d map, which learns where the signal is sparse; see adjust/head.py)."""
+    """How the head's update reaches the hidden state (see adjust/head.py)."""
+    onpolicy_rounds: int = 2
+    """Rounds of on-policy states: round 0 from naive parallel (before training), round r from the head
+    trained in the rounds before. 0 trains on the K=1 trajectories alone."""
+    onpolicy_fraction: float = 0.5
+    """Trajectories per on-policy round, as a fraction of the K=1 trajectories given."""
+    focus: float = 0.5
+    """Share of each batch drawn in proportion to the stale KL (importance weighted); 0 = uniform states."""
+    patience: int = 3
+    """Evaluations without a 3% gain in held-out KL that count as a plateau (0: never stop early)."""
+    lr_decays: int = 1
+    """Plateaus in a round that lower the learning rate (x0.3) before the next one ends the round."""
+    min_round_steps: int = 500
+    max_round_steps: int = 2500
+    """A round that is still improving ends here, so that the next round's states come from a recent head."""
     eval_every: int = 250
     save_every: int = 250
     heldout: int = 64
-    remask_fraction: float = 0.0
-    """Share of training rows built by re-masking the final sample at a random ratio (see `make_batch`)."""
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
@@ -54,15 +87,20 @@ class AdjustTrainConfig:
     def __post_init__(self) -> None:
         if self.rollout < 2:
             raise ValueError(f"rollout must be >= 2 (depths 1..rollout-1), got {self.rollout}")
-        require_choice("input_form", self.input_form, INPUT_FORMS)
         require_choice("output_layer", self.output_layer, OUTPUT_LAYERS)
         require_positive(self, ("max_steps", "batch_size", "eval_every", "save_every"))
-        if self.lr <= 0:
+        require_finite(self, ("lr", "grad_clip", "onpolicy_fraction", "focus", "weight_decay"))
+        if self.lr is not None and self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.heldout < 0:
-            raise ValueError(f"heldout must be >= 0, got {self.heldout}")
-        if not 0.0 <= self.remask_fraction <= 1.0:
-            raise ValueError(f"remask_fraction must be in [0, 1], got {self.remask_fraction}")
+        if self.heldout < 0 or self.patience < 0 or self.onpolicy_rounds < 0 or self.warmup_steps < 0:
+            raise ValueError("heldout, patience, onpolicy_rounds and warmup_steps must be >= 0")
+        if not 0.0 <= self.focus < 1.0:
+            raise ValueError(f"focus must be in [0, 1), got {self.focus}")
+        if not 0.0 < self.onpolicy_fraction <= 4.0:
+            raise ValueError(f"onpolicy_fraction must be in (0, 4], got {self.onpolicy_fraction}")
+
+    def learning_rate(self, d_model: int) -> float:
+        return self.lr if self.lr is not None else REFERENCE_LR * min(1.0, REFERENCE_WIDTH / d_model)
 
 
 def depth_probabilities(rollout: int) -> torch.Tensor:
@@ -70,17 +108,26 @@ def depth_probabilities(rollout: int) -> torch.Tensor:
     return weights / weights.sum()
 
 
+def _logprobs(logits: torch.Tensor, banned: list[int]) -> torch.Tensor:
+    logits = logits.float().clone()
+    logits[..., banned] = -1e9
+    return torch.log_softmax(logits, dim=-1)
+
+
+def row_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, masked: torch.Tensor,
+           banned: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: (sum over masked positions of KL(teacher || student), number of masked positions), on the
+    distributions samplers draw from."""
+    t, s = _logprobs(teacher_logits, banned), _logprobs(student_logits, banned)
+    kl = (t.exp() * (t - s)).sum(-1)
+    return (kl * masked).sum(-1), masked.sum(-1).to(kl.dtype)
+
+
 def masked_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, masked: torch.Tensor,
               banned: list[int]) -> torch.Tensor:
-    """Mean over masked positions of KL(teacher || student), on the distributions samplers draw from."""
-    def logprobs(logits: torch.Tensor) -> torch.Tensor:
-        logits = logits.float().clone()
-        logits[..., banned] = -1e9
-        return torch.log_softmax(logits, dim=-1)
-
-    t, s = logprobs(teacher_logits), logprobs(student_logits)
-    kl = (t.exp() * (t - s)).sum(-1)
-    return (kl * masked).sum() / masked.sum().clamp(min=1)
+    """Mean over masked positions of KL(teacher || student)."""
+    total, count = row_kl(teacher_logits, student_logits, masked, banned)
+    return total.sum() / count.sum().clamp(min=1)
 
 
 @dataclass
@@ -89,39 +136,22 @@ class Batch:
     attention: torch.Tensor  # (B, P + L)
     steps: list[torch.Tensor]  # n boolean (B, P + L) masks: the position written at each teacher-forced pass
     targets: torch.Tensor    # (B, P + L) the trajectory's final tokens (prefix included)
-    by_rule: torch.Tensor | None = None  # (B,) rows whose next positions follow the base's confidence
+    weights: torch.Tensor    # (B,) importance weights
 
 
 def make_batch(data: Trajectories, rows: torch.Tensor, states: torch.Tensor, depth: int, mask_id: int,
-               device: str, remask: torch.Tensor | None = None, gen: torch.Generator | None = None) -> Batch:
-    """Exact trajectory states; rows flagged in `remask` instead re-mask the final sample at a random ratio
-    (states that K>1 sampling reaches but K=1 trajectories never visit), their next positions then chosen by
-    the base's confidence inside `RolloutLoss`."""
+               device: str, weights: torch.Tensor | None = None) -> Batch:
     prefix, order, final = data.prefix[rows], data.order[rows], data.tokens[rows]
     width = prefix.shape[1]
     attention = torch.cat([(torch.arange(width) >= width - data.prefix_len[rows][:, None]).long(),
                            torch.ones_like(final)], dim=1)
     targets = torch.cat([prefix, final], dim=1)
     known = order < states[:, None]
-    if remask is not None and remask.any():
-        ratio = torch.rand(len(rows), 1, generator=gen)
-        hidden_again = torch.rand(final.shape, generator=gen) < ratio
-        remask = remask & (hidden_again.sum(-1) > depth)
-        known = torch.where(remask[:, None], ~hidden_again, known)
     tokens = torch.cat([prefix, torch.where(known, final, torch.full_like(final, mask_id))], dim=1)
     pad = torch.zeros(len(rows), width, dtype=torch.bool)
     steps = [torch.cat([pad, order == (states[:, None] + m)], dim=1).to(device) for m in range(depth)]
-    by_rule = remask.to(device) if remask is not None and remask.any() else None
-    return Batch(tokens.to(device), attention.to(device), steps, targets.to(device), by_rule)
-
-
-def confidence_steps(logits: torch.Tensor, masked: torch.Tensor, depth: int, banned: list[int]) -> list[torch.Tensor]:
-    """The next `depth` positions the confidence rule would fill from these logits, one mask per pass."""
-    logits = logits.float().clone()
-    logits[..., banned] = -torch.inf
-    confidence = torch.log_softmax(logits, dim=-1).max(-1).values.masked_fill(~masked, -torch.inf)
-    ranks = rank_of(confidence)
-    return [(ranks == m) & masked for m in range(depth)]
+    weights = torch.ones(len(rows)) if weights is None else weights
+    return Batch(tokens.to(device), attention.to(device), steps, targets.to(device), weights.float().to(device))
 
 
 class RolloutLoss(nn.Module):
@@ -131,88 +161,256 @@ class RolloutLoss(nn.Module):
         super().__init__()
         self.head = head
 
-    def forward(self, base: DiffusionLM, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (KL of the head, KL of the stale base marginals) after len(batch.steps) passes."""
+    def forward(self, base: DiffusionLM, batch: Batch) -> tuple[torch.Tensor, ...]:
+        """(weighted KL of the head, weighted KL of the stale marginals, per-row head KL sums, per-row stale KL
+        sums, per-row masked counts) after len(batch.steps) passes."""
         with torch.no_grad():
             start = base.forward(batch.tokens, batch.attention)
         hidden, tokens = start.hidden, batch.tokens
-        steps = batch.steps
-        if batch.by_rule is not None:
-            by_rule = confidence_steps(start.logits, tokens == base.spec.mask_id, len(steps), base.spec.never_sampled())
-            steps = [torch.where(batch.by_rule[:, None], r, s) for r, s in zip(by_rule, steps, strict=True)]
-        for written in steps:
+        for written in batch.steps:
             tokens = torch.where(written, batch.targets, tokens)
             hidden, logits = self.head(base, tokens, batch.attention, hidden)
         with torch.no_grad():
             teacher = base.forward(tokens, batch.attention).logits
         still_masked = tokens == base.spec.mask_id
         banned = base.spec.never_sampled()
-        stale = masked_kl(teacher, start.logits, still_masked, banned)
-        return masked_kl(teacher, logits, still_masked, banned), stale
+        head_sum, count = row_kl(teacher, logits, still_masked, banned)
+        with torch.no_grad():
+            stale_sum, _ = row_kl(teacher, start.logits, still_masked, banned)
+        norm = (batch.weights * count).sum().clamp(min=1)
+        return ((batch.weights * head_sum).sum() / norm, (batch.weights * stale_sum).sum() / norm,
+                head_sum.detach(), stale_sum, count)
 
 
-def draw_examples(data: Trajectories, batch_size: int, depth: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """Trajectories and states j with at least one position still masked after `depth` more tokens."""
-    length = data.tokens.shape[1]
-    rows = torch.randint(len(data), (batch_size,), generator=gen)
-    states = torch.randint(0, length - depth, (batch_size,), generator=gen)
-    return rows, states
+# ---------------------------------------------------------------------------------------------------------------
+# Training states: several collections, their stale-KL tables, and weighted draws
+
+
+def example_table(data: Trajectories, rollout: int) -> torch.Tensor:
+    """(N, L, rollout-1): 0 where (state j, depth n) is a training example, NaN where it is not (j before the
+    trajectory's start, or nothing left masked after n more tokens)."""
+    length = data.length
+    j = torch.arange(length)[None, :, None]
+    n = torch.arange(1, rollout)[None, None, :]
+    valid = (j >= data.start[:, None, None]) & (j + n < length)
+    return torch.zeros(valid.shape).masked_fill(~valid, float("nan"))
 
 
 @torch.no_grad()
-def evaluate(loss_module: RolloutLoss, base: DiffusionLM, data: Trajectories, rollout: int, device: str,
+def stale_table(base: DiffusionLM, data: Trajectories, rollout: int, device: str, batch_size: int = 64,
+                progress: bool = False) -> torch.Tensor:
+    """(N, L, rollout-1): KL(p(. | state j+n) || p(. | state j)) averaged over the positions still masked at
+    j+n, for every trajectory, state j and depth n; NaN where (j, n) is not a training example (j before the
+    trajectory's start, or no mask left). One no-grad base pass per state, keeping a window of `rollout`
+    states' log-probabilities."""
+    n_rows, length = data.tokens.shape
+    table = torch.full((n_rows, length, rollout - 1), float("nan"))
+    banned = base.spec.never_sampled()
+    mask_id = base.spec.mask_id
+    width = data.prefix.shape[1]
+    bar = tqdm(total=n_rows, desc="stale KL sweep", disable=not progress, dynamic_ncols=True, leave=False)
+    for first in range(0, n_rows, batch_size):
+        rows = torch.arange(first, min(first + batch_size, n_rows))
+        order, start = data.order[rows], data.start[rows]
+        window: list[torch.Tensor] = []
+        for j in range(int(start.min()), length + 1):
+            batch = make_batch(data, rows, torch.full((len(rows),), j), 0, mask_id, device)
+            logprobs = _logprobs(base.forward(batch.tokens, batch.attention).logits[:, width:], banned)
+            window.append(logprobs)
+            window = window[-rollout:]
+            masked = (order >= j).to(logprobs.device)
+            if not masked.any():
+                break
+            for n in range(1, min(rollout, len(window))):
+                old = window[-1 - n]
+                kl = (logprobs.exp() * (logprobs - old)).sum(-1)
+                value = ((kl * masked).sum(-1) / masked.sum(-1).clamp(min=1)).cpu()
+                ok = (j - n >= start) & masked.any(-1).cpu()
+                table[rows[ok], j - n, n - 1] = value[ok]
+        bar.update(len(rows))
+    bar.close()
+    return table
+
+
+def _merge(collections: list[Trajectories]) -> tuple[Trajectories, torch.Tensor]:
+    """One Trajectories holding every collection (prefixes left-padded to one width) and each row's source."""
+    width = max(c.prefix.shape[1] for c in collections)
+    pad_id = 0
+
+    def pad(prefix: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.full((prefix.shape[0], width - prefix.shape[1]), pad_id, dtype=prefix.dtype),
+                          prefix], dim=1)
+
+    merged = Trajectories(prefix=torch.cat([pad(c.prefix) for c in collections]),
+                          prefix_len=torch.cat([c.prefix_len for c in collections]),
+                          tokens=torch.cat([c.tokens for c in collections]),
+                          order=torch.cat([c.order for c in collections]),
+                          config=collections[0].config, fingerprint=collections[0].fingerprint,
+                          start=torch.cat([c.start for c in collections]))
+    source = torch.cat([torch.full((len(c),), i, dtype=torch.long) for i, c in enumerate(collections)])
+    return merged, source
+
+
+class StateSampler:
+    """Draws (trajectory, state) pairs for one depth: a mixture of the base distribution p (each collection
+    equally likely, states uniform inside it) and p weighted by stale KL, with importance weights p/q."""
+
+    def __init__(self, collections: list[Trajectories], tables: list[torch.Tensor], rollout: int,
+                 focus: float) -> None:
+        self.data, source = _merge(collections)
+        table = torch.cat(tables)
+        self.focus = focus
+        self.length = self.data.length
+        self.p: dict[int, torch.Tensor] = {}
+        self.q_cdf: dict[int, torch.Tensor] = {}
+        self.p_cdf: dict[int, torch.Tensor] = {}
+        self.ratio: dict[int, torch.Tensor] = {}
+        self.mass: dict[int, float] = {}
+        for n in range(1, min(rollout, self.length)):
+            stale = table[:, :, n - 1]
+            valid = ~torch.isnan(stale)
+            stale = stale.nan_to_num(0.0).clamp(min=0)
+            p = torch.zeros_like(stale, dtype=torch.float64)
+            for c in range(len(collections)):
+                in_c = valid & (source == c)[:, None]
+                if in_c.any():
+                    p[in_c] = 1.0 / int(in_c.sum())
+            if p.sum() == 0:
+                continue
+            p /= p.sum()
+            mean = float((p * stale).sum())
+            self.p[n] = p.flatten()
+            self.p_cdf[n] = p.flatten().cumsum(0)
+            self.ratio[n] = (stale / mean).flatten() if mean > 0 else torch.zeros(p.numel())
+            q = p * stale
+            self.q_cdf[n] = q.flatten().cumsum(0) if mean > 0 else self.p_cdf[n]
+            # Share of the objective carried by the 10% of examples (by p) with the largest stale KL.
+            by_stale = self.ratio[n].argsort(descending=True)
+            top = by_stale[self.p[n][by_stale].cumsum(0) <= 0.1]
+            self.mass[n] = float((self.p[n][top] * self.ratio[n][top]).sum())
+
+    @property
+    def depths(self) -> list[int]:
+        return sorted(self.p)
+
+    def draw(self, depth: int, size: int, gen: torch.Generator,
+             focus: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, states, importance weights) for `size` examples at this depth."""
+        focus = self.focus if focus is None else focus
+        pick = torch.rand(size, generator=gen, dtype=torch.float64)
+        targeted = torch.rand(size, generator=gen, dtype=torch.float64) < focus
+        cdf_p, cdf_q = self.p_cdf[depth], self.q_cdf[depth]
+        flat = torch.where(targeted, torch.searchsorted(cdf_q, pick * cdf_q[-1], right=True),
+                           torch.searchsorted(cdf_p, pick * cdf_p[-1], right=True)).clamp(max=cdf_p.numel() - 1)
+        weights = 1.0 / ((1.0 - focus) + focus * self.ratio[depth][flat])
+        return flat // self.length, flat % self.length, weights.float()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _heldout_examples(sampler: StateSampler, depth: int, examples: int, seed: int) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed + depth)
+    return sampler.draw(depth, examples, gen, focus=0.0)
+
+
+@torch.no_grad()
+def evaluate(loss_module: RolloutLoss, base: DiffusionLM, sampler: StateSampler, device: str,
              examples: int = 256, seed: int = 4321) -> dict[int, dict[str, float]]:
-    """Held-out KL(teacher || head) and KL(teacher || stale marginals) at every depth, fixed draws."""
+    """Held-out KL(teacher || head) and KL(teacher || stale marginals) at every depth, fixed uniform draws."""
     results = {}
-    length = data.tokens.shape[1]
-    for depth in range(1, min(rollout, length)):
-        gen = torch.Generator().manual_seed(seed + depth)
-        head_kl = stale_kl = 0.0
-        done = 0
-        while done < examples:
-            n = min(64, examples - done)
-            rows, states = draw_examples(data, n, depth, gen)
-            h, s = loss_module(base, make_batch(data, rows, states, depth, base.spec.mask_id, device))
-            head_kl += h.item() * n
-            stale_kl += s.item() * n
-            done += n
-        results[depth] = {"head_kl": head_kl / examples, "stale_kl": stale_kl / examples}
+    for depth in sampler.depths:
+        rows, states, _ = _heldout_examples(sampler, depth, examples, seed)
+        head_kl = stale_kl = count = 0.0
+        for part in range(0, examples, 64):
+            sl = slice(part, part + 64)
+            batch = make_batch(sampler.data, rows[sl], states[sl], depth, base.spec.mask_id, device)
+            _, _, h, s, c = loss_module(base, batch)
+            head_kl += float(h.sum())
+            stale_kl += float(s.sum())
+            count += float(c.sum())
+        results[depth] = {"head_kl": head_kl / max(count, 1), "stale_kl": stale_kl / max(count, 1)}
     return results
 
 
-def _lr(step: int, cfg: AdjustTrainConfig) -> float:
-    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+def _ratio_score(heldout: dict[str, dict[int, dict[str, float]]]) -> float:
+    """Mean over kinds of state and depths of head/stale held-out KL (lower is better)."""
+    ratios = [v["head_kl"] / v["stale_kl"] for kind in heldout.values() for v in kind.values() if v["stale_kl"] > 0]
+    return sum(ratios) / len(ratios) if ratios else 0.0
+
+
+LR_DECAY = 0.3
+MIN_GAIN = 0.03
+"""A held-out score less than 3% below the best so far does not count as progress."""
+
+
+def _lr(step: int, lr: float, cfg: AdjustTrainConfig, decays: int = 0) -> float:
+    return lr * LR_DECAY ** decays * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+
+
+def _diagnostics(head: AdjustHead) -> dict[str, float]:
+    """Gradient norms of the head's parts and the size of its output layer (why a head does or does not learn)."""
+    parts = {"input": [head.proj, head.embed_norm, head.hidden_norm], "block": [head.block],
+             "output": [head.out_norm] + ([head.out_proj] if head.out_proj is not None else [])}
+    out = {}
+    for name, modules in parts.items():
+        grads = [p.grad for m in modules for p in m.parameters() if p.grad is not None]
+        out[f"grad_{name}"] = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads))) if grads else 0.0
+    gain = head.out_norm.weight if head.out_proj is None else head.out_proj.weight
+    out["output_rms"] = float(gain.detach().float().pow(2).mean().sqrt())
+    return out
+
+
+@dataclass
+class _Round:
+    """What one round trains on."""
+
+    index: int
+    train: StateSampler
+    heldout: dict[str, StateSampler]
+
+
+def _onpolicy_config(base_cfg: TrajectoryConfig, cfg: AdjustTrainConfig, n: int, round_index: int,
+                     head: AdjustHead | None) -> TrajectoryConfig:
+    ks = tuple(sorted({2, cfg.rollout, 2 * cfg.rollout}))
+    return replace(base_cfg, num=n, seed=base_cfg.seed + 7919 * (round_index + 1), policy_tokens_per_step=ks,
+                   policy_head=None if head is None else head.fingerprint(), progress=cfg.progress,
+                   shard_size=max(64, min(base_cfg.shard_size, n)))
 
 
 def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Path,
                  cfg: AdjustTrainConfig) -> AdjustHead:
-    """Train (or resume) an ADJUST head for `base` on trajectories collected from it."""
+    """Train (or resume) an ADJUST head for `base` on trajectories collected from it, plus on-policy rounds."""
     from accelerate import Accelerator
 
     out = Path(out)
+    started = time.time()
     data = load_trajectories(trajectories_dir)
     if data.fingerprint != base.fingerprint():
         raise ValueError(f"trajectories in {trajectories_dir} come from base {data.fingerprint}, "
                          f"not from this base ({base.fingerprint()})")
     if data.tokens.shape[1] < 2:
         raise ValueError("trajectories must have at least 2 generated tokens")
-    heldout_n = min(cfg.heldout, len(data) // 5)
-    train_data, heldout = data.split(heldout_n) if heldout_n else (data, data)
+    if cfg.rollout > data.length:
+        raise ValueError(f"rollout={cfg.rollout} exceeds the {data.length} generated tokens of the trajectories")
+    prompts = _prompts_of(trajectories_dir)
 
     accelerator = Accelerator(cpu=cfg.device == "cpu")
     device = str(accelerator.device)
     base_fingerprint = base.fingerprint()
     state_path = out / STATE_FILE
-    head_config = AdjustHeadConfig.for_base(base, cfg.input_form, cfg.output_layer)
+    head_config = AdjustHeadConfig.for_base(base, cfg.output_layer)
+    lr = cfg.learning_rate(head_config.d_model)
     torch.manual_seed(cfg.seed)
     head = AdjustHead(head_config)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + accelerator.process_index)
-    step = 0
+    progress = {"step": 0, "round": 0, "round_step": 0, "best": None, "stale_evals": 0, "decays": 0}
     identity = {"config": _comparable(asdict(cfg)), "base_fingerprint": base_fingerprint,
                 "trajectories": _trajectory_identity(data), "num_processes": accelerator.num_processes}
+    best_state = None
     if state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
         problems = _resume_problems(state, identity)
         if problems:
             raise ValueError(f"{out} holds a training run that cannot be resumed with these settings "
@@ -222,72 +420,222 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
         # clone(): a row saved as a view of the gathered (world, n) tensor keeps a storage offset, and
         # Generator.set_state reads such a tensor from the wrong place (invalid state or a crash).
         gen.set_state(state["generators"][accelerator.process_index].clone())
-        step = state["step"]
+        progress = json.loads(state["progress"])
+        best_state = state.get("best_head")
     loss_module, optimizer = accelerator.prepare(RolloutLoss(head), optimizer)
+    unwrapped = accelerator.unwrap_model(loss_module).head
     depth_p = depth_probabilities(cfg.rollout)
     mask_id = base.spec.mask_id
+    log = None
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        log = open(out / LOG_FILE, "a")
+
+    def say(text: str) -> None:
+        if accelerator.is_main_process and cfg.progress:
+            tqdm.write(text, file=sys.stderr)
+
+    def exported() -> AdjustHead:
+        """The head a user gets: the best weights (by held-out KL) of the current round."""
+        head_out = AdjustHead(head_config)
+        head_out.load_state_dict(best_state if best_state is not None else unwrapped.state_dict())
+        return head_out.to(device).eval().requires_grad_(False)
 
     def checkpoint() -> None:
         gens = accelerator.gather_for_metrics(gen.get_state()[None]) if accelerator.num_processes > 1 \
             else gen.get_state()[None]
         if accelerator.is_main_process:
-            out.mkdir(parents=True, exist_ok=True)
-            accelerator.unwrap_model(loss_module).head.save_pretrained(out, {"training": asdict(cfg), "step": step})
+            exported().save_pretrained(out, {"training": asdict(cfg), "step": progress["step"]})
             tmp = state_path.with_name(STATE_FILE + ".tmp")
-            torch.save({"head": accelerator.unwrap_model(loss_module).head.state_dict(),
-                        "optimizer": optimizer.state_dict(), "generators": [g.clone() for g in gens], "step": step,
-                        "config": asdict(cfg), "base_fingerprint": base_fingerprint,
-                        "trajectories": identity["trajectories"], "num_processes": accelerator.num_processes}, tmp)
+            torch.save({"head": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
+                        "generators": [g.clone() for g in gens], "step": progress["step"],
+                        "progress": json.dumps(progress), "best_head": best_state, "config": asdict(cfg),
+                        "base_fingerprint": base_fingerprint, "trajectories": identity["trajectories"],
+                        "num_processes": accelerator.num_processes}, tmp)
             os.replace(tmp, state_path)
         accelerator.wait_for_everyone()
 
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="train-adjust", dynamic_ncols=True,
+    # Data: K=1 trajectories, then one on-policy collection per round (collected when the round starts).
+    heldout_n = min(cfg.heldout, len(data) // 5)
+    k1_train, k1_heldout = data.split(heldout_n) if heldout_n else (data, data)
+    tables_dir = out / "stale"
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    def table_for(name: str, part: Trajectories, sweep: bool = True) -> torch.Tensor:
+        if not sweep:
+            return example_table(part, cfg.rollout)
+        path = tables_dir / f"{name}.pt"
+        if path.exists():
+            table = torch.load(path, map_location="cpu", weights_only=True)
+            if table.shape == (len(part), part.length, cfg.rollout - 1):
+                return table
+        table = stale_table(base, part, cfg.rollout, device, progress=cfg.progress and accelerator.is_main_process)
+        if accelerator.is_main_process:
+            tables_dir.mkdir(parents=True, exist_ok=True)
+            torch.save(table, path.with_suffix(".tmp"))
+            os.replace(path.with_suffix(".tmp"), path)
+        return table
+
+    sweep = cfg.focus > 0
+    collections = [(k1_train, table_for("k1-train", k1_train, sweep))]
+    heldouts = {"k1": StateSampler([k1_heldout], [table_for("k1-heldout", k1_heldout, False)], cfg.rollout, 0.0)}
+
+    def collect_round(r: int, policy: AdjustHead | None) -> None:
+        n = max(cfg.heldout + 8, int(len(data) * cfg.onpolicy_fraction))
+        tcfg = _onpolicy_config(data.config, cfg, n, r, policy)
+        directory = out / f"onpolicy-{r}"
+        say(f"round {r}: collecting {n} on-policy trajectories "
+            f"({'naive parallel' if policy is None else 'ADJUST with the head so far'}, "
+            f"K in {tcfg.policy_tokens_per_step}) -> {directory}")
+        collect_trajectories(base, directory, tcfg, prompts=prompts, rank=rank, world_size=world, head=policy)
+        accelerator.wait_for_everyone()
+        collected = load_trajectories(directory)
+        held_n = min(cfg.heldout, len(collected) // 5)
+        train_part, held_part = collected.split(held_n) if held_n else (collected, collected)
+        collections.append((train_part, table_for(f"onpolicy-{r}-train", train_part, sweep)))
+        heldouts["onpolicy"] = StateSampler([held_part], [table_for(f"onpolicy-{r}-heldout", held_part, False)],
+                                            cfg.rollout, 0.0)
+
+    def start_round(r: int) -> _Round:
+        sampler = StateSampler([c for c, _ in collections], [t for _, t in collections], cfg.rollout, cfg.focus)
+        mass = ", ".join(f"depth {d}: {sampler.mass[d]:.0%}" for d in sampler.depths)
+        say(f"round {r}: {len(sampler.data)} trajectories" +
+            (f"; share of the stale KL in the top 10% of states: {mass}" if sweep else ""))
+        return _Round(r, sampler, dict(heldouts))
+
+    # Rebuild the rounds a resumed run has already passed through.
+    rounds_total = cfg.onpolicy_rounds + (1 if cfg.onpolicy_rounds == 0 else 0)
+    if cfg.onpolicy_rounds:
+        collect_round(0, None)
+    for r in range(1, progress["round"] + 1):
+        # Round r was collected with the best head of round r-1, saved beside its collection.
+        policy = AdjustHead(head_config).to(device)
+        policy.load_state_dict(load_file(str(out / f"onpolicy-{r}" / POLICY_HEAD_FILE)))
+        collect_round(r, policy.eval().requires_grad_(False))
+    current = start_round(progress["round"])
+
+    bar = tqdm(total=cfg.max_steps, initial=progress["step"], desc="train-adjust", dynamic_ncols=True,
                disable=not (cfg.progress and accelerator.is_main_process))
     running = None
-    started = time.time()
-    log = None
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        log = open(out / LOG_FILE, "a")
-    while step < cfg.max_steps:
-        for group in optimizer.param_groups:
-            group["lr"] = _lr(step, cfg)
-        depth = int(torch.multinomial(depth_p, 1, generator=gen).item()) + 1
-        depth = min(depth, train_data.tokens.shape[1] - 1)
-        rows, states = draw_examples(train_data, cfg.batch_size, depth, gen)
-        remask = torch.rand(cfg.batch_size, generator=gen) < cfg.remask_fraction if cfg.remask_fraction else None
-        batch = make_batch(train_data, rows, states, depth, mask_id, device, remask=remask, gen=gen)
-        loss, stale = loss_module(base, batch)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(loss_module.parameters(), cfg.grad_clip)
-        optimizer.step()
-        step += 1
-        pair = (loss.item(), stale.item())
-        running = pair if running is None else tuple(0.95 * r + 0.05 * p for r, p in zip(running, pair, strict=True))
-        bar.update(1)
-        bar.set_postfix(kl=f"{running[0]:.4f}", stale_kl=f"{running[1]:.4f}")
-        if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            scores = evaluate(accelerator.unwrap_model(loss_module), base, heldout, cfg.rollout, device)
-            if log is not None:
-                log.write(json.dumps({"step": step, "heldout": scores, "elapsed_s": round(time.time() - started, 1)})
-                          + "\n")
-                log.flush()
-                summary = "  ".join(f"depth {d}: head {v['head_kl']:.4f} vs stale {v['stale_kl']:.4f}"
-                                    for d, v in scores.items())
-                bar.write(f"step {step} held-out KL  {summary}")
-        if step % cfg.save_every == 0 or step == cfg.max_steps:
-            checkpoint()
-    bar.close()
-    if log is not None:
-        log.close()
-    if not (out / "adjust.safetensors").exists():
+    resumed_at = (progress["step"], progress["round"])
+
+    def round_over() -> bool:
+        plateau = (cfg.patience > 0 and progress["round_step"] >= cfg.min_round_steps
+                   and progress["stale_evals"] >= cfg.patience)
+        return plateau or (progress["round_step"] >= cfg.max_round_steps and current.index < rounds_total - 1)
+
+    while True:
+        while not (finished_round := round_over()) and progress["step"] < cfg.max_steps:
+            for group in optimizer.param_groups:
+                group["lr"] = _lr(progress["step"], lr, cfg, progress["decays"])
+            depth = int(torch.multinomial(depth_p, 1, generator=gen).item()) + 1
+            depth = min(depth, max(current.train.depths))
+            rows, states, weights = current.train.draw(depth, cfg.batch_size, gen)
+            batch = make_batch(current.train.data, rows, states, depth, mask_id, device, weights)
+            loss, stale, *_ = loss_module(base, batch)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            diagnostics = None
+            if (progress["step"] + 1) % cfg.eval_every == 0 and accelerator.is_main_process:
+                diagnostics = _diagnostics(unwrapped)
+            accelerator.clip_grad_norm_(loss_module.parameters(), cfg.grad_clip)
+            optimizer.step()
+            progress["step"] += 1
+            progress["round_step"] += 1
+            pair = (loss.item(), stale.item())
+            running = pair if running is None else tuple(0.95 * a + 0.05 * b for a, b in zip(running, pair,
+                                                                                             strict=True))
+            bar.update(1)
+            bar.set_postfix(round=current.index, kl=f"{running[0]:.4f}", stale_kl=f"{running[1]:.4f}")
+            if progress["step"] % cfg.eval_every == 0:
+                scores = {kind: evaluate(accelerator.unwrap_model(loss_module), base, sampler, device)
+                          for kind, sampler in current.heldout.items()}
+                score = _ratio_score(scores)
+                improved = progress["best"] is None or score < progress["best"] * (1 - MIN_GAIN)
+                if progress["best"] is None or score < progress["best"]:
+                    progress["best"] = score
+                    best_state = {k: v.detach().cpu().clone() for k, v in unwrapped.state_dict().items()}
+                progress["stale_evals"] = 0 if improved else progress["stale_evals"] + 1
+                if (cfg.patience and progress["stale_evals"] >= cfg.patience and progress["decays"] < cfg.lr_decays
+                        and progress["round_step"] >= cfg.min_round_steps):
+                    # A plateau: go on from the best weights at a lower learning rate.
+                    progress.update(decays=progress["decays"] + 1, stale_evals=0)
+                    if best_state is not None:
+                        unwrapped.load_state_dict(best_state)
+                entry = {"step": progress["step"], "round": current.index, "heldout": scores, "score": score,
+                         "lr": _lr(progress["step"] - 1, lr, cfg, progress["decays"]),
+                         "elapsed_s": round(time.time() - started, 1),
+                         **(diagnostics or {})}
+                if log is not None:
+                    log.write(json.dumps(entry) + "\n")
+                    log.flush()
+                    summary = "  ".join(f"{kind} d{d}: {v['head_kl']:.4f}/{v['stale_kl']:.4f}"
+                                        for kind, s in scores.items() for d, v in s.items())
+                    bar.write(f"step {progress['step']} held-out KL head/stale  {summary}  (score {score:.3f})",
+                              file=sys.stderr)
+            if progress["step"] % cfg.save_every == 0 or progress["step"] == cfg.max_steps or round_over():
+                checkpoint()
+        # A finished round goes on from its best weights, which collect the next round's states.
+        next_round = current.index + 1
+        if not finished_round or next_round >= rounds_total:
+            break
+        if best_state is not None:
+            unwrapped.load_state_dict(best_state)
+        policy = exported()
+        if accelerator.is_main_process:
+            (out / f"onpolicy-{next_round}").mkdir(parents=True, exist_ok=True)
+            save_file({k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()},
+                      str(out / f"onpolicy-{next_round}" / POLICY_HEAD_FILE))
+        accelerator.wait_for_everyone()
+        collect_round(next_round, policy)
+        progress.update(round=next_round, round_step=0, best=None, stale_evals=0, decays=0)
+        current = start_round(next_round)
         checkpoint()
+    bar.close()
+    head = exported()
+    if resumed_at == (progress["step"], progress["round"]) and (out / VERDICT_FILE).exists():
+        return head  # a finished run asked again: nothing to do, nothing rewritten
+    checkpoint()
+    final = {kind: evaluate(RolloutLoss(head), base, sampler, device) for kind, sampler in current.heldout.items()}
+    verdict = make_verdict(final, time.time() - started, progress["step"])
+    if log is not None:
+        log.write(json.dumps({"step": progress["step"], "round": current.index, "heldout": final, "final": True,
+                              "score": _ratio_score(final), "elapsed_s": round(time.time() - started, 1)}) + "\n")
+        log.close()
+        (out / VERDICT_FILE).write_text(json.dumps(verdict, indent=2))
     base_after = _recompute_fingerprint(base)
     if base_after != base_fingerprint:
         raise AssertionError("the base model changed during ADJUST training; it must stay frozen")
-    head = accelerator.unwrap_model(loss_module).head
-    return head.eval().requires_grad_(False)
+    return head
+
+
+def make_verdict(heldout: dict[str, dict[int, dict[str, float]]], elapsed_s: float, steps: int) -> dict:
+    """Held-out head/stale KL ratios per kind of state and depth, and whether the head learned."""
+    ratios = {kind: {str(d): (v["head_kl"] / v["stale_kl"] if v["stale_kl"] > 0 else None) for d, v in s.items()}
+              for kind, s in heldout.items()}
+    weak = [f"{kind} depth {d}" for kind, r in ratios.items() for d, v in r.items()
+            if int(d) >= 2 and v is not None and v > LEARNED_LITTLE]
+    return {"ratios": ratios, "heldout": heldout, "learned_little": weak, "steps": steps,
+            "elapsed_s": round(elapsed_s, 1)}
+
+
+def format_verdict(verdict: dict) -> str:
+    lines = ["held-out KL of the head / KL of the stale marginals (naive parallel); lower is better:"]
+    for kind, ratios in verdict["ratios"].items():
+        label = "K=1 trajectory states" if kind == "k1" else "on-policy states (K>1 sampler)"
+        cells = ", ".join(f"depth {d}: {'-' if v is None else f'{v:.2f}'}" for d, v in ratios.items())
+        lines.append(f"  {label}: {cells}")
+    lines.append(f"  {verdict['steps']} steps, {verdict['elapsed_s'] / 60:.1f} min")
+    if verdict["learned_little"]:
+        lines.append(f"warning: the head learned little ({', '.join(verdict['learned_little'])} above "
+                     f"{LEARNED_LITTLE}); ADJUST will sample close to naive parallel. More or more varied "
+                     "trajectories, or a longer run (--max-steps), may help.")
+    return "\n".join(lines)
+
+
+def _prompts_of(trajectories_dir: str | Path) -> list[str] | None:
+    manifest = json.loads((Path(trajectories_dir) / "manifest.json").read_text())
+    return manifest.get("prompts")
 
 
 def _comparable(config: dict) -> dict:
@@ -297,14 +645,12 @@ def _comparable(config: dict) -> dict:
 
 def _trajectory_identity(data: Trajectories) -> dict:
     """What makes a trajectory collection the same data (its progress flag does not)."""
-    return {"fingerprint": data.fingerprint, **{k: v for k, v in asdict(data.config).items() if k != "progress"}}
+    return json.loads(json.dumps({"fingerprint": data.fingerprint,
+                                  **{k: v for k, v in asdict(data.config).items() if k != "progress"}}))
 
 
 def _resume_problems(state: dict, wanted: dict) -> list[str]:
-    """Why a saved trainer state cannot be continued by this run (empty when it can).
-
-    State files written before a key was recorded are not held to that key, and a config field added since
-    counts as its default there (new fields default to the old behaviour)."""
+    """Why a saved trainer state cannot be continued by this run (empty when it can)."""
     problems = []
     defaults = {f.name: f.default for f in fields(AdjustTrainConfig)}
     old_cfg, new_cfg = _comparable(state["config"]), wanted["config"]
@@ -314,7 +660,7 @@ def _resume_problems(state: dict, wanted: dict) -> list[str]:
             problems.append(f"{key}={old!r} there, {new_cfg.get(key)!r} now")
     if state.get("base_fingerprint", wanted["base_fingerprint"]) != wanted["base_fingerprint"]:
         problems.append(f"base model {state['base_fingerprint']} there, {wanted['base_fingerprint']} now")
-    if state.get("trajectories", wanted["trajectories"]) != wanted["trajectories"]:
+    if json.loads(json.dumps(state.get("trajectories", wanted["trajectories"]))) != wanted["trajectories"]:
         problems.append("trained on a different trajectory collection")
     saved_procs = state.get("num_processes", len(state["generators"]))
     if saved_procs != wanted["num_processes"]:
@@ -329,10 +675,17 @@ def _recompute_fingerprint(base: DiffusionLM) -> str:
 
 
 def final_heldout(out: str | Path) -> dict | None:
-    """The last held-out evaluation written by a training run."""
+    """The last held-out evaluation of K=1 trajectory states written by a training run."""
     path = Path(out) / LOG_FILE
     if not path.exists():
         return None
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return lines[-1]["heldout"] if lines else None
+    if not lines:
+        return None
+    heldout = lines[-1]["heldout"]
+    return heldout.get("k1", heldout)
 
+
+def read_verdict(out: str | Path) -> dict | None:
+    path = Path(out) / VERDICT_FILE
+    return json.loads(path.read_text()) if path.exists() else None

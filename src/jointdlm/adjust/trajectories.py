@@ -1,10 +1,17 @@
-"""ADJUST training data: K=1 trajectories of the frozen base model.
+"""ADJUST training data: K=1 trajectories of the frozen base model, and on-policy states.
 
 A trajectory is one sequential (one token per pass) sample drawn with the base model's own unmasking rule
 and temperature. It is fully described by its prefix (BOS + prompt), its final tokens and the order in which
 the generated positions were filled, so only those are stored: the state after j unmaskings is "final token
 where order < j, mask elsewhere". Trajectory j is seeded by (seed, j), and shards are written atomically, so
 collection can be split across processes, killed and resumed, always giving the same data.
+
+On-policy collections (`policy_tokens_per_step` > 1) start each trajectory with the K>1 sampler that will
+use the head (naive parallel, or ADJUST with the head trained so far), stop it after a random number of steps,
+and continue from there with K=1. The first `start` positions of the order are the policy's (several per
+step, so they are not a K=1 path); states j >= start are exactly the states the K>1 sampler reaches, followed
+by the base's own K=1 continuation, which gives the true next tokens. This is the DAgger fix for exposure
+bias: the head is trained where it will be used.
 """
 
 from __future__ import annotations
@@ -15,8 +22,9 @@ import re
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -24,8 +32,11 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..models.protocol import DiffusionLM
+
+if TYPE_CHECKING:
+    from .head import AdjustHead
 from ..sampling.base import TokenChoice
-from ..sampling.loop import SamplingConfig, encode_prompts, generate
+from ..sampling.loop import SamplingConfig, encode_prompts, generate, sample_seed
 from ..sampling.registry import make_sampler
 from ..validation import require_positive
 
@@ -33,6 +44,7 @@ MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
 SHARD_PATTERN = re.compile(r"^shard-(\d{5})\.safetensors$")
 TENSOR_KEYS = ("prefix", "prefix_len", "tokens", "order", "index")
+POLICY_SEED_OFFSET = 1_000_003
 _RESUME_IGNORED = ("progress",)
 
 
@@ -50,9 +62,19 @@ class TrajectoryConfig:
     shard_size: int = 256
     batch_size: int = 64
     progress: bool = True
+    policy_tokens_per_step: tuple[int, ...] = (1,)
+    """K of the sampler that reaches each trajectory's first K=1 state; (1,) = plain K=1 trajectories. Several
+    values: trajectory j uses the one picked by its seed."""
+    policy_head: str | None = None
+    """Fingerprint of the ADJUST head that drives the K>1 policy; None = naive parallel."""
 
     def __post_init__(self) -> None:
         require_positive(self, ("num", "length", "shard_size", "batch_size"))
+        object.__setattr__(self, "policy_tokens_per_step", tuple(int(k) for k in self.policy_tokens_per_step))
+        if not self.policy_tokens_per_step or min(self.policy_tokens_per_step) < 1:
+            raise ValueError(f"policy_tokens_per_step must be positive integers, got {self.policy_tokens_per_step}")
+        if self.on_policy and self.length < 3:
+            raise ValueError("on-policy collection needs a canvas of at least 3 tokens")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         self.choice()
@@ -64,6 +86,10 @@ class TrajectoryConfig:
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(length=self.length, tokens_per_step=1, choice=self.choice(), seed=self.seed,
                               batch_size=self.batch_size, record_history=True, progress=False)
+
+    @property
+    def on_policy(self) -> bool:
+        return max(self.policy_tokens_per_step) > 1
 
     @property
     def num_shards(self) -> int:
@@ -127,10 +153,13 @@ def _check_resumable(out_dir: Path, existing: dict, wanted: dict) -> None:
     if existing.get("fingerprint") != wanted["fingerprint"]:
         problems.append(f"base model fingerprint {existing.get('fingerprint')} there, "
                         f"{wanted['fingerprint']} for the model given")
-    old_cfg, new_cfg = existing.get("config") or {}, wanted["config"]
+    defaults = json.loads(json.dumps({f.name: f.default for f in fields(TrajectoryConfig)
+                                      if not isinstance(f.default, type(MISSING))}))
+    old_cfg, new_cfg = existing.get("config") or {}, json.loads(json.dumps(wanted["config"]))
     for key in new_cfg:
-        if key not in _RESUME_IGNORED and old_cfg.get(key) != new_cfg[key]:
-            problems.append(f"{key}={old_cfg.get(key)!r} there, {new_cfg[key]!r} asked for")
+        old = old_cfg.get(key, defaults.get(key))
+        if key not in _RESUME_IGNORED and old != new_cfg[key]:
+            problems.append(f"{key}={old!r} there, {new_cfg[key]!r} asked for")
     if existing.get("prompts") != wanted["prompts"]:
         problems.append("the prompts differ")
     if existing.get("format") != wanted["format"]:
@@ -153,7 +182,8 @@ def _read_shard(path: Path, expected: range, length: int) -> dict[str, torch.Ten
     if not torch.equal(data["index"], torch.arange(expected.start, expected.stop)):
         raise ValueError(f"shard {path.name} does not hold trajectories "
                          f"{expected.start}..{expected.stop - 1}")
-    shapes = {"prefix_len": (n,), "tokens": (n, length), "order": (n, length)}
+    shapes = {"prefix_len": (n,), "tokens": (n, length), "order": (n, length), "start": (n,)}
+    data.setdefault("start", torch.zeros(n, dtype=torch.long))
     for key, shape in shapes.items():
         if tuple(data[key].shape) != shape:
             raise ValueError(f"shard {path.name}: {key} has shape {tuple(data[key].shape)}, expected {shape}")
@@ -187,13 +217,66 @@ def _remove_stale_temps(out_dir: Path, shards: list[int]) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def _collect_batch(model: DiffusionLM, cfg: TrajectoryConfig, indices: range, prompts: list[str] | None,
+                   head: AdjustHead | None) -> dict[str, torch.Tensor]:
+    """Tokens, order and start of trajectories `indices` (K=1 from the start, or from an on-policy state)."""
+    n, length = len(indices), cfg.length
+    sequential = make_sampler("sequential")
+    if not cfg.on_policy:
+        gen = generate(model, sequential, cfg.sampling(), prompts=prompts, num=None if prompts else n,
+                       index_offset=indices.start)
+        return {"tokens": torch.tensor(gen.tokens, dtype=torch.long).reshape(n, length),
+                "order": torch.tensor(gen.history, dtype=torch.long).reshape(n, length),
+                "start": torch.zeros(n, dtype=torch.long)}
+    # Each trajectory's policy K and cut step come from its own seed, so any slice regenerates alike.
+    draws = [torch.Generator().manual_seed(sample_seed(cfg.seed + POLICY_SEED_OFFSET, j)) for j in indices]
+    ks = torch.tensor([cfg.policy_tokens_per_step[int(torch.randint(len(cfg.policy_tokens_per_step), (1,),
+                                                                    generator=g))] for g in draws])
+    mask_id = model.spec.mask_id
+    init = torch.full((n, length), mask_id, dtype=torch.long)
+    policy_order = torch.full((n, length), -1, dtype=torch.long)
+    for k in ks.unique().tolist():
+        rows = (ks == k).nonzero().squeeze(-1)
+        sampler = make_sampler("parallel") if head is None or k == 1 else make_sampler("adjust", head=head)
+        config = SamplingConfig(length=length, tokens_per_step=k, choice=cfg.choice(),
+                                seed=cfg.seed + POLICY_SEED_OFFSET, batch_size=cfg.batch_size, record_history=True,
+                                progress=False)
+        gen = generate(model, sampler, config, prompts=None if prompts is None else [prompts[i] for i in rows],
+                       num=None if prompts else len(rows), sample_indices=[indices[i] for i in rows.tolist()])
+        history = torch.tensor(gen.history, dtype=torch.long).reshape(len(rows), length)
+        tokens = torch.tensor(gen.tokens, dtype=torch.long).reshape(len(rows), length)
+        for row, h, t in zip(rows.tolist(), history, tokens, strict=True):
+            # Cut after 1..steps-1 policy steps: at least one policy step, and masks left to continue from.
+            steps = int(h.max()) + 1
+            cut = int(torch.randint(1, max(2, steps), (1,), generator=draws[row]))
+            keep = h < cut
+            init[row] = torch.where(keep, t, torch.full_like(t, mask_id))
+            policy_order[row] = torch.where(keep, h, torch.full_like(h, -1))
+    gen = generate(model, sequential, cfg.sampling(), prompts=prompts, num=None if prompts else n,
+                   index_offset=indices.start, init=init)
+    tokens = torch.tensor(gen.tokens, dtype=torch.long).reshape(n, length)
+    continuation = torch.tensor(gen.history, dtype=torch.long).reshape(n, length)
+    kept = policy_order >= 0
+    start = kept.sum(-1)
+    # The policy's positions come first, by step then position; the K=1 continuation follows in its own order.
+    key = torch.where(kept, policy_order * length + torch.arange(length), torch.full_like(policy_order, -1))
+    ranks = key.masked_fill(~kept, 2**62).argsort(dim=-1, stable=True).argsort(dim=-1)
+    continuation_rank = continuation - continuation.masked_fill(kept, 2**62).min(-1, keepdim=True).values
+    order = torch.where(kept, ranks, start[:, None] + continuation_rank)
+    return {"tokens": tokens, "order": order, "start": start}
+
+
 def collect_trajectories(model: DiffusionLM, out_dir: str | Path, cfg: TrajectoryConfig,
-                         prompts: list[str] | None = None, rank: int = 0, world_size: int = 1) -> dict:
-    """Collect (or resume collecting) this rank's shards of K=1 base-model trajectories into `out_dir`.
+                         prompts: list[str] | None = None, rank: int = 0, world_size: int = 1,
+                         head: AdjustHead | None = None) -> dict:
+    """Collect (or resume collecting) this rank's shards of trajectories into `out_dir`.
 
     Shard s holds trajectories [s * shard_size, (s + 1) * shard_size) and belongs to rank s % world_size;
-    complete shards already on disk are skipped. Returns {"generated", "skipped", "samples_per_s", ...}.
+    complete shards already on disk are skipped. `head` drives the K>1 policy of an on-policy collection
+    (its fingerprint must be `cfg.policy_head`). Returns {"generated", "skipped", "samples_per_s", ...}.
     """
+    if (head.fingerprint() if head is not None else None) != cfg.policy_head:
+        raise ValueError("the head given does not match cfg.policy_head (pass the head whose fingerprint it names)")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
     if prompts is not None:
@@ -235,31 +318,22 @@ def collect_trajectories(model: DiffusionLM, out_dir: str | Path, cfg: Trajector
                 pass
         todo.append(s)
 
-    sampler = make_sampler("sequential")
-    sampling = cfg.sampling()
     total = sum(len(cfg.shard_range(s)) for s in mine)
     bar = tqdm(total=total, initial=skipped, disable=not cfg.progress, desc=f"trajectories (rank {rank})",
                dynamic_ncols=True)
     generated, start = 0, time.perf_counter()
     for s in todo:
         indices = cfg.shard_range(s)
-        tokens: list[list[int]] = []
-        order: list[list[int]] = []
+        parts = []
         for first in range(indices.start, indices.stop, cfg.batch_size):
             batch = range(first, min(first + cfg.batch_size, indices.stop))
-            if prompts is None:
-                gen = generate(model, sampler, sampling, num=len(batch), index_offset=first)
-            else:
-                gen = generate(model, sampler, sampling, prompts=[prompts[j % len(prompts)] for j in batch],
-                               index_offset=first)
-            tokens.extend(gen.tokens)
-            order.extend(gen.history)
+            batch_prompts = None if prompts is None else [prompts[j % len(prompts)] for j in batch]
+            parts.append(_collect_batch(model, cfg, batch, batch_prompts, head))
             bar.update(len(batch))
         rows = [prefixes[j % len(prefixes)] for j in indices]
         prefix, prefix_len = _left_pad(rows, spec.pad_id)
         tensors = {"prefix": prefix, "prefix_len": prefix_len,
-                   "tokens": torch.tensor(tokens, dtype=torch.long).reshape(len(indices), cfg.length),
-                   "order": torch.tensor(order, dtype=torch.long).reshape(len(indices), cfg.length),
+                   **{key: torch.cat([p[key] for p in parts]) for key in ("tokens", "order", "start")},
                    "index": torch.arange(indices.start, indices.stop, dtype=torch.long)}
         _check_orders(tensors["order"], f"shard {s}")
         meta = {"fingerprint": wanted["fingerprint"], "shard": str(s)}
@@ -282,6 +356,12 @@ class Trajectories:
     order: torch.Tensor
     config: TrajectoryConfig
     fingerprint: str
+    start: torch.Tensor | None = None
+    """(N,) first state of each trajectory that is followed by K=1 steps (0 for plain K=1 trajectories)."""
+
+    def __post_init__(self) -> None:
+        if self.start is None:
+            self.start = torch.zeros(len(self.tokens), dtype=torch.long)
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -306,7 +386,7 @@ class Trajectories:
         width = int(prefix_len.max()) if prefix_len.numel() else 0
         return Trajectories(prefix=self.prefix[rows, self.prefix.shape[1] - width:], prefix_len=prefix_len,
                             tokens=self.tokens[rows], order=self.order[rows], config=self.config,
-                            fingerprint=self.fingerprint)
+                            fingerprint=self.fingerprint, start=self.start[rows])
 
     def split(self, heldout: int) -> tuple[Trajectories, Trajectories]:
         """(train, held-out): the last `heldout` trajectories are held out, so the split never changes."""
@@ -336,11 +416,11 @@ def load_trajectories(out_dir: str | Path) -> Trajectories:
              for s in range(cfg.num_shards)]
     width = max(p["prefix"].shape[1] for p in parts)
     prefix = torch.cat([_pad_left_to(p["prefix"], width, int(manifest["pad_id"])) for p in parts])
-    merged = {key: torch.cat([p[key] for p in parts]) for key in ("prefix_len", "tokens", "order", "index")}
+    merged = {key: torch.cat([p[key] for p in parts]) for key in ("prefix_len", "tokens", "order", "index", "start")}
     if not torch.equal(merged["index"], torch.arange(cfg.num)):
         raise ValueError(f"{out_dir}: shard indices do not cover 0..{cfg.num - 1} exactly once")
     return Trajectories(prefix=prefix, prefix_len=merged["prefix_len"], tokens=merged["tokens"],
-                        order=merged["order"], config=cfg, fingerprint=manifest["fingerprint"])
+                        order=merged["order"], config=cfg, fingerprint=manifest["fingerprint"], start=merged["start"])
 
 
 def _pad_left_to(prefix: torch.Tensor, width: int, pad_id: int) -> torch.Tensor:

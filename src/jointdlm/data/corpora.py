@@ -157,8 +157,7 @@ def _code(num: int | None, seed: int) -> list[str]:
 
 
 CORPORA: dict[str, Callable[[int | None, int], list[str]]] = {
-    "template": _toy_builder("template"),
-    "agreement": _toy_builder("agreement"),
+    **{name: _toy_builder(name) for name in LANGUAGES},
     "english": _english,
     "code": _code,
     "tasks": tasks_corpus,
@@ -201,7 +200,11 @@ def read_corpus(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"corpus file {path} not found; create it with write_corpus() first")
-    docs = [line for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"corpus {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    docs = [line for line in text.split("\n") if line.strip()]
     if not docs:
         raise ValueError(f"corpus {path} is empty")
     return docs

@@ -193,7 +193,133 @@ def _noun_form(choice: int) -> str:
     return AGREEMENT_NOUNS[choice // 2][choice % 2]
 
 
-LANGUAGES: dict[str, ToyLanguage] = {lang.name: lang for lang in (TemplateLanguage(), AgreementLanguage())}
+CHOICE_NAMES = (("anna", "her"), ("boris", "his"), ("clara", "her"), ("dmitri", "his"), ("elena", "her"),
+                ("felix", "his"))
+CHOICE_JOBS = (
+    ("baker", ("kneads", "shapes"), ("dough", "loaves"), ("rolling", "wooden"), "bakery"),
+    ("smith", ("hammers", "bends"), ("iron", "horseshoes"), ("heavy", "old"), "forge"),
+    ("painter", ("mixes", "spreads"), ("colours", "varnish"), ("wide", "fine"), "studio"),
+    ("farmer", ("plants", "waters"), ("seeds", "turnips"), ("rusty", "long"), "field"),
+    ("tailor", ("stitches", "mends"), ("coats", "trousers"), ("silver", "sharp"), "workshop"),
+    ("sailor", ("ties", "coils"), ("ropes", "sails"), ("tarred", "salty"), "harbour"),
+)
+CHOICE_TOOLS = {"baker": "pin", "smith": "hammer", "painter": "brush", "farmer": "spade", "tailor": "needle",
+                "sailor": "hook"}
+CHOICE_TIMES = ("today", "at dawn", "at noon", "every evening")
+CHOICE_FRAME = "{name} the {job} {verb} the {obj} with {pron} {adj} {tool} in the {place} {time} ."
+
+
+class ChoiceLanguage(ToyLanguage):
+    """Two independent early choices each fix several later words: the name fixes the pronoun, the job fixes
+    the verb family, the object family, the tool's adjective family, the tool and the place.
+
+    Filling positions independently mixes one job's verb with another's object or place, or a name with the
+    wrong pronoun; any such mix is invalid.
+    """
+
+    name = "choice"
+
+    @property
+    def radices(self) -> tuple[int, ...]:
+        return (len(CHOICE_NAMES), len(CHOICE_JOBS), 2, 2, 2, len(CHOICE_TIMES))
+
+    def render(self, choices: Sequence[int]) -> str:
+        name, job, verb, obj, adj, time = choices
+        person, pronoun = CHOICE_NAMES[name]
+        title, verbs, objects, adjectives, place = CHOICE_JOBS[job]
+        return CHOICE_FRAME.format(name=person, job=title, verb=verbs[verb], obj=objects[obj], pron=pronoun,
+                                   adj=adjectives[adj], tool=CHOICE_TOOLS[title], place=place,
+                                   time=CHOICE_TIMES[time])
+
+
+PERMUTATION_GROUPS = (
+    ("planets", ("mercury", "venus", "mars", "jupiter", "saturn")),
+    ("rivers", ("nile", "amazon", "danube", "volga", "thames")),
+    ("metals", ("copper", "zinc", "tin", "lead", "nickel")),
+    ("trees", ("oak", "birch", "maple", "willow", "cedar")),
+    ("spices", ("pepper", "ginger", "clove", "nutmeg", "saffron")),
+    ("birds", ("robin", "crow", "heron", "finch", "swan")),
+)
+PERMUTATION_FRAME = "the {group} are {m0} , {m1} , {m2} , {m3} and {m4} ."
+
+
+class PermutationLanguage(ToyLanguage):
+    """A header picks a group; the sentence lists the group's five members in any order, each exactly once.
+
+    Every written member excludes itself from the other four slots, so the slots depend on each other all
+    the way to the last one: independent filling repeats a member (or mixes groups) and is invalid.
+    Choices: the group, then a Lehmer code of the order (radices 5, 4, 3, 2, 1).
+    """
+
+    name = "permutation"
+
+    @property
+    def radices(self) -> tuple[int, ...]:
+        return (len(PERMUTATION_GROUPS), 5, 4, 3, 2)
+
+    def render(self, choices: Sequence[int]) -> str:
+        group, *code = choices
+        title, members = PERMUTATION_GROUPS[group]
+        left = list(members)
+        ordered = [left.pop(c) for c in code] + left
+        return PERMUTATION_FRAME.format(group=title, **{f"m{i}": m for i, m in enumerate(ordered)})
+
+
+BINDING_NAMES = ("alpha", "beta", "gamma", "delta", "kappa", "sigma", "omega", "theta", "lambda", "zeta",
+                 "rho", "tau")
+BINDING_FRAME = "let {a} be {x} and {b} be {y} ; then {a} plus {b} equals {a} plus {b} , not {c} ."
+BINDING_NUMBERS = ("one", "two", "three", "four")
+
+
+class BindingLanguage(ToyLanguage):
+    """Variable binding: two distinct names are introduced and each is repeated further on, like a variable in
+    code; a third, different name closes the sentence. Twelve names, so a copy constraint has many options.
+
+    Choices: an ordered triple of distinct names (Lehmer digits 12, 11, 10) and two numbers.
+    """
+
+    name = "binding"
+
+    @property
+    def radices(self) -> tuple[int, ...]:
+        n = len(BINDING_NAMES)
+        return (n, n - 1, n - 2, len(BINDING_NUMBERS), len(BINDING_NUMBERS))
+
+    def render(self, choices: Sequence[int]) -> str:
+        i, j, k, x, y = choices
+        left = list(BINDING_NAMES)
+        a, b, c = left.pop(i), left.pop(j), left.pop(k)
+        return BINDING_FRAME.format(a=a, b=b, c=c, x=BINDING_NUMBERS[x], y=BINDING_NUMBERS[y])
+
+
+SEATING_GUESTS = ("ada", "ben", "cy", "dora", "ed", "fay", "gus", "hal")
+SEATING_FRAME = "at the table sit {g0} , {g1} , {g2} and {g3} , each on one chair ."
+
+
+class SeatingLanguage(ToyLanguage):
+    """Four distinct guests out of eight, in any order: an exclusion constraint without a header word.
+
+    Choices: Lehmer digits 8, 7, 6, 5 (ordered selection without repetition).
+    """
+
+    name = "seating"
+
+    @property
+    def radices(self) -> tuple[int, ...]:
+        n = len(SEATING_GUESTS)
+        return (n, n - 1, n - 2, n - 3)
+
+    def render(self, choices: Sequence[int]) -> str:
+        left = list(SEATING_GUESTS)
+        guests = [left.pop(c) for c in choices]
+        return SEATING_FRAME.format(**{f"g{i}": g for i, g in enumerate(guests)})
+
+
+LANGUAGES: dict[str, ToyLanguage] = {
+    lang.name: lang
+    for lang in (TemplateLanguage(), AgreementLanguage(), ChoiceLanguage(), PermutationLanguage(),
+                 BindingLanguage(), SeatingLanguage())
+}
 
 
 def get_language(name: str) -> ToyLanguage:

@@ -15,12 +15,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from jointdlm.data.tasks import TaskExample, score_all
 from jointdlm.data.toy import ToyLanguage, normalize, tv_distance
 
 if TYPE_CHECKING:
     from jointdlm.models.causal import CausalScorer
+    from jointdlm.models.protocol import DiffusionLM
 
 Z_95 = 1.959963984540054
 
@@ -205,3 +207,32 @@ def mauve_texts(
 ) -> Estimate:
     """MAUVE with features from the project's own causal LM, so it runs offline for built-in models."""
     return mauve(scorer.features(list(reference_texts)), scorer.features(list(generated_texts)), seeds)
+
+
+@torch.no_grad()
+def base_features(model: DiffusionLM, texts: Sequence[str], batch_size: int = 128) -> torch.Tensor:
+    """(N, d) features of finished texts from the diffusion base itself: its last hidden states on the fully
+    unmasked text, averaged over the text's tokens. Used for MAUVE when no scorer is given, so an evaluation
+    on a user's own model still measures distance to the K=1 reference."""
+    spec = model.spec
+    bos = [] if spec.bos_id is None else [spec.bos_id]
+    rows = [(bos + model.tokenizer.encode(t) + [spec.eos_id])[: model.max_length] for t in texts]
+    out = []
+    for first in range(0, len(rows), batch_size):
+        chunk = rows[first:first + batch_size]
+        width = max(len(r) for r in chunk)
+        tokens = torch.full((len(chunk), width), spec.pad_id, dtype=torch.long)
+        attention = torch.zeros_like(tokens)
+        for i, r in enumerate(chunk):
+            tokens[i, : len(r)] = torch.tensor(r)
+            attention[i, : len(r)] = 1
+        hidden = model.forward(tokens.to(model.device), attention.to(model.device)).hidden.float().cpu()
+        weights = attention[..., None].float()
+        out.append((hidden * weights).sum(1) / weights.sum(1))
+    return torch.cat(out)
+
+
+def mauve_base(model: DiffusionLM, reference_texts: Sequence[str], generated_texts: Sequence[str],
+               seeds: Sequence[int] = (0, 1, 2)) -> Estimate:
+    """MAUVE on the base model's own features (see `base_features`)."""
+    return mauve(base_features(model, reference_texts), base_features(model, generated_texts), seeds)

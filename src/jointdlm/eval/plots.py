@@ -11,11 +11,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 LABELS = {"validity": "validity (share of valid strings)", "accuracy": "task accuracy (exact match)",
-          "mauve": "MAUVE vs K=1 samples", "nll": "NLL under the scorer (nats/token, lower is better)"}
+          "mauve": "MAUVE vs K=1 samples", "nll": "NLL under the scorer (nats/token, lower is better)",
+          "mauve_base": "MAUVE vs K=1 samples (base model's own features)"}
 
 
 def _metric(rows: list[dict]) -> str | None:
-    for name in ("validity", "accuracy", "mauve", "nll"):
+    for name in ("validity", "accuracy", "mauve", "nll", "mauve_base"):
         if any(name in r["quality"] for r in rows):
             return name
     return None

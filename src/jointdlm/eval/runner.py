@@ -49,6 +49,14 @@ class EvalConfig:
             raise ValueError(f"tokens per step must be >= 1, got {self.tokens_per_step}")
         if self.num < 2:
             raise ValueError(f"num must be >= 2 for a spread, got {self.num}")
+        if self.language is not None:
+            from ..data import get_language
+
+            get_language(self.language)
+        if self.task is not None:
+            from ..data.tasks import make_examples
+
+            make_examples(self.task, 1, seed=0, split="heldout")
 
 
 def _prompts(cfg: EvalConfig):
@@ -61,7 +69,7 @@ def _prompts(cfg: EvalConfig):
 
 
 def _quality(cfg: EvalConfig, texts: list[str], reference: list[str], scorer: CausalScorer | None,
-             examples) -> dict[str, dict]:
+             examples, model: DiffusionLM) -> dict[str, dict]:
     out: dict[str, dict] = {}
     if cfg.language:
         from ..data import get_language
@@ -81,11 +89,14 @@ def _quality(cfg: EvalConfig, texts: list[str], reference: list[str], scorer: Ca
     if scorer is not None:
         out["nll"] = asdict(metrics.nll(scorer, texts))
         out["mauve"] = asdict(metrics.mauve_texts(scorer, reference, texts, seeds=cfg.mauve_seeds))
+    if not out:
+        # No language, task or scorer: still compare with the K=1 reference, on the base's own features.
+        out["mauve_base"] = asdict(metrics.mauve_base(model, reference, texts, seeds=cfg.mauve_seeds))
     return out
 
 
 def primary_metric(row: dict) -> str | None:
-    for name in ("validity", "accuracy", "mauve", "nll"):
+    for name in ("validity", "accuracy", "mauve", "nll", "mauve_base"):
         if name in row["quality"]:
             return name
     return None
@@ -100,7 +111,10 @@ def _run(model: DiffusionLM, spec: str, k: int, cfg: EvalConfig, length: int, pr
 
 
 def follows_budget(spec: str) -> bool:
-    return getattr(SAMPLERS[parse_spec(spec)[0]], "follows_budget", True)
+    """Whether a sampler's rows differ by K: samplers that fill K per step, and adaptive ADJUST, for which K
+    is the most a step may fill."""
+    name = parse_spec(spec)[0]
+    return name == "adjust" or getattr(SAMPLERS[name], "follows_budget", True)
 
 
 def run_eval(model: DiffusionLM, cfg: EvalConfig, out: str | Path, adjust_head=None,
@@ -131,7 +145,9 @@ def run_eval(model: DiffusionLM, cfg: EvalConfig, out: str | Path, adjust_head=N
 
     grid = [("sequential", 1)] if 1 in cfg.tokens_per_step else []
     for spec in cfg.samplers:
-        if follows_budget(spec):
+        if parse_spec(spec)[0] == "sequential":
+            grid = grid if ("sequential", 1) in grid else [("sequential", 1), *grid]  # K=1 is its only row
+        elif follows_budget(spec):
             grid += [(spec, k) for k in cfg.tokens_per_step if k > 1]
         else:
             grid.append((spec, 1))
@@ -140,7 +156,7 @@ def run_eval(model: DiffusionLM, cfg: EvalConfig, out: str | Path, adjust_head=N
         print(f"eval: {name} K={k}", file=sys.stderr)
         gen = _run(model, name, k, cfg, length, prompts, cfg.seed, adjust_head, scorer)
         rows.append({"sampler": name, "tokens_per_step": k if follows_budget(name) else None,
-                     "quality": _quality(cfg, gen.texts, reference, scorer, examples),
+                     "quality": _quality(cfg, gen.texts, reference, scorer, examples, model),
                      "speed": gen.counters.as_dict(), "examples": gen.texts[:3]})
         histories[f"{name} K={k}"] = gen.history[: cfg.history_examples]
     base_time = next((r["speed"]["wall_time_s"] for r in rows if r["sampler"] == "sequential"), None)
@@ -171,7 +187,8 @@ def _fmt(estimate: dict | None) -> str:
 
 def format_table(results: dict) -> str:
     rows = results["rows"]
-    names = [m for m in ("validity", "tv_distance", "accuracy", "mauve", "nll") if any(m in r["quality"] for r in rows)]
+    names = [m for m in ("validity", "tv_distance", "accuracy", "mauve", "nll", "mauve_base")
+             if any(m in r["quality"] for r in rows)]
     header = ["sampler", "K", *names, "base passes", "extra passes", "tokens/pass", "tokens/s", "speed-up vs K=1"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mdlm import CONFIG_FILE, positions_and_mask
+from .mdlm import CONFIG_FILE, positions_and_mask, read_config
 from .protocol import FamilySpec, ModelOutput
 
 MASK_STYLES = ("2d", "4d", "bias")
@@ -346,14 +346,30 @@ def _locate(path_or_repo: str | Path) -> tuple[str, bool]:
     return text, False
 
 
+def remote_code_files(directory: str | Path) -> list[str]:
+    """The Python files a checkpoint's config.json asks transformers to import (its `auto_map`)."""
+    directory = Path(directory)
+    config = read_config(directory / CONFIG_FILE)
+    modules = set()
+    for target in (config.get("auto_map") or {}).values():
+        for ref in (target if isinstance(target, list) else [target]):
+            if isinstance(ref, str) and "." in ref:
+                modules.add(ref.split("--")[-1].rsplit(".", 1)[0] + ".py")
+    if not modules:
+        return []
+    present = sorted(p.name for p in directory.glob("*.py"))
+    return sorted(modules | set(present))
+
+
 def load_hf_model(path_or_repo: str | Path | None, family: str | HFFamily, device: str | torch.device = "cpu",
-                  dtype: torch.dtype | str | None = None, trust_remote_code: bool = True,
+                  dtype: torch.dtype | str | None = None, trust_remote_code: bool = False,
                   max_length: int | None = None, check: bool = True) -> HFDiffusionModel:
     """Load model + tokenizer from a local directory (never touching the network) or a Hub repo id.
 
     `path_or_repo=None` uses the family's default repo. The family's auto classes are tried in order; a class
     the checkpoint does not register, or one that comes without an LM head, is skipped. `check` runs
-    `check_head` once on four tokens.
+    `check_head` once on four tokens. A checkpoint whose config.json names its own Python code (`auto_map`)
+    is refused unless `trust_remote_code=True`: that code runs with the user's rights when it is imported.
     """
     family = get_family(family)
     if path_or_repo is None:
@@ -361,6 +377,11 @@ def load_hf_model(path_or_repo: str | Path | None, family: str | HFFamily, devic
             raise ValueError(f"the {family.name} family has no default repo; give a path")
         path_or_repo = family.default_repo
     source, local = _locate(path_or_repo)
+    if local and not trust_remote_code:
+        code = remote_code_files(source)
+        if code:
+            raise ValueError(f"{source} ships its own Python code ({', '.join(code)}), which would run on loading; "
+                             "pass --trust-remote-code (trust_remote_code=True) if you trust where it came from")
     try:
         import transformers
     except ImportError as err:

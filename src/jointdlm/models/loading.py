@@ -2,39 +2,59 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from .hf import FAMILIES, HFFamily, detect_family, load_hf_model
-from .mdlm import CONFIG_FILE, MODEL_TYPE, BuiltinModel
+from .mdlm import CONFIG_FILE, MODEL_TYPE, BuiltinModel, read_config
 from .protocol import DiffusionLM
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu",
-               family: str | HFFamily | None = None) -> DiffusionLM:
+               family: str | HFFamily | None = None, trust_remote_code: bool = False) -> DiffusionLM:
     """The built-in model, or a Hugging Face one (LLaDA / Dream) recognised by its config.json.
 
     A config naming LLaDA or Dream is taken to the Hugging Face path only with an `auto_map`: neither family has
     a native transformers class, so without remote code transformers could not build it. `family` forces the
-    Hugging Face path with that family's spec (it also accepts a Hub repo id in place of a directory).
+    Hugging Face path with that family's spec (it also accepts a Hub repo id in place of a directory). Remote
+    code runs only with `trust_remote_code=True`.
     """
+    device = resolve_device(device)
     if family is not None:
-        return load_hf_model(directory, family, device=device)
+        return load_hf_model(directory, family, device=device, trust_remote_code=trust_remote_code)
     directory = Path(directory)
     config = directory / CONFIG_FILE
     if not directory.is_dir():
         raise FileNotFoundError(f"model directory {directory} does not exist")
     if not config.exists():
         raise FileNotFoundError(f"{directory} has no {CONFIG_FILE}; is it a model directory?")
-    raw = json.loads(config.read_text())
+    raw = read_config(config)
     model_type = raw.get("model_type")
     if model_type == MODEL_TYPE:
         return BuiltinModel.load(directory, device)
     detected = detect_family(raw)
     if detected is not None and raw.get("auto_map"):
-        return load_hf_model(directory, detected, device=device)
+        return load_hf_model(directory, detected, device=device, trust_remote_code=trust_remote_code)
     why = f"; it names the {detected} family but has no auto_map (remote code)" if detected else ""
     raise ValueError(f"{directory}: model_type {model_type!r} is not supported here{why} (built-in: {MODEL_TYPE!r}; "
                      f"Hugging Face families: {', '.join(sorted(FAMILIES))}, or pass family= to force one)")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A device this machine has, or a ValueError that says why not (instead of a failure deep in torch)."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r} (use cpu, cuda, cuda:N or mps): {err}") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but this machine has no CUDA GPU (torch "
+                             f"{torch.__version__}); use --device cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} asked for, but only {torch.cuda.device_count()} GPU(s) exist")
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} asked for, but MPS is not available here")
+    elif resolved.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {device!r} is not supported (use cpu, cuda, cuda:N or mps)")
+    return resolved

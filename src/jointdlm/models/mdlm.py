@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -70,16 +71,24 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int) -> None:
+    """Multi-head self-attention with rotary positions; `qk_norm` normalises queries and keys per head, which
+    bounds the attention logits (without it a small network trained fast can saturate its softmax)."""
+
+    def __init__(self, d_model: int, n_heads: int, qk_norm: bool = False, eps: float = 1e-6) -> None:
         super().__init__()
         self.n_heads = n_heads
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
+        head_dim = d_model // n_heads
+        self.q_norm = nn.RMSNorm(head_dim, eps=eps) if qk_norm else None
+        self.k_norm = nn.RMSNorm(head_dim, eps=eps) if qk_norm else None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 attn_mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None)
         return self.out(y.transpose(1, 2).reshape(b, t, d))
@@ -99,10 +108,10 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block; also the building block of the ADJUST head."""
 
-    def __init__(self, d_model: int, n_heads: int, mlp_hidden: int, eps: float = 1e-6) -> None:
+    def __init__(self, d_model: int, n_heads: int, mlp_hidden: int, eps: float = 1e-6, qk_norm: bool = False) -> None:
         super().__init__()
         self.attn_norm = nn.RMSNorm(d_model, eps=eps)
-        self.attn = Attention(d_model, n_heads)
+        self.attn = Attention(d_model, n_heads, qk_norm, eps)
         self.mlp_norm = nn.RMSNorm(d_model, eps=eps)
         self.mlp = SwiGLU(d_model, mlp_hidden)
 
@@ -183,6 +192,27 @@ def weights_fingerprint(config: dict, state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
+def read_config(path: Path) -> dict:
+    """A JSON config file as a dict, with errors that name the file."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return raw
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file, with errors that name it (a truncated download is the usual cause)."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} cannot be read ({err}); is the file complete?") from None
+
+
 def atomic_write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
@@ -253,11 +283,15 @@ class BuiltinModel:
         directory = Path(directory)
         if not (directory / CONFIG_FILE).exists() or not (directory / WEIGHTS_FILE).exists():
             raise FileNotFoundError(f"{directory} is not a model directory (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-        raw = json.loads((directory / CONFIG_FILE).read_text())
+        raw = read_config(directory / CONFIG_FILE)
         if raw.get("model_type") != MODEL_TYPE:
             raise ValueError(f"{directory} holds model_type={raw.get('model_type')!r}, not {MODEL_TYPE!r}")
         names = {f.name for f in fields(MDLMConfig)}
         net = MaskedDiffusionTransformer(MDLMConfig(**{k: v for k, v in raw.items() if k in names}))
-        net.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
+        try:
+            net.load_state_dict(read_weights(directory / WEIGHTS_FILE))
+        except RuntimeError as err:
+            raise ValueError(f"{directory / WEIGHTS_FILE} does not match {directory / CONFIG_FILE}: "
+                             f"{str(err).splitlines()[0]}") from None
         net.requires_grad_(False)
         return cls(net, BPETokenizer.load(directory)).to(device).eval()

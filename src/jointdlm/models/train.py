@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..validation import require_choice, require_positive
-from .mdlm import PRESETS, BuiltinModel, MaskedDiffusionTransformer, MDLMConfig, atomic_write_json
+from ..validation import require_choice, require_finite, require_positive
+from .mdlm import PRESETS, BuiltinModel, MaskedDiffusionTransformer, MDLMConfig, atomic_write_json, read_config
 from .tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, BPETokenizer
 
 STATE_FILE = "trainer_state.pt"
@@ -60,6 +60,7 @@ class PretrainConfig:
         require_choice("preset", self.preset, PRESETS)
         require_choice("objective", self.objective, ("mdlm", "ar"))
         require_positive(self, ("max_steps", "batch_size", "eval_every", "save_every"))
+        require_finite(self, ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "heldout_fraction"))
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.vocab_size < 300:
@@ -77,7 +78,11 @@ def read_documents(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"corpus file {path} does not exist")
-    docs = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"corpus {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    docs = [line.strip() for line in text.splitlines()]
     docs = [d for d in docs if d]
     if not docs:
         raise ValueError(f"corpus {path} is empty (no non-blank lines)")
@@ -177,7 +182,12 @@ def _training_extra(cfg: PretrainConfig, corpus: Path) -> dict:
 
 def pretrain(corpus: str | Path, out: str | Path, cfg: PretrainConfig) -> BuiltinModel:
     """Train (or resume training of) a built-in model on a one-document-per-line corpus."""
+    from .loading import resolve_device
+
     corpus, out = Path(corpus), Path(out)
+    resolve_device(cfg.device)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory")
     docs = read_documents(corpus)
     torch.manual_seed(cfg.seed)
     state_path = out / STATE_FILE
@@ -190,7 +200,7 @@ def pretrain(corpus: str | Path, out: str | Path, cfg: PretrainConfig) -> Builti
     else:
         if cfg.tokenizer_from:
             tokenizer = BPETokenizer.load(cfg.tokenizer_from)
-            donor = json.loads((Path(cfg.tokenizer_from) / "config.json").read_text())
+            donor = read_config(Path(cfg.tokenizer_from) / "config.json")
             seq_len = cfg.seq_len or donor["max_length"]
         else:
             tokenizer = BPETokenizer.train(docs, cfg.vocab_size)
@@ -213,7 +223,7 @@ def pretrain(corpus: str | Path, out: str | Path, cfg: PretrainConfig) -> Builti
     batch_gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed + 1)
     step = 0
     if resume:
-        state = torch.load(state_path, map_location=cfg.device, weights_only=False)
+        state = torch.load(state_path, map_location=cfg.device, weights_only=True)  # tensors only: no pickle code
         optimizer.load_state_dict(state["optimizer"])
         batch_gen.set_state(state["generator"])
         step = state["step"]

@@ -1,40 +1,99 @@
 """ADJUST: one base pass, then the head conditions each of the step's tokens on the ones just written.
 
-For each of the K tokens: pick the position with the unmasking rule on the current (head-updated)
+For each of the step's tokens: pick the position with the unmasking rule on the current (head-updated)
 distributions, sample it, run the head on the updated string. No head pass follows the step's last token.
+
+Plain `adjust` writes exactly K tokens per step. With a test it is adaptive: K becomes the most a step may
+write, and after each head pass the step goes on only while the next position passes the test on the
+head-updated distributions:
+* `adjust:tau=0.9` — the next position's confidence (its top probability) is at least tau;
+* `adjust:gamma=1` — as EB-Sampler: the entropies of the step's tokens, less the largest, sum to at most gamma.
+The first token of a step is always written. Rows stop independently; a row's head passes are counted only
+while it is still writing.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 from ..adjust.head import AdjustHead
-from .base import StepContext, StepResult
+from .base import StepContext, StepResult, resolve_config
 from .rules import select_top
+
+
+@dataclass(frozen=True)
+class AdjustConfig:
+    tau: float | None = None
+    gamma: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.tau is not None and self.gamma is not None:
+            raise ValueError("give tau (confidence test) or gamma (entropy test), not both")
+        if self.tau is not None and not (math.isfinite(self.tau) and 0 <= self.tau <= 1):
+            raise ValueError(f"tau must be in [0, 1], got {self.tau}")
+        if self.gamma is not None and not (math.isfinite(self.gamma) and self.gamma >= 0):
+            raise ValueError(f"gamma must be a finite number >= 0, got {self.gamma}")
+
+    @property
+    def adaptive(self) -> bool:
+        return self.tau is not None or self.gamma is not None
 
 
 class AdjustSampler:
     name = "adjust"
-    follows_budget = True
 
-    def __init__(self, head: AdjustHead) -> None:
+    def __init__(self, head: AdjustHead, config: AdjustConfig | None = None, **settings: Any) -> None:
         self.head = head
+        self.config = resolve_config(AdjustConfig, config, settings)
+        self.follows_budget = not self.config.adaptive
 
     def step(self, ctx: StepContext) -> StepResult:
         out = ctx.forward()
         hidden, logits = out.hidden, out.logits
         tokens, eligible = ctx.tokens.clone(), ctx.eligible.clone()
         fill = torch.zeros_like(eligible)
+        writing = torch.ones(len(tokens), dtype=torch.bool, device=tokens.device)
+        entropy_sum = torch.zeros(len(tokens), dtype=torch.float64, device=tokens.device)
+        entropy_max = torch.zeros_like(entropy_sum)
+        head_passes = torch.zeros(len(tokens), dtype=torch.long)
         rounds = int(ctx.budget.max())
-        head_passes = 0
         for r in range(rounds):
             logprobs = ctx.logprobs(logits)
-            chosen = select_top(ctx.scores(logprobs, eligible), (ctx.budget > r).long())
+            writing &= ctx.budget.to(writing.device) > r
+            chosen = select_top(ctx.scores(logprobs, eligible), writing.long())
+            if self.config.adaptive:
+                writing &= self._passes(logprobs, chosen, entropy_sum, entropy_max, first=r == 0)
+                chosen &= writing[:, None]
+            if not writing.any():
+                break
             tokens = torch.where(chosen, ctx.sample(logprobs, chosen), tokens)
             fill |= chosen
             eligible &= ~chosen
-            if r < rounds - 1:
+            if r < rounds - 1 and (writing & (ctx.budget.to(writing.device) > r + 1)).any():
                 with torch.no_grad():
                     hidden, logits = self.head(ctx.model, tokens, ctx.attention_mask, hidden)
-                head_passes += 1
+                head_passes += (writing & (ctx.budget.to(writing.device) > r + 1)).cpu()
         return StepResult(fill=fill, tokens=tokens, base_passes=1, extra_passes=head_passes)
+
+    def _passes(self, logprobs: torch.Tensor, chosen: torch.Tensor, entropy_sum: torch.Tensor,
+                entropy_max: torch.Tensor, first: bool) -> torch.Tensor:
+        """(B,) whether each row's chosen position passes the test (the step's first token always does); for
+        gamma, the accepted token's entropy joins the step's running sum."""
+        at = logprobs[chosen.nonzero(as_tuple=True)]
+        rows = chosen.any(-1)
+        passed = torch.zeros_like(rows)
+        if self.config.tau is not None:
+            passed[rows] = True if first else at.max(-1).values.exp() >= self.config.tau
+            return passed
+        entropy = -(at.exp() * at.clamp(min=-1e30)).nan_to_num(0.0).sum(-1).double()
+        new_sum = entropy_sum[rows] + entropy
+        new_max = torch.maximum(entropy_max[rows], entropy)
+        ok = torch.ones_like(new_sum, dtype=torch.bool) if first else new_sum - new_max <= self.config.gamma
+        passed[rows] = ok
+        entropy_sum[rows] = torch.where(ok, new_sum, entropy_sum[rows])
+        entropy_max[rows] = torch.where(ok, new_max, entropy_max[rows])
+        return passed

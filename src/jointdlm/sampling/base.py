@@ -13,7 +13,12 @@ from typing import Protocol
 import torch
 
 from ..models.protocol import DiffusionLM, ModelOutput
+from ..validation import require_finite
 from . import rules
+
+
+class NonFiniteLogitsError(ValueError):
+    """The model returned NaN or Inf logits (corrupt weights, or a dtype that overflows)."""
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,7 @@ class TokenChoice:
     def __post_init__(self) -> None:
         if self.rule not in rules.RULES:
             raise ValueError(f"unknown unmasking rule {self.rule!r}; choose from {', '.join(rules.RULES)}")
+        require_finite(self, ("temperature", "top_p"))
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
@@ -45,6 +51,7 @@ class StepContext:
     budget: torch.Tensor
     generators: list[torch.Generator]
     choice: TokenChoice
+    step_index: int = 0
     step_seeds: list[int] = field(init=False)
     """One seed per row for this step, drawn from the row's generator; all noise of the step derives from it."""
 
@@ -58,7 +65,12 @@ class StepContext:
 
     def forward(self, tokens: torch.Tensor | None = None) -> ModelOutput:
         with torch.no_grad():
-            return self.model.forward(self.tokens if tokens is None else tokens, self.attention_mask)
+            out = self.model.forward(self.tokens if tokens is None else tokens, self.attention_mask)
+        # One reduction per pass: a broken model must fail loudly, not write token 0 everywhere.
+        if not torch.isfinite(out.logits).all():
+            raise NonFiniteLogitsError(f"model produced NaN/Inf logits at step {self.step_index} "
+                                       "(check the weights and the dtype)")
+        return out
 
     def logprobs(self, logits: torch.Tensor) -> torch.Tensor:
         return rules.model_logprobs(logits, self.model.spec.never_sampled())
@@ -82,7 +94,8 @@ class StepResult:
     fill: torch.Tensor
     tokens: torch.Tensor
     base_passes: int = 1
-    extra_passes: int = 0
+    extra_passes: int | torch.Tensor = 0
+    """A number for every row, or a (B,) tensor when rows paid differently (adaptive ADJUST)."""
 
 
 class Sampler(Protocol):
@@ -111,7 +124,7 @@ def check_step(ctx: StepContext, result: StepResult, follows_budget: bool) -> No
         raise AssertionError("sampler wrote a token id outside the vocabulary")
     if torch.isin(written, torch.tensor(spec.never_sampled(), device=written.device)).any():
         raise AssertionError("sampler wrote the mask token or another never-sampled id")
-    if result.base_passes < 0 or result.extra_passes < 0:
+    if torch.as_tensor(result.base_passes).lt(0).any() or torch.as_tensor(result.extra_passes).lt(0).any():
         raise AssertionError("pass counts must be non-negative")
 
 

@@ -149,11 +149,14 @@ def cut_at_eos(ids: Sequence[int], eos_id: int) -> list[int]:
 
 def generate(model: DiffusionLM, sampler: Sampler, config: SamplingConfig,
              prompts: Sequence[str] | None = None, num: int | None = None,
-             index_offset: int = 0) -> Generation:
+             index_offset: int = 0, init: torch.Tensor | None = None,
+             sample_indices: Sequence[int] | None = None) -> Generation:
     """Generate `num` unconditional samples, or one sample per prompt.
 
     Sample i draws from a generator seeded by (config.seed, index_offset + i), so any slice of a run can be
     regenerated on its own (resuming, sharding across processes) and gives the same samples.
+    `init` (one row of `config.length` ids per sample) pre-fills the generated region: only its mask ids are
+    generated (infilling, or continuing a partly sampled canvas); the history of pre-filled positions is -1.
     """
     fixed_k = getattr(sampler, "tokens_per_step", None)
     schedule_ks = {k for size in config.block_sizes() for k in config.schedule(size)}
@@ -165,6 +168,12 @@ def generate(model: DiffusionLM, sampler: Sampler, config: SamplingConfig,
             raise ValueError("give prompts or a positive number of samples")
         prompts = [""] * num
     prompts = list(prompts)
+    indices = list(sample_indices) if sample_indices is not None else \
+        [index_offset + i for i in range(len(prompts))]
+    if len(indices) != len(prompts):
+        raise ValueError(f"{len(indices)} sample indices for {len(prompts)} samples")
+    if init is not None and tuple(init.shape) != (len(prompts), config.length):
+        raise ValueError(f"init must have shape ({len(prompts)}, {config.length}), got {tuple(init.shape)}")
     prefixes = encode_prompts(model, prompts)
     counters = Counters(samples=len(prompts))
     all_tokens: list[list[int]] = []
@@ -172,31 +181,37 @@ def generate(model: DiffusionLM, sampler: Sampler, config: SamplingConfig,
     build_canvas(model, [max(prefixes, key=len, default=[])], config.length)  # fail before the progress bar starts
     bar = tqdm(total=len(prompts), disable=not config.progress, desc=f"sample {sampler.name}", dynamic_ncols=True)
     start = time.perf_counter()
-    for first in range(0, len(prompts), config.batch_size):
-        rows = range(first, min(first + config.batch_size, len(prompts)))
-        gens = [torch.Generator().manual_seed(sample_seed(config.seed, index_offset + i)) for i in rows]
-        out, filled_at, base, extra, steps = _generate_batch(model, sampler, config, [prefixes[i] for i in rows], gens)
-        all_tokens.extend(out.tolist())
-        history.extend(filled_at.tolist())
-        counters.base_passes += base.sum().item()
-        counters.extra_passes += extra.sum().item()
-        counters.steps += steps.sum().item()
-        bar.update(len(rows))
+    with bar:  # closed (its line ended) even when a step fails, so an error message starts on its own line
+        for first in range(0, len(prompts), config.batch_size):
+            rows = range(first, min(first + config.batch_size, len(prompts)))
+            gens = [torch.Generator().manual_seed(sample_seed(config.seed, indices[i])) for i in rows]
+            start_rows = None if init is None else init[first:first + len(rows)]
+            out, filled_at, base, extra, steps = _generate_batch(model, sampler, config, [prefixes[i] for i in rows],
+                                                                 gens, start_rows)
+            all_tokens.extend(out.tolist())
+            history.extend(filled_at.tolist())
+            counters.base_passes += base.sum().item()
+            counters.extra_passes += extra.sum().item()
+            counters.steps += steps.sum().item()
+            bar.update(len(rows))
     counters.wall_time_s = time.perf_counter() - start
-    bar.close()
     n = max(1, len(prompts))
     counters.base_passes /= n
     counters.extra_passes /= n
     counters.steps /= n
     counters.generated_tokens = config.length * len(prompts)
+    if init is not None:
+        counters.generated_tokens -= int((init != model.spec.mask_id).sum())
     texts = [model.tokenizer.decode(cut_at_eos(t, model.spec.eos_id)) for t in all_tokens]
     return Generation(prompts=prompts, texts=texts, tokens=all_tokens,
                       history=history if config.record_history else None, counters=counters)
 
 
 def _generate_batch(model: DiffusionLM, sampler: Sampler, config: SamplingConfig,
-                    prefixes: list[list[int]], gens: list[torch.Generator]):
+                    prefixes: list[list[int]], gens: list[torch.Generator], init: torch.Tensor | None = None):
     tokens, attention, start = build_canvas(model, prefixes, config.length)
+    if init is not None:
+        tokens[:, start:] = init.to(tokens.device)
     batch = tokens.shape[0]
     filled_at = torch.full((batch, config.length), -1, dtype=torch.long)
     base = torch.zeros(batch, dtype=torch.long)
@@ -218,7 +233,8 @@ def _generate_batch(model: DiffusionLM, sampler: Sampler, config: SamplingConfig
             want = schedule[k] if k < len(schedule) else schedule[-1]
             ctx = StepContext(model=model, tokens=tokens[active], attention_mask=attention[active],
                               eligible=eligible[active], budget=remaining[active].clamp(max=want),
-                              generators=[gens[i] for i in active.tolist()], choice=config.choice)
+                              generators=[gens[i] for i in active.tolist()], choice=config.choice,
+                              step_index=step_index)
             result = sampler.step(ctx)
             if config.validate:
                 check_step(ctx, result, sampler.follows_budget)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -36,9 +37,12 @@ def make_sampler(name: str, **options: Any) -> Sampler:
 def _value(text: str) -> Any:
     for kind in (int, float):
         try:
-            return kind(text)
+            value = kind(text)
         except ValueError:
-            pass
+            continue
+        if not math.isfinite(value):
+            raise ValueError(f"sampler option value {text!r} is not a finite number")
+        return value
     return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 

@@ -19,6 +19,15 @@ import torch
 RULES = ("confidence", "margin", "entropy", "random", "left_to_right")
 _MASK64 = (1 << 64) - 1
 RANDOM_RULE_STREAM = -1
+NOISE_CHUNK = 1 << 22
+"""Most noise values computed at once (rows x vocabulary), to bound memory at large vocabularies."""
+
+
+def _signed(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GOLDEN, _MIX1, _MIX2 = _signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
 
 
 def mix_seed(*values: int) -> int:
@@ -31,17 +40,41 @@ def mix_seed(*values: int) -> int:
     return h & ((1 << 63) - 1)
 
 
+def _shift(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's >> is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix64(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (multiplication wraps, as two's complement does)."""
+    z = (z ^ _shift(z, 30)) * _MIX1
+    z = (z ^ _shift(z, 27)) * _MIX2
+    return z ^ _shift(z, 31)
+
+
+def uniform_grid(step_seeds: torch.Tensor, positions: torch.Tensor, size: int, stream: int = 0) -> torch.Tensor:
+    """(n, size) float64 uniforms in (0, 1): entry (i, v) depends only on (step_seeds[i], positions[i], stream,
+    v), computed as integer hashing on tensors (no generator per position, no Python per element)."""
+    step_seeds, positions = step_seeds.to(torch.int64), positions.to(torch.int64)
+    key = _mix64(step_seeds * _GOLDEN + _mix64(positions * _MIX1 + stream * _MIX2 + _GOLDEN))
+    out = torch.empty(len(key), size, dtype=torch.float64, device=key.device)
+    ids = torch.arange(size, dtype=torch.int64, device=key.device)
+    rows_per_chunk = max(1, NOISE_CHUNK // max(1, size))
+    for first in range(0, len(key), rows_per_chunk):
+        bits = _mix64(key[first:first + rows_per_chunk, None] + (ids[None, :] + 1) * _GOLDEN)
+        out[first:first + rows_per_chunk] = (_shift(bits, 11).to(torch.float64) + 0.5) * 2.0 ** -53
+    return out
+
+
 def uniform_noise(step_seed: int, position: int, size: int, stream: int = 0) -> torch.Tensor:
     """float64 uniforms in (0, 1) that depend only on (step seed, position, stream)."""
-    gen = torch.Generator().manual_seed(mix_seed(step_seed, position, stream))
-    return torch.rand(size, generator=gen, dtype=torch.float64).clamp_(min=1e-300)
+    return uniform_grid(torch.tensor([step_seed]), torch.tensor([position]), size, stream)[0]
 
 
 def gumbel_noise(step_seed: int, positions: Sequence[int], size: int, stream: int = 0) -> torch.Tensor:
     """(len(positions), size) float64 Gumbel noise, one independent row per position."""
-    if not len(positions):
-        return torch.empty(0, size, dtype=torch.float64)
-    uniform = torch.stack([uniform_noise(step_seed, int(p), size, stream) for p in positions])
+    positions = torch.as_tensor(list(positions), dtype=torch.int64)
+    uniform = uniform_grid(torch.full_like(positions, step_seed), positions, size, stream)
     return -torch.log(-torch.log(uniform))
 
 
@@ -110,19 +143,21 @@ def sample_at(logprobs: torch.Tensor, fill: torch.Tensor, step_seeds: Sequence[i
 
     `logprobs` already has banned ids at -inf. Temperature 0 is greedy. A different `stream` gives
     independent draws at the same positions (e.g. several proposals in one step). `offsets` (left padding
-    per row) make the noise follow a row's own positions, not the batch's padded layout.
+    per row) make the noise follow a row's own positions, not the batch's padded layout. All sampled
+    positions of all rows are drawn at once.
     """
-    offsets = offsets or [0] * len(step_seeds)
     tokens = torch.zeros(fill.shape, dtype=torch.long, device=fill.device)
-    for row, seed in enumerate(step_seeds):
-        positions = fill[row].nonzero().squeeze(-1)
-        if positions.numel() == 0:
-            continue
-        row_lp = logprobs[row, positions]
-        if temperature == 0:
-            tokens[row, positions] = row_lp.argmax(-1)
-            continue
-        lp = truncate(row_lp, temperature, top_k, top_p)
-        gumbel = gumbel_noise(seed, (positions - offsets[row]).tolist(), lp.shape[-1], stream)
-        tokens[row, positions] = (lp.cpu() + gumbel).argmax(-1).to(tokens.device)
+    rows, positions = fill.nonzero(as_tuple=True)
+    if rows.numel() == 0:
+        return tokens
+    lp = logprobs[rows, positions]
+    if temperature == 0:
+        tokens[rows, positions] = lp.argmax(-1)
+        return tokens
+    lp = truncate(lp, temperature, top_k, top_p)
+    seeds = torch.tensor(list(step_seeds), dtype=torch.int64, device=lp.device)[rows]
+    shift = torch.tensor(list(offsets) if offsets else [0] * len(step_seeds), dtype=torch.int64,
+                         device=lp.device)[rows]
+    gumbel = -torch.log(-torch.log(uniform_grid(seeds, positions.to(lp.device) - shift, lp.shape[-1], stream)))
+    tokens[rows, positions] = (lp + gumbel).argmax(-1).to(tokens.device)
     return tokens

@@ -1,0 +1,200 @@
+"""Bad input through the command line: one `jointdlm: error:` line, exit code 2, no traceback, and no output
+file left behind (an existing one stays as it was). One row per way a user can get it wrong."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from jointdlm.adjust.head import AdjustHead, AdjustHeadConfig
+from jointdlm.adjust.trajectories import TrajectoryConfig, collect_trajectories
+from jointdlm.cli import main
+from jointdlm.models.mdlm import BuiltinModel
+
+
+@pytest.fixture(scope="module")
+def files(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    """Every kind of broken or mismatched file the matrix points at, built once."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    model = BuiltinModel.load(tiny_model_dir)
+    paths = {"model": tiny_model_dir, "root": root}
+
+    def model_copy(name: str) -> Path:
+        target = root / name
+        shutil.copytree(tiny_model_dir, target)
+        return target
+
+    paths["truncated"] = model_copy("truncated")
+    weights = paths["truncated"] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    paths["broken_config"] = model_copy("broken_config")
+    (paths["broken_config"] / "config.json").write_text("{'model_type': oops")
+    paths["list_config"] = model_copy("list_config")
+    (paths["list_config"] / "config.json").write_text("[1, 2]")
+    paths["unknown_type"] = model_copy("unknown_type")
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    (paths["unknown_type"] / "config.json").write_text(json.dumps({**config, "model_type": "gpt17"}))
+    paths["no_config"] = root / "no_config"
+    paths["no_config"].mkdir()
+    paths["remote"] = model_copy("remote")
+    (paths["remote"] / "config.json").write_text(json.dumps({"model_type": "llada", "auto_map": {
+        "AutoModel": "modeling_llada.LLaDAModelLM"}}))
+    (paths["remote"] / "modeling_llada.py").write_text(f"open({str(root / 'ran.txt')!r}, 'w')\n")
+    paths["nan_weights"] = model_copy("nan_weights")
+    broken = BuiltinModel.load(tiny_model_dir)
+    with torch.no_grad():
+        broken.net.output.weight[5, 0] = float("nan")
+    broken.save(paths["nan_weights"])
+
+    head = AdjustHead(AdjustHeadConfig.for_base(model))
+    head.save_pretrained(root / "head")
+    paths["head"] = root / "head"
+    other = BuiltinModel.load(tiny_model_dir)
+    with torch.no_grad():
+        other.net.blocks[0].mlp.down.weight[0, 0] += 1e-3
+    other.save(root / "other_model")
+    paths["other_model"] = root / "other_model"
+    collect_trajectories(model, root / "traj", TrajectoryConfig(num=8, length=model.max_length - 1, shard_size=8,
+                                                                 progress=False))
+    paths["traj"] = root / "traj"
+    collect_trajectories(other, root / "other_traj", TrajectoryConfig(num=8, length=model.max_length - 1,
+                                                                       shard_size=8, progress=False))
+    paths["other_traj"] = root / "other_traj"
+
+    (root / "empty.txt").write_text("\n  \n")
+    (root / "binary.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x9c\xff\xfe")
+    (root / "corpus.txt").write_text("the cat sat\nthe dog ran\n" * 20)
+    (root / "prompts.txt").write_text("the cat\n")
+    (root / "a_file").write_text("not a directory")
+    for name in ("empty.txt", "binary.txt", "corpus.txt", "prompts.txt", "a_file"):
+        paths[name.split(".")[0].replace("_", "")] = root / name
+    return paths
+
+
+SAMPLE = ["sample", "--model", "{model}", "--sampler", "parallel", "--num", "2"]
+MATRIX = [
+    # sample: the model directory
+    (["sample", "--model", "{root}/missing", "--sampler", "parallel"], "does not exist"),
+    (["sample", "--model", "{afile}", "--sampler", "parallel"], "does not exist"),
+    (["sample", "--model", "{no_config}", "--sampler", "parallel"], "config.json"),
+    (["sample", "--model", "{broken_config}", "--sampler", "parallel"], "config.json is not valid JSON"),
+    (["sample", "--model", "{list_config}", "--sampler", "parallel"], "config.json does not hold a JSON object"),
+    (["sample", "--model", "{unknown_type}", "--sampler", "parallel"], "gpt17"),
+    (["sample", "--model", "{truncated}", "--sampler", "parallel"], "model.safetensors"),
+    (["sample", "--model", "{remote}", "--sampler", "parallel"], "--trust-remote-code"),
+    (["sample", "--model", "{nan_weights}", "--sampler", "parallel"], "NaN/Inf logits at step 0"),
+    # sample: samplers and their options
+    (SAMPLE[:4] + ["bogus"], "unknown sampler"),
+    (SAMPLE[:4] + ["punt:epsilon=nan"], "not a finite number"),
+    (SAMPLE[:4] + ["punt:bogus=1"], "bogus"),
+    (SAMPLE[:4] + ["punt:epsilon"], "key=value"),
+    (SAMPLE[:4] + ["threshold:tau=-2"], "tau"),
+    (SAMPLE[:4] + ["adjust"], "--adjust"),
+    (SAMPLE[:4] + ["adjust", "--adjust", "{root}/no_head"], "ADJUST head directory"),
+    (["sample", "--model", "{other_model}", "--sampler", "adjust", "--adjust", "{head}"], "trained on base"),
+    (SAMPLE + ["--adjust", "{head}"], "only used by the adjust sampler"),
+    (SAMPLE[:4] + ["edlm"], "scorer"),
+    # sample: numbers
+    (SAMPLE + ["--temperature", "nan"], "temperature must be a finite number"),
+    (SAMPLE + ["--temperature", "inf"], "temperature must be a finite number"),
+    (SAMPLE + ["--temperature", "-1"], "temperature"),
+    (SAMPLE + ["--top-p", "0"], "top_p"),
+    (SAMPLE + ["--top-p", "nan"], "top_p"),
+    (SAMPLE + ["--top-k", "-1"], "top_k"),
+    (SAMPLE + ["--rule", "bogus"], "rule"),
+    (SAMPLE + ["--tokens-per-step", "0"], "tokens_per_step"),
+    (SAMPLE + ["--steps", "4", "--tokens-per-step", "4"], "give one"),
+    (SAMPLE + ["--steps", "0"], "steps"),
+    (SAMPLE + ["--block-length", "0"], "block_length"),
+    (SAMPLE + ["--length", "10000"], "exceeds"),
+    (SAMPLE + ["--num", "0"], "must be >= 1"),
+    (SAMPLE + ["--batch-size", "x"], "invalid"),
+    # sample: files and devices
+    (SAMPLE + ["--prompts", "{root}/missing.txt"], "does not exist"),
+    (SAMPLE + ["--prompts", "{empty}"], "no prompts"),
+    (SAMPLE + ["--prompts", "{binary}"], "not UTF-8"),
+    (SAMPLE + ["--device", "tpu9"], "tpu9"),
+    (SAMPLE + ["--device", "cuda:7"], "cuda:7"),
+    # pretrain
+    (["pretrain", "--corpus", "{root}/missing.txt", "--out", "{out}"], "does not exist"),
+    (["pretrain", "--corpus", "{empty}", "--out", "{out}"], "empty"),
+    (["pretrain", "--corpus", "{binary}", "--out", "{out}"], "binary.txt is not UTF-8"),
+    (["pretrain", "--corpus", "{corpus}", "--out", "{afile}"], "a_file"),
+    (["pretrain", "--corpus", "{corpus}", "--out", "{out}", "--preset", "gigantic"], "preset"),
+    (["pretrain", "--corpus", "{corpus}", "--out", "{out}", "--lr", "nan"], "lr must be a finite number"),
+    (["pretrain", "--corpus", "{corpus}", "--out", "{out}", "--lr", "-1"], "lr"),
+    (["pretrain", "--corpus", "{corpus}", "--out", "{out}", "--vocab-size", "10"], "vocab_size"),
+    (["pretrain", "--corpus", "{corpus}", "--out", "{out}", "--device", "cuda"], "no CUDA"),
+    (["pretrain", "--corpus", "{corpus}", "--out", "{out}", "--tokenizer-from", "{root}/nothing"], "nothing"),
+    # trajectories
+    (["trajectories", "--model", "{model}", "--out", "{out}", "--num", "0"], "must be >= 1"),
+    (["trajectories", "--model", "{model}", "--out", "{out}", "--temperature", "nan"], "temperature"),
+    (["trajectories", "--model", "{model}", "--out", "{traj}", "--num", "8", "--seed", "3"], "collected differently"),
+    (["trajectories", "--model", "{model}", "--out", "{out}", "--prompts", "{binary}"], "not UTF-8"),
+    # train-adjust
+    (["train-adjust", "--model", "{model}", "--trajectories", "{root}/none", "--out", "{out}"], "manifest.json"),
+    (["train-adjust", "--model", "{model}", "--trajectories", "{other_traj}", "--out", "{out}"], "come from base"),
+    (["train-adjust", "--model", "{model}", "--trajectories", "{traj}", "--out", "{out}", "--rollout", "100"],
+     "rollout=100 exceeds"),
+    (["train-adjust", "--model", "{model}", "--trajectories", "{traj}", "--out", "{out}", "--rollout", "1"],
+     "rollout"),
+    (["train-adjust", "--model", "{model}", "--trajectories", "{traj}", "--out", "{out}", "--lr", "nan"],
+     "lr must be a finite number"),
+    (["train-adjust", "--model", "{model}", "--trajectories", "{traj}", "--out", "{out}", "--focus", "1.5"],
+     "focus"),
+    (["train-adjust", "--model", "{model}", "--trajectories", "{traj}", "--out", "{out}", "--onpolicy-rounds",
+      "-1"], "onpolicy_rounds"),
+    # eval
+    (["eval", "--model", "{model}", "--samplers", "bogus", "--out", "{out}"], "unknown sampler"),
+    (["eval", "--model", "{model}", "--tokens-per-step", "0", "--samplers", "parallel", "--out", "{out}"],
+     "tokens"),
+    (["eval", "--model", "{model}", "--language", "klingon", "--samplers", "parallel", "--out", "{out}"],
+     "klingon"),
+    (["eval", "--model", "{model}", "--task", "juggle", "--samplers", "parallel", "--out", "{out}"], "juggle"),
+    (["eval", "--model", "{model}", "--samplers", "adjust", "--out", "{out}"], "adjust"),
+    # corpus
+    (["corpus", "klingon", "--out", "{out}"], "unknown corpus"),
+    (["corpus", "template", "--out", "{out}", "--num", "0"], "must be >= 1"),
+]
+
+
+def _fill(arg: str, files: dict[str, Path], out: Path) -> str:
+    values = {k: str(v) for k, v in files.items()} | {"out": str(out)}
+    return arg.format(**values)
+
+
+@pytest.mark.parametrize("argv, message", MATRIX, ids=[f"{m[0][0]}-{i}" for i, m in enumerate(MATRIX)])
+def test_bad_input_is_one_line_and_leaves_nothing(argv, message, files, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = [_fill(a, files, out) for a in argv]
+    if argv[0] == "sample":
+        out = tmp_path / "out.jsonl"
+        argv += ["--out", str(out)]
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    captured = capsys.readouterr()
+    # Progress bars may precede the error; every other line counts.
+    lines = [line for line in captured.err.splitlines() if line.strip() and "%|" not in line]
+    assert code == 2, captured.err
+    assert len(lines) == 1 and lines[0].startswith("jointdlm: error: "), captured.err
+    assert "Traceback" not in captured.err + captured.out
+    assert message in lines[0], lines[0]
+    assert not out.exists() and not list(tmp_path.glob("*.tmp")), "bad input left an output behind"
+    assert not (files["root"] / "ran.txt").exists(), "a checkpoint's own code ran without --trust-remote-code"
+
+
+def test_debug_env_shows_the_traceback(files, tmp_path, monkeypatch):
+    monkeypatch.setenv("JOINTDLM_DEBUG", "1")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        main(["sample", "--model", str(files["broken_config"]), "--sampler", "parallel",
+              "--out", str(tmp_path / "o.jsonl")])
+
+
+def test_matrix_is_big_enough():
+    assert len(MATRIX) >= 40

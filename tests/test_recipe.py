@@ -1,0 +1,162 @@
+"""The parts of the ADJUST training recipe, each against what it must compute: on-policy collections, the
+stale-KL sweep, importance-weighted state draws, and the verdict."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from jointdlm.adjust.head import AdjustHead, AdjustHeadConfig
+from jointdlm.adjust.train import (
+    LEARNED_LITTLE,
+    RolloutLoss,
+    StateSampler,
+    example_table,
+    format_verdict,
+    make_batch,
+    make_verdict,
+    stale_table,
+)
+from jointdlm.adjust.trajectories import (
+    POLICY_SEED_OFFSET,
+    TrajectoryConfig,
+    collect_trajectories,
+    load_trajectories,
+)
+from jointdlm.models.mdlm import BuiltinModel
+from jointdlm.sampling.loop import SamplingConfig, generate, sample_seed
+from jointdlm.sampling.registry import make_sampler
+
+ROLLOUT = 4
+
+
+@pytest.fixture(scope="module")
+def base(template_model) -> BuiltinModel:
+    return template_model
+
+
+@pytest.fixture(scope="module")
+def k1(base, tmp_path_factory):
+    out = tmp_path_factory.mktemp("recipe") / "k1"
+    collect_trajectories(base, out, TrajectoryConfig(num=48, length=base.max_length - 1, shard_size=16,
+                                                     batch_size=16, progress=False))
+    return load_trajectories(out)
+
+
+def onpolicy_config(base, **changes) -> TrajectoryConfig:
+    return TrajectoryConfig(**{"num": 24, "length": base.max_length - 1, "shard_size": 8, "batch_size": 8,
+                               "seed": 5, "progress": False, "policy_tokens_per_step": (2, 4, 8), **changes})
+
+
+def test_onpolicy_states_are_where_the_parallel_sampler_goes(base, tmp_path):
+    cfg = onpolicy_config(base)
+    collect_trajectories(base, tmp_path / "a", cfg)
+    data = load_trajectories(tmp_path / "a")
+    length = data.length
+    assert (data.start >= 2).all() and (data.start < length).all()
+    assert (data.order.sort(-1).values == torch.arange(length)).all()
+    # The policy's positions are exactly those that naive parallel at the row's K had filled after some steps:
+    # re-run that policy and check the tokens written there (each row's K comes from its own seed).
+    ks = [cfg.policy_tokens_per_step[int(torch.randint(3, (1,), generator=torch.Generator().manual_seed(
+        sample_seed(cfg.seed + POLICY_SEED_OFFSET, j))))] for j in range(len(data))]
+    assert set(ks) == {2, 4, 8}
+    for k in (2, 4, 8):
+        naive = generate(base, make_sampler("parallel"), SamplingConfig(length=length, tokens_per_step=k,
+                                                                         seed=cfg.seed + POLICY_SEED_OFFSET,
+                                                                         record_history=True),
+                         num=len(data))
+        history = torch.tensor(naive.history)
+        tokens = torch.tensor(naive.tokens)
+        for i in [i for i in range(len(data)) if ks[i] == k]:
+            policy = data.order[i] < data.start[i]
+            steps = int(history[i][policy].max()) + 1
+            assert torch.equal(history[i] < steps, policy)
+            assert torch.equal(tokens[i][policy], data.tokens[i][policy])
+    # The continuation is one token per pass from that state: K=1 from the same canvas gives the same tokens.
+    init = torch.where(data.order < data.start[:, None], data.tokens, torch.full_like(data.tokens, base.spec.mask_id))
+    again = generate(base, make_sampler("sequential"), SamplingConfig(length=length, seed=cfg.seed,
+                                                                       record_history=True),
+                     num=len(data), init=init)
+    assert torch.equal(torch.tensor(again.tokens), data.tokens)
+    # Same data whatever the batch size or the number of processes.
+    collect_trajectories(base, tmp_path / "b", onpolicy_config(base, batch_size=5))
+    for rank in (0, 1):
+        collect_trajectories(base, tmp_path / "c", onpolicy_config(base), rank=rank, world_size=2)
+    for other in ("b", "c"):
+        loaded = load_trajectories(tmp_path / other)
+        assert torch.equal(loaded.tokens, data.tokens) and torch.equal(loaded.order, data.order)
+        assert torch.equal(loaded.start, data.start)
+
+
+def test_onpolicy_collection_names_its_head(base, tmp_path):
+    head = AdjustHead(AdjustHeadConfig.for_base(base))
+    with pytest.raises(ValueError, match="policy_head"):
+        collect_trajectories(base, tmp_path / "x", onpolicy_config(base), head=head)
+    collect_trajectories(base, tmp_path / "x", onpolicy_config(base, policy_head=head.fingerprint(), num=8),
+                         head=head)
+    # An untrained head is naive parallel, so its collection equals the naive one.
+    collect_trajectories(base, tmp_path / "y", onpolicy_config(base, num=8))
+    assert torch.equal(load_trajectories(tmp_path / "x").tokens, load_trajectories(tmp_path / "y").tokens)
+
+
+def test_stale_table_is_the_stale_kl_of_each_example(base, k1):
+    table = stale_table(base, k1, ROLLOUT, "cpu", batch_size=7)
+    valid = ~torch.isnan(table)
+    assert torch.equal(valid, ~torch.isnan(example_table(k1, ROLLOUT)))
+    assert (table[valid] >= 0).all() and table[valid].max() > 0.05
+    # Against the training loss's own stale KL on the same examples (an untrained head returns the stale marginals).
+    loss = RolloutLoss(AdjustHead(AdjustHeadConfig.for_base(base)).eval())
+    gen = torch.Generator().manual_seed(0)
+    for depth in (1, 2, 3):
+        rows = torch.randint(len(k1), (24,), generator=gen)
+        states = torch.randint(0, k1.length - depth, (24,), generator=gen)
+        with torch.no_grad():
+            head_sum, stale_sum, count = loss(base, make_batch(k1, rows, states, depth, base.spec.mask_id,
+                                                               "cpu"))[2:]
+        assert torch.allclose(stale_sum / count, table[rows, states, depth - 1], atol=1e-5)
+        assert torch.allclose(head_sum, stale_sum)
+
+
+def test_weighted_draws_keep_the_uniform_objective(base, k1):
+    table = stale_table(base, k1, ROLLOUT, "cpu")
+    sampler = StateSampler([k1], [table], ROLLOUT, focus=0.5)
+    uniform = StateSampler([k1], [table], ROLLOUT, focus=0.0)
+    gen = torch.Generator().manual_seed(1)
+    for depth in (1, 3):
+        exact = float(table[:, :, depth - 1].nan_to_num(0).sum() / (~torch.isnan(table[:, :, depth - 1])).sum())
+        rows, states, weights = sampler.draw(depth, 200_000, gen)
+        values = table[rows, states, depth - 1]
+        assert not torch.isnan(values).any()
+        assert abs(float((weights * values).mean()) - exact) < 0.03 * exact
+        assert abs(float(weights.mean()) - 1.0) < 0.02
+        # The draws go where the stale marginals are wrong: the unweighted mean is far above the uniform one.
+        assert float(values.mean()) > 2 * exact
+        rows, states, weights = uniform.draw(depth, 200_000, gen)
+        assert torch.equal(weights, torch.ones_like(weights))
+        assert abs(float(table[rows, states, depth - 1].mean()) - exact) < 0.03 * exact
+
+
+def test_states_before_the_start_are_never_drawn(base, tmp_path, k1):
+    collect_trajectories(base, tmp_path / "op", onpolicy_config(base))
+    onpolicy = load_trajectories(tmp_path / "op")
+    sampler = StateSampler([k1, onpolicy], [example_table(k1, ROLLOUT), example_table(onpolicy, ROLLOUT)],
+                           ROLLOUT, focus=0.0)
+    rows, states, _ = sampler.draw(2, 20_000, torch.Generator().manual_seed(0))
+    assert (states >= sampler.data.start[rows]).all() and (states + 2 < sampler.data.length).all()
+    # Each collection is drawn half of the time.
+    share = float((rows >= len(k1)).float().mean())
+    assert abs(share - 0.5) < 0.02
+
+
+def test_verdict_warns_when_the_head_learned_little():
+    good = {"k1": {1: {"head_kl": 0.01, "stale_kl": 0.1}, 2: {"head_kl": 0.02, "stale_kl": 0.2}},
+            "onpolicy": {1: {"head_kl": 0.01, "stale_kl": 0.1}, 2: {"head_kl": 0.05, "stale_kl": 0.2}}}
+    verdict = make_verdict(good, 60.0, 1000)
+    assert not verdict["learned_little"]
+    text = format_verdict(verdict)
+    assert "depth 2: 0.10" in text and "depth 2: 0.25" in text and "warning" not in text
+    bad = {**good, "onpolicy": {1: {"head_kl": 0.09, "stale_kl": 0.1}, 2: {"head_kl": 0.19, "stale_kl": 0.2}}}
+    verdict = make_verdict(bad, 60.0, 1000)
+    assert verdict["learned_little"] == ["onpolicy depth 2"]
+    assert "warning: the head learned little" in format_verdict(verdict)
+    assert 0.19 / 0.2 > LEARNED_LITTLE
