@@ -420,7 +420,7 @@ def test_distributed_trajectories_equal_single_process(base, base_dir, traj_dir,
     for key in ("prefix", "prefix_len", "tokens", "order"):
         assert torch.equal(getattr(two, key), getattr(one, key)), key
     assert two.fingerprint == one.fingerprint == base.fingerprint()
-    assert replace(two.config, progress=False) == one.config
+    assert replace(two.config, progress=False, batch_size=one.config.batch_size) == one.config
 
 
 def test_plain_torchrun_command_line(base_dir, traj_dir, tmp_path):

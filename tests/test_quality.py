@@ -24,7 +24,7 @@ from jointdlm.sampling.registry import make_sampler
 
 SAMPLES = 1000
 # The default recipe with a cap on steps, so the suite stays within its time budget.
-RECIPE = AdjustTrainConfig(max_steps=2000, progress=False)
+RECIPE = AdjustTrainConfig(max_steps=1500, progress=False)
 
 pytestmark = pytest.mark.slow
 
@@ -106,17 +106,21 @@ def test_trained_head_changes_the_outputs(base: BuiltinModel, head: AdjustHead) 
     assert naive != adjusted
 
 
+@pytest.fixture(scope="module")
+def choice_rates(choice_model: BuiltinModel) -> dict[str, float]:
+    return {"k1": validity(choice_model, "sequential", 1, num=500, language="choice"),
+            "naive4": validity(choice_model, "parallel", 4, num=500, language="choice")}
+
+
 @pytest.mark.parametrize("seed", [1, 2])
 def test_default_recipe_recovers_validity_on_another_language(choice_model: BuiltinModel, choice_workdir: Path,
-                                                             seed: int) -> None:
+                                                             choice_rates: dict[str, float], seed: int) -> None:
     """Each head seed on its own must recover most of naive parallel's loss at K=4 on the choice language."""
-    head = trained_head(choice_model, choice_workdir, seed, 2000)
-    num = 500
-    k1 = validity(choice_model, "sequential", 1, num=num, language="choice")
-    naive = validity(choice_model, "parallel", 4, num=num, language="choice")
-    adjust = validity(choice_model, "adjust", 4, num=num, language="choice", head=head)
+    head = trained_head(choice_model, choice_workdir, seed, 1000)
+    k1, naive = choice_rates["k1"], choice_rates["naive4"]
+    adjust = validity(choice_model, "adjust", 4, num=500, language="choice", head=head)
     recovered = (adjust - naive) / (k1 - naive)
     print(f"\nchoice, head seed {seed}: K=1 {k1:.3f}, naive K=4 {naive:.3f}, ADJUST K=4 {adjust:.3f}, "
           f"recovered {recovered:.0%}")
     assert k1 >= 0.9 and naive <= 0.3
-    assert recovered >= 0.75
+    assert recovered >= 0.80

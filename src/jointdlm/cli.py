@@ -273,13 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("trajectories", help="collect K=1 trajectories of a base model (ADJUST training data)")
     add_model_args(p)
     p.add_argument("--out", required=True)
-    p.add_argument("--num", "--num-trajectories", dest="num", type=_positive_int, default=1000,
+    p.add_argument("--num", "--num-trajectories", dest="num", type=_positive_int, default=4000,
                    help="under torchrun write --num-trajectories (torchrun reads --num as its --numa-binding)")
     p.add_argument("--length", type=_positive_int, default=None, help="default fills the canvas")
     p.add_argument("--prompts", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-size", type=_positive_int, default=256)
-    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="speed only: the data is the same")
     p.add_argument("--device", default="cpu")
     add_choice_args(p)
     p.set_defaults(func=cmd_trajectories)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .adjust.head import AdjustHead
-from .adjust.train import AdjustTrainConfig, final_heldout, train_adjust
+from .adjust.train import AdjustTrainConfig, final_heldout, format_verdict, read_verdict, train_adjust
 from .adjust.trajectories import TrajectoryConfig, collect_trajectories
 from .data import write_corpus
 from .eval.runner import EvalConfig, format_table, run_eval
@@ -36,6 +36,7 @@ class DemoStage:
     scorer_steps: int
     trajectories: int
     head_steps: int
+    """Upper bound on the head's training steps (the recipe stops earlier when held-out KL settles)."""
     samples: int
     language: str | None = None
     task: str | None = None
@@ -47,13 +48,13 @@ class DemoStage:
 
 
 FULL = (
-    DemoStage("template", 20000, "tiny", 1024, 1500, 0, 4000, 1500, 500, language="template", batch_size=128),
-    DemoStage("english", None, "tiny", 2048, 1000, 500, 1000, 800, 500, seq_len=48, tokens_per_step=(1, 2, 4, 8)),
+    DemoStage("template", 20000, "tiny", 1024, 1500, 0, 4000, 3000, 500, language="template", batch_size=128),
+    DemoStage("english", None, "tiny", 2048, 1000, 500, 1000, 2000, 500, seq_len=48, tokens_per_step=(1, 2, 4, 8)),
 )
 # Prompt-conditioned training on a random canvas at lr 1e-3: with the whole document as target, or at lr 3e-3,
 # or on a fixed canvas, the small base scored 0-66% at K=1 (docs/results.md §4, benchmarks/task_training.py).
 EXTRA = (
-    DemoStage("tasks", 30000, "small", 1024, 8000, 0, 3000, 3000, 500, task="all", seq_len=24, lr=1e-3,
+    DemoStage("tasks", 30000, "small", 1024, 8000, 0, 3000, 4000, 500, task="all", seq_len=24, lr=1e-3,
               prompt_separator="="),
 )
 QUICK = (
@@ -122,6 +123,9 @@ def prepare_stage(stage: DemoStage, root: Path, seed: int) -> tuple[BuiltinModel
     every = min(250, max(20, stage.head_steps // 4))
     head = train_adjust(model, root / "trajectories", root / "adjust",
                         AdjustTrainConfig(max_steps=stage.head_steps, seed=seed, eval_every=every, save_every=every))
+    verdict = read_verdict(root / "adjust")
+    if verdict is not None:
+        _say(f"[{stage.corpus}] " + format_verdict(verdict))
     return model, head, scorer
 
 

@@ -1,18 +1,20 @@
 """The ADJUST head: one transformer block on top of a frozen base that updates the base's marginals
 after tokens are written, so K tokens per base pass approximately follow the joint.
 
-    z  = proj(concat(RMSNorm(E(x)), RMSNorm(h)))      input_form="concat" (the paper's form)
-    z  = h + proj(E(x))                               input_form="sum"    (the simpler form; docs/results.md)
-    z  = Block(z)                                     one bidirectional block of the base family
-    h' = RMSNorm(z) + h                               output_layer="gain": residual onto the previous hidden
-    h' = W_out RMSNorm(z) + h                         output_layer="linear": through a d x d map first
+    z  = proj(concat(RMSNorm(E(x)), RMSNorm(h)))      E: the base's frozen embedding of the current tokens
+    z  = Block(z)                                     one bidirectional block of the base family, QK-normed
+    u  = RMSNorm(z)            (gain starts at zero)  or W_out RMSNorm(z) with output_layer="linear"
+    h' = h + rms(h) * u                               the update in units of the hidden state's own size
     logits = base.lm_head(h')                         the frozen base head
 
-Either way the last factor starts at zero (the RMSNorm gain, or W_out), so an untrained head returns h
-unchanged: exactly naive parallel. A zero gain is a d-vector that only learns where the block's random
-features already point somewhere useful; where the signal is sparse (prompted tasks, whose answers are mostly
-certain) it never leaves zero, while a zero W_out gets a full-rank gradient from the first step
-(docs/results.md §4).
+Two choices make it learn on any base (docs/results.md §2):
+* The update is scaled by the (per-position) size of the hidden state. A base's last hidden state can be
+  large (RMS 13, norms up to 1100 on our `small` bases, before the final norm); an update of unit size is then
+  a rounding error, and the head needed thousands of steps before its output mattered at all.
+* Queries and keys are RMS-normalised per attention head. Without it, the head's attention logits grew to the
+  hundreds during training and the softmax saturated: the output at a position no longer depended on the token
+  just written next to it, which is exactly the dependency the head exists to carry.
+The output factor starts at zero, so an untrained head returns h unchanged: exactly naive parallel.
 """
 
 from __future__ import annotations

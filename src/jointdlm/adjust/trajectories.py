@@ -45,7 +45,8 @@ FORMAT_VERSION = 1
 SHARD_PATTERN = re.compile(r"^shard-(\d{5})\.safetensors$")
 TENSOR_KEYS = ("prefix", "prefix_len", "tokens", "order", "index")
 POLICY_SEED_OFFSET = 1_000_003
-_RESUME_IGNORED = ("progress",)
+_RESUME_IGNORED = ("progress", "batch_size")
+"""Settings that do not change the data (every trajectory is seeded by its own index)."""
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,8 @@ def uniform_grid(step_seeds: torch.Tensor, positions: torch.Tensor, size: int, s
     """(n, size) float64 uniforms in (0, 1): entry (i, v) depends only on (step_seeds[i], positions[i], stream,
     v), computed as integer hashing on tensors (no generator per position, no Python per element)."""
     step_seeds, positions = step_seeds.to(torch.int64), positions.to(torch.int64)
-    key = _mix64(step_seeds * _GOLDEN + _mix64(positions * _MIX1 + stream * _MIX2 + _GOLDEN))
+    stream_term = _signed((stream * 0x94D049BB133111EB + 0x9E3779B97F4A7C15) & _MASK64)
+    key = _mix64(step_seeds * _GOLDEN + _mix64(positions * _MIX1 + stream_term))
     out = torch.empty(len(key), size, dtype=torch.float64, device=key.device)
     ids = torch.arange(size, dtype=torch.int64, device=key.device)
     rows_per_chunk = max(1, NOISE_CHUNK // max(1, size))
