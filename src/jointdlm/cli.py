@@ -198,6 +198,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"results, table and plots in {args.out}", file=sys.stderr)
 
 
+def cmd_lm_eval(args: argparse.Namespace) -> None:
+    from .eval.harness import run_harness
+
+    run_harness(args.harness_args)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import DemoConfig, run_demo
 
@@ -324,6 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     add_choice_args(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("lm-eval", help="lm-evaluation-harness's own command line with jointdlm as a model",
+                       description="Runs lm-eval with `--model jointdlm` available, e.g. jointdlm lm-eval run --model "
+                                   "jointdlm --model_args pretrained=DIR,sampler=adjust,adjust=HEAD,tokens_per_step=4 "
+                                   "--tasks TASK --include_path DIR")
+    p.add_argument("harness_args", nargs=argparse.REMAINDER, help="arguments for lm-eval (run, ls, validate)")
+    p.set_defaults(func=cmd_lm_eval)
 
     p = sub.add_parser("demo", help="the whole story on the built-in default, end to end")
     p.add_argument("--workdir", default="runs/demo")

@@ -1,0 +1,216 @@
+"""jointdlm as an lm-evaluation-harness model: `jointdlm lm-eval run --model jointdlm --model_args ... --tasks ...`.
+
+lm-eval has no plugin entry points, so `jointdlm lm-eval` registers the class below under the name `jointdlm`
+and then runs lm-eval's own command line with the arguments given. Every sampler and sampling option is a model
+argument, e.g. `pretrained=DIR,sampler=adjust,adjust=HEAD,tokens_per_step=4` or `sampler=punt:epsilon=0.05`.
+
+* `generate_until` samples the continuation of each context with the chosen sampler (the canvas holds
+  `max_gen_toks` masks, at most what the model's window leaves) and cuts it at the first `until` string.
+* `loglikelihood` is a Monte Carlo estimate over masks, as LLaDA evaluates: for each of `mc_samples` draws, mask
+  l ~ U{1..n} of the continuation's n tokens and add (n / l) x the log-probability of the masked tokens; the mean
+  is a lower bound on log p(continuation | context). `is_greedy` checks the one-pass argmax of the fully masked
+  continuation. `loglikelihood_rolling` (perplexity of whole documents) is not defined for this estimate and
+  stops with a clear error.
+* After each request type, base passes, head passes and tokens/s go to stderr beside lm-eval's own table.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..sampling.base import TokenChoice
+from ..sampling.loop import SamplingConfig, generate
+
+
+def _lm_eval():
+    try:
+        import lm_eval  # noqa: F401
+        from lm_eval.api.model import LM
+        from lm_eval.api.registry import register_model
+    except ImportError as err:
+        raise ImportError("jointdlm lm-eval needs lm-evaluation-harness: pip install 'jointdlm[lmeval]'") from err
+    return LM, register_model
+
+
+def _model_class():
+    LM, register_model = _lm_eval()
+
+    @register_model("jointdlm")
+    class JointDLMHarnessModel(LM):
+        def __init__(self, pretrained: str, sampler: str = "sequential", adjust: str | None = None,
+                     scorer: str | None = None, family: str | None = None, trust_remote_code: bool = False,
+                     tokens_per_step: int = 1, steps: int | None = None, block_length: int | None = None,
+                     rule: str = "confidence", temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                     device: str = "cpu", batch_size: int | str = 16, max_gen_toks: int | None = None,
+                     seed: int = 0, mc_samples: int = 32, **unused: Any) -> None:
+            super().__init__()
+            from ..adjust.head import AdjustHead
+            from ..models.causal import CausalScorer
+            from ..models.loading import load_model
+            from ..sampling.registry import make_from_spec, parse_spec
+
+            if unused:
+                raise ValueError(f"unknown jointdlm model_args: {', '.join(sorted(unused))}")
+            if str(device).startswith("cuda") and not torch.cuda.is_available():
+                # lm-eval passes its default "cuda:0" whatever the machine; its own HF model falls back the same way.
+                print("jointdlm lm-eval: no CUDA GPU here, running on the CPU", file=sys.stderr)
+                device = "cpu"
+            self.model = load_model(pretrained, device, family=family, trust_remote_code=bool(trust_remote_code))
+            name, _ = parse_spec(str(sampler))
+            head = AdjustHead.from_pretrained(adjust, self.model) if adjust else None
+            if head is not None and name != "adjust":
+                raise ValueError(f"adjust= is only used by the adjust sampler, not {name}")
+            judge = CausalScorer.load(scorer, device) if scorer else None
+            self.sampler = make_from_spec(str(sampler), head=head, scorer=judge)
+            self.choice = TokenChoice(rule=rule, temperature=float(temperature), top_k=int(top_k),
+                                      top_p=float(top_p))
+            self.tokens_per_step, self.steps = int(tokens_per_step), None if steps is None else int(steps)
+            self.block_length = None if block_length is None else int(block_length)
+            self.batch = 16 if batch_size == "auto" else int(batch_size)
+            self.max_gen_toks, self.seed, self.mc_samples = max_gen_toks, int(seed), int(mc_samples)
+            self.spec_text = str(sampler)
+            self._generated = 0
+
+        # -- generation -----------------------------------------------------------------------------------
+        def generate_until(self, requests) -> list[str]:
+            outputs: list[str | None] = [None] * len(requests)
+            groups: dict[tuple, list[int]] = {}
+            for i, request in enumerate(requests):
+                context, gen_kwargs = request.args
+                until = gen_kwargs.get("until") or []
+                until = [until] if isinstance(until, str) else list(until)
+                limit = int(gen_kwargs.get("max_gen_toks") or self.max_gen_toks or 64)
+                groups.setdefault((tuple(until), limit), []).append(i)
+            started, passes, head_passes, tokens = time.perf_counter(), 0.0, 0.0, 0
+            for (until, limit), rows in groups.items():
+                contexts = [requests[i].args[0] for i in rows]
+                length = self._room(contexts, limit)
+                config = SamplingConfig(length=length, tokens_per_step=self.tokens_per_step, steps=self.steps,
+                                        block_length=self.block_length, choice=self.choice, seed=self.seed,
+                                        batch_size=self.batch)
+                out = generate(self.model, self.sampler, config, prompts=contexts,
+                               sample_indices=[self._generated + j for j in range(len(rows))])
+                self._generated += len(rows)
+                for i, text in zip(rows, out.texts, strict=True):
+                    cuts = [text.find(stop) for stop in until if stop and stop in text]
+                    outputs[i] = text[: min(cuts)] if cuts else text
+                c = out.counters
+                passes += c.base_passes * c.samples
+                head_passes += c.extra_passes * c.samples
+                tokens += c.generated_tokens
+            elapsed = time.perf_counter() - started
+            n = max(1, len(requests))
+            print(f"jointdlm lm-eval [{self.spec_text}, K={self.tokens_per_step}]: {len(requests)} generations, "
+                  f"base passes {passes / n:.1f}/sample, head or scorer passes {head_passes / n:.1f}/sample, "
+                  f"{tokens / elapsed if elapsed > 0 else 0:.1f} tokens/s", file=sys.stderr)
+            return [o or "" for o in outputs]
+
+        def _room(self, contexts: list[str], limit: int) -> int:
+            from ..sampling.loop import encode_prompts
+
+            longest = max(len(p) for p in encode_prompts(self.model, contexts))
+            room = self.model.max_length - longest
+            if room < 1:
+                raise ValueError(f"a context of {longest} tokens leaves no room in the model's window of "
+                                 f"{self.model.max_length} tokens")
+            return min(limit, room)
+
+        # -- likelihood ------------------------------------------------------------------------------------
+        @torch.no_grad()
+        def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+            from ..sampling.loop import build_canvas, encode_prompts
+
+            results = []
+            gen = torch.Generator().manual_seed(self.seed)
+            spec = self.model.spec
+            for request in requests:
+                context, continuation = request.args
+                target = self.model.tokenizer.encode(continuation)
+                if not target:
+                    results.append((0.0, True))
+                    continue
+                prefix = encode_prompts(self.model, [context])[0]
+                tokens, attention, start = build_canvas(self.model, [prefix], len(target))
+                truth = torch.tensor(target, device=tokens.device)
+                n = len(target)
+                canvases = tokens.repeat(self.mc_samples, 1)
+                weights = torch.zeros(self.mc_samples)
+                hidden = torch.zeros(self.mc_samples, n, dtype=torch.bool)
+                for m in range(self.mc_samples):
+                    count = int(torch.randint(1, n + 1, (1,), generator=gen))
+                    masked = torch.randperm(n, generator=gen)[:count]
+                    hidden[m, masked] = True
+                    weights[m] = n / count
+                region = canvases[:, start:]
+                canvases[:, start:] = torch.where(hidden.to(region.device), torch.full_like(region, spec.mask_id),
+                                                  truth.expand_as(region))
+                logits = self.model.forward(canvases, attention.repeat(self.mc_samples, 1)).logits[:, start:]
+                logprobs = torch.log_softmax(logits.float(), dim=-1)
+                picked = logprobs.gather(-1, truth.expand(self.mc_samples, n)[..., None])[..., 0].cpu()
+                estimate = float(((picked * hidden).sum(-1) * weights).mean())
+                full = tokens.clone()
+                full[:, start:] = spec.mask_id
+                greedy = self.model.forward(full, attention).logits[0, start:].argmax(-1)
+                results.append((estimate, bool(torch.equal(greedy, truth))))
+            return results
+
+        def loglikelihood_rolling(self, requests) -> list[float]:
+            raise NotImplementedError("loglikelihood_rolling (whole-document perplexity) is not supported for "
+                                      "masked diffusion models in jointdlm; use generate_until or loglikelihood "
+                                      "tasks")
+
+    return JointDLMHarnessModel
+
+
+def register() -> type:
+    """Register the `jointdlm` model with lm-eval (idempotent) and return its class."""
+    import lm_eval.models  # noqa: F401  (lm-eval's own models stay available beside ours)
+    from lm_eval.api.registry import model_registry
+
+    if "jointdlm" in model_registry:
+        return model_registry.get("jointdlm")
+    return _model_class()
+
+
+def run_harness(argv: list[str]) -> None:
+    """lm-eval's own command line, with `jointdlm` registered as a model."""
+    _lm_eval()
+    register()
+    from lm_eval._cli import HarnessCLI
+
+    saved = sys.argv
+    sys.argv = ["lm-eval", *argv]
+    try:
+        parser = HarnessCLI()
+        parser.execute(parser.parse_args())
+    finally:
+        sys.argv = saved
+
+
+def write_gsm8k_task(data_file: str | Path, out_dir: str | Path, task: str = "gsm8k_local",
+                     num_fewshot: int = 0) -> Path:
+    """A task YAML for GSM8K-format JSONL ({"question", "answer"} with "#### N" answers) on disk: it includes
+    lm-eval's own gsm8k.yaml, so prompts, filters ("strict-match": "#### N"; "flexible-extract": the last number)
+    and exact-match scoring are lm-eval's, and only the data source changes. Use with `--include_path out_dir`."""
+    import lm_eval
+
+    data_file, out_dir = Path(data_file).resolve(), Path(out_dir)
+    if not data_file.is_file():
+        raise FileNotFoundError(f"GSM8K data file {data_file} does not exist")
+    base = Path(lm_eval.__file__).parent / "tasks" / "gsm8k" / "gsm8k.yaml"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{task}.yaml"
+    path.write_text(
+        f"include: {base}\n"
+        f"task: {task}\n"
+        "tag: []\n"
+        "dataset_path: json\n"
+        "dataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data_file}\n    train: {data_file}\n"
+        f"num_fewshot: {num_fewshot}\n")
+    return path
