@@ -502,3 +502,20 @@ def test_adaptive_adjust_that_accepts_everything_is_fixed_k(base, trained):
         make_sampler("adjust", head=trained.head, tau=0.5, gamma=1.0)
     with pytest.raises(ValueError, match="tau"):
         make_sampler("adjust", head=trained.head, tau=1.5)
+
+
+def test_punt_via_the_head_tests_with_head_passes(base, trained):
+    """PUNT's independence tests through the head: one base pass per step, test rounds as head passes. An
+    untrained head never changes a distribution, so every candidate passes and one step fills the canvas."""
+    length = base.max_length - 1
+    config = SamplingConfig(length=length, seed=3, batch_size=8)
+    untrained = AdjustHead(trained.head.config).requires_grad_(False)
+    gen = generate(base, make_sampler("punt", via="adjust", head=untrained), config, num=8)
+    assert gen.counters.base_passes == 1 and gen.counters.extra_passes == (length - 1).bit_length()
+    trained_run = generate(base, make_sampler("punt", via="adjust", head=trained.head), config, num=8)
+    assert trained_run.counters.base_passes > 1
+    assert trained_run.counters.extra_passes >= trained_run.counters.base_passes
+    with pytest.raises(ValueError, match="via=adjust needs an ADJUST head"):
+        make_sampler("punt", via="adjust")
+    with pytest.raises(ValueError, match="via"):
+        make_sampler("punt", via="scorer")

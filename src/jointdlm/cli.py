@@ -100,8 +100,8 @@ def build_sampler(args: argparse.Namespace, model):
     name, _ = parse_spec(args.sampler)
     head = scorer = None
     if args.adjust:
-        if name != "adjust":
-            raise ValueError(f"--adjust is only used by the adjust sampler, not {name}")
+        if name != "adjust" and parse_spec(args.sampler)[1].get("via") != "adjust":
+            raise ValueError(f"--adjust is only used by the adjust sampler (or punt:via=adjust), not {name}")
         from .adjust.head import AdjustHead
 
         head = AdjustHead.from_pretrained(args.adjust, model)

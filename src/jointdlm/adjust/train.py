@@ -599,6 +599,8 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
     bar.close()
     head = exported()
     if resumed_at == (progress["step"], progress["round"]) and (out / VERDICT_FILE).exists():
+        if log is not None:
+            log.close()
         return head  # a finished run asked again: nothing to do, nothing rewritten
     checkpoint()
     final = {kind: evaluate(RolloutLoss(head), base, sampler, device) for kind, sampler in current.heldout.items()}

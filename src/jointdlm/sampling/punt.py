@@ -16,9 +16,14 @@ Why the rounds look like this:
   would only drop them for nothing. The survivors are tested against (a superset of) the other survivors.
 
 Written as "anchor when bit b is set", this is the same scheme with each code the bitwise complement of
-the rank. A dropped position stays masked. Cost: ceil(log2 |M|) extra batched passes at most; rounds with
-nothing left to test are skipped. Test passes are full passes of the base model, so they are counted as base
-passes (the NFE), not as cheap extra passes.
+the rank. A dropped position stops being an anchor. Cost: ceil(log2 |M|) extra batched passes at most; rounds
+with nothing left to test are skipped. Test passes are full passes of the base model, so they are counted as
+base passes (the NFE), not as cheap extra passes.
+
+`punt:via=adjust` runs the tests through a trained ADJUST head instead (`--adjust DIR`): the anchors' candidates
+are written and one head pass from the step's base hidden states gives the conditioned distributions, so a step
+costs one base pass plus ceil(log2 |M|) head passes. The head was trained to follow one token per pass, so this
+asks it to condition on many at once: measure before trusting it.
 """
 
 from __future__ import annotations
@@ -36,21 +41,30 @@ from .rules import rank_of
 @dataclass(frozen=True)
 class PUNTConfig:
     epsilon: float = 0.1
+    via: str = "base"
+    """Where the conditioned distributions come from: "base" (a full base pass per round) or "adjust" (a head
+    pass)."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.epsilon) and self.epsilon >= 0):
             raise ValueError(f"epsilon must be a finite number >= 0, got {self.epsilon}")
+        if self.via not in ("base", "adjust"):
+            raise ValueError(f"via must be base or adjust, got {self.via!r}")
 
 
 class PUNTSampler:
     name = "punt"
     follows_budget = False
 
-    def __init__(self, config: PUNTConfig | None = None, **settings: Any) -> None:
+    def __init__(self, config: PUNTConfig | None = None, head: Any = None, **settings: Any) -> None:
         self.config = resolve_config(PUNTConfig, config, settings)
+        if (self.config.via == "adjust") != (head is not None):
+            raise ValueError("punt:via=adjust needs an ADJUST head (--adjust DIR), and only it uses one")
+        self.head = head
 
     def step(self, ctx: StepContext) -> StepResult:
-        logprobs = ctx.logprobs(ctx.forward().logits)
+        out = ctx.forward()
+        logprobs = ctx.logprobs(out.logits)
         candidates = ctx.sample(logprobs, ctx.eligible)
         ranks = rank_of(ctx.scores(logprobs))
         alive = ctx.eligible.clone()
@@ -64,11 +78,16 @@ class PUNTSampler:
                 continue
             probe = torch.where(alive & upper, candidates, ctx.tokens)[rows]
             with torch.no_grad():
-                conditioned = ctx.logprobs(ctx.model.forward(probe, ctx.attention_mask[rows]).logits)
-            dependent = kl_divergence(logprobs[rows], conditioned) > self.config.epsilon
+                if self.head is None:
+                    logits = ctx.model.forward(probe, ctx.attention_mask[rows]).logits
+                else:
+                    logits = self.head(ctx.model, probe, ctx.attention_mask[rows], out.hidden[rows])[1]
+            dependent = kl_divergence(logprobs[rows], ctx.logprobs(logits)) > self.config.epsilon
             alive[rows] &= ~(tested[rows] & dependent)
             passes += 1
-        return StepResult(fill=alive, tokens=candidates, base_passes=1 + passes, extra_passes=0)
+        if self.head is None:
+            return StepResult(fill=alive, tokens=candidates, base_passes=1 + passes, extra_passes=0)
+        return StepResult(fill=alive, tokens=candidates, base_passes=1, extra_passes=passes)
 
 
 def kl_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:

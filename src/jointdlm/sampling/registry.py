@@ -64,6 +64,8 @@ def make_from_spec(spec: str, **dependencies: Any) -> Sampler:
     """A sampler from its spec string plus the objects it needs (`head=`, `scorer=`), passed only if used."""
     name, options = parse_spec(spec)
     needs = {"adjust": ("head",), "edlm": ("scorer",), "apd": ("scorer",)}.get(name, ())
+    if name == "punt" and options.get("via") == "adjust":
+        needs = ("head",)
     for dep in needs:
         if dependencies.get(dep) is None:
             flag = {"head": "--adjust DIR", "scorer": "--scorer DIR"}[dep]
