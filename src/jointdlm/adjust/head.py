@@ -3,7 +3,7 @@ after tokens are written, so K tokens per base pass approximately follow the joi
 
     z  = proj(concat(RMSNorm(E(x)), RMSNorm(h)))      E: the base's frozen embedding of the current tokens
     z  = Block(z)                                     one bidirectional block of the base family, QK-normed
-    u  = RMSNorm(z)            (gain starts at zero)  or W_out RMSNorm(z) with output_layer="linear"
+    u  = RMSNorm(z)                                   its gain starts at zero
     h' = h + rms(h) * u                               the update in units of the hidden state's own size
     logits = base.lm_head(h')                         the frozen base head
 
@@ -34,7 +34,6 @@ from ..models.protocol import DiffusionLM
 
 HEAD_CONFIG_FILE = "adjust_config.json"
 HEAD_WEIGHTS_FILE = "adjust.safetensors"
-OUTPUT_LAYERS = ("gain", "linear")
 
 
 @dataclass(frozen=True)
@@ -45,19 +44,14 @@ class AdjustHeadConfig:
     base_fingerprint: str
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
-    output_layer: str = "gain"
     hidden_scale: bool = False
     """Whether the update is scaled by the hidden state's own size (every head trained since docs/results.md §2;
     False only in heads saved before)."""
     qk_norm: bool = False
     """Whether the block normalises queries and keys (likewise)."""
 
-    def __post_init__(self) -> None:
-        if self.output_layer not in OUTPUT_LAYERS:
-            raise ValueError(f"output_layer must be one of {OUTPUT_LAYERS}, got {self.output_layer!r}")
-
     @classmethod
-    def for_base(cls, base: DiffusionLM, output_layer: str = "gain") -> AdjustHeadConfig:
+    def for_base(cls, base: DiffusionLM) -> AdjustHeadConfig:
         """One block of the base's own shape: from `base.block_shape()` where the base offers it (Hugging Face
         adapters), else from the built-in network's config."""
         if hasattr(base, "block_shape"):
@@ -70,7 +64,7 @@ class AdjustHeadConfig:
             theta = getattr(net_config, "rope_theta", 10000.0)
         return cls(d_model=d_model, n_heads=n_heads, mlp_hidden=mlp_hidden,
                    base_fingerprint=base.fingerprint(), rope_theta=theta,
-                   output_layer=output_layer, hidden_scale=True, qk_norm=True)
+                   hidden_scale=True, qk_norm=True)
 
 
 class AdjustHead(nn.Module):
@@ -86,12 +80,7 @@ class AdjustHead(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=0.02)
-        # Built after the other layers are drawn, so both output layers share one initialisation of the rest.
-        self.out_proj = nn.Linear(d, d, bias=False) if config.output_layer == "linear" else None
-        if self.out_proj is None:
-            nn.init.zeros_(self.out_norm.weight)
-        else:
-            nn.init.zeros_(self.out_proj.weight)
+        nn.init.zeros_(self.out_norm.weight)
 
     def forward(self, base: DiffusionLM, tokens: torch.Tensor, attention_mask: torch.Tensor | None,
                 hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,8 +90,6 @@ class AdjustHead(nn.Module):
         positions, mask = positions_and_mask(attention_mask, tokens.shape, False, tokens.device)
         rope = rotary_tables(positions, self.config.d_model // self.config.n_heads, self.config.rope_theta)
         update = self.out_norm(self.block(z, rope, mask))
-        if self.out_proj is not None:
-            update = self.out_proj(update)
         if self.config.hidden_scale:
             update = update * hidden.detach().pow(2).mean(-1, keepdim=True).sqrt()
         new_hidden = update + hidden
@@ -136,6 +123,9 @@ class AdjustHead(nn.Module):
             raise FileNotFoundError(f"{directory} is not an ADJUST head directory "
                                     f"(needs {HEAD_CONFIG_FILE} and {HEAD_WEIGHTS_FILE})")
         raw = read_config(directory / HEAD_CONFIG_FILE)
+        if raw.get("output_layer", "gain") != "gain":
+            raise ValueError(f"{directory} was trained with the removed output layer {raw['output_layer']!r} "
+                             "(the hidden-scaled gain replaced it; docs/results.md §2): train it again")
         names = AdjustHeadConfig.__dataclass_fields__
         config = AdjustHeadConfig(**{k: v for k, v in raw.items() if k in names})
         if config.base_fingerprint != base.fingerprint():

@@ -37,8 +37,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..models.protocol import DiffusionLM
-from ..validation import require_choice, require_finite, require_positive
-from .head import OUTPUT_LAYERS, AdjustHead, AdjustHeadConfig
+from ..validation import require_finite, require_positive
+from .head import AdjustHead, AdjustHeadConfig
 from .trajectories import Trajectories, TrajectoryConfig, collect_trajectories, load_trajectories
 
 STATE_FILE = "adjust_trainer_state.pt"
@@ -62,8 +62,6 @@ class AdjustTrainConfig:
     warmup_steps: int = 100
     grad_clip: float = 1.0
     weight_decay: float = 0.0
-    output_layer: str = "gain"
-    """How the head's update reaches the hidden state (see adjust/head.py)."""
     onpolicy_rounds: int = 2
     """Rounds of on-policy states: round 0 from naive parallel (before training), round r from the head
     trained in the rounds before. 0 trains on the K=1 trajectories alone."""
@@ -91,7 +89,6 @@ class AdjustTrainConfig:
     def __post_init__(self) -> None:
         if self.rollout < 2:
             raise ValueError(f"rollout must be >= 2 (depths 1..rollout-1), got {self.rollout}")
-        require_choice("output_layer", self.output_layer, OUTPUT_LAYERS)
         require_positive(self, ("max_steps", "batch_size", "eval_every", "save_every"))
         require_finite(self, ("lr", "grad_clip", "onpolicy_fraction", "focus", "weight_decay"))
         if self.lr is not None and self.lr <= 0:
@@ -355,12 +352,12 @@ def _lr(step: int, lr: float, cfg: AdjustTrainConfig, decays: int = 0) -> float:
 def _diagnostics(head: AdjustHead) -> dict[str, float]:
     """Gradient norms of the head's parts and the size of its output layer (why a head does or does not learn)."""
     parts = {"input": [head.proj, head.embed_norm, head.hidden_norm], "block": [head.block],
-             "output": [head.out_norm] + ([head.out_proj] if head.out_proj is not None else [])}
+             "output": [head.out_norm]}
     out = {}
     for name, modules in parts.items():
         grads = [p.grad for m in modules for p in m.parameters() if p.grad is not None]
         out[f"grad_{name}"] = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads))) if grads else 0.0
-    gain = head.out_norm.weight if head.out_proj is None else head.out_proj.weight
+    gain = head.out_norm.weight
     out["output_rms"] = float(gain.detach().float().pow(2).mean().sqrt())
     return out
 
@@ -403,7 +400,7 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
     device = str(accelerator.device)
     base_fingerprint = base.fingerprint()
     state_path = out / STATE_FILE
-    head_config = AdjustHeadConfig.for_base(base, cfg.output_layer)
+    head_config = AdjustHeadConfig.for_base(base)
     lr = cfg.learning_rate(head_config.d_model)
     torch.manual_seed(cfg.seed)
     head = AdjustHead(head_config)
