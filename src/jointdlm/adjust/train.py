@@ -573,8 +573,9 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
                     log.flush()
                     summary = "  ".join(f"{kind} d{d}: {v['head_kl']:.4f}/{v['stale_kl']:.4f}"
                                         for kind, s in scores.items() for d, v in s.items())
-                    bar.write(f"step {progress['step']} held-out KL head/stale  {summary}  (score {score:.3f})",
-                              file=sys.stderr)
+                    if cfg.progress:
+                        bar.write(f"step {progress['step']} held-out KL head/stale  {summary}  (score {score:.3f})",
+                                  file=sys.stderr)
             if progress["step"] % cfg.save_every == 0 or progress["step"] == cfg.max_steps or round_over():
                 checkpoint()
         # A finished round goes on from its best weights, which collect the next round's states.

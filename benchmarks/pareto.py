@@ -1,0 +1,82 @@
+"""Every sampler at several settings on one toy language: quality vs base passes per sample (issue #14).
+
+Runs one `jointdlm eval` grid (K=1, naive parallel and ADJUST at fixed K, adaptive ADJUST, the confidence
+threshold, EB and PUNT at several settings), writes results.json / results.md / pareto.png into --out, then
+prints, for each budget of base passes per sample, the best training-free row and the best ADJUST row with
+their 95% intervals.
+
+    python benchmarks/pareto.py --model runs/recipe/choice/model --adjust runs/recipe/choice/heads/final-seed0 \
+        --language choice --out runs/pareto/choice
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from jointdlm.adjust.head import AdjustHead
+from jointdlm.eval.runner import RESULTS_FILE, EvalConfig, run_eval
+from jointdlm.models.mdlm import BuiltinModel
+
+SAMPLERS = ("parallel", "adjust", "adjust:tau=0.9", "adjust:tau=0.7", "adjust:gamma=1", "adjust:gamma=4",
+            "threshold:tau=0.9", "threshold:tau=0.7", "threshold:tau=0.5", "threshold:tau=0.3", "threshold:tau=0.1",
+            "eb:gamma=1", "eb:gamma=2", "eb:gamma=4", "eb:gamma=8", "eb:gamma=16",
+            "punt:epsilon=0.5", "punt:epsilon=2")
+TOKENS_PER_STEP = (1, 2, 4, 6, 8)
+
+
+def best_within(rows: list[dict], budget: float, adjust: bool) -> dict | None:
+    """The row of highest validity among those with at most `budget` base passes per sample."""
+    pool = [r for r in rows if r["speed"]["base_passes_per_sample"] <= budget
+            and r["sampler"].startswith("adjust") == adjust and r["sampler"] != "sequential"]
+    return max(pool, key=lambda r: r["quality"]["validity"]["value"], default=None)
+
+
+def describe(row: dict | None) -> str:
+    if row is None:
+        return "–"
+    v = row["quality"]["validity"]
+    k = f" K={row['tokens_per_step']}" if row["tokens_per_step"] else ""
+    return (f"{row['sampler']}{k}: {v['value']:.3f} [{v['low']:.3f}, {v['high']:.3f}] at "
+            f"{row['speed']['base_passes_per_sample']:.1f} base passes")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--adjust", required=True, help="ADJUST head directory")
+    parser.add_argument("--language", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--num", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--budgets", default="3,4,5,6,8")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model = BuiltinModel.load(args.model)
+    head = AdjustHead.from_pretrained(args.adjust, model)
+    cfg = EvalConfig(samplers=SAMPLERS, tokens_per_step=TOKENS_PER_STEP, num=args.num, seed=args.seed,
+                     language=args.language, batch_size=500)
+    with torch.no_grad():
+        results = run_eval(model, cfg, args.out, adjust_head=head)
+    results["command"] = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    (Path(args.out) / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+
+    rows = results["rows"]
+    k1 = next(r for r in rows if r["sampler"] == "sequential")
+    print(f"\n{args.language}: K=1 {describe(k1)}")
+    print("| base passes per sample ≤ | best training-free | best ADJUST |")
+    print("|---|---|---|")
+    for budget in (float(b) for b in args.budgets.split(",")):
+        print(f"| {budget:g} | {describe(best_within(rows, budget, False))} | "
+              f"{describe(best_within(rows, budget, True))} |")
+
+
+if __name__ == "__main__":
+    main()
