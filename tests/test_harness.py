@@ -169,3 +169,46 @@ def test_gsm8k_task_scores_like_lm_evals_gsm8k(tmp_path):
     assert scores["exact_match,strict-match"] == pytest.approx(sum(c[1] for c in COMPLETIONS) / 4)
     assert scores["exact_match,flexible-extract"] == pytest.approx(sum(c[2] for c in COMPLETIONS) / 4)
     assert normalize(" a  b ") == "a b"
+
+
+def test_jointdlm_tasks_ship_with_the_package_and_score_like_the_tasks(tiny_model_dir, tmp_path, capsys):
+    """The list and arithmetic tasks as lm-eval tasks: a model answering with each task's own solver scores 1
+    (shuffle accepts any ordering, not just the generator's), a wrong answer 0; `jointdlm lm-eval` finds them
+    without --include_path."""
+    from lm_eval import simple_evaluate
+    from lm_eval.api.model import LM
+    from lm_eval.tasks import TaskManager
+
+    from jointdlm.data.tasks import get_task
+    from jointdlm.eval.harness import TASKS_DIR
+
+    class Solver(LM):
+        def generate_until(self, requests):
+            out = []
+            for r in requests:
+                prompt = r.args[0]
+                name = prompt.split()[0]
+                answer = get_task(name).solve(prompt)
+                out.append(" ".join(reversed(answer.split())) if name == "shuffle" else
+                           "wrong" if name == "add" else answer)
+            return out
+
+        def loglikelihood(self, requests):
+            raise NotImplementedError
+
+        def loglikelihood_rolling(self, requests):
+            raise NotImplementedError
+
+    register()
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    out = simple_evaluate(model=Solver(), tasks=["jointdlm_tasks"], limit=20,
+                          task_manager=TaskManager(include_path=str(TASKS_DIR)))
+    scores = {name: r["exact_match,none"] for name, r in out["results"].items() if name.startswith("jointdlm_")
+              and name != "jointdlm_tasks"}
+    assert len(scores) == 8
+    assert scores.pop("jointdlm_add") == 0.0 and all(v == 1.0 for v in scores.values()), scores
+
+    code = main(["lm-eval", "run", "--model", "jointdlm", "--model_args", f"pretrained={tiny_model_dir}",
+                 "--tasks", "jointdlm_copy", "--limit", "4", "--output_path", str(tmp_path / "o")])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    assert "jointdlm lm-eval [sequential, K=1]: 4 generations" in capsys.readouterr().err

