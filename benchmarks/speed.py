@@ -1,63 +1,148 @@
 """Time per sequence of K=1, naive parallel and ADJUST, measured side by side in one process.
 
-Usage: python benchmarks/speed.py [--model DIR --adjust DIR] [--num N] [--batch-size B] [--repeats R]
-Defaults to the template-language model and head that `make demo` builds under runs/demo/template.
-Prints, per sampler and K: base passes, head passes, ms per sequence (best of R), and ratios to K=1 and to
-naive parallel at the same K.
+    python benchmarks/speed.py --preset large --length 128 --batch-size 8 [--json OUT] [--device cuda]
+    python benchmarks/speed.py [--model DIR --adjust DIR] [--num N] [--batch-size B] [--repeats R]
+
+With --preset: a random-weight built-in base of that preset (timing needs no training; vocabulary 4096, a BPE
+trained on the English corpus) and an untrained head whose output gain is set non-zero, so its pass changes the
+logits as a trained head's does. Without: the template-language model and head that `make demo` builds.
+Prints, per sampler and K: base passes, head passes, ms per sequence (best of R), ratios to K=1 and to naive
+parallel at the same K, the pass-time floor of ADJUST against naive (from one base pass's and one head pass's
+time, measured in the same run) and the share of the row's time spent outside model and head passes.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
+import statistics
 import sys
 import time
 
 import torch
 
-from jointdlm.adjust.head import AdjustHead
-from jointdlm.models.loading import load_model
-from jointdlm.sampling.loop import SamplingConfig, generate
+from jointdlm.adjust.head import AdjustHead, AdjustHeadConfig
+from jointdlm.data.corpora import build_corpus
+from jointdlm.models.loading import load_model, resolve_device
+from jointdlm.models.mdlm import PRESETS, BuiltinModel, MaskedDiffusionTransformer, MDLMConfig
+from jointdlm.models.tokenizer import BPETokenizer
+from jointdlm.sampling.loop import SamplingConfig, build_canvas, encode_prompts, generate
 from jointdlm.sampling.registry import make_sampler
+
+
+def random_base(preset: str, length: int, device: str, vocab_size: int = 4096, seed: int = 0) -> BuiltinModel:
+    """A built-in base of the preset's shape with random weights (timing does not depend on training)."""
+    tokenizer = BPETokenizer.train(build_corpus("english", None, seed=0), vocab_size)
+    torch.manual_seed(seed)
+    net = MaskedDiffusionTransformer(MDLMConfig(vocab_size=tokenizer.vocab_size, max_length=length + 1,
+                                                **PRESETS[preset]))
+    return BuiltinModel(net.eval().requires_grad_(False).to(device), tokenizer)
+
+
+def live_head(base: BuiltinModel, seed: int = 0) -> AdjustHead:
+    """An untrained head whose update is not zero, so a head pass does everything a trained one does."""
+    torch.manual_seed(seed)
+    head = AdjustHead(AdjustHeadConfig.for_base(base))
+    with torch.no_grad():
+        head.out_norm.weight.fill_(0.1)
+    return head.eval().requires_grad_(False).to(base.device)
+
+
+def pass_times(base: BuiltinModel, head: AdjustHead, batch: int, length: int, repeats: int = 7) -> tuple[float, float]:
+    """Median seconds of one base pass and one head pass over a (batch, length) canvas."""
+    tokens, attention, _ = build_canvas(base, encode_prompts(base, [""] * batch), length)
+    sync = torch.cuda.synchronize if base.device.type == "cuda" else (lambda: None)
+
+    def timed(fn) -> float:
+        fn()
+        sync()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    with torch.no_grad():
+        hidden = base.forward(tokens, attention).hidden
+        return (timed(lambda: base.forward(tokens, attention)),
+                timed(lambda: head(base, tokens, attention, hidden)))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=tuple(PRESETS), default=None, help="random-weight base of this preset")
+    parser.add_argument("--length", type=int, default=None, help="tokens per sequence (default: the canvas)")
     parser.add_argument("--model", default="runs/demo/template/model")
     parser.add_argument("--adjust", default="runs/demo/template/adjust")
-    parser.add_argument("--num", type=int, default=1000)
+    parser.add_argument("--num", type=int, default=None, help="sequences per row (default: one batch)")
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tokens-per-step", default="2,4,8")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
-        model = load_model(args.model)
-        head = AdjustHead.from_pretrained(args.adjust, model)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"speed: error: {err} (run `make demo` first, or pass --model and --adjust)", file=sys.stderr)
+        device = resolve_device(args.device)
+        if args.preset:
+            length = args.length or 128
+            model = random_base(args.preset, length, str(device))
+            head = live_head(model)
+        else:
+            model = load_model(args.model, str(device))
+            head = AdjustHead.from_pretrained(args.adjust, model).to(device)
+            length = args.length or model.max_length - 1
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"speed: error: {err} (run `make demo` first, or pass --preset, or --model and --adjust)",
+              file=sys.stderr)
         return 2
-    length = model.max_length - 1
+    num = args.num or args.batch_size
+    batch = min(args.batch_size, num)
     runs = [("sequential", 1)] + [(name, int(k)) for k in args.tokens_per_step.split(",")
                                    for name in ("parallel", "adjust")]
-    print(f"# {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"{args.num} sequences x {length} tokens, batch {args.batch_size}, best of {args.repeats}")
+    source = f"random-weight {args.preset}" if args.preset else args.model
+    print(f"# {source}, {device}, {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"{num} sequences x {length} tokens, batch {batch}, best of {args.repeats}")
+    base_s, head_s = pass_times(model, head, batch, length)
+    print(f"# one pass over the batch: base {1000 * base_s:.2f} ms, head {1000 * head_s:.2f} ms "
+          f"(head = {head_s / base_s:.3f} of a base pass)")
     timings = {}
     for name, k in runs:
         sampler = make_sampler(name, head=head) if name == "adjust" else make_sampler(name)
-        config = SamplingConfig(length=length, tokens_per_step=k, batch_size=args.batch_size)
+        config = SamplingConfig(length=length, tokens_per_step=k, batch_size=batch)
         best = float("inf")
         for _ in range(args.repeats):
             start = time.perf_counter()
-            out = generate(model, sampler, config, num=args.num)
+            with torch.no_grad():
+                out = generate(model, sampler, config, num=num)
             best = min(best, time.perf_counter() - start)
         timings[(name, k)] = (best, out.counters)
     k1 = timings[("sequential", 1)][0]
-    print("| sampler | K | base passes | head passes | ms/seq | time vs K=1 | time vs naive same K |")
-    print("|---|---|---|---|---|---|---|")
+    rows = []
+    print("| sampler | K | base passes | head passes | ms/seq | time vs K=1 | time vs naive same K "
+          "| floor vs naive | outside passes |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for (name, k), (seconds, c) in timings.items():
         naive = timings.get(("parallel", k), (seconds, None))[0]
-        print(f"| {name} | {k} | {c.base_passes:.1f} | {c.extra_passes:.1f} | {1000 * seconds / args.num:.3f} "
-              f"| {seconds / k1:.2f}x | {seconds / naive:.2f}x |")
+        batches = num / batch
+        model_s = batches * (c.base_passes * base_s + c.extra_passes * head_s)
+        floor = (c.base_passes * base_s + c.extra_passes * head_s) / (c.base_passes * base_s)
+        overhead = max(0.0, 1 - model_s / seconds)
+        rows.append({"sampler": name, "k": k, "ms_per_seq": 1000 * seconds / num, "base_passes": c.base_passes,
+                     "head_passes": c.extra_passes, "floor_vs_naive": floor, "overhead_share": overhead,
+                     "time_vs_k1": seconds / k1, "time_vs_naive": seconds / naive})
+        print(f"| {name} | {k} | {c.base_passes:.1f} | {c.extra_passes:.1f} | {1000 * seconds / num:.3f} "
+              f"| {seconds / k1:.2f}x | {seconds / naive:.2f}x | {floor:.2f}x | {overhead:.1%} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": "python " + " ".join(sys.argv), "device": str(device),
+                       "threads": torch.get_num_threads(), "base_pass_ms": 1000 * base_s,
+                       "head_pass_ms": 1000 * head_s, "rows": rows}, f, indent=2)
     return 0
 
 
