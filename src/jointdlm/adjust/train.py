@@ -624,11 +624,17 @@ def make_verdict(heldout: dict[str, dict[int, dict[str, float]]], elapsed_s: flo
             "elapsed_s": round(elapsed_s, 1)}
 
 
+def _ratio(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if value >= 0.01 else f"{value:.1e}"
+
+
 def format_verdict(verdict: dict) -> str:
     lines = ["held-out KL of the head / KL of the stale marginals (naive parallel); lower is better:"]
     for kind, ratios in verdict["ratios"].items():
         label = "K=1 trajectory states" if kind == "k1" else "on-policy states (K>1 sampler)"
-        cells = ", ".join(f"depth {d}: {'-' if v is None else f'{v:.2f}'}" for d, v in ratios.items())
+        cells = ", ".join(f"depth {d}: {_ratio(v)}" for d, v in ratios.items())
         lines.append(f"  {label}: {cells}")
     lines.append(f"  {verdict['steps']} steps, {verdict['elapsed_s'] / 60:.1f} min")
     if verdict["learned_little"]:
