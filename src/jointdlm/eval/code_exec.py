@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -35,7 +34,11 @@ BENCHMARKS = ("humaneval", "mbpp")
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ", '\n"""', "\n```")
 
 _CHILD = r"""
-import builtins, io, os, socket, sys
+import builtins, io, os, resource, socket, sys
+memory, cpu = int(sys.argv[1]), int(sys.argv[2])
+for limit, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_CPU, cpu), (resource.RLIMIT_FSIZE, 16 << 20),
+                     (resource.RLIMIT_CORE, 0)):
+    resource.setrlimit(limit, (value, value))
 root = os.path.realpath(os.getcwd())
 source = open("program.py").read()
 _open = io.open
@@ -94,23 +97,16 @@ def _network_namespace() -> list[str]:
     return [tool, "-rn"] if ok else []
 
 
-def _limits(timeout: float, memory_mb: int) -> None:
-    os.setsid()
-    resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
-    cpu = int(timeout) + 1
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 20, 16 << 20))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-
 def run_program(program: str, timeout: float = 10.0, memory_mb: int = 1024) -> ExecResult:
     """Run one program in the sandbox; passed means it exited normally (its asserts held)."""
     with tempfile.TemporaryDirectory(prefix="jointdlm-exec-") as work:
         Path(work, "program.py").write_text(program)
         env = {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "PYTHONHASHSEED": "0", "LANG": "C.UTF-8"}
-        command = [*_network_namespace(), sys.executable, "-I", "-c", _CHILD]
+        # The child sets its own limits before it reads the program (preexec_fn is unsafe beside threads).
+        command = [*_network_namespace(), sys.executable, "-I", "-c", _CHILD, str(memory_mb << 20),
+                   str(int(timeout) + 1)]
         proc = subprocess.Popen(command, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, preexec_fn=lambda: _limits(timeout, memory_mb))
+                                stderr=subprocess.PIPE, start_new_session=True)
         try:
             _, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
