@@ -66,7 +66,8 @@ def main() -> None:
     parser.add_argument("--pretrain-batch", type=int, default=64)
     parser.add_argument("--trajectories", type=int, default=4000)
     parser.add_argument("--head-seeds", default="0,1,2")
-    parser.add_argument("--set", nargs="*", default=[], help="AdjustTrainConfig overrides, key=value")
+    parser.add_argument("--set", nargs="+", action="extend", default=[],
+                        help="AdjustTrainConfig overrides, key=value (repeatable)")
     parser.add_argument("--tag", default="default")
     parser.add_argument("--num", type=int, default=500)
     parser.add_argument("--sample-seed", type=int, default=1)
