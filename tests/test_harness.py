@@ -125,6 +125,29 @@ def test_bad_model_args_are_one_line(template_workdir, tasks_dir, tmp_path, caps
     assert code == 2 and len(lines) == 1 and "unknown sampler" in lines[0]
 
 
+def evaluate_canned(complete, tasks: list[str], include_path: Path, **options) -> dict:
+    """lm-eval's own evaluation of local tasks with a model whose completion of each prompt is `complete(prompt)`
+    (the scoring is under test, not the model)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.api.model import LM
+    from lm_eval.tasks import TaskManager
+
+    class Canned(LM):
+        def generate_until(self, requests):
+            return [complete(r.args[0]) for r in requests]
+
+        def loglikelihood(self, requests):
+            raise NotImplementedError
+
+        def loglikelihood_rolling(self, requests):
+            raise NotImplementedError
+
+    register()
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    return simple_evaluate(model=Canned(), tasks=tasks, task_manager=TaskManager(include_path=str(include_path)),
+                           **options)
+
+
 GSM8K_DOCS = [
     {"question": "q1", "answer": "She has 3 + 4 = 7.\n#### 7"},
     {"question": "q2", "answer": "Total 1,200 dollars.\n#### 1200"},
@@ -142,29 +165,13 @@ COMPLETIONS = [
 
 
 def test_gsm8k_task_scores_like_lm_evals_gsm8k(tmp_path):
-    from lm_eval import simple_evaluate
-    from lm_eval.api.model import LM
-    from lm_eval.tasks import TaskManager
 
     data = tmp_path / "gsm8k.jsonl"
     data.write_text("".join(json.dumps(d) + "\n" for d in GSM8K_DOCS))
     write_gsm8k_task(data, tmp_path / "tasks")
     answers = {f"Question: {d['question']}\nAnswer:": c for d, (c, _, _) in zip(GSM8K_DOCS, COMPLETIONS, strict=True)}
 
-    class Canned(LM):
-        def generate_until(self, requests):
-            return [answers[r.args[0]] for r in requests]
-
-        def loglikelihood(self, requests):
-            raise NotImplementedError
-
-        def loglikelihood_rolling(self, requests):
-            raise NotImplementedError
-
-    register()
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    out = simple_evaluate(model=Canned(), tasks=["gsm8k_local"],
-                          task_manager=TaskManager(include_path=str(tmp_path / "tasks")))
+    out = evaluate_canned(lambda prompt: answers[prompt], ["gsm8k_local"], tmp_path / "tasks")
     scores = out["results"]["gsm8k_local"]
     assert scores["exact_match,strict-match"] == pytest.approx(sum(c[1] for c in COMPLETIONS) / 4)
     assert scores["exact_match,flexible-extract"] == pytest.approx(sum(c[2] for c in COMPLETIONS) / 4)
@@ -175,34 +182,16 @@ def test_jointdlm_tasks_ship_with_the_package_and_score_like_the_tasks(tiny_mode
     """The list and arithmetic tasks as lm-eval tasks: a model answering with each task's own solver scores 1
     (shuffle accepts any ordering, not just the generator's), a wrong answer 0; `jointdlm lm-eval` finds them
     without --include_path."""
-    from lm_eval import simple_evaluate
-    from lm_eval.api.model import LM
-    from lm_eval.tasks import TaskManager
 
     from jointdlm.data.tasks import get_task
     from jointdlm.eval.harness import TASKS_DIR
 
-    class Solver(LM):
-        def generate_until(self, requests):
-            out = []
-            for r in requests:
-                prompt = r.args[0]
-                name = prompt.split()[0]
-                answer = get_task(name).solve(prompt)
-                out.append(" ".join(reversed(answer.split())) if name == "shuffle" else
-                           "wrong" if name == "add" else answer)
-            return out
+    def solve(prompt: str) -> str:
+        name = prompt.split()[0]
+        answer = get_task(name).solve(prompt)
+        return " ".join(reversed(answer.split())) if name == "shuffle" else "wrong" if name == "add" else answer
 
-        def loglikelihood(self, requests):
-            raise NotImplementedError
-
-        def loglikelihood_rolling(self, requests):
-            raise NotImplementedError
-
-    register()
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    out = simple_evaluate(model=Solver(), tasks=["jointdlm_tasks"], limit=20,
-                          task_manager=TaskManager(include_path=str(TASKS_DIR)))
+    out = evaluate_canned(solve, ["jointdlm_tasks"], TASKS_DIR, limit=20)
     scores = {name: r["exact_match,none"] for name, r in out["results"].items() if name.startswith("jointdlm_")
               and name != "jointdlm_tasks"}
     assert len(scores) == 8
