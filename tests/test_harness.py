@@ -144,8 +144,8 @@ def evaluate_canned(complete, tasks: list[str], include_path: Path, **options) -
 
     register()
     os.environ["HF_DATASETS_OFFLINE"] = "1"
-    return simple_evaluate(model=Canned(), tasks=tasks, task_manager=TaskManager(include_path=str(include_path)),
-                           **options)
+    manager = TaskManager(include_path=str(include_path), include_defaults=False)
+    return simple_evaluate(model=Canned(), tasks=tasks, task_manager=manager, **options)
 
 
 GSM8K_DOCS = [
@@ -201,3 +201,18 @@ def test_jointdlm_tasks_ship_with_the_package_and_score_like_the_tasks(tiny_mode
                  "--tasks", "jointdlm_copy", "--limit", "4", "--output_path", str(tmp_path / "o")])
     assert code == 0, capsys.readouterr().err[-2000:]
     assert "jointdlm lm-eval [sequential, K=1]: 4 generations" in capsys.readouterr().err
+
+
+def test_builtin_task_index_is_skipped_only_when_every_task_is_local(tasks_dir):
+    """lm-eval's ~15k built-in tasks take seconds to index: `jointdlm lm-eval` skips them only when every
+    requested task is a plain name found in jointdlm's or the user's task directories."""
+    from lm_eval.tasks import TaskManager
+
+    from jointdlm.eval.harness import TASKS_DIR, only_local_tasks
+
+    paths = [str(TASKS_DIR), str(tasks_dir)]
+    assert only_local_tasks(["jointdlm_copy", "template_home"], paths, TaskManager)
+    assert not only_local_tasks(["jointdlm_copy", "gsm8k"], paths, TaskManager)
+    assert not only_local_tasks(["jointdlm_*"], paths, TaskManager)
+    assert not only_local_tasks([str(tasks_dir / "template_home.yaml")], paths, TaskManager)
+    assert not only_local_tasks([], paths, TaskManager)

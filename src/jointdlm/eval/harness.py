@@ -190,22 +190,40 @@ def run_harness(argv: list[str]) -> None:
     from lm_eval._cli import HarnessCLI
 
     original = lm_eval.tasks.TaskManager
-
-    class WithJointdlmTasks(original):
-        def __init__(self, *args, include_path=None, **kwargs):
-            given = [] if include_path is None else list(include_path) if isinstance(include_path, list | tuple) \
-                else [include_path]
-            super().__init__(*args, include_path=[str(TASKS_DIR), *given], **kwargs)
-
+    parser = HarnessCLI()
     saved = sys.argv
     sys.argv = ["lm-eval", *argv]
-    lm_eval.tasks.TaskManager = WithJointdlmTasks  # lm-eval has no hook for a package's tasks
     try:
-        parser = HarnessCLI()
-        parser.execute(parser.parse_args())
+        args = parser.parse_args()
     finally:
         sys.argv = saved
+    requested = getattr(args, "tasks", None)
+    requested = [] if not requested else [t for task in ([requested] if isinstance(requested, str) else requested)
+                                          for t in task.split(",") if t]
+
+    class WithJointdlmTasks(original):
+        def __init__(self, *args, include_path=None, include_defaults=True, **kwargs):
+            given = [] if include_path is None else list(include_path) if isinstance(include_path, list | tuple) \
+                else [include_path]
+            paths = [str(TASKS_DIR), *given]
+            if include_defaults and only_local_tasks(requested, paths, original):
+                include_defaults = False  # indexing lm-eval's ~15k built-in tasks takes seconds and is not needed
+            super().__init__(*args, include_path=paths, include_defaults=include_defaults, **kwargs)
+
+    lm_eval.tasks.TaskManager = WithJointdlmTasks  # lm-eval has no hook for a package's tasks
+    try:
+        parser.execute(args)
+    finally:
         lm_eval.tasks.TaskManager = original
+
+
+def only_local_tasks(requested: list[str], paths: list[str], manager: type) -> bool:
+    """Whether every requested task is a plain name found in jointdlm's and the user's task directories (no
+    globs, files or directories, which may mean lm-eval's own tasks)."""
+    if not requested or any(set(t) & set("*?[") or t.endswith(".yaml") or Path(t).is_dir() for t in requested):
+        return False
+    local = set(manager(include_path=paths, include_defaults=False).all_tasks)
+    return all(t in local for t in requested)
 
 
 def write_gsm8k_task(data_file: str | Path, out_dir: str | Path, task: str = "gsm8k_local",
