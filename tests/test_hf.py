@@ -100,6 +100,8 @@ def test_lm_head_of_hidden_gives_logits(name, request):
     out = model.forward(canvas(model))
     torch.testing.assert_close(model.lm_head(out.hidden), out.logits)
     assert model.embed(canvas(model)).shape == out.hidden.shape
+    at = canvas(model) == model.spec.mask_id
+    torch.testing.assert_close(model.forward(canvas(model), at=at).logits, out.logits[at])
 
 
 @torch.no_grad()

@@ -117,6 +117,10 @@ def test_forward_shapes_and_protocol(tiny_model):
     assert out.logits.shape == (3, 10, v) and out.hidden.shape == (3, 10, d)
     assert torch.isfinite(out.logits).all()
     assert torch.allclose(tiny_model.lm_head(out.hidden), out.logits, atol=1e-5)
+    at = torch.rand(3, 10, generator=torch.Generator().manual_seed(0)) < 0.3
+    selected = tiny_model.forward(tokens, at=at)
+    assert selected.logits.shape == (int(at.sum()), v) and torch.equal(selected.hidden, out.hidden)
+    assert torch.allclose(selected.logits, out.logits[at], atol=1e-5)
     assert tiny_model.embed(tokens).shape == (3, 10, d)
     assert tiny_model.spec.mask_id == MASK_ID and tiny_model.spec.bos_id == BOS_ID
     assert sorted(tiny_model.spec.never_sampled()) == [BOS_ID, MASK_ID]
@@ -326,9 +330,12 @@ class RecordingNet:
     def __init__(self, vocab: int) -> None:
         self.vocab, self.seen = vocab, []
 
-    def __call__(self, tokens):
+    def trunk(self, tokens):
         self.seen.append(tokens.clone())
-        return torch.zeros(*tokens.shape, self.vocab), None
+        return torch.zeros(*tokens.shape, 1)
+
+    def head(self, hidden):
+        return torch.zeros(*hidden.shape[:-1], self.vocab)
 
 
 def test_prompt_pairs_encode_like_whole_documents(tokenizer):

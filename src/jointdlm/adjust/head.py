@@ -83,8 +83,15 @@ class AdjustHead(nn.Module):
         nn.init.zeros_(self.out_norm.weight)
 
     def forward(self, base: DiffusionLM, tokens: torch.Tensor, attention_mask: torch.Tensor | None,
-                hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One cheap pass: (current tokens, previous hidden) -> (new hidden, logits)."""
+                hidden: torch.Tensor, at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One cheap pass: (current tokens, previous hidden) -> (new hidden, logits), the logits (N, V) at the
+        True positions of `at` when given (as the base's forward)."""
+        new_hidden = self.update(base, tokens, attention_mask, hidden)
+        return new_hidden, base.lm_head(new_hidden if at is None else new_hidden[at])
+
+    def update(self, base: DiffusionLM, tokens: torch.Tensor, attention_mask: torch.Tensor | None,
+               hidden: torch.Tensor) -> torch.Tensor:
+        """The new hidden states alone (passes whose logits nobody reads skip the output projection)."""
         embedded = base.embed(tokens)
         z = self.proj(torch.cat([self.embed_norm(embedded), self.hidden_norm(hidden)], dim=-1))
         positions, mask = positions_and_mask(attention_mask, tokens.shape, False, tokens.device)
@@ -92,8 +99,7 @@ class AdjustHead(nn.Module):
         update = self.out_norm(self.block(z, rope, mask))
         if self.config.hidden_scale:
             update = update * hidden.detach().pow(2).mean(-1, keepdim=True).sqrt()
-        new_hidden = update + hidden
-        return new_hidden, base.lm_head(new_hidden)
+        return update + hidden
 
     def fingerprint(self) -> str:
         """A hash of the config and weights (names the head that drove an on-policy collection)."""

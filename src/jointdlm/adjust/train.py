@@ -118,10 +118,14 @@ def _logprobs(logits: torch.Tensor, banned: list[int]) -> torch.Tensor:
 def row_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, masked: torch.Tensor,
            banned: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: (sum over masked positions of KL(teacher || student), number of masked positions), on the
-    distributions samplers draw from."""
+    distributions samplers draw from. Logits are (B, T, V), or (N, V) at the True positions of `masked`."""
     t, s = _logprobs(teacher_logits, banned), _logprobs(student_logits, banned)
     kl = (t.exp() * (t - s)).sum(-1)
-    return (kl * masked).sum(-1), masked.sum(-1).to(kl.dtype)
+    count = masked.sum(-1).to(kl.dtype)
+    if kl.dim() == 1:
+        rows = masked.nonzero()[:, 0]
+        return torch.zeros_like(count).index_add_(0, rows, kl), count
+    return (kl * masked).sum(-1), count
 
 
 def masked_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, masked: torch.Tensor,
@@ -165,15 +169,18 @@ class RolloutLoss(nn.Module):
     def forward(self, base: DiffusionLM, batch: Batch) -> tuple[torch.Tensor, ...]:
         """(weighted KL of the head, weighted KL of the stale marginals, per-row head KL sums, per-row stale KL
         sums, per-row masked counts) after len(batch.steps) passes."""
+        tokens = batch.tokens
+        for written in batch.steps:
+            tokens = torch.where(written, batch.targets, tokens)
+        still_masked = tokens == base.spec.mask_id  # where the loss is read: logits are computed only there
         with torch.no_grad():
-            start = base.forward(batch.tokens, batch.attention)
+            start = base.forward(batch.tokens, batch.attention, at=still_masked)
+            teacher = base.forward(tokens, batch.attention, at=still_masked).logits
         hidden, tokens = start.hidden, batch.tokens
         for written in batch.steps:
             tokens = torch.where(written, batch.targets, tokens)
-            hidden, logits = self.head(base, tokens, batch.attention, hidden)
-        with torch.no_grad():
-            teacher = base.forward(tokens, batch.attention).logits
-        still_masked = tokens == base.spec.mask_id
+            hidden = self.head.update(base, tokens, batch.attention, hidden)
+        logits = base.lm_head(hidden[still_masked])
         banned = base.spec.never_sampled()
         head_sum, count = row_kl(teacher, logits, still_masked, banned)
         with torch.no_grad():

@@ -267,7 +267,9 @@ class HFDiffusionModel:
             raise ValueError(f"the {self.family.name} family's logits are shifted: the first real token must be "
                              "BOS or prompt, never a mask")
 
-    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> ModelOutput:
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                at: torch.Tensor | None = None) -> ModelOutput:
+        """Remote model code computes logits everywhere; `at` selects from them."""
         if tokens.shape[1] > self.max_length:
             raise ValueError(f"sequence of {tokens.shape[1]} tokens exceeds max_length={self.max_length}")
         if self.family.shifted_logits:
@@ -279,7 +281,7 @@ class HFDiffusionModel:
             hidden = torch.cat([hidden[:, :1], hidden[:, :-1]], dim=1)
         if self.hidden_dtype is not None:
             hidden = hidden.to(self.hidden_dtype)
-        return ModelOutput(logits=logits, hidden=hidden)
+        return ModelOutput(logits=logits if at is None else logits[at], hidden=hidden)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         embedded = self.model.get_input_embeddings()(tokens)

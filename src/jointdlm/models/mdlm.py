@@ -163,6 +163,11 @@ class MaskedDiffusionTransformer(nn.Module):
     def forward(self, tokens: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (logits, hidden) where hidden is the last block's output before the final norm."""
+        hidden = self.trunk(tokens, attention_mask)
+        return self.head(hidden), hidden
+
+    def trunk(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The blocks without the output head: callers that read logits at a few positions apply `head` there."""
         if tokens.shape[1] > self.config.max_length:
             raise ValueError(f"sequence of {tokens.shape[1]} tokens exceeds max_length={self.config.max_length}")
         positions, mask = positions_and_mask(attention_mask, tokens.shape, self.config.causal, tokens.device)
@@ -170,7 +175,7 @@ class MaskedDiffusionTransformer(nn.Module):
         x = self.embedding(tokens)
         for block in self.blocks:
             x = block(x, rope, mask, self.config.causal)
-        return self.head(x), x
+        return x
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.output(self.final_norm(hidden))
@@ -236,9 +241,10 @@ class BuiltinModel:
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
 
-    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> ModelOutput:
-        logits, hidden = self.net(tokens, attention_mask)
-        return ModelOutput(logits=logits, hidden=hidden)
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                at: torch.Tensor | None = None) -> ModelOutput:
+        hidden = self.net.trunk(tokens, attention_mask)
+        return ModelOutput(logits=self.net.head(hidden if at is None else hidden[at]), hidden=hidden)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.net.embedding(tokens)

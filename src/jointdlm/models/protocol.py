@@ -43,7 +43,8 @@ class FamilySpec:
 
 @dataclass
 class ModelOutput:
-    """Logits (B, T, V) and last hidden states (B, T, d), position i describing token i."""
+    """Logits (B, T, V), or (N, V) at the positions a caller asked for, and last hidden states (B, T, d),
+    position i describing token i."""
 
     logits: torch.Tensor
     hidden: torch.Tensor
@@ -65,8 +66,11 @@ class DiffusionLM(Protocol):
     hidden_size: int
     max_length: int
 
-    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> ModelOutput:
-        """One full base pass over (B, T) token ids; attention_mask marks real (non-padding) tokens."""
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                at: torch.Tensor | None = None) -> ModelOutput:
+        """One full base pass over (B, T) token ids; attention_mask marks real (non-padding) tokens. With `at`, a
+        (B, T) boolean mask, logits are (N, V) for its True positions in row-major order (callers that read a
+        few positions skip the output projection elsewhere); hidden is always (B, T, d)."""
         ...
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:

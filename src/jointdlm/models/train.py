@@ -127,16 +127,17 @@ def auto_seq_len(tokenizer: BPETokenizer, docs: list[str], cap: int = 128) -> in
 
 def mdlm_loss(net: MaskedDiffusionTransformer, batch: torch.Tensor, context: torch.Tensor,
               generator: torch.Generator, eps: float = 1e-3) -> torch.Tensor:
-    """The 1/t-weighted masked cross-entropy, averaged over the positions that may be masked."""
+    """The 1/t-weighted masked cross-entropy, averaged over the positions that may be masked. Logits are computed
+    only at the masked positions (the output projection is most of a small model's cost)."""
     b, t = batch.shape
     offsets = torch.rand((), generator=generator, device=batch.device)
     times = eps + (1 - eps) * ((offsets + torch.arange(b, device=batch.device) / b) % 1.0)
     maskable = torch.arange(t, device=batch.device)[None, :] >= context[:, None]
     masked = (torch.rand(b, t, generator=generator, device=batch.device) < times[:, None]) & maskable
     noisy = torch.where(masked, torch.full_like(batch, MASK_ID), batch)
-    logits, _ = net(noisy)
-    ce = F.cross_entropy(logits.transpose(1, 2), batch, reduction="none")
-    return ((ce * masked) / times[:, None]).sum() / maskable.sum()
+    logits = net.head(net.trunk(noisy)[masked])
+    ce = F.cross_entropy(logits, batch[masked], reduction="none")
+    return (ce / times[:, None].expand(b, t)[masked]).sum() / maskable.sum()
 
 
 def ar_loss(net: MaskedDiffusionTransformer, batch: torch.Tensor, context: torch.Tensor,
