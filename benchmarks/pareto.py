@@ -1,12 +1,15 @@
-"""Every sampler at several settings on one toy language: quality vs base passes per sample (issue #14).
+"""Every sampler at several settings on one dataset: quality vs base passes per sample (issue #14).
 
 Runs one `jointdlm eval` grid (K=1, naive parallel and ADJUST at fixed K, adaptive ADJUST, the confidence
 threshold, EB and PUNT at several settings), writes results.json / results.md / pareto.png into --out, then
 prints, for each budget of base passes per sample, the best training-free row and the best ADJUST row with
-their 95% intervals.
+their 95% intervals. Quality is exact validity (--language), task accuracy (--task) or the causal scorer's NLL
+of the samples (--scorer, lower is better; MAUVE is in results.md).
 
     python benchmarks/pareto.py --model runs/recipe/choice/model --adjust runs/recipe/choice/heads/final-seed0 \
         --language choice --out runs/pareto/choice
+    python benchmarks/pareto.py --model runs/demo/english/model --adjust runs/demo/english/adjust \
+        --scorer runs/demo/english/scorer --num 200 --out runs/pareto/english
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 
 from jointdlm.adjust.head import AdjustHead
 from jointdlm.eval.runner import RESULTS_FILE, EvalConfig, run_eval
+from jointdlm.models.causal import CausalScorer
 from jointdlm.models.mdlm import BuiltinModel
 
 SAMPLERS = ("parallel", "adjust", "adjust:tau=0.9", "adjust:tau=0.7", "adjust:gamma=1", "adjust:gamma=4",
@@ -30,17 +34,18 @@ SAMPLERS = ("parallel", "adjust", "adjust:tau=0.9", "adjust:tau=0.7", "adjust:ga
 TOKENS_PER_STEP = (1, 2, 4, 6, 8)
 
 
-def best_within(rows: list[dict], budget: float, adjust: bool) -> dict | None:
-    """The row of highest validity among those with at most `budget` base passes per sample."""
+def best_within(rows: list[dict], budget: float, adjust: bool, metric: str = "validity") -> dict | None:
+    """The best row by `metric` (NLL: lowest) among those with at most `budget` base passes per sample."""
     pool = [r for r in rows if r["speed"]["base_passes_per_sample"] <= budget
             and r["sampler"].startswith("adjust") == adjust and r["sampler"] != "sequential"]
-    return max(pool, key=lambda r: r["quality"]["validity"]["value"], default=None)
+    sign = -1.0 if metric == "nll" else 1.0
+    return max(pool, key=lambda r: sign * r["quality"][metric]["value"], default=None)
 
 
-def describe(row: dict | None) -> str:
+def describe(row: dict | None, metric: str = "validity") -> str:
     if row is None:
         return "–"
-    v = row["quality"]["validity"]
+    v = row["quality"][metric]
     k = f" K={row['tokens_per_step']}" if row["tokens_per_step"] else ""
     return (f"{row['sampler']}{k}: {v['value']:.3f} [{v['low']:.3f}, {v['high']:.3f}] at "
             f"{row['speed']['base_passes_per_sample']:.1f} base passes")
@@ -50,7 +55,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--adjust", required=True, help="ADJUST head directory")
-    parser.add_argument("--language", required=True)
+    quality = parser.add_mutually_exclusive_group(required=True)
+    quality.add_argument("--language", help="toy language: exact validity")
+    quality.add_argument("--task", help="prompted task (e.g. shuffle): accuracy")
+    quality.add_argument("--scorer", help="causal scorer directory: NLL (and MAUVE) of the samples")
     parser.add_argument("--out", required=True)
     parser.add_argument("--num", type=int, default=500)
     parser.add_argument("--seed", type=int, default=1)
@@ -61,21 +69,23 @@ def main() -> None:
 
     model = BuiltinModel.load(args.model)
     head = AdjustHead.from_pretrained(args.adjust, model)
+    scorer = CausalScorer.load(args.scorer) if args.scorer else None
+    metric = "validity" if args.language else "accuracy" if args.task else "nll"
     cfg = EvalConfig(samplers=SAMPLERS, tokens_per_step=TOKENS_PER_STEP, num=args.num, seed=args.seed,
-                     language=args.language, batch_size=500)
+                     language=args.language, task=args.task, batch_size=500)
     with torch.no_grad():
-        results = run_eval(model, cfg, args.out, adjust_head=head)
+        results = run_eval(model, cfg, args.out, adjust_head=head, scorer=scorer)
     results["command"] = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     (Path(args.out) / RESULTS_FILE).write_text(json.dumps(results, indent=2))
 
     rows = results["rows"]
     k1 = next(r for r in rows if r["sampler"] == "sequential")
-    print(f"\n{args.language}: K=1 {describe(k1)}")
+    print(f"\n{args.language or args.task or args.model} ({metric}): K=1 {describe(k1, metric)}")
     print("| base passes per sample ≤ | best training-free | best ADJUST |")
     print("|---|---|---|")
     for budget in (float(b) for b in args.budgets.split(",")):
-        print(f"| {budget:g} | {describe(best_within(rows, budget, False))} | "
-              f"{describe(best_within(rows, budget, True))} |")
+        print(f"| {budget:g} | {describe(best_within(rows, budget, False, metric), metric)} | "
+              f"{describe(best_within(rows, budget, True, metric), metric)} |")
 
 
 if __name__ == "__main__":

@@ -24,3 +24,25 @@ def test_speed_benchmark_on_a_random_preset_writes_the_contract(tmp_path):
         assert r["ms_per_seq"] > 0 and 0 <= r["overhead_share"] < 1
     adjust4 = next(r for r in rows if r["sampler"] == "adjust" and r["k"] == 4)
     assert adjust4["base_passes"] == 4 and adjust4["head_passes"] == 12 and adjust4["floor_vs_naive"] > 1
+
+
+def test_pareto_picks_the_best_row_within_a_budget_in_the_metrics_direction():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import pareto
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def row(sampler, passes, **quality):
+        return {"sampler": sampler, "tokens_per_step": None, "speed": {"base_passes_per_sample": passes},
+                "quality": {k: {"value": v, "low": v, "high": v} for k, v in quality.items()}}
+
+    rows = [row("sequential", 20, validity=0.9, nll=1.0), row("parallel", 4, validity=0.2, nll=3.0),
+            row("threshold:tau=0.9", 6, validity=0.8, nll=1.5), row("adjust", 4, validity=0.85, nll=1.2),
+            row("adjust:tau=0.9", 3, validity=0.7, nll=2.0)]
+    assert pareto.best_within(rows, 5, adjust=False)["sampler"] == "parallel"
+    assert pareto.best_within(rows, 6, adjust=False)["sampler"] == "threshold:tau=0.9"
+    assert pareto.best_within(rows, 4, adjust=True, metric="nll")["sampler"] == "adjust"
+    assert pareto.best_within(rows, 3, adjust=True, metric="nll")["sampler"] == "adjust:tau=0.9"
+    assert pareto.best_within(rows, 2, adjust=True) is None and pareto.describe(None) == "–"
+    assert "1.200" in pareto.describe(rows[3], "nll")

@@ -1,5 +1,6 @@
 """The command line, in process (`jointdlm.cli.main`) plus one check that the console script is installed."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -185,3 +186,26 @@ def test_demo_rejects_an_unknown_stage(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("jointdlm: error:") and "no stage named klingon" in err[-1] and "template" in err[-1]
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("command,config_path", [
+    ("pretrain", "jointdlm.models.train:PretrainConfig"),
+    ("trajectories", "jointdlm.adjust.trajectories:TrajectoryConfig"),
+    ("train-adjust", "jointdlm.adjust.train:AdjustTrainConfig"),
+])
+def test_long_commands_default_to_the_api_defaults(command, config_path):
+    """One default path: a flag left out means what the config's field means when left out (train-adjust's
+    --patience once defaulted to 4 where the API, the demo and the benchmarks used 3)."""
+    import dataclasses
+    import importlib
+
+    from jointdlm.cli import build_parser
+
+    module, name = config_path.split(":")
+    config = getattr(importlib.import_module(module), name)
+    defaults = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    compared = {a.dest: (a.default, defaults[a.dest]) for a in sub._actions
+                if a.dest in defaults and a.default is not None and a.dest not in ("progress",)}
+    assert len(compared) >= 5, compared
+    assert {k: v for k, v in compared.items() if v[0] != v[1]} == {}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
+from .adjust.train import AdjustTrainConfig
 from .sampling.base import TokenChoice
 from .sampling.loop import SamplingConfig
 
@@ -138,7 +139,7 @@ def cmd_trajectories(args: argparse.Namespace) -> None:
 
 
 def cmd_train_adjust(args: argparse.Namespace) -> None:
-    from .adjust.train import AdjustTrainConfig, format_verdict, read_verdict, train_adjust
+    from .adjust.train import format_verdict, read_verdict, train_adjust
     from .models.loading import load_model
 
     model = load_model(args.model, args.device, family=args.family, trust_remote_code=args.trust_remote_code)
@@ -357,22 +358,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--trajectories", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--max-steps", type=_positive_int, default=6000,
+    recipe = AdjustTrainConfig  # one default path: the flags' defaults are the API's
+    p.add_argument("--max-steps", type=_positive_int, default=recipe.max_steps,
                    help="upper bound; training stops earlier when held-out KL stops falling")
-    p.add_argument("--rollout", type=int, default=4, help="train depths 1..rollout-1")
-    p.add_argument("--batch-size", type=_positive_int, default=32)
-    p.add_argument("--lr", type=float, default=None, help="default: 3e-3, scaled by 128/d for wider bases")
-    p.add_argument("--warmup-steps", type=int, default=100)
-    p.add_argument("--onpolicy-rounds", type=int, default=2,
+    p.add_argument("--rollout", type=int, default=recipe.rollout, help="train depths 1..rollout-1")
+    p.add_argument("--batch-size", type=_positive_int, default=recipe.batch_size)
+    p.add_argument("--lr", type=float, default=recipe.lr, help="default: 3e-3, scaled by 128/d for wider bases")
+    p.add_argument("--warmup-steps", type=int, default=recipe.warmup_steps)
+    p.add_argument("--onpolicy-rounds", type=int, default=recipe.onpolicy_rounds,
                    help="rounds of states from the K>1 sampler (naive, then ADJUST); 0 = K=1 trajectories only")
-    p.add_argument("--focus", type=float, default=0.5,
+    p.add_argument("--focus", type=float, default=recipe.focus,
                    help="share of each batch drawn where the stale marginals are most wrong (importance weighted)")
-    p.add_argument("--patience", type=int, default=4,
+    p.add_argument("--patience", type=int, default=recipe.patience,
                    help="evaluations without a 3%% held-out gain that count as a plateau (0 = run to --max-steps)")
-    p.add_argument("--eval-every", type=_positive_int, default=250)
-    p.add_argument("--save-every", type=_positive_int, default=250)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--eval-every", type=_positive_int, default=recipe.eval_every)
+    p.add_argument("--save-every", type=_positive_int, default=recipe.save_every)
+    p.add_argument("--seed", type=int, default=recipe.seed)
+    p.add_argument("--device", default=recipe.device)
     p.set_defaults(func=cmd_train_adjust)
 
     p = sub.add_parser("eval", help="quality and speed of samplers x tokens per step, with tables and plots")

@@ -53,7 +53,7 @@ _RESUME_IGNORED = ("progress", "batch_size")
 class TrajectoryConfig:
     """What to collect; every field but `progress` is part of the data's identity."""
 
-    num: int = 1000
+    num: int = 4000
     length: int = 32
     temperature: float = 1.0
     rule: str = "confidence"
@@ -61,7 +61,7 @@ class TrajectoryConfig:
     top_k: int = 0
     seed: int = 0
     shard_size: int = 256
-    batch_size: int = 64
+    batch_size: int = 256
     progress: bool = True
     policy_tokens_per_step: tuple[int, ...] = (1,)
     """K of the sampler that reaches each trajectory's first K=1 state; (1,) = plain K=1 trajectories. Several

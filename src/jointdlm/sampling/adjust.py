@@ -75,7 +75,9 @@ class AdjustSampler:
             eligible &= ~chosen
             if r < rounds - 1 and (writing & (ctx.budget.to(writing.device) > r + 1)).any():
                 with torch.no_grad():
-                    hidden, logits = self.head(ctx.model, tokens, ctx.attention_mask, hidden)
+                    # Logits only where the next round reads them; elsewhere the old ones are never scored.
+                    hidden, fresh = self.head(ctx.model, tokens, ctx.attention_mask, hidden, at=eligible)
+                    logits = logits.index_put(eligible.nonzero(as_tuple=True), fresh.to(logits.dtype))
                 head_passes += (writing & (ctx.budget.to(writing.device) > r + 1)).cpu()
         return StepResult(fill=fill, tokens=tokens, base_passes=1, extra_passes=head_passes)
 
