@@ -71,6 +71,26 @@ def add_choice_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0)
 
 
+def add_sampler_args(parser: argparse.ArgumentParser, sampler: str | None, length: int | None,
+                     batch_size: int) -> None:
+    """The flags of every command that generates with one sampler (`sample`, `code-eval`)."""
+    parser.add_argument("--sampler", required=sampler is None, default=sampler,
+                        help="sequential, parallel, adjust, threshold, eb, punt, edlm, apd; options as "
+                             "name:key=value, e.g. punt:epsilon=0.05")
+    parser.add_argument("--tokens-per-step", type=int, default=None, help="K, tokens unmasked per step (default 1)")
+    parser.add_argument("--steps", type=int, default=None, help="total steps, instead of --tokens-per-step")
+    parser.add_argument("--block-length", type=int, default=None)
+    parser.add_argument("--length", type=_positive_int, default=length,
+                        help="tokens to generate" + ("; default fills the canvas" if length is None else ""))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=_positive_int, default=batch_size)
+    parser.add_argument("--adjust", default=None, help="ADJUST head directory (for --sampler adjust)")
+    parser.add_argument("--scorer", default=None, help="causal LM directory (for --sampler edlm / apd)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", required=True)
+    add_choice_args(parser)
+
+
 def choice_from_args(args: argparse.Namespace) -> TokenChoice:
     return TokenChoice(rule=args.rule, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
 
@@ -296,23 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="generate samples with one sampler")
     add_model_args(p)
-    p.add_argument("--sampler", required=True,
-                   help="sequential, parallel, adjust, threshold, eb, punt, edlm, apd; options as name:key=value, "
-                        "e.g. punt:epsilon=0.05")
-    p.add_argument("--tokens-per-step", type=int, default=None, help="K, tokens unmasked per step (default 1)")
-    p.add_argument("--steps", type=int, default=None, help="total steps, instead of --tokens-per-step")
-    p.add_argument("--block-length", type=int, default=None)
+    add_sampler_args(p, sampler=None, length=None, batch_size=64)
     p.add_argument("--num", type=_positive_int, default=16)
-    p.add_argument("--length", type=_positive_int, default=None, help="tokens to generate; default fills the canvas")
     p.add_argument("--prompts", default=None, help="file with one prompt per line")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--history", action="store_true", help="record the step at which each position was filled")
-    p.add_argument("--adjust", default=None, help="ADJUST head directory (for --sampler adjust)")
-    p.add_argument("--scorer", default=None, help="causal LM directory (for --sampler edlm / apd)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", required=True)
-    add_choice_args(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("code-eval", help="HumanEval / MBPP pass@1: generate, then execute in a sandbox (opt-in)",
@@ -325,19 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, default=None, help="only the first N problems")
     p.add_argument("--allow-code-execution", action="store_true", help="run the generated programs (untrusted code)")
     p.add_argument("--timeout", type=_positive_float, default=10.0, help="seconds per program")
-    p.add_argument("--sampler", default="sequential")
-    p.add_argument("--tokens-per-step", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--block-length", type=int, default=None)
-    p.add_argument("--length", type=_positive_int, default=256, help="tokens generated per problem")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=_positive_int, default=8)
+    add_sampler_args(p, sampler="sequential", length=256, batch_size=8)
     p.add_argument("--history", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--adjust", default=None)
-    p.add_argument("--scorer", default=None)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", required=True)
-    add_choice_args(p)
     p.set_defaults(func=cmd_code_eval)
 
     p = sub.add_parser("trajectories", help="collect K=1 trajectories of a base model (ADJUST training data)")
