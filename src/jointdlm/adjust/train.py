@@ -171,13 +171,11 @@ class RolloutLoss(nn.Module):
     def forward(self, base: DiffusionLM, batch: Batch) -> tuple[torch.Tensor, ...]:
         """(weighted KL of the head, weighted KL of the stale marginals, per-row head KL sums, per-row stale KL
         sums, per-row masked counts) after len(batch.steps) passes."""
-        tokens = batch.tokens
-        for written in batch.steps:
-            tokens = torch.where(written, batch.targets, tokens)
-        still_masked = tokens == base.spec.mask_id  # where the loss is read: logits are computed only there
+        final = torch.where(torch.stack(batch.steps).any(0), batch.targets, batch.tokens)
+        still_masked = final == base.spec.mask_id  # where the loss is read: logits are computed only there
         with torch.no_grad():
             start = base.forward(batch.tokens, batch.attention, at=still_masked)
-            teacher = base.forward(tokens, batch.attention, at=still_masked).logits
+            teacher = base.forward(final, batch.attention, at=still_masked).logits
         hidden, tokens = start.hidden, batch.tokens
         for written in batch.steps:
             tokens = torch.where(written, batch.targets, tokens)

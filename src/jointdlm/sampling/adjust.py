@@ -53,7 +53,7 @@ class AdjustSampler:
 
     def step(self, ctx: StepContext) -> StepResult:
         out = ctx.forward()
-        hidden, logits = out.hidden, out.logits
+        hidden, logits = out.hidden, out.logits.clone()  # head passes overwrite the rows they recompute
         tokens, eligible = ctx.tokens.clone(), ctx.eligible.clone()
         fill = torch.zeros_like(eligible)
         writing = torch.ones(len(tokens), dtype=torch.bool, device=tokens.device)
@@ -77,7 +77,7 @@ class AdjustSampler:
                 with torch.no_grad():
                     # Logits only where the next round reads them; elsewhere the old ones are never scored.
                     hidden, fresh = self.head(ctx.model, tokens, ctx.attention_mask, hidden, at=eligible)
-                    logits = logits.index_put(eligible.nonzero(as_tuple=True), fresh.to(logits.dtype))
+                    logits[eligible] = fresh.to(logits.dtype)
                 head_passes += (writing & (ctx.budget.to(writing.device) > r + 1)).cpu()
         return StepResult(fill=fill, tokens=tokens, base_passes=1, extra_passes=head_passes)
 
