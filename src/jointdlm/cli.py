@@ -198,7 +198,11 @@ def cmd_sample(args: argparse.Namespace) -> None:
     print(f"{args.sampler} {schedule}: {c.samples} samples x {length} tokens, "
           f"NFE {c.base_passes:.1f}/sample, extra passes {c.extra_passes:.1f}/sample, "
           f"{c.tokens_per_base_pass:.2f} tokens/pass, {c.tokens_per_second:.1f} tokens/s, "
-          f"{c.wall_time_s:.2f}s -> {args.out}", file=sys.stderr)
+          f"{c.wall_time_s:.2f}s -> {args.out}{_padding_note(result)}", file=sys.stderr)
+
+
+def _padding_note(result) -> str:
+    return "; prompts batched by length (this model's code ignores padding)" if result.batched_by_length else ""
 
 
 def cmd_code_eval(args: argparse.Namespace) -> None:
@@ -228,7 +232,7 @@ def cmd_code_eval(args: argparse.Namespace) -> None:
     (out / "results.json").write_text(json.dumps({**summary, "problems": rows}, indent=2))
     print(f"{args.benchmark} pass@1 {score.value:.3f} [{score.low:.3f}, {score.high:.3f}] over {score.n} problems; "
           f"{args.sampler} K={config.tokens_per_step}: NFE {c.base_passes:.1f}/problem, "
-          f"{c.tokens_per_second:.1f} tokens/s -> {out / 'results.json'}", file=sys.stderr)
+          f"{c.tokens_per_second:.1f} tokens/s -> {out / 'results.json'}{_padding_note(result)}", file=sys.stderr)
 
 
 def _csv(text: str, kind=str) -> tuple:

@@ -13,12 +13,14 @@ family's known one is warned about, never silently replaced.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import inspect
 import json
 import math
 import re
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -225,6 +227,9 @@ class HFDiffusionModel:
         self.max_length = int(max_length if max_length is not None else positions)
         self.spec = resolve_spec(self.family, self.tokenizer.hf, self.config, output.weight.shape[0])
         self._fingerprint: str | None = None
+        # Whether a left-padded row computes what the same row alone does; `self_check` measures it. The sampling
+        # loop batches prompts by length when it is False, so samples never depend on the batch.
+        self.honours_padding = True
 
     @property
     def device(self) -> torch.device:
@@ -317,6 +322,44 @@ class HFDiffusionModel:
                              f"{error:.3g}); this model may apply a final norm outside hidden_states[-1]: "
                              "pass final_norm= (and logit_scale=) to HFDiffusionModel")
 
+    def self_check(self, tolerance: float = 0.05) -> None:
+        """Catch what loads without an error but computes garbage, on one short canvas.
+
+        Rotary `inv_freq` buffers must look like rotary frequencies (transformers 5 leaves buffers that are not
+        in the checkpoint uninitialised unless the model's own init refills them); logits must be finite; two
+        identical passes must agree bit for bit. Then a left-padded copy of the canvas is compared with the
+        canvas alone: when they differ, the model's code ignores padding (or the family passes padding the way
+        this code does not read), and `honours_padding` becomes False.
+        """
+        for name, buffer in self.model.named_buffers():
+            if name.rsplit(".", 1)[-1] == "inv_freq" and not _looks_like_rotary(buffer):
+                raise ValueError(f"the rotary buffer {name} holds no rotary frequencies (uninitialised at load?); "
+                                 "the model's code does not refill it under this transformers version")
+        spec = self.spec
+        first = spec.bos_id if spec.bos_id is not None else spec.eos_id
+        words = [i for i in self.tokenizer.encode("the check of a model") if i != spec.mask_id][:4] or [first]
+        tokens = torch.tensor([[first, *words, *[spec.mask_id] * 4]], device=self.device)
+        pad = 3
+        padded = torch.cat([torch.full((1, pad), spec.pad_id, device=self.device), tokens], dim=1)
+        attention = torch.ones_like(padded)
+        attention[:, :pad] = 0
+        with torch.no_grad():
+            once, twice = self.forward(tokens).logits, self.forward(tokens).logits
+            if not bool(torch.isfinite(once).all()):
+                raise ValueError("the model produced NaN/Inf logits on a short check canvas (check the weights and "
+                                 "the dtype)")
+            if not torch.equal(once, twice):
+                raise ValueError("two identical forward passes gave different logits: the model reads "
+                                 "uninitialised memory or is not in eval mode")
+            alone = once[:, 1:].float()
+            batched = self.forward(padded, attention).logits[:, pad + 1:].float()
+        error = ((batched - alone).norm() / alone.norm().clamp(min=1e-12)).item()
+        self.honours_padding = error < tolerance
+        if not self.honours_padding:
+            warnings.warn(f"{type(self.model).__name__} ignores padding (a left-padded prompt's logits differ by "
+                          f"{error:.0%} from the same prompt alone); prompts will be batched by length, so samples "
+                          "do not depend on the batch", stacklevel=3)
+
     def to(self, device: str | torch.device) -> HFDiffusionModel:
         self.model.to(device)
         return self
@@ -324,6 +367,146 @@ class HFDiffusionModel:
     def eval(self) -> HFDiffusionModel:
         self.model.eval()
         return self
+
+
+def _looks_like_rotary(inv_freq: torch.Tensor) -> bool:
+    """Rotary frequencies are finite, in (0, 1] and non-increasing (uninitialised memory almost never is)."""
+    values = inv_freq.detach().float().reshape(-1)
+    if values.numel() == 0 or not bool(torch.isfinite(values).all()):
+        return False
+    return bool((values > 0).all() and (values <= 1).all() and (values[1:] <= values[:-1]).all())
+
+
+def _transformers_major() -> int:
+    import transformers
+
+    return int(re.findall(r"\d+", transformers.__version__)[0])
+
+
+def _default_rope_init(config: Any, device: torch.device | str | None = None, *args: Any,
+                       **kwargs: Any) -> tuple[torch.Tensor, float]:
+    """transformers 4.x's "default" rotary init, which released remote code (Dream) still asks for by name."""
+    parameters = getattr(config, "rope_parameters", None) or {}
+    base = parameters.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dim = int(head_dim * (parameters.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", 1.0)))
+    exponent = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim
+    return 1.0 / (base ** exponent), 1.0
+
+
+@contextlib.contextmanager
+def _default_rope_available() -> Iterator[None]:
+    """Lend transformers 5 the "default" rotary init while remote code is built, then take it back."""
+    from transformers import modeling_rope_utils
+
+    table = modeling_rope_utils.ROPE_INIT_FUNCTIONS
+    added = "default" not in table
+    if added:
+        table["default"] = _default_rope_init
+    try:
+        yield
+    finally:
+        if added:
+            table.pop("default", None)
+
+
+def _compatible(cls: type) -> type:
+    """A subclass of remote model code written for transformers 4.x that loads under 5.x, or `cls` itself.
+
+    Two shims, both at load time (the checkpoint's files are never edited): a class whose `__init__` never calls
+    `post_init()` (LLaDA) gets it called, since 5.x reads what it sets; a `tie_weights()` that takes no arguments
+    (LLaDA) accepts and ignores the ones 5.x passes.
+    """
+    attrs: dict[str, Any] = {}
+    if _transformers_major() >= 5:
+        original_init = cls.__init__
+
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            original_init(self, *args, **kwargs)
+            if not hasattr(self, "all_tied_weights_keys"):
+                self.post_init()
+
+        attrs["__init__"] = __init__
+    parameters = inspect.signature(cls.tie_weights).parameters
+    if len(parameters) == 1:  # only self
+        original_tie = cls.tie_weights
+
+        def tie_weights(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return original_tie(self)
+
+        attrs["tie_weights"] = tie_weights
+    if not attrs:
+        return cls
+    return type(cls.__name__, (cls,), {**attrs, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+
+
+def _refill_rotary(model: nn.Module) -> None:
+    """Recompute rotary tables that transformers 5 left uninitialised (buffers not stored in the checkpoint)."""
+    reset = getattr(model, "reset_rope_parameters", None)
+    if callable(reset):
+        reset()
+
+
+def _load_remote(source: str, family: HFFamily, options: dict[str, Any]) -> tuple[nn.Module | None, list[str]]:
+    """Load through the classes the checkpoint's own `auto_map` names, imported by content hash.
+
+    The process-wide Auto registries are bypassed: remote code registers its classes by `model_type` when it is
+    imported, so through them a second checkpoint of the same family would silently get the first one's classes.
+    Any exception the checkpoint's code raises becomes a one-line error.
+    """
+    import transformers
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    auto_map = read_config(Path(source) / CONFIG_FILE).get("auto_map") or {}
+    tried = []
+    for name in family.auto_classes:
+        reference = auto_map.get(name)
+        if reference is None:
+            tried.append(f"{name}: not in the checkpoint's auto_map")
+            continue
+        try:
+            with _default_rope_available():
+                cls = _compatible(get_class_from_dynamic_module(reference, source, local_files_only=True))
+                model, info = cls.from_pretrained(source, output_loading_info=True, **options)
+        except Exception as err:  # the checkpoint's own code: anything can be raised
+            first = (str(err).splitlines() or [""])[0]
+            raise ValueError(f"{source}'s own code ({reference}) failed to load under transformers "
+                             f"{transformers.__version__}: {type(err).__name__}: {first}") from None
+        if model.get_output_embeddings() is None:
+            tried.append(f"{name}: loaded {type(model).__name__}, which has no LM head")
+            continue
+        missing = sorted(info.get("missing_keys") or [])
+        if missing:
+            raise ValueError(f"{source}: the weights file lacks {len(missing)} of the model's weights "
+                             f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); they would be random")
+        _refill_rotary(model)
+        return model, tried
+    return None, tried
+
+
+def _load_auto(source: str, family: HFFamily, options: dict[str, Any],
+               where: str) -> tuple[nn.Module | None, list[str]]:
+    """Load through transformers' Auto classes, trying the family's in order."""
+    import transformers
+
+    tried = []
+    for name in family.auto_classes:
+        try:
+            candidate = getattr(transformers, name).from_pretrained(source, **options)
+        except ValueError as err:
+            tried.append(f"{name}: {str(err).splitlines()[0]}")
+            continue
+        except OSError as err:
+            raise OSError(f"could not load model weights from {where}: {err}") from None
+        except Exception as err:  # noqa: BLE001 - a failure inside transformers or the model's code
+            first = (str(err).splitlines() or [""])[0]
+            raise ValueError(f"{name} failed to load {source} under transformers {transformers.__version__}: "
+                             f"{type(err).__name__}: {first}") from None
+        if candidate.get_output_embeddings() is None:
+            tried.append(f"{name}: loaded {type(candidate).__name__}, which has no LM head")
+            continue
+        return candidate, tried
+    return None, tried
 
 
 def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | str | None:
@@ -369,9 +552,11 @@ def load_hf_model(path_or_repo: str | Path | None, family: str | HFFamily, devic
     """Load model + tokenizer from a local directory (never touching the network) or a Hub repo id.
 
     `path_or_repo=None` uses the family's default repo. The family's auto classes are tried in order; a class
-    the checkpoint does not register, or one that comes without an LM head, is skipped. `check` runs
-    `check_head` once on four tokens. A checkpoint whose config.json names its own Python code (`auto_map`)
-    is refused unless `trust_remote_code=True`: that code runs with the user's rights when it is imported.
+    the checkpoint does not register, or one that comes without an LM head, is skipped. A checkpoint whose
+    config.json names its own Python code (`auto_map`) is refused unless `trust_remote_code=True`: that code runs
+    with the user's rights when it is imported. Trusted local remote code is loaded through its own classes,
+    with the shims that let code released for transformers 4.x load under 5.x (`_compatible`, `_refill_rotary`).
+    `check` runs `check_head` and `self_check` once on a few tokens.
     """
     family = get_family(family)
     if path_or_repo is None:
@@ -398,19 +583,11 @@ def load_hf_model(path_or_repo: str | Path | None, family: str | HFFamily, devic
         major_minor = tuple(int(p) for p in re.findall(r"\d+", transformers.__version__)[:2])
         options["dtype" if major_minor >= (4, 56) else "torch_dtype"] = _dtype(dtype)
     model, tried = None, []
-    for name in family.auto_classes:
-        try:
-            candidate = getattr(transformers, name).from_pretrained(source, **options)
-        except ValueError as err:
-            tried.append(f"{name}: {str(err).splitlines()[0]}")
-            continue
-        except OSError as err:
-            raise OSError(f"could not load model weights from {where}: {err}") from None
-        if candidate.get_output_embeddings() is None:
-            tried.append(f"{name}: loaded {type(candidate).__name__}, which has no LM head")
-            continue
-        model = candidate
-        break
+    if local and trust_remote_code and remote_code_files(source):
+        model, tried = _load_remote(source, family, options)
+    if model is None:
+        model, more = _load_auto(source, family, options, where)
+        tried += more
     if model is None:
         raise ValueError(f"no auto class loads {source} as a {family.name} model with an LM head; "
                          + "; ".join(tried))
@@ -418,4 +595,5 @@ def load_hf_model(path_or_repo: str | Path | None, family: str | HFFamily, devic
     adapter = HFDiffusionModel(model.eval(), tokenizer, family, max_length=max_length).to(device)
     if check:
         adapter.check_head()
+        adapter.self_check()
     return adapter

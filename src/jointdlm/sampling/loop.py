@@ -103,6 +103,7 @@ class Generation:
     tokens: list[list[int]]
     history: list[list[int]] | None
     counters: Counters
+    batched_by_length: bool = False  # the model ignores padding, so no batch mixed prompt lengths
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -176,20 +177,20 @@ def generate(model: DiffusionLM, sampler: Sampler, config: SamplingConfig,
         raise ValueError(f"init must have shape ({len(prompts)}, {config.length}), got {tuple(init.shape)}")
     prefixes = encode_prompts(model, prompts)
     counters = Counters(samples=len(prompts))
-    all_tokens: list[list[int]] = []
-    history: list[list[int]] = []
+    all_tokens: list[list[int]] = [[] for _ in prompts]
+    history: list[list[int]] = [[] for _ in prompts]
+    by_length = not getattr(model, "honours_padding", True) and len({len(p) for p in prefixes}) > 1
     build_canvas(model, [max(prefixes, key=len, default=[])], config.length)  # fail before the progress bar starts
     bar = tqdm(total=len(prompts), disable=not config.progress, desc=f"sample {sampler.name}", dynamic_ncols=True)
     start = time.perf_counter()
     with bar:  # closed (its line ended) even when a step fails, so an error message starts on its own line
-        for first in range(0, len(prompts), config.batch_size):
-            rows = range(first, min(first + config.batch_size, len(prompts)))
+        for rows in _batches(prefixes, config.batch_size, by_length):
             gens = [torch.Generator().manual_seed(sample_seed(config.seed, indices[i])) for i in rows]
-            start_rows = None if init is None else init[first:first + len(rows)]
+            start_rows = None if init is None else init[rows]
             out, filled_at, base, extra, steps = _generate_batch(model, sampler, config, [prefixes[i] for i in rows],
                                                                  gens, start_rows)
-            all_tokens.extend(out.tolist())
-            history.extend(filled_at.tolist())
+            for i, row_tokens, row_history in zip(rows, out.tolist(), filled_at.tolist(), strict=True):
+                all_tokens[i], history[i] = row_tokens, row_history
             counters.base_passes += base.sum().item()
             counters.extra_passes += extra.sum().item()
             counters.steps += steps.sum().item()
@@ -204,7 +205,20 @@ def generate(model: DiffusionLM, sampler: Sampler, config: SamplingConfig,
         counters.generated_tokens -= int((init != model.spec.mask_id).sum())
     texts = [model.tokenizer.decode(cut_at_eos(t, model.spec.eos_id)) for t in all_tokens]
     return Generation(prompts=prompts, texts=texts, tokens=all_tokens,
-                      history=history if config.record_history else None, counters=counters)
+                      history=history if config.record_history else None, counters=counters,
+                      batched_by_length=by_length)
+
+
+def _batches(prefixes: Sequence[Sequence[int]], batch_size: int, by_length: bool) -> list[list[int]]:
+    """Row indices of each batch: in order, or, for a model that ignores padding, grouped by prefix length
+    (each batch holds one length, so no row is padded)."""
+    order = list(range(len(prefixes)))
+    if not by_length:
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    groups: dict[int, list[int]] = {}
+    for i in order:
+        groups.setdefault(len(prefixes[i]), []).append(i)
+    return [rows[i:i + batch_size] for rows in groups.values() for i in range(0, len(rows), batch_size)]
 
 
 def _generate_batch(model: DiffusionLM, sampler: Sampler, config: SamplingConfig,

@@ -1,0 +1,293 @@
+"""Checkpoints that ship their own code, loaded exactly as the released LLaDA-8B and Dream-7B load.
+
+tests/remote_code holds tiny stand-ins written for these tests that reproduce the released files' quirks (see its
+README): LLaDA-style code never calls `post_init`, takes no arguments in `tie_weights` and ignores padding;
+Dream-style code asks transformers for a "default" rotary init and leaves its rotary buffer for
+`reset_rope_parameters()` to fill, and swallows unknown keyword arguments. The checkpoints are written here (code,
+config with `auto_map`, safetensors weights, tokenizer) and go through `trust_remote_code=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import save_file
+
+from jointdlm import cli
+from jointdlm.models import hf
+from jointdlm.models.causal import CausalScorer
+from jointdlm.models.hf import load_hf_model
+from jointdlm.models.loading import load_model
+from jointdlm.models.mdlm import BuiltinModel, MaskedDiffusionTransformer, MDLMConfig
+from jointdlm.models.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, BPETokenizer
+from jointdlm.sampling.loop import SamplingConfig, generate
+from jointdlm.sampling.registry import make_sampler
+
+pytestmark = [pytest.mark.filterwarnings("ignore:the (llada|dream) family's mask id"),
+              pytest.mark.filterwarnings("ignore:.*ignores padding")]
+
+CODE = Path(__file__).parent / "remote_code"
+LINES = ["the cat sat on the mat", "a dog ran to the park", "birds sing in the morning"] * 20
+PROMPTS = ["the cat", "a", "birds sing in the", "", "the dog ran", "a cat", "the", "sing in"]
+D, HEADS, LAYERS, MLP, LENGTH = 32, 4, 2, 64, 64
+TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+
+
+def tokenizer_files(root: Path) -> transformers.PreTrainedTokenizerFast:
+    root.mkdir(parents=True, exist_ok=True)
+    BPETokenizer.train(LINES, vocab_size=300).save(root)
+    return transformers.PreTrainedTokenizerFast(tokenizer_file=str(root / "tokenizer.json"), pad_token="<pad>",
+                                                bos_token="<bos>", eos_token="<eos>", mask_token="<mask>")
+
+
+def llada_weights(vocab: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def linear(out_features: int, in_features: int) -> torch.Tensor:
+        return torch.randn(out_features, in_features, generator=gen) / in_features ** 0.5
+
+    state = {"model.wte.weight": torch.randn(vocab, D, generator=gen), "model.ln_f.weight": torch.ones(D),
+             "model.ff_out.weight": linear(vocab, D)}
+    for i in range(LAYERS):
+        block = f"model.blocks.{i}."
+        state.update({block + "attn_norm.weight": torch.ones(D), block + "ff_norm.weight": torch.ones(D),
+                      block + "q_proj.weight": linear(D, D), block + "k_proj.weight": linear(D, D),
+                      block + "v_proj.weight": linear(D, D), block + "attn_out.weight": linear(D, D),
+                      block + "ff_proj.weight": linear(MLP, D), block + "up_proj.weight": linear(MLP, D),
+                      block + "ff_out.weight": linear(D, MLP)})
+    return state
+
+
+def dream_weights(vocab: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def linear(out_features: int, in_features: int) -> torch.Tensor:
+        return torch.randn(out_features, in_features, generator=gen) / in_features ** 0.5
+
+    state = {"model.embed_tokens.weight": torch.randn(vocab, D, generator=gen), "model.norm.weight": torch.ones(D),
+             "lm_head.weight": linear(vocab, D)}
+    for i in range(LAYERS):
+        layer = f"model.layers.{i}."
+        state.update({layer + "input_layernorm.weight": torch.ones(D),
+                      layer + "post_attention_layernorm.weight": torch.ones(D),
+                      layer + "self_attn.o_proj.weight": linear(D, D),
+                      layer + "gate_proj.weight": linear(MLP, D), layer + "up_proj.weight": linear(MLP, D),
+                      layer + "down_proj.weight": linear(D, MLP)})
+        for name in ("q_proj", "k_proj", "v_proj"):
+            state[layer + f"self_attn.{name}.weight"] = linear(D, D)
+            state[layer + f"self_attn.{name}.bias"] = 0.1 * torch.randn(D, generator=gen)
+    return state
+
+
+def write_checkpoint(kind: str, target: Path, seed: int = 0, code_note: str | None = None) -> Path:
+    """A `kind` ("llada" or "dream") checkpoint as released: code files, config.json with auto_map, weights,
+    tokenizer. `code_note` appends a line to the modeling file (another checkpoint's code, same file names)."""
+    target.mkdir(parents=True)
+    tokenizer = tokenizer_files(target.parent / f"{target.name}_tokenizer")
+    tokenizer.save_pretrained(target)
+    vocab = len(tokenizer)
+    for source in (CODE / kind).glob("*.py"):
+        shutil.copy(source, target / source.name)
+    if code_note is not None:
+        with open(target / f"modeling_{kind}.py", "a") as f:
+            f.write(f"\nCODE_NOTE = {code_note!r}\n")
+    ids = {"mask_token_id": MASK_ID, "pad_token_id": PAD_ID, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID}
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "llada":
+        config = {"model_type": "llada", "architectures": ["LLaDAModelLM"], "d_model": D, "n_heads": HEADS,
+                  "n_layers": LAYERS, "mlp_hidden_size": MLP, "vocab_size": vocab, "max_sequence_length": LENGTH,
+                  "rope_theta": 10000.0, "weight_tying": False, "use_cache": False,
+                  "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig",
+                               "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
+                               "AutoModel": "modeling_llada.LLaDAModelLM"}}
+        state = llada_weights(vocab, gen)
+    else:
+        config = {"model_type": "Dream", "architectures": ["DreamModel"], "hidden_size": D,
+                  "num_attention_heads": HEADS, "num_hidden_layers": LAYERS, "intermediate_size": MLP,
+                  "vocab_size": vocab, "max_position_embeddings": LENGTH, "rope_theta": 10000.0,
+                  "rope_scaling": None, "tie_word_embeddings": False,
+                  "auto_map": {"AutoConfig": "configuration_dream.DreamConfig",
+                               "AutoModel": "modeling_dream.DreamModel"}}
+        state = dream_weights(vocab, gen)
+    (target / "config.json").write_text(json.dumps({**config, **ids}, indent=2))
+    save_file(state, str(target / "model.safetensors"))
+    return target
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("remote_checkpoints")
+    return {kind: write_checkpoint(kind, root / kind) for kind in ("llada", "dream")}
+
+
+@pytest.fixture(scope="module")
+def llada(checkpoints) -> hf.HFDiffusionModel:
+    return load_model(checkpoints["llada"], trust_remote_code=True)
+
+
+@pytest.fixture(scope="module")
+def dream(checkpoints) -> hf.HFDiffusionModel:
+    return load_model(checkpoints["dream"], trust_remote_code=True)
+
+
+def plain_load(directory: Path) -> str:
+    """Load with transformers alone (no jointdlm shims) in a fresh process; the error's type and first line."""
+    script = ("import transformers, sys\n"
+              "try:\n"
+              f"    transformers.AutoModel.from_pretrained({str(directory)!r}, trust_remote_code=True)\n"
+              "except Exception as err:\n"
+              "    print(type(err).__name__, str(err).splitlines()[0] if str(err) else '')\n"
+              "else:\n"
+              "    print('loaded')\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    return run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr[-500:]
+
+
+@pytest.mark.skipif(not TRANSFORMERS_5, reason="the released code breaks only under transformers 5")
+def test_released_style_code_does_not_load_with_transformers_alone(checkpoints):
+    """The stand-ins fail the way the released files do, so the shims below are tested against the real faults."""
+    assert plain_load(checkpoints["llada"]).startswith("AttributeError") and \
+        "all_tied_weights_keys" in plain_load(checkpoints["llada"])
+    assert plain_load(checkpoints["dream"]) == "KeyError 'default'"
+
+
+def test_both_families_load_with_their_own_code(llada, dream):
+    assert type(llada.model).__name__ == "LLaDAModelLM" and llada.family is hf.FAMILIES["llada"]
+    assert type(dream.model).__name__ == "DreamModel" and dream.family is hf.FAMILIES["dream"]
+    assert not llada.spec.shifted_logits and dream.spec.shifted_logits
+    assert (llada.max_length, dream.max_length) == (LENGTH, LENGTH)
+    assert llada.block_shape()[:3] == dream.block_shape()[:3] == (D, HEADS, MLP)
+    for rotary in (m for m in dream.model.modules() if type(m).__name__ == "DreamRotaryEmbedding"):
+        expected = 1.0 / 10000.0 ** (torch.arange(0, D // HEADS, 2).float() / (D // HEADS))
+        torch.testing.assert_close(rotary.inv_freq, expected)
+
+
+def test_loads_are_bit_identical(checkpoints, llada, dream):
+    """A second load (fresh uninitialised memory for anything not in the checkpoint) computes the same logits."""
+    for kind, first in (("llada", llada), ("dream", dream)):
+        again = load_model(checkpoints[kind], trust_remote_code=True)
+        tokens = torch.tensor([[BOS_ID, *first.tokenizer.encode("the cat"), MASK_ID, MASK_ID]])
+        with torch.no_grad():
+            assert torch.equal(again.forward(tokens).logits, first.forward(tokens).logits)
+
+
+def test_an_unfilled_rotary_buffer_is_refused(checkpoints, monkeypatch):
+    """Without the refill, transformers 5 leaves Dream-style inv_freq uninitialised: the self-check says so."""
+    if not TRANSFORMERS_5:
+        pytest.skip("transformers 4 computes the buffer at construction")
+    monkeypatch.setattr(hf, "_refill_rotary", lambda model: None)
+    with pytest.raises(ValueError, match="rotary buffer .*inv_freq holds no rotary frequencies"):
+        load_model(checkpoints["dream"], trust_remote_code=True)
+
+
+def test_self_check_finds_code_that_ignores_padding(checkpoints, llada, dream):
+    assert not llada.honours_padding  # the released LLaDA attention never sees the mask
+    assert dream.honours_padding  # Dream reads a 4-D boolean attention_mask
+    wrong_kwarg = hf.HFFamily(name="dream", default_repo=None, mask_id=MASK_ID, shifted_logits=True,
+                              mask_style="bias", auto_classes=("AutoModel",))
+    with pytest.warns(UserWarning, match="ignores padding"):
+        swallowed = load_hf_model(checkpoints["dream"], wrong_kwarg, trust_remote_code=True)
+    assert not swallowed.honours_padding  # attention_bias= is swallowed by **kwargs: padding silently ignored
+
+
+@pytest.mark.parametrize("kind", ["llada", "dream"])
+def test_prompts_of_unequal_length_do_not_depend_on_the_batch(kind, request):
+    model = request.getfixturevalue(kind)
+
+    def run(batch_size: int):
+        config = SamplingConfig(length=10, tokens_per_step=2, batch_size=batch_size, seed=4)
+        return generate(model, make_sampler("parallel"), config, prompts=PROMPTS)
+
+    together, alone = run(8), run(1)
+    assert together.tokens == alone.tokens
+    assert together.batched_by_length == (kind == "llada")
+    if kind == "llada":  # the grouping is what keeps it invariant: padded batches change LLaDA-style samples
+        model.honours_padding = True
+        try:
+            assert run(8).tokens != alone.tokens
+        finally:
+            model.honours_padding = False
+
+
+def test_two_checkpoints_of_one_family_keep_their_own_code(tmp_path, llada):
+    """Remote code registers itself by model_type on import; each checkpoint still gets the classes of its own
+    files, not those of the first one loaded in the process."""
+    other = load_model(write_checkpoint("llada", tmp_path / "other", seed=1, code_note="second"),
+                       trust_remote_code=True)
+    assert getattr(sys.modules[type(other.model).__module__], "CODE_NOTE", None) == "second"
+    assert not hasattr(sys.modules[type(llada.model).__module__], "CODE_NOTE")
+
+
+def test_code_that_fails_is_one_line(tmp_path, capsys):
+    broken = write_checkpoint("dream", tmp_path / "broken")
+    with open(broken / "modeling_dream.py", "a") as f:
+        f.write("\nraise RuntimeError('this checkpoint needs a GPU')\n")
+    code = cli.main(["sample", "--model", str(broken), "--trust-remote-code", "--sampler", "parallel", "--num", "1",
+                     "--length", "4",
+                     "--out", str(tmp_path / "o.jsonl")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "RuntimeError: this checkpoint needs a GPU" in err
+    assert "Traceback" not in err and not (tmp_path / "o.jsonl").exists()
+    missing = write_checkpoint("llada", tmp_path / "missing")
+    state = llada_weights(len(transformers.AutoTokenizer.from_pretrained(missing)), torch.Generator().manual_seed(0))
+    state.pop("model.ln_f.weight")
+    save_file(state, str(missing / "model.safetensors"))
+    with pytest.raises(ValueError, match="lacks 1 of the model's weights \\(model.ln_f.weight\\)"):
+        load_model(missing, trust_remote_code=True)
+
+
+def samples(path: Path) -> list[list[int]]:
+    return [json.loads(line)["tokens"] for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("kind", ["llada", "dream"])
+def test_the_whole_pipeline(kind, checkpoints, tmp_path, request):
+    """sample with every sampler, trajectories, train-adjust, sample --sampler adjust, eval: all exit 0."""
+    model_dir, model = str(checkpoints[kind]), request.getfixturevalue(kind)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:4]) + "\n")
+    common = ["--model", model_dir, "--trust-remote-code", "--length", "8", "--seed", "1"]
+    for spec in ("sequential", "parallel", "threshold", "eb", "punt"):
+        k = [] if spec == "sequential" else ["--tokens-per-step", "2"]
+        assert cli.main(["sample", *common, "--sampler", spec, *k, "--prompts", str(prompts),
+                         "--out", str(tmp_path / f"{spec}.jsonl")]) == 0
+        assert all(MASK_ID not in row for row in samples(tmp_path / f"{spec}.jsonl"))
+    net = MaskedDiffusionTransformer(MDLMConfig(vocab_size=model.spec.vocab_size, max_length=LENGTH, d_model=32,
+                                                n_layers=1, n_heads=4, causal=True))
+    scorer = CausalScorer(BuiltinModel(net.eval(), BPETokenizer.load(checkpoints[kind].parent / f"{kind}_tokenizer")))
+    for name in ("edlm", "apd"):
+        gen = generate(model, make_sampler(name, scorer=scorer), SamplingConfig(length=8, tokens_per_step=2),
+                       prompts=PROMPTS[:4])
+        assert all(MASK_ID not in row for row in gen.tokens)
+    traj, head = tmp_path / "traj", tmp_path / "head"
+    assert cli.main(["trajectories", *common, "--num", "16", "--shard-size", "8", "--out", str(traj)]) == 0
+    assert cli.main(["train-adjust", "--model", model_dir, "--trust-remote-code", "--trajectories", str(traj),
+                     "--out", str(head), "--max-steps", "6", "--batch-size", "8", "--rollout", "3",
+                     "--onpolicy-rounds", "0", "--eval-every", "3", "--save-every", "6"]) == 0
+    assert cli.main(["sample", *common, "--sampler", "adjust", "--adjust", str(head), "--tokens-per-step", "2",
+                     "--num", "3", "--out", str(tmp_path / "adjust.jsonl")]) == 0
+    assert cli.main(["eval", "--model", model_dir, "--trust-remote-code", "--adjust", str(head),
+                     "--samplers", "parallel,adjust", "--tokens-per-step", "1,2", "--num", "4", "--length", "8",
+                     "--out", str(tmp_path / "eval")]) == 0
+    assert (tmp_path / "eval" / "results.json").exists()
+
+
+def test_samples_agree_across_processes_and_batch_sizes(checkpoints, tmp_path):
+    """The same prompts of unequal length at batch size 8 in a fresh process and 1 in this one."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+
+    def argv(kind: str, batch: int) -> list[str]:
+        return ["sample", "--model", str(checkpoints[kind]), "--trust-remote-code", "--sampler", "parallel",
+                "--tokens-per-step", "2", "--length", "10", "--prompts", str(prompts), "--batch-size", str(batch),
+                "--out", str(tmp_path / f"{kind}_{batch}.jsonl")]
+
+    script = "from jointdlm.cli import main\n" + "".join(
+        f"assert main({argv(kind, 8)!r}) == 0\n" for kind in ("llada", "dream"))
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, timeout=300)
+    for kind in ("llada", "dream"):
+        assert cli.main(argv(kind, 1)) == 0
+        assert samples(tmp_path / f"{kind}_8.jsonl") == samples(tmp_path / f"{kind}_1.jsonl")
