@@ -107,6 +107,9 @@ def test_lm_head_of_hidden_gives_logits(name, request):
 @torch.no_grad()
 @pytest.mark.parametrize("name", ["plain", "shifted"])
 def test_left_padding_leaves_real_tokens_unchanged(name, request):
+    if name == "shifted" and int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("before transformers 5 the Llama stand-in ignores is_causal=False (causal alone, not with a "
+                    "4-D mask)")
     model = request.getfixturevalue(name)
     tokens = canvas(model)
     padded = torch.cat([torch.full((1, 3), PAD_ID), tokens], dim=1)

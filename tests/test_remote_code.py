@@ -10,6 +10,7 @@ config with `auto_map`, safetensors weights, tokenizer) and go through `trust_re
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import transformers
 from safetensors.torch import save_file
 
 from jointdlm import cli
+from jointdlm.adjust.head import AdjustHead, AdjustHeadConfig
 from jointdlm.models import hf
 from jointdlm.models.causal import CausalScorer
 from jointdlm.models.hf import load_hf_model
@@ -113,7 +115,7 @@ def write_checkpoint(kind: str, target: Path, seed: int = 0, code_note: str | No
                                "AutoModel": "modeling_dream.DreamModel"}}
         state = dream_weights(vocab, gen)
     (target / "config.json").write_text(json.dumps({**config, **ids}, indent=2))
-    save_file(state, str(target / "model.safetensors"))
+    save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
     return target
 
 
@@ -133,25 +135,39 @@ def dream(checkpoints) -> hf.HFDiffusionModel:
     return load_model(checkpoints["dream"], trust_remote_code=True)
 
 
-def plain_load(directory: Path) -> str:
-    """Load with transformers alone (no jointdlm shims) in a fresh process; the error's type and first line."""
-    script = ("import transformers, sys\n"
-              "try:\n"
-              f"    transformers.AutoModel.from_pretrained({str(directory)!r}, trust_remote_code=True)\n"
-              "except Exception as err:\n"
-              "    print(type(err).__name__, str(err).splitlines()[0] if str(err) else '')\n"
-              "else:\n"
-              "    print('loaded')\n")
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    return run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr[-500:]
+def sample_argv(checkpoint: Path, prompts: Path, batch: int, out: Path) -> list[str]:
+    return ["sample", "--model", str(checkpoint), "--trust-remote-code", "--sampler", "parallel", "--tokens-per-step",
+            "2", "--length", "10", "--prompts", str(prompts), "--batch-size", str(batch), "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def fresh_process(checkpoints, tmp_path_factory) -> tuple[dict[str, str], Path]:
+    """One new process (one transformers import): each checkpoint loaded by transformers alone (no jointdlm shims;
+    the error's type and first line), then sampled through the CLI at batch size 8."""
+    root = tmp_path_factory.mktemp("fresh_process")
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    lines = ["import json, transformers", "from jointdlm.cli import main", "errors = {}"]
+    for kind in ("llada", "dream"):
+        lines += ["try:",
+                  f"    transformers.AutoModel.from_pretrained({str(checkpoints[kind])!r}, trust_remote_code=True)",
+                  "except Exception as err:",
+                  f"    errors[{kind!r}] = type(err).__name__ + ' ' + (str(err).splitlines() or [''])[0]",
+                  "else:",
+                  f"    errors[{kind!r}] = 'loaded'",
+                  f"assert main({sample_argv(checkpoints[kind], prompts, 8, root / f'{kind}_8.jsonl')!r}) == 0"]
+    lines.append("print(json.dumps(errors))")
+    run = subprocess.run([sys.executable, "-c", "\n".join(lines)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout.strip().splitlines()[-1]), root
 
 
 @pytest.mark.skipif(not TRANSFORMERS_5, reason="the released code breaks only under transformers 5")
-def test_released_style_code_does_not_load_with_transformers_alone(checkpoints):
+def test_released_style_code_does_not_load_with_transformers_alone(fresh_process):
     """The stand-ins fail the way the released files do, so the shims below are tested against the real faults."""
-    assert plain_load(checkpoints["llada"]).startswith("AttributeError") and \
-        "all_tied_weights_keys" in plain_load(checkpoints["llada"])
-    assert plain_load(checkpoints["dream"]) == "KeyError 'default'"
+    errors, _ = fresh_process
+    assert errors["llada"].startswith("AttributeError") and "all_tied_weights_keys" in errors["llada"]
+    assert errors["dream"] == "KeyError 'default'"
 
 
 def test_both_families_load_with_their_own_code(llada, dream):
@@ -234,7 +250,7 @@ def test_code_that_fails_is_one_line(tmp_path, capsys):
     missing = write_checkpoint("llada", tmp_path / "missing")
     state = llada_weights(len(transformers.AutoTokenizer.from_pretrained(missing)), torch.Generator().manual_seed(0))
     state.pop("model.ln_f.weight")
-    save_file(state, str(missing / "model.safetensors"))
+    save_file(state, str(missing / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="lacks 1 of the model's weights \\(model.ln_f.weight\\)"):
         load_model(missing, trust_remote_code=True)
 
@@ -275,19 +291,60 @@ def test_the_whole_pipeline(kind, checkpoints, tmp_path, request):
     assert (tmp_path / "eval" / "results.json").exists()
 
 
-def test_samples_agree_across_processes_and_batch_sizes(checkpoints, tmp_path):
+def test_samples_agree_across_processes_and_batch_sizes(checkpoints, fresh_process):
     """The same prompts of unequal length at batch size 8 in a fresh process and 1 in this one."""
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(PROMPTS) + "\n")
-
-    def argv(kind: str, batch: int) -> list[str]:
-        return ["sample", "--model", str(checkpoints[kind]), "--trust-remote-code", "--sampler", "parallel",
-                "--tokens-per-step", "2", "--length", "10", "--prompts", str(prompts), "--batch-size", str(batch),
-                "--out", str(tmp_path / f"{kind}_{batch}.jsonl")]
-
-    script = "from jointdlm.cli import main\n" + "".join(
-        f"assert main({argv(kind, 8)!r}) == 0\n" for kind in ("llada", "dream"))
-    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, timeout=300)
+    _, root = fresh_process
     for kind in ("llada", "dream"):
-        assert cli.main(argv(kind, 1)) == 0
-        assert samples(tmp_path / f"{kind}_8.jsonl") == samples(tmp_path / f"{kind}_1.jsonl")
+        assert cli.main(sample_argv(checkpoints[kind], root / "prompts.txt", 1, root / f"{kind}_1.jsonl")) == 0
+        assert samples(root / f"{kind}_8.jsonl") == samples(root / f"{kind}_1.jsonl")
+
+
+OTHER = os.environ.get("JOINTDLM_OTHER_TRANSFORMERS")
+OTHER_SCRIPT = """
+import json, sys, torch, warnings
+warnings.filterwarnings("ignore")
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+import test_remote_code as t
+from jointdlm.models.loading import load_model
+out = {{}}
+for kind in ("llada", "dream"):
+    t.write_checkpoint(kind, Path({root!r}) / kind)
+    model = load_model(Path({root!r}) / kind, trust_remote_code=True)
+    with torch.no_grad():
+        out[kind] = model.forward(torch.tensor([{tokens!r}])).logits.tolist()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(OTHER is None, reason="set JOINTDLM_OTHER_TRANSFORMERS to a folder holding another transformers "
+                                          "(make test-compat does)")
+def test_logits_agree_bit_for_bit_across_transformers_versions(tmp_path):
+    """Checkpoints written and run under the other transformers (4.46) give the same logits here, bit for bit:
+    the shims change how the code loads, never what it computes."""
+    tokens = [BOS_ID, 200, 201, MASK_ID, MASK_ID, MASK_ID]
+    script = OTHER_SCRIPT.format(tests=str(Path(__file__).parent), root=str(tmp_path), tokens=tokens)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": OTHER})
+    assert run.returncode == 0, run.stderr[-2000:]
+    theirs = json.loads(run.stdout.strip().splitlines()[-1])
+    for kind in ("llada", "dream"):
+        model = load_model(tmp_path / kind, trust_remote_code=True)
+        with torch.no_grad():
+            ours = model.forward(torch.tensor([tokens])).logits
+        assert torch.equal(ours, torch.tensor(theirs[kind], dtype=ours.dtype)), kind
+
+
+def test_bfloat16_weights_with_float32_sampling(checkpoints, tmp_path, tiny_model_dir, capsys):
+    for kind in ("llada", "dream"):
+        model = load_model(checkpoints[kind], trust_remote_code=True, dtype="bfloat16")
+        assert next(model.model.parameters()).dtype == torch.bfloat16
+        head = AdjustHead(AdjustHeadConfig.for_base(model)).eval()
+        gen = generate(model, make_sampler("adjust", head=head), SamplingConfig(length=6, tokens_per_step=2),
+                       prompts=PROMPTS[:3])
+        assert all(MASK_ID not in row and len(row) == 6 for row in gen.tokens)
+    capsys.readouterr()
+    code = cli.main(["sample", "--model", str(tiny_model_dir), "--sampler", "parallel", "--dtype", "bfloat16",
+                     "--num", "1", "--out", str(tmp_path / "o.jsonl")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "runs in float32" in err

@@ -12,6 +12,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from .adjust.train import AdjustTrainConfig
+from .models.loading import DTYPES
 from .sampling.base import TokenChoice
 from .sampling.loop import SamplingConfig
 
@@ -61,6 +62,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow a checkpoint's own Python files (LLaDA, Dream) to run; off by default because "
                              "a downloaded checkpoint is untrusted code")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="weights of a Hugging Face checkpoint (auto = as stored, bf16 for LLaDA / Dream); "
+                             "sampling math is float32 either way")
 
 
 def add_choice_args(parser: argparse.ArgumentParser) -> None:
@@ -146,7 +150,8 @@ def cmd_trajectories(args: argparse.Namespace) -> None:
     from .models.loading import load_model
     from .sampling.loop import fill_length
 
-    model = load_model(args.model, args.device, family=args.family, trust_remote_code=args.trust_remote_code)
+    model = load_model(args.model, args.device, family=args.family, trust_remote_code=args.trust_remote_code,
+                       dtype=args.dtype)
     prompts = read_prompts(args.prompts) if args.prompts else None
     length = args.length or fill_length(model, prompts)
     cfg = TrajectoryConfig(num=args.num, length=length,
@@ -162,7 +167,8 @@ def cmd_train_adjust(args: argparse.Namespace) -> None:
     from .adjust.train import format_verdict, read_verdict, train_adjust
     from .models.loading import load_model
 
-    model = load_model(args.model, args.device, family=args.family, trust_remote_code=args.trust_remote_code)
+    model = load_model(args.model, args.device, family=args.family, trust_remote_code=args.trust_remote_code,
+                       dtype=args.dtype)
     cfg = AdjustTrainConfig(max_steps=args.max_steps, rollout=args.rollout, batch_size=args.batch_size, lr=args.lr,
                             warmup_steps=args.warmup_steps, onpolicy_rounds=args.onpolicy_rounds, focus=args.focus,
                             patience=args.patience, eval_every=args.eval_every, save_every=args.save_every,
@@ -180,7 +186,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     if not args.out.endswith(".jsonl"):
         raise ValueError(f"--out must name a .jsonl file, got {args.out}")
-    model = load_model(args.model, args.device, family=args.family, trust_remote_code=args.trust_remote_code)
+    model = load_model(args.model, args.device, family=args.family, trust_remote_code=args.trust_remote_code,
+                       dtype=args.dtype)
     prompts = read_prompts(args.prompts) if args.prompts else None
     length = args.length or fill_length(model, prompts)
     config = sampling_config_from_args(args, length)
@@ -214,7 +221,8 @@ def cmd_code_eval(args: argparse.Namespace) -> None:
         raise ValueError("code-eval executes model-written code; add --allow-code-execution to run it in the "
                          "sandbox (best effort, not a security boundary: see README)")
     problems = load_problems(args.benchmark, args.data)[: args.limit]
-    model = load_model(args.model, args.device, family=args.family, trust_remote_code=args.trust_remote_code)
+    model = load_model(args.model, args.device, family=args.family, trust_remote_code=args.trust_remote_code,
+                       dtype=args.dtype)
     config = sampling_config_from_args(args, args.length)
     sampler = build_sampler(args, model)
     prompts = [prompt_of(args.benchmark, p) for p in problems]
@@ -251,7 +259,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     cfg = EvalConfig(samplers=_csv(args.samplers), tokens_per_step=_csv(args.tokens_per_step, int), num=args.num,
                      seed=args.seed, task=args.task, language=args.language, length=args.length,
                      choice=choice_from_args(args), batch_size=args.batch_size)
-    model = load_model(args.model, args.device, family=args.family, trust_remote_code=args.trust_remote_code)
+    model = load_model(args.model, args.device, family=args.family, trust_remote_code=args.trust_remote_code,
+                       dtype=args.dtype)
     head = AdjustHead.from_pretrained(args.adjust, model) if args.adjust else None
     scorer = CausalScorer.load(args.scorer, args.device) if args.scorer else None
     results = run_eval(model, cfg, args.out, adjust_head=head, scorer=scorer)

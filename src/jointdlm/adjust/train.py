@@ -28,6 +28,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -399,6 +400,10 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
                          f"not from this base ({base.fingerprint()})")
     if data.tokens.shape[1] < 2:
         raise ValueError("trajectories must have at least 2 generated tokens")
+    if not getattr(base, "honours_padding", True) and len(set(data.prefix_len.tolist())) > 1:
+        warnings.warn("this base's code ignores padding, and the trajectories' prompts differ in length: training "
+                      "canvases are left-padded, so the head learns from logits that padding shifted (sampling "
+                      "batches prompts by length and never pads); prefer prompts of one length", stacklevel=2)
     if cfg.rollout > data.length:
         raise ValueError(f"rollout={cfg.rollout} exceeds the {data.length} generated tokens of the trajectories")
     prompts = _prompts_of(trajectories_dir)

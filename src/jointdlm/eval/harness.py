@@ -47,7 +47,7 @@ def _model_class():
                      tokens_per_step: int = 1, steps: int | None = None, block_length: int | None = None,
                      rule: str = "confidence", temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                      device: str = "cpu", batch_size: int | str = 16, max_gen_toks: int | None = None,
-                     seed: int = 0, mc_samples: int = 32, **unused: Any) -> None:
+                     seed: int = 0, mc_samples: int = 32, dtype: str = "auto", **unused: Any) -> None:
             super().__init__()
             from ..adjust.head import AdjustHead
             from ..models.causal import CausalScorer
@@ -60,7 +60,8 @@ def _model_class():
                 # lm-eval passes its default "cuda:0" whatever the machine; its own HF model falls back the same way.
                 print("jointdlm lm-eval: no CUDA GPU here, running on the CPU", file=sys.stderr)
                 device = "cpu"
-            self.model = load_model(pretrained, device, family=family, trust_remote_code=bool(trust_remote_code))
+            self.model = load_model(pretrained, device, family=family, trust_remote_code=bool(trust_remote_code),
+                                    dtype=str(dtype))
             name, _ = parse_spec(str(sampler))
             head = AdjustHead.from_pretrained(adjust, self.model) if adjust else None
             if head is not None and name != "adjust":

@@ -467,7 +467,8 @@ def _load_remote(source: str, family: HFFamily, options: dict[str, Any]) -> tupl
         try:
             with _default_rope_available():
                 cls = _compatible(get_class_from_dynamic_module(reference, source, local_files_only=True))
-                model, info = cls.from_pretrained(source, output_loading_info=True, **options)
+                model, info = cls.from_pretrained(source, output_loading_info=True,
+                                                  **{k: v for k, v in options.items() if k != "trust_remote_code"})
         except Exception as err:  # the checkpoint's own code: anything can be raised
             first = (str(err).splitlines() or [""])[0]
             raise ValueError(f"{source}'s own code ({reference}) failed to load under transformers "

@@ -10,19 +10,25 @@ from .hf import FAMILIES, HFFamily, detect_family, load_hf_model
 from .mdlm import CONFIG_FILE, MODEL_TYPE, BuiltinModel, read_config
 from .protocol import DiffusionLM
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu",
-               family: str | HFFamily | None = None, trust_remote_code: bool = False) -> DiffusionLM:
+               family: str | HFFamily | None = None, trust_remote_code: bool = False,
+               dtype: str = "auto") -> DiffusionLM:
     """The built-in model, or a Hugging Face one (LLaDA / Dream) recognised by its config.json.
 
     A config naming LLaDA or Dream is taken to the Hugging Face path only with an `auto_map`: neither family has
     a native transformers class, so without remote code transformers could not build it. `family` forces the
     Hugging Face path with that family's spec (it also accepts a Hub repo id in place of a directory). Remote
-    code runs only with `trust_remote_code=True`.
+    code runs only with `trust_remote_code=True`. `dtype` sets a Hugging Face checkpoint's weights ("auto": as
+    stored); logits reach the samplers' float32 math either way. The built-in model runs in float32.
     """
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     device = resolve_device(device)
     if family is not None:
-        return load_hf_model(directory, family, device=device, trust_remote_code=trust_remote_code)
+        return load_hf_model(directory, family, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     directory = Path(directory)
     config = directory / CONFIG_FILE
     if not directory.is_dir():
@@ -32,10 +38,12 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu",
     raw = read_config(config)
     model_type = raw.get("model_type")
     if model_type == MODEL_TYPE:
+        if dtype not in ("auto", "float32"):
+            raise ValueError(f"the built-in model runs in float32; dtype {dtype!r} is for Hugging Face checkpoints")
         return BuiltinModel.load(directory, device)
     detected = detect_family(raw)
     if detected is not None and raw.get("auto_map"):
-        return load_hf_model(directory, detected, device=device, trust_remote_code=trust_remote_code)
+        return load_hf_model(directory, detected, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     why = f"; it names the {detected} family but has no auto_map (remote code)" if detected else ""
     raise ValueError(f"{directory}: model_type {model_type!r} is not supported here{why} (built-in: {MODEL_TYPE!r}; "
                      f"Hugging Face families: {', '.join(sorted(FAMILIES))}, or pass family= to force one)")
