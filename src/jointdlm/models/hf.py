@@ -45,10 +45,12 @@ class HFFamily:
     mask_style says how padding reaches the network (only when a batch has padding; otherwise nothing is
     passed, as both families' own samplers do): "2d" the usual (B, T) `attention_mask`; "4d" a boolean
     (B, 1, T, T) `attention_mask` (Dream's remote code hands it straight to SDPA); "bias" a boolean (B, 1, T, T)
-    `attention_bias` (LLaDA's OLMo-derived code turns a padded `attention_mask` into a causal bias, while an
-    explicit bias stays bidirectional; upstream LLaDA ignores both in SDPA, ML-GSAI/LLaDA#90, so there padded
-    rows see their padding). position_ids=True passes positions that count real tokens only, as Dream's own
-    sampler does; with rotary positions and padding masked out this changes nothing but rounding.
+    `attention_bias`. LLaDA's file as released with the Base checkpoint builds a bias from either argument but
+    calls SDPA without it, so padding is ignored whatever is passed; a later revision of the file (Instruct,
+    October 2025) hands the bias to SDPA, and then "bias" masks padding. `HFDiffusionModel.self_check` measures
+    which is the case at load time, and the sampling loop batches prompts by length when padding is ignored.
+    position_ids=True passes positions that count real tokens only, as Dream's own sampler does; with rotary
+    positions and padding masked out this changes nothing but rounding.
     """
 
     name: str
