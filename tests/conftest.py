@@ -1,6 +1,6 @@
-"""Shared fixtures: a tiny MDLM trained briefly (fast tests) and one trained to know the template language
-(statistical tests), each built once per session. JOINTDLM_FIXTURE_CACHE=DIR keeps the trained one between
-runs while iterating."""
+"""Shared fixtures: a tiny MDLM trained briefly (fast tests) and one trained to know the choice language
+(statistical tests, the ADJUST pipeline, lm-eval), each built once per session. JOINTDLM_FIXTURE_CACHE=DIR keeps
+the trained one between runs while iterating."""
 
 import os
 from contextlib import contextmanager
@@ -49,12 +49,6 @@ def tiny_model(tiny_model_dir) -> BuiltinModel:
     return BuiltinModel.load(tiny_model_dir)
 
 
-@pytest.fixture(scope="session")
-def template_workdir(tmp_path_factory) -> Path:
-    cache = os.environ.get("JOINTDLM_FIXTURE_CACHE")
-    return Path(cache) / "quality" if cache else tmp_path_factory.mktemp("quality")
-
-
 def language_model(workdir: Path, language: str) -> BuiltinModel:
     """The `tiny` preset trained 1500 steps on 20,000 sentences of a toy language (~1.5 min on 2 cores): it has
     learned the language (K=1 validity ~0.97), which the statistical tests need."""
@@ -65,11 +59,6 @@ def language_model(workdir: Path, language: str) -> BuiltinModel:
                      PretrainConfig(preset="tiny", max_steps=1500, vocab_size=1024, batch_size=128, progress=False,
                                     eval_every=500, save_every=1500))
     return BuiltinModel.load(workdir / "model")
-
-
-@pytest.fixture(scope="session")
-def template_model(template_workdir: Path) -> BuiltinModel:
-    return language_model(template_workdir, "template")
 
 
 @pytest.fixture(scope="session")

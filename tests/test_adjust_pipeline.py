@@ -1,6 +1,6 @@
 """The ADJUST pipeline end to end on a tiny base: trajectories -> train-adjust -> sample --sampler adjust.
 
-The session's template-language base (conftest) and one trajectory collection per module; one 300-step
+The session's choice-language base (conftest) and one trajectory collection per module; one 300-step
 head is trained once and shared. Kill and distributed tests run real subprocesses
 (`python -m jointdlm.cli`, `torchrun --standalone --nproc_per_node 2` over gloo on CPU).
 """
@@ -51,10 +51,10 @@ def root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def base_dir(template_model, template_workdir) -> Path:
-    """The session's template-language base (shared with the statistical tests): a base that knows the
+def base_dir(choice_model, choice_workdir) -> Path:
+    """The session's choice-language base (shared with the statistical tests): a base that knows the
     language, so there is real dependence between positions for the head to learn."""
-    return template_workdir / "model"
+    return choice_workdir / "model"
 
 
 @pytest.fixture(scope="module")

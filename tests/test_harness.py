@@ -1,5 +1,5 @@
 """jointdlm inside lm-evaluation-harness, offline: local YAML tasks over JSONL files written here, run through
-`jointdlm lm-eval` with the template-language base (which has learned the language, so K=1 is near perfect)."""
+`jointdlm lm-eval` with the choice-language base (which has learned the language, so K=1 is near perfect)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("lm_eval")
 
 from jointdlm.cli import main  # noqa: E402
-from jointdlm.data.toy import TemplateLanguage, normalize  # noqa: E402
+from jointdlm.data.toy import CHOICE_JOBS, ChoiceLanguage, normalize  # noqa: E402
 from jointdlm.eval.harness import register, write_gsm8k_task  # noqa: E402
 
 UTILS = '''
@@ -20,30 +20,31 @@ from jointdlm.data import get_language, normalize
 
 
 def process_results(doc, results):
-    return {"valid": float(get_language("template").is_valid(normalize(doc["prompt"] + " " + results[0])))}
+    return {"valid": float(get_language("choice").is_valid(normalize(doc["prompt"] + " " + results[0])))}
 '''
 
 
 @pytest.fixture(scope="module")
 def tasks_dir(tmp_path_factory) -> Path:
-    """Two local tasks: continue a template sentence from its first word (generate_until, scored by exact
-    validity; a longer prompt would name the subject and leave nothing for parallel decoding to break), and pick
-    a subject's home over another's (multiple choice, by loglikelihood)."""
+    """Two local tasks: continue a choice sentence from its first word, the name (generate_until, scored by exact
+    validity: the job is still open, and it fixes five later words that parallel decoding fills independently),
+    and pick the job's place over another job's (multiple choice, by loglikelihood)."""
     root = tmp_path_factory.mktemp("harness_tasks")
-    lang = TemplateLanguage()
+    lang = ChoiceLanguage()
     sentences = lang.sample(40, seed=5)
     with open(root / "continue.jsonl", "w") as f:
         for s in sentences:
             f.write(json.dumps({"prompt": s.split()[0]}) + "\n")
-    with open(root / "home.jsonl", "w") as f:
-        for i, subject in enumerate(lang.subjects):
-            other = lang.subjects[(i + 3) % len(lang.subjects)]
-            words = lang.render([i] + [0] * 8).split()
-            cut = words.index("its") + 1
-            f.write(json.dumps({"context": " ".join(words[:cut]), "choices": [f" {subject.home}", f" {other.home}"],
-                                "gold": 0}) + "\n")
+    with open(root / "place.jsonl", "w") as f:
+        for name in range(6):
+            for job in range(len(CHOICE_JOBS)):
+                words = lang.render([name, job, 0, 0, 0, 0]).split()
+                cut = words.index("in") + 2
+                other = CHOICE_JOBS[(job + 3) % len(CHOICE_JOBS)][-1]
+                f.write(json.dumps({"context": " ".join(words[:cut]), "choices": [f" {words[cut]}", f" {other}"],
+                                    "gold": 0}) + "\n")
     (root / "utils.py").write_text(UTILS)
-    (root / "template_continue.yaml").write_text(f"""task: template_continue
+    (root / "choice_continue.yaml").write_text(f"""task: choice_continue
 dataset_path: json
 dataset_kwargs:
   data_files:
@@ -61,11 +62,11 @@ generation_kwargs:
   until: ["\\n\\n"]
   max_gen_toks: 24
 """)
-    (root / "template_home.yaml").write_text(f"""task: template_home
+    (root / "choice_place.yaml").write_text(f"""task: choice_place
 dataset_path: json
 dataset_kwargs:
   data_files:
-    test: {root / 'home.jsonl'}
+    test: {root / 'place.jsonl'}
 output_type: multiple_choice
 test_split: test
 doc_to_text: "{{{{context}}}}"
@@ -89,15 +90,15 @@ def run_harness(tasks_dir: Path, out: Path, model_args: str, task: str, capsys) 
     return json.loads(files[-1].read_text())["results"][task], err
 
 
-def test_generate_until_with_k1_naive_and_adjust(template_model, template_workdir, tasks_dir, tmp_path, capsys):
-    model = template_workdir / "model"
+def test_generate_until_with_k1_naive_and_adjust(choice_model, choice_workdir, tasks_dir, tmp_path, capsys):
+    model = choice_workdir / "model"
     k1, err = run_harness(tasks_dir, tmp_path / "k1", f"pretrained={model},sampler=sequential,temperature=1",
-                          "template_continue", capsys)
+                          "choice_continue", capsys)
     assert k1["valid,none"] >= 0.9, k1
     assert "jointdlm lm-eval [sequential, K=1]: 40 generations" in err and "tokens/s" in err
     naive, _ = run_harness(tasks_dir, tmp_path / "naive",
                            f"pretrained={model},sampler=parallel,tokens_per_step=4,temperature=1",
-                           "template_continue", capsys)
+                           "choice_continue", capsys)
     assert naive["valid,none"] <= k1["valid,none"] - 0.3, (naive, k1)
     # An (untrained) head through the same path: ADJUST runs with every option lm-eval passes on.
     from jointdlm.adjust.head import AdjustHead, AdjustHeadConfig
@@ -107,19 +108,19 @@ def test_generate_until_with_k1_naive_and_adjust(template_model, template_workdi
     AdjustHead(AdjustHeadConfig.for_base(base)).save_pretrained(tmp_path / "head")
     adjust, err = run_harness(tasks_dir, tmp_path / "adjust",
                               f"pretrained={model},sampler=adjust:tau=0.9,adjust={tmp_path / 'head'},"
-                              "tokens_per_step=4,temperature=1", "template_continue", capsys)
+                              "tokens_per_step=4,temperature=1", "choice_continue", capsys)
     assert "jointdlm lm-eval [adjust:tau=0.9, K=4]" in err and 0.0 <= adjust["valid,none"] <= 1.0
 
 
-def test_loglikelihood_picks_the_subjects_home(template_model, template_workdir, tasks_dir, tmp_path, capsys):
-    result, _ = run_harness(tasks_dir, tmp_path / "mc", f"pretrained={template_workdir / 'model'},mc_samples=8",
-                            "template_home", capsys)
+def test_loglikelihood_picks_the_jobs_place(choice_model, choice_workdir, tasks_dir, tmp_path, capsys):
+    result, _ = run_harness(tasks_dir, tmp_path / "mc", f"pretrained={choice_workdir / 'model'},mc_samples=8",
+                            "choice_place", capsys)
     assert result["acc,none"] >= 0.85, result
 
 
-def test_bad_model_args_are_one_line(template_workdir, tasks_dir, tmp_path, capsys):
+def test_bad_model_args_are_one_line(choice_workdir, tasks_dir, tmp_path, capsys):
     code = main(["lm-eval", "run", "--model", "jointdlm", "--model_args",
-                 f"pretrained={template_workdir / 'model'},sampler=bogus", "--tasks", "template_continue",
+                 f"pretrained={choice_workdir / 'model'},sampler=bogus", "--tasks", "choice_continue",
                  "--include_path", str(tasks_dir)])
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("jointdlm: error")]
     assert code == 2 and len(lines) == 1 and "unknown sampler" in lines[0]
@@ -211,8 +212,8 @@ def test_builtin_task_index_is_skipped_only_when_every_task_is_local(tasks_dir):
     from jointdlm.eval.harness import TASKS_DIR, only_local_tasks
 
     paths = [str(TASKS_DIR), str(tasks_dir)]
-    assert only_local_tasks(["jointdlm_copy", "template_home"], paths, TaskManager)
+    assert only_local_tasks(["jointdlm_copy", "choice_place"], paths, TaskManager)
     assert not only_local_tasks(["jointdlm_copy", "gsm8k"], paths, TaskManager)
     assert not only_local_tasks(["jointdlm_*"], paths, TaskManager)
-    assert not only_local_tasks([str(tasks_dir / "template_home.yaml")], paths, TaskManager)
+    assert not only_local_tasks([str(tasks_dir / "choice_place.yaml")], paths, TaskManager)
     assert not only_local_tasks([], paths, TaskManager)

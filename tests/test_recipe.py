@@ -31,8 +31,8 @@ ROLLOUT = 4
 
 
 @pytest.fixture(scope="module")
-def base(template_model) -> BuiltinModel:
-    return template_model
+def base(choice_model) -> BuiltinModel:
+    return choice_model
 
 
 @pytest.fixture(scope="module")
