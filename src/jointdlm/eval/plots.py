@@ -112,8 +112,9 @@ def plot_pareto(results: dict, path: Path) -> None:
         ax.set_xlabel(label + " (log scale)", fontsize=8)
         ax.set_ylabel(LABELS[metric])
         ax.grid(alpha=0.3, which="both")
-    axes[0].set_title("quality vs model passes (up and left is better)")
-    axes[1].set_title("quality vs wall time (up and left is better)")
+    better = "down and left" if metric == "nll" else "up and left"
+    axes[0].set_title(f"quality vs model passes ({better} is better)")
+    axes[1].set_title(f"quality vs wall time ({better} is better)")
     axes[1].legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
