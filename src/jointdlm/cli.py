@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from .adjust.train import AdjustTrainConfig
 from .models.loading import DTYPES
 from .sampling.base import TokenChoice
-from .sampling.loop import SamplingConfig
+from .sampling.loop import KV_CACHES, SamplingConfig
 
 
 def _positive_float(text: str) -> float:
@@ -84,6 +84,10 @@ def add_sampler_args(parser: argparse.ArgumentParser, sampler: str | None, lengt
     parser.add_argument("--tokens-per-step", type=int, default=None, help="K, tokens unmasked per step (default 1)")
     parser.add_argument("--steps", type=int, default=None, help="total steps, instead of --tokens-per-step")
     parser.add_argument("--block-length", type=int, default=None)
+    parser.add_argument("--kv-cache", default=None, choices=KV_CACHES,
+                        help="with --block-length: prefix = compute from the current block to the end, dual = the "
+                             "current block only, reusing keys and values recorded at the block's first step "
+                             "(approximate, faster; built-in models)")
     parser.add_argument("--length", type=_positive_int, default=length,
                         help="tokens to generate" + ("; default fills the canvas" if length is None else ""))
     parser.add_argument("--seed", type=int, default=0)
@@ -123,7 +127,8 @@ def sampling_config_from_args(args: argparse.Namespace, length: int) -> Sampling
         raise ValueError("--steps and --tokens-per-step both fix how many tokens each step unmasks; give one")
     k = 1 if args.tokens_per_step is None else args.tokens_per_step
     return SamplingConfig(length=length, tokens_per_step=k, steps=args.steps,
-                          block_length=args.block_length, choice=choice_from_args(args), seed=args.seed,
+                          block_length=args.block_length, kv_cache=args.kv_cache, choice=choice_from_args(args),
+                          seed=args.seed,
                           batch_size=args.batch_size, record_history=args.history, progress=True)
 
 
@@ -258,7 +263,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     cfg = EvalConfig(samplers=_csv(args.samplers), tokens_per_step=_csv(args.tokens_per_step, int), num=args.num,
                      seed=args.seed, task=args.task, language=args.language, length=args.length,
-                     choice=choice_from_args(args), batch_size=args.batch_size)
+                     choice=choice_from_args(args), batch_size=args.batch_size, block_length=args.block_length,
+                     kv_cache=args.kv_cache)
     model = load_model(args.model, args.device, family=args.family, trust_remote_code=args.trust_remote_code,
                        dtype=args.dtype)
     head = AdjustHead.from_pretrained(args.adjust, model) if args.adjust else None
@@ -402,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=250)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True)
+    p.add_argument("--block-length", type=_positive_int, default=None, help="semi-autoregressive blocks")
+    p.add_argument("--kv-cache", default=None, choices=KV_CACHES,
+                   help="as for sample; the K=1 reference stays exact, so the table shows what the cache costs")
     add_choice_args(p)
     p.set_defaults(func=cmd_eval)
 

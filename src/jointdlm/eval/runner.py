@@ -39,6 +39,9 @@ class EvalConfig:
     length: int | None = None
     choice: TokenChoice = field(default_factory=TokenChoice)
     batch_size: int = 250
+    block_length: int | None = None
+    kv_cache: str | None = None
+    """Every row but the K=1 reference samples (always computed exactly, so MAUVE shows what the cache costs)."""
     mauve_seeds: tuple[int, ...] = (0, 1, 2)
     history_examples: int = 4
 
@@ -103,10 +106,11 @@ def primary_metric(row: dict) -> str | None:
 
 
 def _run(model: DiffusionLM, spec: str, k: int, cfg: EvalConfig, length: int, prompts, seed: int, head,
-         scorer: CausalScorer | None) -> Generation:
+         scorer: CausalScorer | None, kv_cache: str | None = None) -> Generation:
     sampler = make_from_spec(spec, head=head, scorer=scorer)
     config = SamplingConfig(length=length, tokens_per_step=k, choice=cfg.choice, seed=seed,
-                            batch_size=cfg.batch_size, record_history=True, progress=True)
+                            batch_size=cfg.batch_size, record_history=True, progress=True,
+                            block_length=cfg.block_length, kv_cache=kv_cache)
     return generate(model, sampler, config, prompts=prompts, num=None if prompts else cfg.num)
 
 
@@ -124,12 +128,13 @@ def run_eval(model: DiffusionLM, cfg: EvalConfig, out: str | Path, adjust_head=N
         make_from_spec(spec, head=adjust_head, scorer=scorer)
     examples, prompts = _prompts(cfg)
     length = cfg.length or fill_length(model, prompts)
+    SamplingConfig(length=length, block_length=cfg.block_length, kv_cache=cfg.kv_cache)  # a bad pair fails here
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
     reference_path = out / REFERENCE_FILE
     reference_key = {"seed": cfg.seed + 1000, "num": cfg.num, "length": length, "task": cfg.task,
-                     "choice": asdict(cfg.choice), "model": model.fingerprint()}
+                     "choice": asdict(cfg.choice), "model": model.fingerprint(), "block_length": cfg.block_length}
     reference = None
     if reference_path.exists():
         cached = [json.loads(line) for line in reference_path.read_text().splitlines()]
@@ -154,7 +159,7 @@ def run_eval(model: DiffusionLM, cfg: EvalConfig, out: str | Path, adjust_head=N
     rows, histories = [], {}
     for name, k in grid:
         print(f"eval: {name} K={k}", file=sys.stderr)
-        gen = _run(model, name, k, cfg, length, prompts, cfg.seed, adjust_head, scorer)
+        gen = _run(model, name, k, cfg, length, prompts, cfg.seed, adjust_head, scorer, cfg.kv_cache)
         rows.append({"sampler": name, "tokens_per_step": k if follows_budget(name) else None,
                      "quality": _quality(cfg, gen.texts, reference, scorer, examples, model),
                      "speed": gen.counters.as_dict(), "examples": gen.texts[:3]})

@@ -7,6 +7,7 @@ saved and loaded as a Hugging Face-style directory: config.json, model.safetenso
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -84,12 +85,14 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(head_dim, eps=eps) if qk_norm else None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                attn_mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+                attn_mask: torch.Tensor | None, causal: bool, cache: KVWindow | None = None) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.attend(k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None)
         return self.out(y.transpose(1, 2).reshape(b, t, d))
 
@@ -116,9 +119,34 @@ class Block(nn.Module):
         self.mlp = SwiGLU(d_model, mlp_hidden)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                attn_mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, attn_mask, causal)
+                attn_mask: torch.Tensor | None = None, causal: bool = False,
+                cache: KVWindow | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, attn_mask, causal, cache)
         return x + self.mlp(self.mlp_norm(x))
+
+
+class KVWindow:
+    """One layer's keys and values of a whole canvas, kept so that a later pass computes only a window of it.
+
+    `record` (the full pass) keeps them; `attend` (a window pass) writes the window's fresh keys and values
+    into a copy and returns the whole canvas's, so the window's queries see fresh values for themselves and the
+    recorded ones everywhere else. Outside the window they are stale by however much the canvas changed since
+    the full pass: an approximation for a bidirectional model (Fast-dLLM's prefix and dual caches).
+    """
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.window: slice | None = None
+        self.rows: torch.Tensor | None = None
+
+    def attend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.window is None:  # the full pass: record
+            self.k, self.v = k, v
+            return k, v
+        keys, values = self.k[self.rows], self.v[self.rows]  # indexing copies: the record stays as it was
+        keys[:, :, self.window], values[:, :, self.window] = k, v
+        return keys, values
 
 
 def positions_and_mask(attention_mask: torch.Tensor | None, shape: torch.Size, causal: bool,
@@ -179,6 +207,30 @@ class MaskedDiffusionTransformer(nn.Module):
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.output(self.final_norm(hidden))
+
+    def trunk_window(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None, window: slice,
+                     caches: list[KVWindow], rows: torch.Tensor) -> torch.Tensor:
+        """Hidden states of `tokens[:, window]` only, attending over the whole canvas through `caches` (one per
+        block, recorded by `trunk_recording`); `rows` picks each row of `tokens` in the recorded batch."""
+        positions, mask = positions_and_mask(attention_mask, tokens.shape, self.config.causal, tokens.device)
+        rope = self.rope(positions[:, window])
+        x = self.embedding(tokens[:, window])
+        mask = None if mask is None else mask[:, :, window]
+        for block, cache in zip(self.blocks, caches, strict=True):
+            cache.window, cache.rows = window, rows
+            x = block(x, rope, mask, self.config.causal, cache)
+        return x
+
+    def trunk_recording(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None,
+                        caches: list[KVWindow]) -> torch.Tensor:
+        """A full pass that records every block's keys and values into `caches`."""
+        positions, mask = positions_and_mask(attention_mask, tokens.shape, self.config.causal, tokens.device)
+        rope = self.rope(positions)
+        x = self.embedding(tokens)
+        for block, cache in zip(self.blocks, caches, strict=True):
+            cache.window = None
+            x = block(x, rope, mask, self.config.causal, cache)
+        return x
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
@@ -252,6 +304,10 @@ class BuiltinModel:
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.net.head(hidden)
 
+    def windowed(self) -> WindowedPasses:
+        """A view whose passes compute one window of the canvas, reusing recorded keys and values elsewhere."""
+        return WindowedPasses(self)
+
     def block_factory(self) -> Block:
         """A fresh block of this family's shape (the ADJUST head is one of these)."""
         c = self.net.config
@@ -301,3 +357,79 @@ class BuiltinModel:
                              f"{str(err).splitlines()[0]}") from None
         net.requires_grad_(False)
         return cls(net, BPETokenizer.load(directory)).to(device).eval()
+
+
+class WindowedPasses:
+    """A `DiffusionLM` view of a built-in model for semi-autoregressive sampling with a key-value cache.
+
+    `record` runs one full pass over the canvas, keeping every block's keys and values, its hidden states and
+    logits, and the window (the current block; or the block and everything after it) that later passes
+    compute. Until the next `record`, a pass computes only the window's positions, attending over the whole
+    canvas with recorded keys and values outside it; positions outside the window return their recorded hidden
+    states and logits. The loop changes tokens only inside the window between records, so what is recorded
+    outside it is stale only through attention (the approximation Fast-dLLM makes). The first pass after a
+    record, on the same tokens, returns the recorded output itself. A batch other than the recorded rows
+    (PUNT's probes) gets an exact full pass.
+    """
+
+    def __init__(self, model: BuiltinModel) -> None:
+        self.model = model
+        self.spec, self.tokenizer = model.spec, model.tokenizer
+        self.hidden_size, self.max_length = model.hidden_size, model.max_length
+        self.caches = [KVWindow() for _ in model.net.blocks]
+        self.window: slice | None = None
+        self.rows: torch.Tensor | None = None  # None: every recorded row
+        self._tokens = self._hidden = self._logits = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @torch.no_grad()
+    def record(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None, window: slice) -> None:
+        net = self.model.net
+        self._hidden = net.trunk_recording(tokens, attention_mask, self.caches)
+        self._logits = net.head(self._hidden)
+        self._tokens = tokens.clone()
+        self.window, self.rows = window, None
+
+    def select(self, rows: torch.Tensor) -> WindowedPasses:
+        """A view of some recorded rows (indices into the recorded batch): the rows still sampling."""
+        view = copy.copy(self)
+        view.rows = rows
+        return view
+
+    def subset(self, rows: torch.Tensor) -> WindowedPasses:
+        """A view of some of this view's rows (a sampler's probe of a few rows)."""
+        return self.select(self._rows()[rows])
+
+    def _rows(self) -> torch.Tensor:
+        return self.rows if self.rows is not None else torch.arange(self._tokens.shape[0], device=self.device)
+
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                at: torch.Tensor | None = None) -> ModelOutput:
+        rows = self._rows()
+        if self.window is None or tokens.shape[0] != rows.numel():
+            return self.model.forward(tokens, attention_mask, at)
+        hidden, logits = self._hidden[rows], self._logits[rows]  # copies
+        if not torch.equal(tokens, self._tokens[rows]):
+            fresh = self.model.net.trunk_window(tokens, attention_mask, self.window, self.caches, rows)
+            hidden[:, self.window] = fresh
+            if at is None:
+                logits[:, self.window] = self.model.net.head(fresh)
+        return ModelOutput(logits=logits if at is None else self.model.net.head(hidden[at]), hidden=hidden)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(tokens)
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden)
+
+    def block_factory(self) -> Block:
+        return self.model.block_factory()
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.rope(positions)
+
+    def fingerprint(self) -> str:
+        return self.model.fingerprint()

@@ -63,9 +63,14 @@ class StepContext:
         """Left padding of each row: noise is keyed by a row's own positions, not the padded layout."""
         return (self.attention_mask == 0).sum(-1).tolist()
 
-    def forward(self, tokens: torch.Tensor | None = None) -> ModelOutput:
+    def forward(self, tokens: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> ModelOutput:
+        """A base pass over the canvas, or over `tokens`: a probe of the canvas's rows `rows` (all when None)."""
+        model, attention = self.model, self.attention_mask
+        if rows is not None:
+            attention = attention[rows]
+            model = model.subset(rows) if hasattr(model, "subset") else model
         with torch.no_grad():
-            out = self.model.forward(self.tokens if tokens is None else tokens, self.attention_mask)
+            out = model.forward(self.tokens if tokens is None else tokens, attention)
         # One reduction per pass: a broken model must fail loudly, not write token 0 everywhere.
         if not torch.isfinite(out.logits).all():
             raise NonFiniteLogitsError(f"model produced NaN/Inf logits at step {self.step_index} "

@@ -19,6 +19,8 @@ from tqdm.auto import tqdm
 from ..models.protocol import DiffusionLM
 from .base import Sampler, StepContext, TokenChoice, check_step
 
+KV_CACHES = ("prefix", "dual")
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -26,6 +28,9 @@ class SamplingConfig:
     tokens_per_step: int = 1
     steps: int | None = None
     block_length: int | None = None
+    kv_cache: str | None = None
+    """With blocks: "prefix" computes each pass from the current block to the end, "dual" the current block only,
+    reusing keys and values recorded at the block's first step elsewhere (approximate; built-in models)."""
     choice: TokenChoice = field(default_factory=TokenChoice)
     seed: int = 0
     batch_size: int = 64
@@ -42,6 +47,11 @@ class SamplingConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.block_length is not None and self.block_length < 1:
             raise ValueError(f"block_length must be >= 1, got {self.block_length}")
+        if self.kv_cache is not None:
+            if self.kv_cache not in KV_CACHES:
+                raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {self.kv_cache!r}")
+            if self.block_length is None or self.block_length >= self.length:
+                raise ValueError("kv_cache needs semi-autoregressive blocks shorter than the length (block_length)")
         if self.steps is not None:
             if self.steps < 1:
                 raise ValueError(f"steps must be >= 1, got {self.steps}")
@@ -181,6 +191,9 @@ def generate(model: DiffusionLM, sampler: Sampler, config: SamplingConfig,
     history: list[list[int]] = [[] for _ in prompts]
     by_length = not getattr(model, "honours_padding", True) and len({len(p) for p in prefixes}) > 1
     build_canvas(model, [max(prefixes, key=len, default=[])], config.length)  # fail before the progress bar starts
+    if config.kv_cache is not None and not hasattr(model, "windowed"):
+        raise ValueError(f"kv_cache={config.kv_cache!r} needs a built-in model (remote model code computes every "
+                         "position of every pass)")
     bar = tqdm(total=len(prompts), disable=not config.progress, desc=f"sample {sampler.name}", dynamic_ncols=True)
     start = time.perf_counter()
     with bar:  # closed (its line ended) even when a step fails, so an error message starts on its own line
@@ -234,10 +247,14 @@ def _generate_batch(model: DiffusionLM, sampler: Sampler, config: SamplingConfig
     mask_id = model.spec.mask_id
     step_index = 0
     block_start = start
+    view = model.windowed() if config.kv_cache is not None else None
     for block_size in config.block_sizes():
         region = torch.zeros_like(tokens, dtype=torch.bool)
         region[:, block_start:block_start + block_size] = True
         schedule = config.schedule(block_size)
+        if view is not None:
+            end = block_start + block_size if config.kv_cache == "dual" else tokens.shape[1]
+            view.record(tokens, attention, slice(block_start, end))
         for k in itertools.count():
             eligible = (tokens == mask_id) & region
             remaining = eligible.sum(-1)
@@ -245,7 +262,8 @@ def _generate_batch(model: DiffusionLM, sampler: Sampler, config: SamplingConfig
             if active.numel() == 0:
                 break
             want = schedule[k] if k < len(schedule) else schedule[-1]
-            ctx = StepContext(model=model, tokens=tokens[active], attention_mask=attention[active],
+            ctx = StepContext(model=model if view is None else view.select(active), tokens=tokens[active],
+                              attention_mask=attention[active],
                               eligible=eligible[active], budget=remaining[active].clamp(max=want),
                               generators=[gens[i] for i in active.tolist()], choice=config.choice,
                               step_index=step_index)
@@ -254,9 +272,8 @@ def _generate_batch(model: DiffusionLM, sampler: Sampler, config: SamplingConfig
                 check_step(ctx, result, sampler.follows_budget)
             tokens[active] = torch.where(result.fill, result.tokens, ctx.tokens)
             rows = active.cpu()
-            history = filled_at[rows]
-            history[result.fill[:, start:].cpu()] = step_index
-            filled_at[rows] = history
+            # A row's own step count, so the history does not depend on how long other rows took per block.
+            filled_at[rows] = torch.where(result.fill[:, start:].cpu(), steps[rows][:, None], filled_at[rows])
             base[rows] += result.base_passes
             extra[rows] += result.extra_passes
             steps[rows] += 1

@@ -77,10 +77,10 @@ class PUNTSampler:
             if rows.numel() == 0:
                 continue
             probe = torch.where(alive & upper, candidates, ctx.tokens)[rows]
-            with torch.no_grad():
-                if self.head is None:
-                    logits = ctx.model.forward(probe, ctx.attention_mask[rows]).logits
-                else:
+            if self.head is None:
+                logits = ctx.forward(probe, rows).logits
+            else:
+                with torch.no_grad():
                     logits = self.head(ctx.model, probe, ctx.attention_mask[rows], out.hidden[rows])[1]
             dependent = kl_divergence(logprobs[rows], ctx.logprobs(logits)) > self.config.epsilon
             alive[rows] &= ~(tested[rows] & dependent)
