@@ -15,17 +15,17 @@ import argparse
 import json
 import platform
 import sys
-import time
+from pathlib import Path
 
 import torch
 
 from jointdlm.models.loading import resolve_device
 from jointdlm.models.mdlm import PRESETS
-from jointdlm.sampling.loop import KV_CACHES, SamplingConfig, generate
+from jointdlm.sampling.loop import KV_CACHES, SamplingConfig
 from jointdlm.sampling.registry import make_sampler
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-from speed import live_head, random_base  # noqa: E402
+sys.path.insert(0, str(Path(__file__).parent))
+from speed import best_of, live_head, random_base  # noqa: E402
 
 
 def main() -> int:
@@ -61,12 +61,7 @@ def main() -> int:
         for cache in (None, *KV_CACHES):
             config = SamplingConfig(length=args.length, tokens_per_step=int(k), block_length=args.block_length,
                                     kv_cache=cache, batch_size=args.batch_size)
-            best = float("inf")
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                with torch.no_grad():
-                    out = generate(model, sampler, config, num=num)
-                best = min(best, time.perf_counter() - start)
+            best, out = best_of(model, sampler, config, num, args.repeats)
             uncached = uncached or best
             row = {"sampler": name, "k": int(k), "cache": cache or "none", "base_passes": out.counters.base_passes,
                    "ms_per_seq": 1000 * best / num, "speedup_vs_no_cache": uncached / best}

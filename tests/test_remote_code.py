@@ -49,37 +49,35 @@ def tokenizer_files(root: Path) -> transformers.PreTrainedTokenizerFast:
                                                 bos_token="<bos>", eos_token="<eos>", mask_token="<mask>")
 
 
-def llada_weights(vocab: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    def linear(out_features: int, in_features: int) -> torch.Tensor:
-        return torch.randn(out_features, in_features, generator=gen) / in_features ** 0.5
+def linear(out_features: int, in_features: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(out_features, in_features, generator=gen) / in_features ** 0.5
 
+
+def llada_weights(vocab: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
     state = {"model.wte.weight": torch.randn(vocab, D, generator=gen), "model.ln_f.weight": torch.ones(D),
-             "model.ff_out.weight": linear(vocab, D)}
+             "model.ff_out.weight": linear(vocab, D, gen)}
     for i in range(LAYERS):
         block = f"model.blocks.{i}."
         state.update({block + "attn_norm.weight": torch.ones(D), block + "ff_norm.weight": torch.ones(D),
-                      block + "q_proj.weight": linear(D, D), block + "k_proj.weight": linear(D, D),
-                      block + "v_proj.weight": linear(D, D), block + "attn_out.weight": linear(D, D),
-                      block + "ff_proj.weight": linear(MLP, D), block + "up_proj.weight": linear(MLP, D),
-                      block + "ff_out.weight": linear(D, MLP)})
+                      block + "q_proj.weight": linear(D, D, gen), block + "k_proj.weight": linear(D, D, gen),
+                      block + "v_proj.weight": linear(D, D, gen), block + "attn_out.weight": linear(D, D, gen),
+                      block + "ff_proj.weight": linear(MLP, D, gen), block + "up_proj.weight": linear(MLP, D, gen),
+                      block + "ff_out.weight": linear(D, MLP, gen)})
     return state
 
 
 def dream_weights(vocab: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    def linear(out_features: int, in_features: int) -> torch.Tensor:
-        return torch.randn(out_features, in_features, generator=gen) / in_features ** 0.5
-
     state = {"model.embed_tokens.weight": torch.randn(vocab, D, generator=gen), "model.norm.weight": torch.ones(D),
-             "lm_head.weight": linear(vocab, D)}
+             "lm_head.weight": linear(vocab, D, gen)}
     for i in range(LAYERS):
         layer = f"model.layers.{i}."
         state.update({layer + "input_layernorm.weight": torch.ones(D),
                       layer + "post_attention_layernorm.weight": torch.ones(D),
-                      layer + "self_attn.o_proj.weight": linear(D, D),
-                      layer + "gate_proj.weight": linear(MLP, D), layer + "up_proj.weight": linear(MLP, D),
-                      layer + "down_proj.weight": linear(D, MLP)})
+                      layer + "self_attn.o_proj.weight": linear(D, D, gen),
+                      layer + "gate_proj.weight": linear(MLP, D, gen), layer + "up_proj.weight": linear(MLP, D, gen),
+                      layer + "down_proj.weight": linear(D, MLP, gen)})
         for name in ("q_proj", "k_proj", "v_proj"):
-            state[layer + f"self_attn.{name}.weight"] = linear(D, D)
+            state[layer + f"self_attn.{name}.weight"] = linear(D, D, gen)
             state[layer + f"self_attn.{name}.bias"] = 0.1 * torch.randn(D, generator=gen)
     return state
 

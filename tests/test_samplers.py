@@ -278,20 +278,27 @@ def word_steps(model: BuiltinModel, tokens: list[int], history: list[int]) -> di
     return steps
 
 
-def subject_home_stats(model: BuiltinModel, gen) -> dict[str, float]:
-    """Template sentences: word 2 is the subject, word 7 its home. How often they share a step, and agree."""
-    home_of = {s.word: s.home for s in get_language("template").subjects}
+def dependence_stats(model: BuiltinModel, gen, language: str, first: int, second: int,
+                     fixes: dict[str, str]) -> dict[str, float]:
+    """Word `first` of a sentence fixes word `second` (`fixes`): how often the two were filled in one step, and
+    how often they agree, over the samples where word `first` is a known key."""
     together = agree = n = 0
     for tokens, history, text in zip(gen.tokens, gen.history, gen.texts, strict=True):
         words = text.split()
-        if len(words) < 8 or words[2] not in home_of:
+        if len(words) <= second or words[first] not in fixes:
             continue
         n += 1
-        agree += home_of[words[2]] == words[7]
+        agree += fixes[words[first]] == words[second]
         steps = word_steps(model, tokens, history)
-        together += bool(steps.get(2, set()) & steps.get(7, set()))
+        together += bool(steps.get(first, set()) & steps.get(second, set()))
     return {"n": n, "together": together / max(n, 1), "agree": agree / max(n, 1),
-            "validity": validity_rate(get_language("template"), gen.texts)}
+            "validity": validity_rate(get_language(language), gen.texts)}
+
+
+def subject_home_stats(model: BuiltinModel, gen) -> dict[str, float]:
+    """Template sentences: word 2 is the subject, word 7 its home."""
+    homes = {s.word: s.home for s in get_language("template").subjects}
+    return dependence_stats(model, gen, "template", 2, 7, homes)
 
 
 def test_punt_keeps_subject_and_home_apart_more_than_naive(model):
@@ -422,19 +429,8 @@ def test_every_sampler_is_batch_independent(model, scorer, name, options):
 
 
 def job_place_stats(model: BuiltinModel, gen) -> dict[str, float]:
-    """Choice sentences: word 2 is the job, word 12 its place. How often they share a step, and agree."""
-    place_of = {job[0]: job[-1] for job in CHOICE_JOBS}
-    together = agree = n = 0
-    for tokens, history, text in zip(gen.tokens, gen.history, gen.texts, strict=True):
-        words = text.split()
-        if len(words) < 13 or words[2] not in place_of:
-            continue
-        n += 1
-        agree += place_of[words[2]] == words[12]
-        steps = word_steps(model, tokens, history)
-        together += bool(steps.get(2, set()) & steps.get(12, set()))
-    return {"n": n, "together": together / max(n, 1), "agree": agree / max(n, 1),
-            "validity": validity_rate(get_language("choice"), gen.texts)}
+    """Choice sentences: word 2 is the job, word 12 its place."""
+    return dependence_stats(model, gen, "choice", 2, 12, {job[0]: job[-1] for job in CHOICE_JOBS})
 
 
 @pytest.mark.slow

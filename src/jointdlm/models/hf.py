@@ -449,6 +449,15 @@ def _refill_rotary(model: nn.Module) -> None:
         reset()
 
 
+def _load_failure(what: str, err: Exception) -> ValueError:
+    """One line for an exception raised while loading: what failed, the transformers version, the error's first line."""
+    import transformers
+
+    first = (str(err).splitlines() or [""])[0]
+    return ValueError(f"{what} failed to load under transformers {transformers.__version__}: "
+                      f"{type(err).__name__}: {first}")
+
+
 def _load_remote(source: str, family: HFFamily, options: dict[str, Any]) -> tuple[nn.Module | None, list[str]]:
     """Load through the classes the checkpoint's own `auto_map` names, imported by content hash.
 
@@ -456,7 +465,6 @@ def _load_remote(source: str, family: HFFamily, options: dict[str, Any]) -> tupl
     imported, so through them a second checkpoint of the same family would silently get the first one's classes.
     Any exception the checkpoint's code raises becomes a one-line error.
     """
-    import transformers
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
     auto_map = read_config(Path(source) / CONFIG_FILE).get("auto_map") or {}
@@ -472,9 +480,7 @@ def _load_remote(source: str, family: HFFamily, options: dict[str, Any]) -> tupl
                 model, info = cls.from_pretrained(source, output_loading_info=True,
                                                   **{k: v for k, v in options.items() if k != "trust_remote_code"})
         except Exception as err:  # the checkpoint's own code: anything can be raised
-            first = (str(err).splitlines() or [""])[0]
-            raise ValueError(f"{source}'s own code ({reference}) failed to load under transformers "
-                             f"{transformers.__version__}: {type(err).__name__}: {first}") from None
+            raise _load_failure(f"{source}'s own code ({reference})", err) from None
         if model.get_output_embeddings() is None:
             tried.append(f"{name}: loaded {type(model).__name__}, which has no LM head")
             continue
@@ -502,9 +508,7 @@ def _load_auto(source: str, family: HFFamily, options: dict[str, Any],
         except OSError as err:
             raise OSError(f"could not load model weights from {where}: {err}") from None
         except Exception as err:  # noqa: BLE001 - a failure inside transformers or the model's code
-            first = (str(err).splitlines() or [""])[0]
-            raise ValueError(f"{name} failed to load {source} under transformers {transformers.__version__}: "
-                             f"{type(err).__name__}: {first}") from None
+            raise _load_failure(f"{name} on {source}", err) from None
         if candidate.get_output_embeddings() is None:
             tried.append(f"{name}: loaded {type(candidate).__name__}, which has no LM head")
             continue

@@ -194,15 +194,21 @@ class MaskedDiffusionTransformer(nn.Module):
         hidden = self.trunk(tokens, attention_mask)
         return self.head(hidden), hidden
 
-    def trunk(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The blocks without the output head: callers that read logits at a few positions apply `head` there."""
+    def trunk(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
+              record: list[KVWindow] | None = None) -> torch.Tensor:
+        """The blocks without the output head: callers that read logits at a few positions apply `head` there.
+        `record` (one `KVWindow` per block) keeps every block's keys and values for later window passes."""
         if tokens.shape[1] > self.config.max_length:
             raise ValueError(f"sequence of {tokens.shape[1]} tokens exceeds max_length={self.config.max_length}")
         positions, mask = positions_and_mask(attention_mask, tokens.shape, self.config.causal, tokens.device)
         rope = self.rope(positions)
         x = self.embedding(tokens)
-        for block in self.blocks:
-            x = block(x, rope, mask, self.config.causal)
+        for i, block in enumerate(self.blocks):
+            cache = None
+            if record is not None:
+                cache = record[i]
+                cache.window = None
+            x = block(x, rope, mask, self.config.causal, cache)
         return x
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -211,24 +217,13 @@ class MaskedDiffusionTransformer(nn.Module):
     def trunk_window(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None, window: slice,
                      caches: list[KVWindow], rows: torch.Tensor) -> torch.Tensor:
         """Hidden states of `tokens[:, window]` only, attending over the whole canvas through `caches` (one per
-        block, recorded by `trunk_recording`); `rows` picks each row of `tokens` in the recorded batch."""
+        block, recorded by `trunk(..., record=caches)`); `rows` picks each row of `tokens` in the recorded batch."""
         positions, mask = positions_and_mask(attention_mask, tokens.shape, self.config.causal, tokens.device)
         rope = self.rope(positions[:, window])
         x = self.embedding(tokens[:, window])
         mask = None if mask is None else mask[:, :, window]
         for block, cache in zip(self.blocks, caches, strict=True):
             cache.window, cache.rows = window, rows
-            x = block(x, rope, mask, self.config.causal, cache)
-        return x
-
-    def trunk_recording(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None,
-                        caches: list[KVWindow]) -> torch.Tensor:
-        """A full pass that records every block's keys and values into `caches`."""
-        positions, mask = positions_and_mask(attention_mask, tokens.shape, self.config.causal, tokens.device)
-        rope = self.rope(positions)
-        x = self.embedding(tokens)
-        for block, cache in zip(self.blocks, caches, strict=True):
-            cache.window = None
             x = block(x, rope, mask, self.config.causal, cache)
         return x
 
@@ -388,7 +383,7 @@ class WindowedPasses:
     @torch.no_grad()
     def record(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None, window: slice) -> None:
         net = self.model.net
-        self._hidden = net.trunk_recording(tokens, attention_mask, self.caches)
+        self._hidden = net.trunk(tokens, attention_mask, record=self.caches)
         self._logits = net.head(self._hidden)
         self._tokens = tokens.clone()
         self.window, self.rows = window, None
@@ -411,13 +406,18 @@ class WindowedPasses:
         rows = self._rows()
         if self.window is None or tokens.shape[0] != rows.numel():
             return self.model.forward(tokens, attention_mask, at)
-        hidden, logits = self._hidden[rows], self._logits[rows]  # copies
-        if not torch.equal(tokens, self._tokens[rows]):
-            fresh = self.model.net.trunk_window(tokens, attention_mask, self.window, self.caches, rows)
+        net = self.model.net
+        hidden = self._hidden[rows]  # indexing copies: the record stays as it was
+        changed = not torch.equal(tokens, self._tokens[rows])
+        if changed:
+            fresh = net.trunk_window(tokens, attention_mask, self.window, self.caches, rows)
             hidden[:, self.window] = fresh
-            if at is None:
-                logits[:, self.window] = self.model.net.head(fresh)
-        return ModelOutput(logits=logits if at is None else self.model.net.head(hidden[at]), hidden=hidden)
+        if at is not None:  # callers that read a few positions never touch the full logits
+            return ModelOutput(logits=net.head(hidden[at]), hidden=hidden)
+        logits = self._logits[rows]
+        if changed:
+            logits[:, self.window] = net.head(fresh)
+        return ModelOutput(logits=logits, hidden=hidden)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.embed(tokens)
