@@ -258,7 +258,7 @@ class GreedyChecker:
     def step(self, ctx):
         result = self.inner.step(ctx)
         lp = ctx.logprobs(ctx.forward().logits)
-        assert torch.equal(result.tokens[result.fill], lp.argmax(-1)[result.fill])
+        assert torch.equal(result.tokens[result.fill], lp.at(result.fill).argmax(-1))
         self.checked += int(result.fill.sum())
         return result
 

@@ -94,9 +94,11 @@ class FixedModel:
     def device(self) -> torch.device:
         return torch.device("cpu")
 
-    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> ModelOutput:
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                at: torch.Tensor | None = None) -> ModelOutput:
         b, t = tokens.shape
-        return ModelOutput(logits=self.table[:t].expand(b, t, -1).clone(), hidden=torch.zeros(b, t, self.hidden_size))
+        logits = self.table[:t].expand(b, t, -1).clone()
+        return ModelOutput(logits=logits if at is None else logits[at], hidden=torch.zeros(b, t, self.hidden_size))
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return torch.zeros(*tokens.shape, self.hidden_size)
@@ -117,7 +119,8 @@ class PairModel(FixedModel):
 
     A, B = 10, 11
 
-    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> ModelOutput:
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                at: torch.Tensor | None = None) -> ModelOutput:
         b, t = tokens.shape
         positions = torch.arange(t)
         partner = torch.where(positions % 2 == 1, positions + 1, positions - 1).clamp(0, t - 1)
@@ -126,7 +129,7 @@ class PairModel(FixedModel):
         logits = torch.full((b, t, self.spec.vocab_size), -1e4)
         logits[..., self.A] = torch.where(visible & (seen != self.A), -1e4, 0.0)
         logits[..., self.B] = torch.where(visible & (seen != self.B), -1e4, 0.0)
-        return ModelOutput(logits=logits, hidden=torch.zeros(b, t, self.hidden_size))
+        return ModelOutput(logits=logits if at is None else logits[at], hidden=torch.zeros(b, t, self.hidden_size))
 
     def pairs_agree(self, tokens: list[int]) -> bool:
         return all(tokens[i] == tokens[i + 1] for i in range(0, len(tokens) - 1, 2))

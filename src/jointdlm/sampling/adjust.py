@@ -22,7 +22,7 @@ import torch
 
 from ..adjust.head import AdjustHead
 from .base import StepContext, StepResult, resolve_config
-from .rules import select_top
+from .rules import Marginals, select_top
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class AdjustSampler:
 
     def step(self, ctx: StepContext) -> StepResult:
         out = ctx.forward()
-        hidden, logits = out.hidden, out.logits.clone()  # head passes overwrite the rows they recompute
+        hidden, logits = out.hidden, out.logits  # logits at the positions of `eligible`, (N, V)
         tokens, eligible = ctx.tokens.clone(), ctx.eligible.clone()
         fill = torch.zeros_like(eligible)
         writing = torch.ones(len(tokens), dtype=torch.bool, device=tokens.device)
@@ -62,7 +62,7 @@ class AdjustSampler:
         head_passes = torch.zeros(len(tokens), dtype=torch.long)
         rounds = int(ctx.budget.max())
         for r in range(rounds):
-            logprobs = ctx.logprobs(logits)
+            logprobs = ctx.logprobs(logits, where=eligible)
             writing &= ctx.budget.to(writing.device) > r
             chosen = select_top(ctx.scores(logprobs, eligible), writing.long())
             if self.config.adaptive:
@@ -72,20 +72,19 @@ class AdjustSampler:
                 break
             tokens = torch.where(chosen, ctx.sample(logprobs, chosen), tokens)
             fill |= chosen
-            eligible &= ~chosen
+            eligible = eligible & ~chosen  # a new tensor: the round's Marginals keep the old one
             if r < rounds - 1 and (writing & (ctx.budget.to(writing.device) > r + 1)).any():
                 with torch.no_grad():
-                    # Logits only where the next round reads them; elsewhere the old ones are never scored.
-                    hidden, fresh = self.head(ctx.model, tokens, ctx.attention_mask, hidden, at=eligible)
-                    logits[eligible] = fresh.to(logits.dtype)
+                    # Logits only where the next round reads them: the positions still to be written.
+                    hidden, logits = self.head(ctx.model, tokens, ctx.attention_mask, hidden, at=eligible)
                 head_passes += (writing & (ctx.budget.to(writing.device) > r + 1)).cpu()
         return StepResult(fill=fill, tokens=tokens, base_passes=1, extra_passes=head_passes)
 
-    def _passes(self, logprobs: torch.Tensor, chosen: torch.Tensor, entropy_sum: torch.Tensor,
+    def _passes(self, logprobs: Marginals, chosen: torch.Tensor, entropy_sum: torch.Tensor,
                 entropy_max: torch.Tensor, first: bool) -> torch.Tensor:
         """(B,) whether each row's chosen position passes the test (the step's first token always does); for
         gamma, the accepted token's entropy joins the step's running sum."""
-        at = logprobs[chosen.nonzero(as_tuple=True)]
+        at = logprobs.at(chosen)
         rows = chosen.any(-1)
         passed = torch.zeros_like(rows)
         if self.config.tau is not None:

@@ -22,7 +22,7 @@ import torch
 from ..models.causal import CausalScorer
 from .base import StepContext, StepResult, resolve_config
 from .edlm import check_vocabulary
-from .rules import model_logprobs
+from .rules import Marginals, model_logprobs
 
 
 @dataclass(frozen=True)
@@ -53,10 +53,11 @@ class APDSampler:
         canvas = torch.where(drafted, draft, ctx.tokens)
         check_prefix(canvas, ctx.attention_mask, drafted, ctx.model.spec.mask_id)
         next_lp = self.scorer.next_token_logprobs(canvas.to(self.scorer.device),
-                                                  ctx.attention_mask.to(self.scorer.device)).to(lp_draft.device)
+                                                  ctx.attention_mask.to(self.scorer.device)).to(lp_draft.values.device)
         aligned = torch.cat([next_lp[:, :1], next_lp[:, :-1]], dim=1)
-        lp_causal = model_logprobs(aligned, ctx.model.spec.never_sampled())
-        target = ctx.sample(mixture(lp_draft, lp_causal, self.config.mixture_weight), drafted)
+        lp_causal = model_logprobs(aligned[drafted], ctx.model.spec.never_sampled())
+        target_lp = mixture(lp_draft.at(drafted), lp_causal, self.config.mixture_weight)
+        target = ctx.sample(Marginals(drafted, target_lp), drafted)
         disagree = (drafted & (target != draft)).long()
         fill = drafted & (disagree.cumsum(-1) - disagree == 0)
         return StepResult(fill=fill, tokens=target, base_passes=1, extra_passes=1)

@@ -63,28 +63,41 @@ class StepContext:
         """Left padding of each row: noise is keyed by a row's own positions, not the padded layout."""
         return (self.attention_mask == 0).sum(-1).tolist()
 
-    def forward(self, tokens: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> ModelOutput:
-        """A base pass over the canvas, or over `tokens`: a probe of the canvas's rows `rows` (all when None)."""
+    def forward(self, tokens: torch.Tensor | None = None, rows: torch.Tensor | None = None,
+                at: torch.Tensor | None = None) -> ModelOutput:
+        """A base pass over the canvas, or over `tokens`: a probe of the canvas's rows `rows` (all when None).
+        Logits come at the positions of `at` only, (N, V) in row-major order; for the canvas `at` defaults to
+        the eligible positions (no sampler reads the others). Hidden states are always (B, T, d)."""
         model, attention = self.model, self.attention_mask
         if rows is not None:
             attention = attention[rows]
             model = model.subset(rows) if hasattr(model, "subset") else model
+        if tokens is None and at is None:
+            at = self.eligible
         with torch.no_grad():
-            out = model.forward(self.tokens if tokens is None else tokens, attention)
-        # One reduction per pass: a broken model must fail loudly, not write token 0 everywhere.
-        if not torch.isfinite(out.logits).all():
+            out = model.forward(self.tokens if tokens is None else tokens, attention, at)
+        # A broken model must fail loudly, not write token 0 everywhere. A finite sum means finite logits
+        # (one cheap reduction); only when it is not is the exact test run.
+        if not torch.isfinite(out.logits.sum()) and not torch.isfinite(out.logits).all():
             raise NonFiniteLogitsError(f"model produced NaN/Inf logits at step {self.step_index} "
                                        "(check the weights and the dtype)")
         return out
 
-    def logprobs(self, logits: torch.Tensor) -> torch.Tensor:
-        return rules.model_logprobs(logits, self.model.spec.never_sampled())
+    def logprobs(self, logits: torch.Tensor, where: torch.Tensor | None = None) -> rules.Marginals:
+        """Log-probabilities (banned ids removed) at the positions of `where` (default: the eligible ones), from
+        logits at those positions (N, V) or over the whole canvas (B, T, V)."""
+        where = self.eligible if where is None else where
+        if logits.dim() == 3:
+            logits = logits[where]
+        return rules.Marginals(where, rules.model_logprobs(logits, self.model.spec.never_sampled()))
 
-    def scores(self, logprobs: torch.Tensor, eligible: torch.Tensor | None = None) -> torch.Tensor:
-        return rules.position_scores(logprobs, self.choice.rule, self.eligible if eligible is None else eligible,
-                                     self.step_seeds, self.offsets)
+    def scores(self, logprobs: rules.Marginals, eligible: torch.Tensor | None = None,
+               rule: str | None = None) -> torch.Tensor:
+        """(B, T) scores by the unmasking rule (or `rule`), -inf outside `eligible` (default: the step's)."""
+        return rules.position_scores(logprobs, rule or self.choice.rule,
+                                     self.eligible if eligible is None else eligible, self.step_seeds, self.offsets)
 
-    def sample(self, logprobs: torch.Tensor, fill: torch.Tensor, stream: int = 0) -> torch.Tensor:
+    def sample(self, logprobs: rules.Marginals, fill: torch.Tensor, stream: int = 0) -> torch.Tensor:
         c = self.choice
         return rules.sample_at(logprobs, fill, self.step_seeds, c.temperature, c.top_k, c.top_p, stream, self.offsets)
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .base import StepContext, StepResult, resolve_config
-from .rules import position_scores, select_top
+from .rules import select_top
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class EBSampler:
 
     def step(self, ctx: StepContext) -> StepResult:
         logprobs = ctx.logprobs(ctx.forward().logits)
-        neg_entropy = position_scores(logprobs, "entropy", ctx.eligible, ctx.step_seeds, ctx.offsets)
+        neg_entropy = ctx.scores(logprobs, rule="entropy")
         fill = select_top(neg_entropy, accepted_count(neg_entropy, self.config.gamma))
         return StepResult(fill=fill, tokens=ctx.sample(logprobs, fill), base_passes=1)
 

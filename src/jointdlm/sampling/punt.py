@@ -77,13 +77,15 @@ class PUNTSampler:
             if rows.numel() == 0:
                 continue
             probe = torch.where(alive & upper, candidates, ctx.tokens)[rows]
+            # Only the tested positions are read: logits there, (M, V) in the same row-major order as `tested`.
             if self.head is None:
-                logits = ctx.forward(probe, rows).logits
+                logits = ctx.forward(probe, rows, at=tested[rows]).logits
             else:
                 with torch.no_grad():
-                    logits = self.head(ctx.model, probe, ctx.attention_mask[rows], out.hidden[rows])[1]
-            dependent = kl_divergence(logprobs[rows], ctx.logprobs(logits)) > self.config.epsilon
-            alive[rows] &= ~(tested[rows] & dependent)
+                    logits = self.head(ctx.model, probe, ctx.attention_mask[rows], out.hidden[rows],
+                                       at=tested[rows])[1]
+            dependent = kl_divergence(logprobs.at(tested), ctx.logprobs(logits, where=tested).values)
+            alive[tested] = ~(dependent > self.config.epsilon)
             passes += 1
         if self.head is None:
             return StepResult(fill=alive, tokens=candidates, base_passes=1 + passes, extra_passes=0)

@@ -86,28 +86,53 @@ def model_logprobs(logits: torch.Tensor, banned: Sequence[int]) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
-def position_scores(logprobs: torch.Tensor, rule: str, eligible: torch.Tensor,
+class Marginals:
+    """Log-probabilities at some positions only: row i of `values` (N, V) describes the i-th True position of
+    `where` (B, T), in row-major order. A step reads only its masked positions, and on small bases a full
+    (B, T, V) tensor per step cost as much as the model pass itself."""
+
+    def __init__(self, where: torch.Tensor, values: torch.Tensor) -> None:
+        if values.dim() != 2 or values.shape[0] != int(where.sum()):
+            raise ValueError(f"{tuple(values.shape)} log-probabilities for {int(where.sum())} positions")
+        self.where, self.values = where, values
+        self.index = torch.full(where.shape, -1, dtype=torch.long, device=where.device)
+        self.index[where] = torch.arange(values.shape[0], device=where.device)
+
+    def at(self, mask: torch.Tensor) -> torch.Tensor:
+        """(M, V) rows for the True positions of `mask` (B, T), which must lie inside `where`."""
+        rows = self.index[mask]
+        if (rows < 0).any():
+            raise ValueError("asked for log-probabilities at a position that was not computed")
+        return self.values[rows.to(self.values.device)]
+
+
+def position_scores(logprobs: Marginals, rule: str, eligible: torch.Tensor,
                     step_seeds: Sequence[int], offsets: Sequence[int] | None = None) -> torch.Tensor:
-    """(B, T) float64 scores, higher = unmask sooner; -inf where a position may not be filled."""
+    """(B, T) float64 scores, higher = unmask sooner; -inf where a position may not be filled (`eligible` lies
+    inside the positions the log-probabilities were computed at)."""
+    lp = logprobs.values
+    shape = eligible.shape
     if rule == "confidence":
-        scores = logprobs.max(dim=-1).values.exp()
+        computed = lp.max(dim=-1).values.exp()
     elif rule == "margin":
-        top2 = logprobs.topk(2, dim=-1).values.exp()
-        scores = top2[..., 0] - top2[..., 1]
+        top2 = lp.topk(2, dim=-1).values.exp()
+        computed = top2[:, 0] - top2[:, 1]
     elif rule == "entropy":
-        probs = logprobs.exp()
-        scores = (probs * logprobs.clamp(min=-1e30)).nan_to_num(0.0).sum(-1)
+        computed = (lp.exp() * lp.clamp(min=-1e30)).nan_to_num(0.0).sum(-1)
+    else:
+        computed = None
+    if computed is not None:
+        scores = torch.full(shape, -torch.inf, dtype=torch.float64, device=eligible.device)
+        scores[logprobs.where.to(eligible.device)] = computed.to(torch.float64).to(eligible.device)
     elif rule == "random":
-        width = logprobs.shape[1]
         offsets = offsets or [0] * len(step_seeds)
         scores = torch.stack([torch.cat([torch.zeros(off, dtype=torch.float64),
-                                         uniform_noise(seed, RANDOM_RULE_STREAM, width - off)])
-                              for seed, off in zip(step_seeds, offsets, strict=True)])
+                                         uniform_noise(seed, RANDOM_RULE_STREAM, shape[1] - off)])
+                              for seed, off in zip(step_seeds, offsets, strict=True)]).to(eligible.device)
     elif rule == "left_to_right":
-        scores = -torch.arange(logprobs.shape[1], dtype=torch.float64).expand(logprobs.shape[:2])
+        scores = -torch.arange(shape[1], dtype=torch.float64, device=eligible.device).expand(shape)
     else:
         raise ValueError(f"unknown unmasking rule {rule!r}; choose from {', '.join(RULES)}")
-    scores = scores.to(torch.float64).to(eligible.device)
     return scores.masked_fill(~eligible, -torch.inf)
 
 
@@ -137,21 +162,21 @@ def truncate(logits: torch.Tensor, temperature: float, top_k: int, top_p: float)
     return torch.log_softmax(lp, dim=-1)
 
 
-def sample_at(logprobs: torch.Tensor, fill: torch.Tensor, step_seeds: Sequence[int],
+def sample_at(logprobs: Marginals, fill: torch.Tensor, step_seeds: Sequence[int],
               temperature: float, top_k: int, top_p: float, stream: int = 0,
               offsets: Sequence[int] | None = None) -> torch.Tensor:
     """Token ids (B, T) drawn at the `fill` positions (other entries are 0).
 
-    `logprobs` already has banned ids at -inf. Temperature 0 is greedy. A different `stream` gives
-    independent draws at the same positions (e.g. several proposals in one step). `offsets` (left padding
-    per row) make the noise follow a row's own positions, not the batch's padded layout. All sampled
-    positions of all rows are drawn at once.
+    `logprobs` already has banned ids at -inf and covers every `fill` position. Temperature 0 is greedy. A
+    different `stream` gives independent draws at the same positions (e.g. several proposals in one step).
+    `offsets` (left padding per row) make the noise follow a row's own positions, not the batch's padded layout.
+    All sampled positions of all rows are drawn at once.
     """
     tokens = torch.zeros(fill.shape, dtype=torch.long, device=fill.device)
     rows, positions = fill.nonzero(as_tuple=True)
     if rows.numel() == 0:
         return tokens
-    lp = logprobs[rows, positions]
+    lp = logprobs.at(fill)
     if temperature == 0:
         tokens[rows, positions] = lp.argmax(-1)
         return tokens

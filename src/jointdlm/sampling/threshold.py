@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .base import StepContext, StepResult, resolve_config
-from .rules import position_scores, select_top
+from .rules import select_top
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class ThresholdSampler:
 
     def step(self, ctx: StepContext) -> StepResult:
         logprobs = ctx.logprobs(ctx.forward().logits)
-        confidence = position_scores(logprobs, "confidence", ctx.eligible, ctx.step_seeds, ctx.offsets)
+        confidence = ctx.scores(logprobs, rule="confidence")
         fill = select_top(confidence, accepted_count(confidence, self.config))
         return StepResult(fill=fill, tokens=ctx.sample(logprobs, fill), base_passes=1)
 
