@@ -48,7 +48,7 @@ class DemoStage:
 
 
 FULL = (
-    DemoStage("template", 20000, "tiny", 1024, 1500, 0, 4000, 3000, 500, language="template", batch_size=128),
+    DemoStage("template", 20000, "deep", 1024, 1500, 0, 4000, 3000, 500, language="template", batch_size=128),
     DemoStage("english", None, "tiny", 2048, 1000, 500, 1000, 2000, 500, seq_len=48, tokens_per_step=(1, 2, 4, 8)),
 )
 # Prompt-conditioned training on a random canvas at lr 1e-3: with the whole document as target, or at lr 3e-3,
@@ -143,6 +143,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, dict]:
     command = f"jointdlm demo{flags} --workdir {cfg.workdir} --seed {cfg.seed}"
     summary = {}
     for stage in stages:
+        stage_started = time.time()
         root = cfg.workdir / stage.corpus
         model, head, scorer = prepare_stage(stage, root, cfg.seed)
         evaluation = EvalConfig(samplers=("parallel", "adjust"), tokens_per_step=stage.tokens_per_step,
@@ -158,6 +159,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, dict]:
         for row in results["rows"]:
             print(f"  {row['sampler']:>10} K={row['tokens_per_step']}: {row['examples'][0]}")
         print(f"\nplots: {root / 'eval' / 'quality.png'}, {root / 'eval' / 'unmasking_order.png'}")
+        print(f"stage {stage.corpus}: {(time.time() - stage_started) / 60:.1f} min")
         sys.stdout.flush()
     elapsed = time.time() - started
     (cfg.workdir / "summary.json").write_text(json.dumps({"command": command, "elapsed_s": round(elapsed, 1),

@@ -85,11 +85,12 @@ class StepContext:
 
     def logprobs(self, logits: torch.Tensor, where: torch.Tensor | None = None) -> rules.Marginals:
         """Log-probabilities (banned ids removed) at the positions of `where` (default: the eligible ones), from
-        logits at those positions (N, V) or over the whole canvas (B, T, V)."""
+        logits at those positions (N, V), which it may overwrite (a pass's fresh output, read once), or over the
+        whole canvas (B, T, V)."""
         where = self.eligible if where is None else where
         if logits.dim() == 3:
             logits = logits[where]
-        return rules.Marginals(where, rules.model_logprobs(logits, self.model.spec.never_sampled()))
+        return rules.Marginals(where, rules.model_logprobs(logits, self.model.spec.never_sampled(), overwrite=True))
 
     def scores(self, logprobs: rules.Marginals, eligible: torch.Tensor | None = None,
                rule: str | None = None) -> torch.Tensor:

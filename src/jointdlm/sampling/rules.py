@@ -79,9 +79,10 @@ def gumbel_noise(step_seed: int, positions: Sequence[int], size: int, stream: in
     return -torch.log(-torch.log(uniform))
 
 
-def model_logprobs(logits: torch.Tensor, banned: Sequence[int]) -> torch.Tensor:
-    """Log-probabilities with never-sampled ids (mask, BOS) removed."""
-    logits = logits.float().clone()
+def model_logprobs(logits: torch.Tensor, banned: Sequence[int], overwrite: bool = False) -> torch.Tensor:
+    """Log-probabilities with never-sampled ids (mask, BOS) removed. With `overwrite` the banned ids are set in
+    `logits` itself (a float32 tensor the caller will not read again), saving a copy of it."""
+    logits = logits.float() if overwrite else logits.float().clone()
     logits[..., list(banned)] = -torch.inf
     return torch.log_softmax(logits, dim=-1)
 
