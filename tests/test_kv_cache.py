@@ -59,6 +59,22 @@ def run_parallel(model, cache: str, k: int) -> list[list[int]]:
     return generate(model, make_sampler("parallel"), config, prompts=PROMPTS).tokens
 
 
+def test_a_prefilled_block_costs_no_record(tiny_model, monkeypatch):
+    """Infilling with blocks: a block with nothing left to fill is skipped without a full recording pass."""
+    from jointdlm.models.mdlm import WindowedPasses
+
+    calls = []
+    record = WindowedPasses.record
+    monkeypatch.setattr(WindowedPasses, "record", lambda self, *a: calls.append(a[2]) or record(self, *a))
+    init = torch.full((2, 12), tiny_model.spec.mask_id)
+    init[:, :4] = 20  # the first block is given
+    config = SamplingConfig(length=12, tokens_per_step=2, block_length=4, kv_cache="prefix", seed=5)
+    out = generate(tiny_model, make_sampler("parallel"), config, num=2, init=init)
+    assert [t[:4] for t in out.tokens] == [[20] * 4] * 2
+    starts = sorted({window.start for window in calls})
+    assert len(calls) == 2 and starts == [starts[0], starts[0] + 4], "one record per block that has masks"
+
+
 def test_the_cache_changes_what_later_steps_see(tiny_model):
     """Not a no-op: some samples differ from exact sampling (positions outside the window are stale)."""
     exact = SamplingConfig(length=12, tokens_per_step=1, block_length=4, seed=5, batch_size=64)

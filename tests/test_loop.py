@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from jointdlm.sampling.base import StepContext, StepResult, TokenChoice, check_step
+from jointdlm.sampling.base import NonFiniteLogitsError, StepContext, StepResult, TokenChoice, check_step
 from jointdlm.sampling.loop import SamplingConfig, build_canvas, encode_prompts, generate
 from jointdlm.sampling.parallel import ParallelSampler
 from jointdlm.sampling.registry import make_sampler
-from jointdlm.sampling.rules import RULES
+from jointdlm.sampling.rules import RULES, Marginals
 from jointdlm.sampling.sequential import SequentialSampler
 
 PROMPTS = ["the cat", "the", "the busy bee buzzed"]
@@ -446,3 +446,71 @@ def test_token_choice_rejects(kwargs):
 def test_unknown_sampler():
     with pytest.raises(ValueError, match="unknown sampler"):
         make_sampler("nope")
+
+
+# ------------------------------------------------------------------------------- log-probabilities where they are read
+
+
+def _context(model, eligible_from: int = 0):
+    tokens, attention, start = build_canvas(model, encode_prompts(model, PROMPTS), 6)
+    eligible = tokens == model.spec.mask_id
+    eligible[:, : start + eligible_from] = False
+    gens = [torch.Generator().manual_seed(i) for i in range(len(PROMPTS))]
+    return StepContext(model=model, tokens=tokens, attention_mask=attention, eligible=eligible,
+                       budget=torch.full((len(PROMPTS),), 2), generators=gens, choice=TokenChoice())
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_scores_and_samples_from_eligible_positions_equal_the_full_canvas(tiny_model, rule):
+    """A pass's logits at the eligible positions only give the same scores and tokens as the full (B, T, V) ones."""
+    ctx = _context(tiny_model, eligible_from=2)
+    ctx.choice = TokenChoice(rule=rule)
+    compact = ctx.forward()
+    full = tiny_model.forward(ctx.tokens, ctx.attention_mask)
+    assert compact.logits.shape == (int(ctx.eligible.sum()), tiny_model.spec.vocab_size)
+    torch.testing.assert_close(compact.logits, full.logits[ctx.eligible])
+    lp_compact, lp_full = ctx.logprobs(compact.logits), ctx.logprobs(full.logits)
+    scores = ctx.scores(lp_compact)
+    assert torch.equal(scores, ctx.scores(lp_full))
+    assert torch.isinf(scores[~ctx.eligible]).all() and torch.isfinite(scores[ctx.eligible]).all()
+    fill = ctx.eligible.clone()
+    assert torch.equal(ctx.sample(lp_compact, fill), ctx.sample(lp_full, fill))
+
+
+def test_marginals_refuse_positions_they_do_not_hold(tiny_model):
+    ctx = _context(tiny_model, eligible_from=2)
+    lp = ctx.logprobs(ctx.forward().logits)
+    outside = ctx.tokens == tiny_model.spec.mask_id  # includes the two masked columns left of `eligible`
+    assert (outside & ~ctx.eligible).any()
+    with pytest.raises(ValueError, match="not computed"):
+        lp.at(outside)
+    with pytest.raises(ValueError, match="positions"):
+        Marginals(ctx.eligible, lp.values[:-1])
+
+
+class ShiftedModel:
+    """The tiny model with its logits shifted (or one entry replaced): finite but huge, or not finite."""
+
+    def __init__(self, model, offset: float = 0.0, poison: float | None = None):
+        self.model, self.offset, self.poison = model, offset, poison
+        self.spec, self.tokenizer = model.spec, model.tokenizer
+        self.hidden_size, self.max_length, self.device = model.hidden_size, model.max_length, model.device
+
+    def forward(self, tokens, attention_mask=None, at=None):
+        out = self.model.forward(tokens, attention_mask, at)
+        logits = out.logits + self.offset
+        if self.poison is not None:
+            logits.view(-1)[7] = self.poison
+        return type(out)(logits=logits, hidden=out.hidden)
+
+
+def test_non_finite_logits_fail_and_huge_finite_ones_do_not(tiny_model):
+    config = SamplingConfig(length=6, tokens_per_step=2, seed=0)
+    # Finite logits whose sum overflows float32: the cheap check fails, the exact one passes.
+    huge = ShiftedModel(tiny_model, offset=3e35)
+    assert not torch.isfinite(huge.forward(*build_canvas(tiny_model, [[tiny_model.spec.bos_id]] * 2, 6)[:2])
+                              .logits.sum())
+    assert len(generate(huge, make_sampler("parallel"), config, num=2).tokens) == 2
+    for poison in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(NonFiniteLogitsError, match="NaN/Inf logits at step 0"):
+            generate(ShiftedModel(tiny_model, poison=poison), make_sampler("parallel"), config, num=2)

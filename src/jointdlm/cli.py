@@ -13,6 +13,7 @@ from safetensors import SafetensorError
 
 from .adjust.train import AdjustTrainConfig
 from .models.loading import DTYPES
+from .models.mdlm import PRESETS
 from .sampling.base import TokenChoice
 from .sampling.loop import KV_CACHES, SamplingConfig
 
@@ -312,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="train the built-in diffusion LM (or causal scorer) on a corpus")
     p.add_argument("--corpus", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--preset", default="small", help="tiny, small, base, large")
+    p.add_argument("--preset", default="small", help=", ".join(PRESETS))
     p.add_argument("--objective", default="mdlm", help="mdlm (diffusion) or ar (causal scorer)")
     p.add_argument("--max-steps", type=_positive_int, default=2000)
     p.add_argument("--batch-size", type=_positive_int, default=64)

@@ -252,7 +252,7 @@ def _generate_batch(model: DiffusionLM, sampler: Sampler, config: SamplingConfig
         region = torch.zeros_like(tokens, dtype=torch.bool)
         region[:, block_start:block_start + block_size] = True
         schedule = config.schedule(block_size)
-        if view is not None:
+        if view is not None and ((tokens == mask_id) & region).any():  # a pre-filled block needs no record
             end = block_start + block_size if config.kv_cache == "dual" else tokens.shape[1]
             view.record(tokens, attention, slice(block_start, end))
         for k in itertools.count():
