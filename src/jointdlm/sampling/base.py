@@ -3,6 +3,8 @@
 The loop owns the canvas; a sampler sees a `StepContext` (the model through its protocol, the current
 tokens, which positions it may fill, how many the schedule asks for, each row's generator) and returns a
 frozen `StepResult`. `check_step` states the invariants once; the loop runs it on every step of every sampler.
+A sampler's usual step is `lp = ctx.logprobs(ctx.forward().logits)`, then `ctx.scores(lp)` to rank positions and
+`ctx.sample(lp, fill)` to draw tokens: logits and log-probabilities exist only at the eligible positions.
 """
 
 from __future__ import annotations

@@ -84,8 +84,8 @@ class PUNTSampler:
                 with torch.no_grad():
                     logits = self.head(ctx.model, probe, ctx.attention_mask[rows], out.hidden[rows],
                                        at=tested[rows])[1]
-            dependent = kl_divergence(logprobs.at(tested), ctx.logprobs(logits, where=tested).values)
-            alive[tested] = ~(dependent > self.config.epsilon)
+            kl = kl_divergence(logprobs.at(tested), ctx.logprobs(logits, where=tested).values)
+            alive[tested] = ~(kl > self.config.epsilon)  # a position whose marginal moved depends on the upper half
             passes += 1
         if self.head is None:
             return StepResult(fill=alive, tokens=candidates, base_passes=1 + passes, extra_passes=0)
