@@ -48,7 +48,7 @@ class DemoStage:
 
 
 FULL = (
-    DemoStage("template", 20000, "deep", 1024, 1000, 0, 4000, 3000, 500, language="template", batch_size=128),
+    DemoStage("template", 20000, "deep", 1024, 1500, 0, 4000, 3000, 500, language="template", batch_size=128),
     DemoStage("english", None, "tiny", 2048, 1000, 500, 1000, 1600, 500, seq_len=48, tokens_per_step=(1, 2, 4, 8)),
 )
 # Prompt-conditioned training on a random canvas at lr 1e-3: with the whole document as target, or at lr 3e-3,
