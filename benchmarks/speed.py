@@ -76,13 +76,15 @@ class PassClock:
         return self._timed(self.inner, *args, **kwargs)
 
 
-def best_of(model, sampler, config: SamplingConfig, num: int, repeats: int) -> tuple[float, Generation]:
-    """The fastest wall time of `repeats` identical runs of `generate`, and the last run's result."""
+def best_of(model, sampler, config: SamplingConfig, num: int, repeats: int,
+            init: torch.Tensor | None = None) -> tuple[float, Generation]:
+    """The fastest wall time of `repeats` identical runs of `generate` (with `init`: a pre-filled canvas), and the
+    last run's result."""
     best, out = float("inf"), None
     for _ in range(repeats):
         start = time.perf_counter()
         with torch.no_grad():
-            out = generate(model, sampler, config, num=num)
+            out = generate(model, sampler, config, num=num, init=init)
         best = min(best, time.perf_counter() - start)
     return best, out
 

@@ -26,6 +26,21 @@ def test_speed_benchmark_on_a_random_preset_writes_the_contract(tmp_path):
     assert adjust4["base_passes"] == 4 and adjust4["head_passes"] == 12 and adjust4["floor_vs_naive"] > 1
 
 
+def test_kv_cache_benchmark_counts_only_the_generated_tokens_after_a_prompt(tmp_path):
+    out = tmp_path / "kv.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "kv_cache.py"), "--preset", "tiny", "--length", "16",
+           "--block-length", "4", "--prompt-tokens", "8", "--samplers", "sequential:1,parallel:2", "--threads", "1",
+           "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["sampler"], r["cache"]) for r in rows] == [(s, c) for s in ("sequential", "parallel")
+                                                          for c in ("none", "prefix", "dual")]
+    assert all(r["base_passes"] == (16 if r["sampler"] == "sequential" else 8) for r in rows)
+    bad = subprocess.run(cmd[:2] + ["--prompt-tokens", "6", "--block-length", "4"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "multiple of --block-length" in bad.stderr
+
+
 def test_pareto_picks_the_best_row_within_a_budget_in_the_metrics_direction():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
