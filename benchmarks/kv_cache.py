@@ -45,6 +45,9 @@ def main() -> int:
                         help="fixed tokens before the generated ones (a few-shot prompt), a multiple of the blocks")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.block_length < 1 or args.length < 1:
+        print("kv_cache: error: --length and --block-length must be positive", file=sys.stderr)
+        return 2
     if args.prompt_tokens < 0 or args.prompt_tokens % args.block_length:
         print(f"kv_cache: error: --prompt-tokens must be a multiple of --block-length ({args.block_length})",
               file=sys.stderr)
