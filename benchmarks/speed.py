@@ -8,9 +8,9 @@ trained on the English corpus) and an untrained head whose output gain is set no
 logits as a trained head's does. Without: the template-language model and head that `make demo` builds.
 Prints, per sampler and K: base passes, head passes, ms per sequence (best of R), ratios to K=1 and to naive
 parallel at the same K, the pass-time floor of ADJUST against naive (from one base pass's and one head pass's
-time, measured in the same run) and the share of the row's time spent outside model and head passes (the time
-inside them is clocked around every call during the row's fastest run, so passes that compute logits at a few
-positions are counted at what they cost).
+time, measured in the same run on a half-written canvas) and the share of the row's time spent outside model
+and head passes (the time inside them is clocked around every call during the row's fastest run, so passes that
+compute logits at a few positions are counted at what they cost).
 """
 
 from __future__ import annotations
@@ -95,8 +95,16 @@ def best_of(model, sampler, config: SamplingConfig, num: int, repeats: int, init
 
 
 def pass_times(base: BuiltinModel, head: AdjustHead, batch: int, length: int, repeats: int = 7) -> tuple[float, float]:
-    """Median seconds of one base pass and one head pass over a (batch, length) canvas."""
+    """Median seconds of one base pass and one head pass over a (batch, length) canvas as a sampler meets it on
+    average: half the positions written (a seeded random half), logits asked for at the masked half only."""
     tokens, attention, _ = build_canvas(base, encode_prompts(base, [""] * batch), length)
+    generator = torch.Generator().manual_seed(0)
+    canvas = (tokens == base.spec.mask_id).cpu()
+    written = canvas & (torch.rand(tokens.shape, generator=generator) < 0.5)
+    ids = torch.randint(base.spec.vocab_size, tokens.shape, generator=generator)
+    ids = torch.where(ids == base.spec.mask_id, (ids + 1) % base.spec.vocab_size, ids)
+    tokens = torch.where(written.to(tokens.device), ids.to(tokens.device), tokens)
+    at = tokens == base.spec.mask_id
     sync = torch.cuda.synchronize if base.device.type == "cuda" else (lambda: None)
 
     def timed(fn) -> float:
@@ -112,8 +120,8 @@ def pass_times(base: BuiltinModel, head: AdjustHead, batch: int, length: int, re
 
     with torch.no_grad():
         hidden = base.forward(tokens, attention).hidden
-        return (timed(lambda: base.forward(tokens, attention)),
-                timed(lambda: head(base, tokens, attention, hidden)))
+        return (timed(lambda: base.forward(tokens, attention, at=at)),
+                timed(lambda: head(base, tokens, attention, hidden, at=at)))
 
 
 def main() -> int:

@@ -160,6 +160,32 @@ def test_zero_init_head_is_naive_parallel(base):
 
 
 
+def test_head_updates_only_masked_positions_as_the_full_block_would(base):
+    """A pass computes queries only at the masked positions, with keys and values over the whole canvas: there
+    it equals the full block's output (left-padded prompts included), and written positions keep their hidden
+    state. Heads saved before (no `masked_only`) still update every position."""
+    torch.manual_seed(12)
+    config = AdjustHeadConfig.for_base(base)
+    assert config.masked_only
+    head = AdjustHead(config).eval()
+    torch.nn.init.normal_(head.out_norm.weight)
+    full = AdjustHead(replace(config, masked_only=False)).eval()
+    full.load_state_dict(head.state_dict())
+    tokens, attention, _ = build_canvas(base, encode_prompts(base, ["", "the cat sat", "a"]), 12)
+    tokens[0, -5:] = torch.tensor([300, 301, 302, 303, 304])  # rows with different numbers of masks
+    tokens[2, -12:] = 305  # and a row with none
+    masked = tokens == base.spec.mask_id
+    with torch.no_grad():
+        hidden = base.forward(tokens, attention).hidden
+        new = head.update(base, tokens, attention, hidden)
+        everywhere = full.update(base, tokens, attention, hidden)
+    assert masked.any() and (~masked).any()
+    assert torch.equal(new[~masked], hidden[~masked])
+    torch.testing.assert_close(new[masked], everywhere[masked], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(everywhere[~masked], hidden[~masked])  # the old heads' update, still theirs
+    assert (new[masked] - hidden[masked]).abs().max() > 1e-2  # the test exercises a real update
+
+
 def test_head_with_removed_output_layer_is_refused(base, tmp_path):
     """A head saved with the removed linear output layer gets an error that says so, not a weight mismatch."""
     AdjustHead(AdjustHeadConfig.for_base(base)).save_pretrained(tmp_path / "old", extra={"output_layer": "linear"})

@@ -98,6 +98,26 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None)
         return self.out(y.transpose(1, 2).reshape(b, t, d))
 
+    def forward_at(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn_mask: torch.Tensor | None,
+                   index: torch.Tensor) -> torch.Tensor:
+        """(B, M, d) outputs at the positions `index` (B, M) only, attending to keys and values over all of x:
+        queries, output projection and whatever follows cost M positions, not T."""
+        b, t, d = x.shape
+        m, head_dim = index.shape[1], d // self.n_heads
+        q = F.linear(x.gather(1, index[..., None].expand(b, m, d)), self.qkv.weight[:d])
+        q = q.view(b, m, self.n_heads, head_dim).transpose(1, 2)
+        k, v = F.linear(x, self.qkv.weight[d:]).view(b, t, 2, self.n_heads, head_dim).permute(2, 0, 3, 1, 4)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope
+        rows = index[:, None, :, None].expand(b, 1, m, cos.shape[-1])
+        q, k = apply_rotary(q, cos.expand(b, -1, -1, -1).gather(2, rows), sin.expand(b, -1, -1, -1).gather(2, rows)), \
+            apply_rotary(k, cos, sin)
+        if attn_mask is not None:
+            attn_mask = attn_mask.expand(b, 1, t, t).gather(2, index[:, None, :, None].expand(b, 1, m, t))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.out(y.transpose(1, 2).reshape(b, m, d))
+
 
 class SwiGLU(nn.Module):
     def __init__(self, d_model: int, hidden: int) -> None:
@@ -125,6 +145,13 @@ class Block(nn.Module):
                 cache: KVWindow | None = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), rope, attn_mask, causal, cache)
         return x + self.mlp(self.mlp_norm(x))
+
+    def forward_at(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn_mask: torch.Tensor | None,
+                   index: torch.Tensor) -> torch.Tensor:
+        """The block's output at the positions `index` (B, M) only (see `Attention.forward_at`)."""
+        y = x.gather(1, index[..., None].expand(*index.shape, x.shape[-1]))
+        y = y + self.attn.forward_at(self.attn_norm(x), rope, attn_mask, index)
+        return y + self.mlp(self.mlp_norm(y))
 
 
 class KVWindow:
