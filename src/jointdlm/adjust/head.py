@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..models.mdlm import Block, positions_and_mask, read_config, read_weights, rotary_tables
+from ..models.mdlm import Block, positions_and_mask, read_config, read_weights, rotary_tables, take_positions
 from ..models.protocol import DiffusionLM
 
 HEAD_CONFIG_FILE = "adjust_config.json"
@@ -56,7 +56,7 @@ class AdjustHeadConfig:
     """Whether the block normalises queries and keys (likewise)."""
     masked_only: bool = False
     """Whether a pass updates only the positions still masked (queries there, keys and values over the whole
-    canvas); written positions keep their hidden state. Heads saved before 2026-12-03 update every position."""
+    canvas); written positions keep their hidden state. Heads saved before this field existed update every position."""
 
     @classmethod
     def for_base(cls, base: DiffusionLM) -> AdjustHeadConfig:
@@ -115,7 +115,7 @@ class AdjustHead(nn.Module):
         # dropped, so masked_scatter below reads the kept outputs in the row-major order of `masked`.
         index = torch.argsort((~masked).to(torch.uint8), dim=-1, stable=True)[:, :width]
         kept = torch.arange(width, device=tokens.device) < counts[:, None]
-        old = hidden.gather(1, index[..., None].expand(*index.shape, hidden.shape[-1]))
+        old = take_positions(hidden, index)
         new = old + self._scaled(self.out_norm(self.block.forward_at(z, rope, mask, index)), old)
         return hidden.masked_scatter(masked[..., None], new[kept])
 

@@ -73,6 +73,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
 
+def take_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(B, M, ...) rows of x (B, T, ...) at the positions `index` (B, M)."""
+    return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:]))
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with rotary positions; `qk_norm` normalises queries and keys per head, which
     bounds the attention logits (without it a small network trained fast can saturate its softmax)."""
@@ -104,17 +109,17 @@ class Attention(nn.Module):
         queries, output projection and whatever follows cost M positions, not T."""
         b, t, d = x.shape
         m, head_dim = index.shape[1], d // self.n_heads
-        q = F.linear(x.gather(1, index[..., None].expand(b, m, d)), self.qkv.weight[:d])
+        q = F.linear(take_positions(x, index), self.qkv.weight[:d])
         q = q.view(b, m, self.n_heads, head_dim).transpose(1, 2)
         k, v = F.linear(x, self.qkv.weight[d:]).view(b, t, 2, self.n_heads, head_dim).permute(2, 0, 3, 1, 4)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope
-        rows = index[:, None, :, None].expand(b, 1, m, cos.shape[-1])
-        q, k = apply_rotary(q, cos.expand(b, -1, -1, -1).gather(2, rows), sin.expand(b, -1, -1, -1).gather(2, rows)), \
-            apply_rotary(k, cos, sin)
-        if attn_mask is not None:
-            attn_mask = attn_mask.expand(b, 1, t, t).gather(2, index[:, None, :, None].expand(b, 1, m, t))
+        cos, sin = (table.expand(b, -1, -1, -1) for table in rope)  # (B, 1, T, head_dim/2)
+        q = apply_rotary(q, take_positions(cos.transpose(1, 2), index).transpose(1, 2),
+                         take_positions(sin.transpose(1, 2), index).transpose(1, 2))
+        k = apply_rotary(k, cos, sin)
+        if attn_mask is not None:  # (B, 1, T, T): the rows of the queried positions
+            attn_mask = take_positions(attn_mask.expand(b, 1, t, t).transpose(1, 2), index).transpose(1, 2)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.out(y.transpose(1, 2).reshape(b, m, d))
 
@@ -149,7 +154,7 @@ class Block(nn.Module):
     def forward_at(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn_mask: torch.Tensor | None,
                    index: torch.Tensor) -> torch.Tensor:
         """The block's output at the positions `index` (B, M) only (see `Attention.forward_at`)."""
-        y = x.gather(1, index[..., None].expand(*index.shape, x.shape[-1]))
+        y = take_positions(x, index)
         y = y + self.attn.forward_at(self.attn_norm(x), rope, attn_mask, index)
         return y + self.mlp(self.mlp_norm(y))
 
