@@ -2,6 +2,7 @@
 
     python benchmarks/speed.py --preset large --length 128 --batch-size 8 [--json OUT] [--device cuda]
     python benchmarks/speed.py [--model DIR --adjust DIR] [--num N] [--batch-size B] [--repeats R]
+    python benchmarks/speed.py --preset large --length 128 --batch-size 8 --compare-full-head
 
 With --preset: a random-weight built-in base of that preset (timing needs no training; vocabulary 4096, a BPE
 trained on the English corpus) and an untrained head whose output gain is set non-zero, so its pass changes the
@@ -10,7 +11,9 @@ Prints, per sampler and K: base passes, head passes, ms per sequence (best of R)
 parallel at the same K, the pass-time floor of ADJUST against naive (from one base pass's and one head pass's
 time, measured in the same run on a half-written canvas) and the share of the row's time spent outside model
 and head passes (the time inside them is clocked around every call during the row's fastest run, so passes that
-compute logits at a few positions are counted at what they cost).
+compute logits at a few positions are counted at what they cost). With --compare-full-head, the same head's weights
+are also timed updating every position (`masked_only=False`, what heads saved before the masked-position pass
+do), as rows `adjust-every-position`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
@@ -94,6 +98,13 @@ def best_of(model, sampler, config: SamplingConfig, num: int, repeats: int, init
     return best, out, inside
 
 
+def every_position(head: AdjustHead) -> AdjustHead:
+    """The same weights, updating every position of the canvas (as heads saved before the masked-position pass)."""
+    full = AdjustHead(replace(head.config, masked_only=False))
+    full.load_state_dict(head.state_dict())
+    return full.eval().requires_grad_(False).to(next(head.parameters()).device)
+
+
 def pass_times(base: BuiltinModel, head: AdjustHead, batch: int, length: int, repeats: int = 7) -> tuple[float, float]:
     """Median seconds of one base pass and one head pass over a (batch, length) canvas as a sampler meets it on
     average: half the positions written (a seeded random half), logits asked for at the masked half only."""
@@ -137,6 +148,8 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--compare-full-head", action="store_true",
+                        help="also time ADJUST with the same head updating every position (rows adjust-every-position)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -156,22 +169,31 @@ def main() -> int:
         return 2
     num = args.num or args.batch_size
     batch = min(args.batch_size, num)
+    heads = {"adjust": head}
+    if args.compare_full_head:
+        heads["adjust-every-position"] = every_position(head)
     runs = [("sequential", 1)] + [(name, int(k)) for k in args.tokens_per_step.split(",")
-                                   for name in ("parallel", "adjust")]
+                                   for name in ("parallel", *heads)]
     source = f"random-weight {args.preset}" if args.preset else args.model
     print(f"# {source}, {device}, {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{num} sequences x {length} tokens, batch {batch}, best of {args.repeats}")
-    base_s, head_s = pass_times(model, head, batch, length)
-    print(f"# one pass over the batch: base {1000 * base_s:.2f} ms, head {1000 * head_s:.2f} ms "
-          f"(head = {head_s / base_s:.3f} of a base pass)")
+    head_times, base_times = {}, []
+    for name, timed_head in heads.items():
+        base_pass, head_times[name] = pass_times(model, timed_head, batch, length)
+        base_times.append(base_pass)
+        print(f"# one pass over the batch ({name}): base {1000 * base_pass:.2f} ms, head "
+              f"{1000 * head_times[name]:.2f} ms (head = {head_times[name] / base_pass:.3f} of a base pass)")
+    base_s, head_s = base_times[0], head_times["adjust"]
     timings, inside = {}, {}
     # Clocks around every base and head call: the share of a row's time spent outside them.
-    clocked_model, clocked_head = PassClock(model, model.device), PassClock(head, model.device)
+    clocked_model = PassClock(model, model.device)
+    clocked_heads = {name: PassClock(h, model.device) for name, h in heads.items()}
     for name, k in runs:
-        sampler = make_sampler(name, head=clocked_head) if name == "adjust" else make_sampler(name)
+        clocked_head = clocked_heads.get(name)
+        sampler = make_sampler("adjust", head=clocked_head) if clocked_head else make_sampler(name)
         config = SamplingConfig(length=length, tokens_per_step=k, batch_size=batch)
         best, out, inside[(name, k)] = best_of(clocked_model, sampler, config, num, args.repeats,
-                                               clocks=(clocked_model, clocked_head))
+                                               clocks=(clocked_model, *clocked_heads.values()))
         timings[(name, k)] = (best, out.counters)
     k1 = timings[("sequential", 1)][0]
     rows = []
@@ -180,7 +202,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     for (name, k), (seconds, c) in timings.items():
         naive = timings.get(("parallel", k), (seconds, None))[0]
-        floor = (c.base_passes * base_s + c.extra_passes * head_s) / (c.base_passes * base_s)
+        floor = (c.base_passes * base_s + c.extra_passes * head_times.get(name, head_s)) / (c.base_passes * base_s)
         overhead = 1 - inside[(name, k)]
         rows.append({"sampler": name, "k": k, "ms_per_seq": 1000 * seconds / num, "base_passes": c.base_passes,
                      "head_passes": c.extra_passes, "floor_vs_naive": floor, "overhead_share": overhead,
@@ -191,7 +213,9 @@ def main() -> int:
         with open(args.json, "w") as f:
             json.dump({"command": "python " + " ".join(sys.argv), "device": str(device),
                        "threads": torch.get_num_threads(), "base_pass_ms": 1000 * base_s,
-                       "head_pass_ms": 1000 * head_s, "rows": rows}, f, indent=2)
+                       "head_pass_ms": 1000 * head_s,
+                       "head_pass_ms_by_sampler": {n: 1000 * t for n, t in head_times.items()}, "rows": rows}, f,
+                      indent=2)
     return 0
 
 
