@@ -58,8 +58,9 @@ class AdjustTrainConfig:
     """Upper bound on optimizer steps over all rounds; training normally stops earlier, on held-out KL."""
     rollout: int = 4
     """Depths 1..rollout-1 are trained; on-policy states come from K in {2, rollout, 2*rollout}. Rollout 8 (depths
-    up to 7) fixed one permutation seed's K=8 (0.874 -> 0.982) but lost the demo template head's K=8 (0.932 ->
-    0.74), so 4 stays the default (docs/results.md §2, "Training depths up to 7")."""
+    up to 7) fixed one permutation seed's K=8 (0.874 -> 0.982) and is level where training converges, but under
+    the demo's 3,000-step cap it lost template's K=8 (0.932 -> 0.74): 4 stays the default until the capped runs
+    are re-measured (docs/results.md §2, "Training depths up to 7")."""
     batch_size: int = 64
     """States per step. On the tiny choice base with steps capped at 1,500, 64 recovered 100% for both head seeds
     where 32 left one at 66%, in the same wall time; on `small` bases quality was equal (docs/results.md §2)."""
