@@ -105,9 +105,10 @@ def every_position(head: AdjustHead) -> AdjustHead:
     return full.eval().requires_grad_(False).to(next(head.parameters()).device)
 
 
-def pass_times(base: BuiltinModel, head: AdjustHead, batch: int, length: int, repeats: int = 7) -> tuple[float, float]:
-    """Median seconds of one base pass and one head pass over a (batch, length) canvas as a sampler meets it on
-    average: half the positions written (a seeded random half), logits asked for at the masked half only."""
+def pass_times(base: BuiltinModel, heads: Sequence[AdjustHead], batch: int, length: int,
+               repeats: int = 7) -> tuple[float, list[float]]:
+    """Median seconds of one base pass and of one pass of each head over a (batch, length) canvas as a sampler
+    meets it on average: half the positions written (a seeded random half), logits asked for at the masked half."""
     tokens, attention, _ = build_canvas(base, encode_prompts(base, [""] * batch), length)
     generator = torch.Generator().manual_seed(0)
     canvas = (tokens == base.spec.mask_id).cpu()
@@ -132,7 +133,7 @@ def pass_times(base: BuiltinModel, head: AdjustHead, batch: int, length: int, re
     with torch.no_grad():
         hidden = base.forward(tokens, attention).hidden
         return (timed(lambda: base.forward(tokens, attention, at=at)),
-                timed(lambda: head(base, tokens, attention, hidden, at=at)))
+                [timed(lambda head=head: head(base, tokens, attention, hidden, at=at)) for head in heads])
 
 
 def main() -> int:
@@ -177,13 +178,11 @@ def main() -> int:
     source = f"random-weight {args.preset}" if args.preset else args.model
     print(f"# {source}, {device}, {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{num} sequences x {length} tokens, batch {batch}, best of {args.repeats}")
-    head_times, base_times = {}, []
-    for name, timed_head in heads.items():
-        base_pass, head_times[name] = pass_times(model, timed_head, batch, length)
-        base_times.append(base_pass)
-        print(f"# one pass over the batch ({name}): base {1000 * base_pass:.2f} ms, head "
-              f"{1000 * head_times[name]:.2f} ms (head = {head_times[name] / base_pass:.3f} of a base pass)")
-    base_s, head_s = base_times[0], head_times["adjust"]
+    base_s, times = pass_times(model, list(heads.values()), batch, length)
+    head_times = dict(zip(heads, times, strict=True))
+    head_s = head_times["adjust"]
+    print(f"# one pass over the batch: base {1000 * base_s:.2f} ms; " + ", ".join(
+        f"head {name} {1000 * t:.2f} ms ({t / base_s:.3f} of a base pass)" for name, t in head_times.items()))
     timings, inside = {}, {}
     # Clocks around every base and head call: the share of a row's time spent outside them.
     clocked_model = PassClock(model, model.device)
