@@ -193,6 +193,13 @@ def test_threshold_counts_by_tau_and_by_factor():
     assert threshold_count(conf, ThresholdConfig(factor=3.0)).tolist() == [4, 2]
     shuffled = conf[:, [3, 0, 4, 2, 1]]
     assert threshold_count(shuffled, ThresholdConfig(factor=1.0)).tolist() == [3, 1]
+    # extra: the next most confident beside the sure ones (or beside the single best when none is sure).
+    assert threshold_count(conf, ThresholdConfig(tau=0.9, extra=1)).tolist() == [4, 2]
+    assert threshold_count(conf, ThresholdConfig(tau=2.0, extra=2)).tolist() == [3, 3]
+    with pytest.raises(ValueError, match="extra"):
+        ThresholdConfig(extra=-1)
+    with pytest.raises(ValueError, match="extra"):
+        ThresholdConfig(extra=0.5)
 
 
 def test_eb_counts_entropy_prefix():
@@ -234,6 +241,11 @@ def test_threshold_zero_fills_everything_at_once_and_factor_lies_between(model):
     assert 1 < factor < length and 1 < default < length
     blocks = generate(model, make_sampler("threshold", tau=0.0), SamplingConfig(length=length, block_length=5), num=2)
     assert blocks.counters.base_passes == math.ceil(length / 5)
+    # tau above every confidence: one position per step, two with extra=1 (the canvas in half the passes).
+    one = generate(model, make_sampler("threshold", tau=2.0), config, num=4)
+    two = generate(model, make_sampler("threshold", tau=2.0, extra=1), config, num=4)
+    assert one.counters.base_passes == length and two.counters.base_passes == math.ceil(length / 2)
+    assert all(torch.bincount(torch.tensor(h)).tolist()[:length // 2] == [2] * (length // 2) for h in two.history)
 
 
 def test_eb_larger_gamma_fewer_steps(model):

@@ -2,8 +2,9 @@
 
 The number of tokens per step follows the model's confidence instead of a schedule: confident stretches are
 filled at once, uncertain ones one by one. The most confident position is always filled, so each step makes
-progress. The factor variant accepts the largest n whose n-th best confidence c_(n) satisfies
-(n + 1)(1 - c_(n)) < factor, which lets more tokens through when all of them are near-certain.
+progress; `extra=1` also fills the next most confident one. The factor variant accepts the largest n whose n-th
+best confidence c_(n) satisfies (n + 1)(1 - c_(n)) < factor, which lets more tokens through when all of them are
+near-certain.
 """
 
 from __future__ import annotations
@@ -22,12 +23,19 @@ from .rules import select_top
 class ThresholdConfig:
     tau: float = 0.9
     factor: float | None = None
+    extra: int = 0
+    """After the sure positions (or the single most confident when none is sure), also fill this many of the next
+    most confident: with 1, K=1 order for the unsure tokens and the sure ones alongside. It halved the base passes
+    at K=1 validity on template and choice, and lost half the validity on permutation, where a sure token
+    constrains the others (docs/results.md §5)."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.tau) and self.tau >= 0):
             raise ValueError(f"tau must be a finite number >= 0, got {self.tau}")
         if self.factor is not None and not (math.isfinite(self.factor) and self.factor > 0):
             raise ValueError(f"factor must be a finite number > 0 (or None), got {self.factor}")
+        if not isinstance(self.extra, int) or self.extra < 0:
+            raise ValueError(f"extra must be an integer >= 0, got {self.extra}")
 
 
 class ThresholdSampler:
@@ -52,4 +60,4 @@ def accepted_count(confidence: torch.Tensor, config: ThresholdConfig) -> torch.T
         ordered = confidence.sort(dim=-1, descending=True).values
         n = torch.arange(1, ordered.shape[1] + 1, dtype=ordered.dtype, device=ordered.device)
         count = (torch.isfinite(ordered) & ((n + 1) * (1 - ordered) < config.factor)).sum(-1)
-    return count.clamp(min=1)
+    return count.clamp(min=1) + config.extra
