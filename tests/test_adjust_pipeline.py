@@ -539,6 +539,44 @@ def test_adaptive_adjust_that_accepts_everything_is_fixed_k(base, trained):
         make_sampler("adjust", head=trained.head, tau=1.5)
 
 
+class _SureAndUnsure:
+    """A base stand-in whose row 0 is sure of token 5 everywhere and whose row 1 is unsure everywhere, whatever
+    the tokens (an untrained head leaves its hidden states, and so its logits, as they are)."""
+
+    def __init__(self, like: BuiltinModel) -> None:
+        self.spec, self.hidden_size = like.spec, 8
+
+    def forward(self, tokens, attention_mask=None, at=None):
+        hidden = torch.zeros(*tokens.shape, self.hidden_size)
+        hidden[0, :, 0] = 50.0
+        logits = self.lm_head(hidden)
+        return SimpleNamespace(logits=logits if at is None else logits[at], hidden=hidden)
+
+    def embed(self, tokens):
+        return torch.zeros(*tokens.shape, self.hidden_size)
+
+    def lm_head(self, hidden):
+        logits = torch.zeros(*hidden.shape[:-1], self.spec.vocab_size)
+        logits[..., 5] = hidden[..., 0]
+        return logits
+
+
+def test_adaptive_adjust_survives_rows_that_stop_in_different_ways(base):
+    """Row 0 passes the test but reaches its budget (2) in round 1, row 1 (budget 3) fails the test there: no row
+    writes in round 2, and the step must end without a head pass, not read stale logits."""
+    model = _SureAndUnsure(base)
+    head = AdjustHead(AdjustHeadConfig(d_model=8, n_heads=2, mlp_hidden=16, base_fingerprint="stub",
+                                       hidden_scale=True, qk_norm=True, masked_only=True)).eval()
+    tokens = torch.full((2, 10), base.spec.mask_id)
+    ctx = StepContext(model=model, tokens=tokens, attention_mask=torch.ones_like(tokens),
+                      eligible=tokens == base.spec.mask_id, budget=torch.tensor([2, 3]),
+                      choice=TokenChoice("confidence", temperature=1.0),
+                      generators=[torch.Generator().manual_seed(i) for i in range(2)])
+    result = make_sampler("adjust", head=head, tau=0.9).step(ctx)
+    assert result.fill.sum(-1).tolist() == [2, 1]
+    assert torch.as_tensor(result.extra_passes).tolist() == [1, 1]
+
+
 def test_punt_via_the_head_tests_with_head_passes(base, trained):
     """PUNT's independence tests through the head: one base pass per step, test rounds as head passes. An
     untrained head never changes a distribution, so every candidate passes and one step fills the canvas."""

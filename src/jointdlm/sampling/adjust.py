@@ -73,11 +73,15 @@ class AdjustSampler:
             tokens = torch.where(chosen, ctx.sample(logprobs, chosen), tokens)
             fill |= chosen
             eligible = eligible & ~chosen  # a new tensor: the round's Marginals keep the old one
-            if r < rounds - 1 and (writing & (ctx.budget.to(writing.device) > r + 1)).any():
-                with torch.no_grad():
-                    # Logits only where the next round reads them: the positions still to be written.
-                    hidden, logits = self.head(ctx.model, tokens, ctx.attention_mask, hidden, at=eligible)
-                head_passes += (writing & (ctx.budget.to(writing.device) > r + 1)).cpu()
+            # Only rows still writing with budget left write in the next round; when there are none the step
+            # ends here (a later round would read logits from before this round's writes).
+            more = writing & (ctx.budget.to(writing.device) > r + 1)
+            if not more.any():
+                break
+            with torch.no_grad():
+                # Logits only where the next round reads them: the positions still to be written.
+                hidden, logits = self.head(ctx.model, tokens, ctx.attention_mask, hidden, at=eligible)
+            head_passes += more.cpu()
         return StepResult(fill=fill, tokens=tokens, base_passes=1, extra_passes=head_passes)
 
     def _passes(self, logprobs: Marginals, chosen: torch.Tensor, entropy_sum: torch.Tensor,
