@@ -200,6 +200,8 @@ def test_threshold_counts_by_tau_and_by_factor():
         ThresholdConfig(extra=-1)
     with pytest.raises(ValueError, match="extra"):
         ThresholdConfig(extra=0.5)
+    with pytest.raises(ValueError, match="extra"):
+        ThresholdConfig(extra=True)
 
 
 def test_eb_counts_entropy_prefix():

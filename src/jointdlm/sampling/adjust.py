@@ -56,14 +56,13 @@ class AdjustSampler:
         hidden, logits = out.hidden, out.logits  # logits at the positions of `eligible`, (N, V)
         tokens, eligible = ctx.tokens.clone(), ctx.eligible.clone()
         fill = torch.zeros_like(eligible)
-        writing = torch.ones(len(tokens), dtype=torch.bool, device=tokens.device)
+        budget = ctx.budget.to(tokens.device)
+        writing = budget > 0
         entropy_sum = torch.zeros(len(tokens), dtype=torch.float64, device=tokens.device)
         entropy_max = torch.zeros_like(entropy_sum)
         head_passes = torch.zeros(len(tokens), dtype=torch.long)
-        rounds = int(ctx.budget.max())
-        for r in range(rounds):
+        for r in range(int(budget.max())):
             logprobs = ctx.logprobs(logits, where=eligible)
-            writing &= ctx.budget.to(writing.device) > r
             chosen = select_top(ctx.scores(logprobs, eligible), writing.long())
             if self.config.adaptive:
                 writing &= self._passes(logprobs, chosen, entropy_sum, entropy_max, first=r == 0)
@@ -75,13 +74,13 @@ class AdjustSampler:
             eligible = eligible & ~chosen  # a new tensor: the round's Marginals keep the old one
             # Only rows still writing with budget left write in the next round; when there are none the step
             # ends here (a later round would read logits from before this round's writes).
-            more = writing & (ctx.budget.to(writing.device) > r + 1)
-            if not more.any():
+            writing &= budget > r + 1
+            if not writing.any():
                 break
             with torch.no_grad():
                 # Logits only where the next round reads them: the positions still to be written.
                 hidden, logits = self.head(ctx.model, tokens, ctx.attention_mask, hidden, at=eligible)
-            head_passes += more.cpu()
+            head_passes += writing.cpu()
         return StepResult(fill=fill, tokens=tokens, base_passes=1, extra_passes=head_passes)
 
     def _passes(self, logprobs: Marginals, chosen: torch.Tensor, entropy_sum: torch.Tensor,

@@ -34,7 +34,7 @@ class ThresholdConfig:
             raise ValueError(f"tau must be a finite number >= 0, got {self.tau}")
         if self.factor is not None and not (math.isfinite(self.factor) and self.factor > 0):
             raise ValueError(f"factor must be a finite number > 0 (or None), got {self.factor}")
-        if not isinstance(self.extra, int) or self.extra < 0:
+        if isinstance(self.extra, bool) or not isinstance(self.extra, int) or self.extra < 0:
             raise ValueError(f"extra must be an integer >= 0, got {self.extra}")
 
 
