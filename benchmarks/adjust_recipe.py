@@ -28,7 +28,7 @@ from jointdlm.data import get_language, validity_rate, write_corpus
 from jointdlm.models.mdlm import BuiltinModel
 from jointdlm.models.train import PretrainConfig, pretrain
 from jointdlm.sampling.loop import SamplingConfig, fill_length, generate
-from jointdlm.sampling.registry import make_sampler
+from jointdlm.sampling.registry import make_from_spec, make_sampler
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -73,6 +73,8 @@ def main() -> None:
     parser.add_argument("--sample-seed", type=int, default=1)
     parser.add_argument("--tokens-per-step", default="4,8")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threshold", type=float, default=0.9,
+                        help="also measure adjust:threshold=T at each K (0: skip)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -115,6 +117,9 @@ def main() -> None:
             naive, k1 = reference[f"naive{k}"], reference["k1"]
             row[f"adjust{k}"] = v
             row[f"recovered{k}"] = (v - naive) / (k1 - naive) if k1 > naive else float("nan")
+            if args.threshold:
+                row[f"threshold{k}"] = validity(base, args.language, make_from_spec(
+                    f"adjust:threshold={args.threshold}", head=head), k, args.num, args.sample_seed, length)
         rows.append(row)
         ratios = row["verdict"]["ratios"] if row["verdict"] else {}
         print(json.dumps({k: v for k, v in row.items() if k != "verdict"} | {"ratios": ratios,
@@ -129,6 +134,9 @@ def main() -> None:
               f"recovered {', '.join(f'{x:.0%}' for x in rec)}"
               f" (mean {statistics.mean(rec):.0%}, min {min(rec):.0%}); naive {reference[f'naive{k}']:.3f}, "
               f"K=1 {reference['k1']:.3f}")
+        if args.threshold:
+            values = ", ".join(f"{r['threshold' + str(k)]:.3f}" for r in rows)
+            print(f"{args.language} {args.tag} K={k}: adjust:threshold={args.threshold} validity {values}")
 
 
 if __name__ == "__main__":

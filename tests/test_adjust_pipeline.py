@@ -533,8 +533,12 @@ def test_adaptive_adjust_that_accepts_everything_is_fixed_k(base, trained):
         loose = generate(base, make_sampler("adjust", head=trained.head, **options), config, num=8)
         assert loose.tokens == fixed.tokens
         assert loose.counters.extra_passes == fixed.counters.extra_passes
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="give one of"):
         make_sampler("adjust", head=trained.head, tau=0.5, gamma=1.0)
+    with pytest.raises(ValueError, match="give one of"):
+        make_sampler("adjust", head=trained.head, tau=0.5, threshold=0.9)
+    with pytest.raises(ValueError, match="threshold must be in"):
+        make_sampler("adjust", head=trained.head, threshold=0.0)
     with pytest.raises(ValueError, match="tau"):
         make_sampler("adjust", head=trained.head, tau=1.5)
 
@@ -575,6 +579,73 @@ def test_adaptive_adjust_survives_rows_that_stop_in_different_ways(base):
     result = make_sampler("adjust", head=head, tau=0.9).step(ctx)
     assert result.fill.sum(-1).tolist() == [2, 1]
     assert torch.as_tensor(result.extra_passes).tolist() == [1, 1]
+
+
+# 10. adjust:threshold: the threshold round from the base pass, then up to K-1 head tokens.
+
+@pytest.mark.parametrize("tau", [0.5, 0.9])
+def test_threshold_opening_with_an_untrained_head_is_threshold_extra_one(base, tau):
+    """At K=2 the step writes the sure positions, then the head's most confident one. A head that changes
+    nothing leaves the base's marginals, so that is `threshold:extra=1`, token for token (noise is keyed by step
+    seed and position, not by the round that draws it)."""
+    torch.manual_seed(3)
+    head = AdjustHead(AdjustHeadConfig.for_base(base)).eval().requires_grad_(False)
+    config = SamplingConfig(length=base.max_length - 1, tokens_per_step=2, seed=6, batch_size=8,
+                            record_history=True)
+    opened = generate(base, make_sampler("adjust", head=head, threshold=tau), config, num=16)
+    reference = generate(base, make_sampler("threshold", tau=tau, extra=1), config, num=16)
+    assert opened.tokens == reference.tokens and opened.history == reference.history
+    assert opened.counters.base_passes == reference.counters.base_passes
+    # One head pass per step, except in steps whose threshold round wrote every position left.
+    assert 0 < opened.counters.extra_passes <= opened.counters.base_passes
+
+
+def test_threshold_opening_writes_the_sure_tokens_and_at_most_k_minus_1_more(base, trained):
+    length = base.max_length - 1
+    config = SamplingConfig(length=length, tokens_per_step=K, seed=2, batch_size=8, record_history=True)
+    sampler = make_sampler("adjust", head=trained.head, threshold=0.9)
+    assert not sampler.follows_budget
+    gen = generate(base, sampler, config, num=16)
+    fixed = generate(base, make_sampler("adjust", head=trained.head), config, num=16)
+    c = gen.counters
+    assert c.base_passes < fixed.counters.base_passes, "the threshold round never wrote more than one token"
+    assert c.extra_passes <= (K - 1) * c.base_passes + 1e-9
+    alone = generate(base, sampler, replace(config, batch_size=1), num=16)
+    assert alone.tokens == gen.tokens and alone.history == gen.history
+
+
+def test_training_on_the_threshold_samplers_own_positions(base, traj_dir):
+    """The passes trained for `adjust:threshold` write the trajectory's tokens where the sampler would: first every
+    position the base is sure of (at least one), then the head's most confident, or, when training explores, the
+    head's second or third. An untrained head keeps the base's marginals, so the expected canvas follows from one
+    base pass."""
+    from jointdlm.adjust.train import RolloutLoss, make_batch
+
+    data = load_trajectories(traj_dir)
+    rows, states = torch.arange(6), torch.tensor([0, 0, 2, 4, 6, 9])
+    head = AdjustHead(AdjustHeadConfig.for_base(base)).eval().requires_grad_(False)
+    banned = base.spec.never_sampled()
+    explored = torch.tensor([[1, 2, 0], [0, 0, 0], [2, 1, 0], [1, 1, 0], [0, 2, 0], [2, 2, 0]])
+    for threshold, pick_rank in ((0.5, None), (0.95, None), (0.9, explored)):
+        batch = make_batch(data, rows, states, 3, base.spec.mask_id, "cpu", threshold=torch.full((6,), threshold),
+                           pick_rank=pick_rank)
+        with torch.no_grad():
+            _, canvas, stale = RolloutLoss(head)._own_positions(base, batch, banned)
+            logits = base.forward(batch.tokens, batch.attention).logits.float()
+        logits[..., banned] = -torch.inf
+        masked = batch.tokens == base.spec.mask_id
+        confidence = logits.softmax(-1).max(-1).values.masked_fill(~masked, -1.0)
+        expected = batch.tokens.clone()
+        for b in range(6):
+            order = confidence[b].argsort(descending=True, stable=True)[:int(masked[b].sum())].tolist()
+            sure = max(1, int((confidence[b] >= threshold).sum()))
+            chosen, left = order[:sure], order[sure:]
+            for m in range(2):  # the two head passes' positions, by rank among those left
+                if left:
+                    chosen.append(left.pop(0 if pick_rank is None else min(int(pick_rank[b, m]), len(left) - 1)))
+            expected[b, chosen] = batch.targets[b, chosen]
+        assert torch.equal(canvas, expected)
+        assert stale.shape[0] == int((canvas == base.spec.mask_id).sum())
 
 
 def test_punt_via_the_head_tests_with_head_passes(base, trained):

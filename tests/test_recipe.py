@@ -99,6 +99,39 @@ def test_onpolicy_collection_names_its_head(base, tmp_path):
     assert torch.equal(load_trajectories(tmp_path / "x").tokens, load_trajectories(tmp_path / "y").tokens)
 
 
+def test_onpolicy_states_where_the_threshold_opening_starts_its_steps(base, tmp_path):
+    """With `policy_threshold`, half the head-driven trajectories (picked by their seeds) start from where
+    `adjust:threshold` has taken some steps: the policy positions and tokens are exactly that sampler's."""
+    head = AdjustHead(AdjustHeadConfig.for_base(base)).eval().requires_grad_(False)
+    cfg = onpolicy_config(base, policy_head=head.fingerprint(), policy_threshold=0.9)
+    collect_trajectories(base, tmp_path / "t", cfg, head=head)
+    data = load_trajectories(tmp_path / "t")
+    length = data.length
+    picks = []
+    for j in range(len(data)):
+        g = torch.Generator().manual_seed(sample_seed(cfg.seed + POLICY_SEED_OFFSET, j))
+        k = cfg.policy_tokens_per_step[int(torch.randint(3, (1,), generator=g))]
+        picks.append((k, bool(torch.rand((), generator=g) < 0.5)))
+    assert {opens for _, opens in picks} == {True, False}
+    for k in (2, 4, 8):
+        for opens in (True, False):
+            rows = [i for i, p in enumerate(picks) if p == (k, opens)]
+            if not rows:
+                continue
+            sampler = make_sampler("adjust", head=head, threshold=0.9 if opens else None)
+            run = generate(base, sampler, SamplingConfig(length=length, tokens_per_step=k,
+                                                         seed=cfg.seed + POLICY_SEED_OFFSET, record_history=True),
+                           num=len(data))
+            history, tokens = torch.tensor(run.history), torch.tensor(run.tokens)
+            for i in rows:
+                policy = data.order[i] < data.start[i]
+                steps = int(history[i][policy].max()) + 1
+                assert torch.equal(history[i] < steps, policy)
+                assert torch.equal(tokens[i][policy], data.tokens[i][policy])
+    with pytest.raises(ValueError, match="policy_threshold"):
+        onpolicy_config(base, policy_threshold=1.5)
+
+
 def test_stale_table_is_the_stale_kl_of_each_example(base, k1):
     table = stale_table(base, k1, ROLLOUT, "cpu", batch_size=7)
     valid = ~torch.isnan(table)

@@ -177,7 +177,8 @@ def cmd_train_adjust(args: argparse.Namespace) -> None:
                        dtype=args.dtype)
     cfg = AdjustTrainConfig(max_steps=args.max_steps, rollout=args.rollout, batch_size=args.batch_size, lr=args.lr,
                             warmup_steps=args.warmup_steps, onpolicy_rounds=args.onpolicy_rounds, focus=args.focus,
-                            patience=args.patience, eval_every=args.eval_every, save_every=args.save_every,
+                            threshold_share=args.threshold_share, patience=args.patience,
+                            eval_every=args.eval_every, save_every=args.save_every,
                             seed=args.seed, device=args.device)
     head = train_adjust(model, args.trajectories, args.out, cfg)
     verdict = read_verdict(args.out)
@@ -385,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rounds of states from the K>1 sampler (naive, then ADJUST); 0 = K=1 trajectories only")
     p.add_argument("--focus", type=float, default=recipe.focus,
                    help="share of each batch drawn where the stale marginals are most wrong (importance weighted)")
+    p.add_argument("--threshold-share", type=float, default=recipe.threshold_share,
+                   help="share of steps trained on the passes of adjust:threshold (0 = K=1 order only)")
     p.add_argument("--patience", type=int, default=recipe.patience,
                    help="evaluations without a 3%% held-out gain that count as a plateau (0 = run to --max-steps)")
     p.add_argument("--eval-every", type=_positive_int, default=recipe.eval_every)

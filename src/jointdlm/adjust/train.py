@@ -38,6 +38,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..models.protocol import DiffusionLM
+from ..sampling.adjust import threshold_count
+from ..sampling.rules import rank_of, select_top
 from ..validation import require_finite, require_positive
 from .head import AdjustHead, AdjustHeadConfig
 from .trajectories import Trajectories, TrajectoryConfig, collect_trajectories, load_trajectories
@@ -87,6 +89,10 @@ class AdjustTrainConfig:
     three times the steps, but K=8 (depths never trained on) was not (docs/results.md §2)."""
     max_round_steps: int = 2500
     """A round that is still improving ends here, so that the next round's states come from a recent head."""
+    threshold_share: float = 0.5
+    """Share of steps whose passes follow `adjust:threshold` (the threshold round on the base's marginals, then
+    the head's own most confident positions; thresholds uniform in [0.5, 0.95]); the rest follow the
+    trajectories' K=1 order. Held-out KL is also measured on such passes (threshold 0.9)."""
     eval_every: int = 250
     save_every: int = 250
     heldout: int = 64
@@ -98,7 +104,9 @@ class AdjustTrainConfig:
         if self.rollout < 2:
             raise ValueError(f"rollout must be >= 2 (depths 1..rollout-1), got {self.rollout}")
         require_positive(self, ("max_steps", "batch_size", "eval_every", "save_every"))
-        require_finite(self, ("lr", "grad_clip", "onpolicy_fraction", "focus", "weight_decay"))
+        require_finite(self, ("lr", "grad_clip", "onpolicy_fraction", "focus", "weight_decay", "threshold_share"))
+        if not 0.0 <= self.threshold_share <= 1.0:
+            raise ValueError(f"threshold_share must be in [0, 1], got {self.threshold_share}")
         if self.lr is not None and self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.heldout < 0 or self.patience < 0 or self.onpolicy_rounds < 0 or self.warmup_steps < 0:
@@ -150,10 +158,18 @@ class Batch:
     steps: list[torch.Tensor]  # n boolean (B, P + L) masks: the position written at each teacher-forced pass
     targets: torch.Tensor    # (B, P + L) the trajectory's final tokens (prefix included)
     weights: torch.Tensor    # (B,) importance weights
+    threshold: torch.Tensor | None = None
+    """(B,) when set, the positions are the sampler's own (`adjust:threshold`): the first pass follows the
+    threshold round on the base's marginals, each later one the head's most confident position; `steps` then
+    only gives the number of passes."""
+    pick_rank: torch.Tensor | None = None
+    """(B, n) with `threshold`: which position (by rank of the head's confidence, 0 = the sampler's pick) each
+    later pass writes; None = the sampler's picks. Training explores near-ties this way."""
 
 
 def make_batch(data: Trajectories, rows: torch.Tensor, states: torch.Tensor, depth: int, mask_id: int,
-               device: str, weights: torch.Tensor | None = None) -> Batch:
+               device: str, weights: torch.Tensor | None = None, threshold: torch.Tensor | None = None,
+               pick_rank: torch.Tensor | None = None) -> Batch:
     prefix, order, final = data.prefix[rows], data.order[rows], data.tokens[rows]
     width = prefix.shape[1]
     attention = torch.cat([(torch.arange(width) >= width - data.prefix_len[rows][:, None]).long(),
@@ -164,7 +180,9 @@ def make_batch(data: Trajectories, rows: torch.Tensor, states: torch.Tensor, dep
     pad = torch.zeros(len(rows), width, dtype=torch.bool)
     steps = [torch.cat([pad, order == (states[:, None] + m)], dim=1).to(device) for m in range(depth)]
     weights = torch.ones(len(rows)) if weights is None else weights
-    return Batch(tokens.to(device), attention.to(device), steps, targets.to(device), weights.float().to(device))
+    return Batch(tokens.to(device), attention.to(device), steps, targets.to(device), weights.float().to(device),
+                 None if threshold is None else threshold.float().to(device),
+                 None if pick_rank is None else pick_rank.to(device))
 
 
 class RolloutLoss(nn.Module):
@@ -177,23 +195,63 @@ class RolloutLoss(nn.Module):
     def forward(self, base: DiffusionLM, batch: Batch) -> tuple[torch.Tensor, ...]:
         """(weighted KL of the head, weighted KL of the stale marginals, per-row head KL sums, per-row stale KL
         sums, per-row masked counts) after len(batch.steps) passes."""
-        final = torch.where(torch.stack(batch.steps).any(0), batch.targets, batch.tokens)
-        still_masked = final == base.spec.mask_id  # where the loss is read: logits are computed only there
-        with torch.no_grad():
-            start = base.forward(batch.tokens, batch.attention, at=still_masked)
-            teacher = base.forward(final, batch.attention, at=still_masked).logits
-        hidden, tokens = start.hidden, batch.tokens
-        for written in batch.steps:
-            tokens = torch.where(written, batch.targets, tokens)
-            hidden = self.head.update(base, tokens, batch.attention, hidden)
-        logits = base.lm_head(hidden[still_masked])
         banned = base.spec.never_sampled()
+        if batch.threshold is not None:
+            hidden, final, stale_logits = self._own_positions(base, batch, banned)
+            still_masked = final == base.spec.mask_id
+        else:
+            final = torch.where(torch.stack(batch.steps).any(0), batch.targets, batch.tokens)
+            still_masked = final == base.spec.mask_id  # where the loss is read: logits are computed only there
+            with torch.no_grad():
+                start = base.forward(batch.tokens, batch.attention, at=still_masked)
+            hidden, tokens, stale_logits = start.hidden, batch.tokens, start.logits
+            for written in batch.steps:
+                tokens = torch.where(written, batch.targets, tokens)
+                hidden = self.head.update(base, tokens, batch.attention, hidden)
+        with torch.no_grad():
+            teacher = base.forward(final, batch.attention, at=still_masked).logits
+        logits = base.lm_head(hidden[still_masked])
         head_sum, count = row_kl(teacher, logits, still_masked, banned)
         with torch.no_grad():
-            stale_sum, _ = row_kl(teacher, start.logits, still_masked, banned)
+            stale_sum, _ = row_kl(teacher, stale_logits, still_masked, banned)
         norm = (batch.weights * count).sum().clamp(min=1)
         return ((batch.weights * head_sum).sum() / norm, (batch.weights * stale_sum).sum() / norm,
                 head_sum.detach(), stale_sum, count)
+
+
+    def _own_positions(self, base: DiffusionLM, batch: Batch,
+                       banned: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The `adjust:threshold` step's passes with the trajectory's tokens: (the head's last hidden states, the
+        canvas they describe, the base's stale logits at its masked positions). Positions are chosen as the
+        sampler chooses them (threshold round on the base's marginals, then the head's most confident), so the
+        head learns on the canvases that sampler makes; the tokens stay the trajectory's (a joint sample)."""
+        mask_id = base.spec.mask_id
+        masked = batch.tokens == mask_id
+        with torch.no_grad():
+            start = base.forward(batch.tokens, batch.attention, at=masked)
+            confidence = _confidence(start.logits, masked, banned)
+            chosen = select_top(confidence, threshold_count(confidence, batch.threshold[:, None]))
+        tokens, hidden = torch.where(chosen, batch.targets, batch.tokens), start.hidden
+        for m in range(len(batch.steps)):
+            hidden = self.head.update(base, tokens, batch.attention, hidden)
+            if m == len(batch.steps) - 1:
+                break
+            with torch.no_grad():
+                masked_now = tokens == mask_id
+                confidence = _confidence(base.lm_head(hidden[masked_now].detach()), masked_now, banned)
+                if batch.pick_rank is None:
+                    chosen = select_top(confidence, masked_now.any(-1).long())
+                else:
+                    rank = torch.minimum(batch.pick_rank[:, m], masked_now.sum(-1) - 1)
+                    chosen = (rank_of(confidence) == rank[:, None]) & masked_now
+            tokens = torch.where(chosen, batch.targets, tokens)
+        return hidden, tokens, start.logits[(tokens == mask_id)[masked]]
+
+
+def _confidence(logits: torch.Tensor, where: torch.Tensor, banned: list[int]) -> torch.Tensor:
+    """(B, T) top probability at the True positions of `where` (logits (N, V) there), -inf elsewhere."""
+    top = _logprobs(logits, banned).max(-1).values.exp()
+    return torch.full(where.shape, -torch.inf, device=where.device).masked_scatter(where, top)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -328,17 +386,34 @@ def _heldout_examples(sampler: StateSampler, depth: int, examples: int, seed: in
     return sampler.draw(depth, examples, gen, focus=0.0)
 
 
+HELDOUT_THRESHOLD = 0.9
+THRESHOLD_RANGE = (0.5, 0.95)
+EXPLORED_RANKS = 3
+
+
+def explored_ranks(size: int, depth: int, gen: torch.Generator) -> torch.Tensor:
+    """(size, depth) ranks of the positions the head's passes write in training: half the time the sampler's own
+    pick (rank 0), else one of the head's EXPLORED_RANKS most confident. Near-tied positions swap as the head
+    trains; a head taught only its current pick lost what to do when the other was written (choice: validity
+    0.98 -> 0.63 for one head seed of two, docs/results.md §5)."""
+    explore = torch.rand(size, depth, generator=gen) < 0.5
+    return torch.where(explore, torch.randint(EXPLORED_RANKS, (size, depth), generator=gen), 0)
+
+
 @torch.no_grad()
 def evaluate(loss_module: RolloutLoss, base: DiffusionLM, sampler: StateSampler, device: str,
-             examples: int = 256, seed: int = 4321) -> dict[int, dict[str, float]]:
-    """Held-out KL(teacher || head) and KL(teacher || stale marginals) at every depth, fixed uniform draws."""
+             examples: int = 256, seed: int = 4321, threshold: float | None = None) -> dict[int, dict[str, float]]:
+    """Held-out KL(teacher || head) and KL(teacher || stale marginals) at every depth, fixed uniform draws; with
+    `threshold`, on the passes of `adjust:threshold` from those states."""
     results = {}
     for depth in sampler.depths:
         rows, states, _ = _heldout_examples(sampler, depth, examples, seed)
         head_kl = stale_kl = count = 0.0
         for part in range(0, examples, 64):
             sl = slice(part, part + 64)
-            batch = make_batch(sampler.data, rows[sl], states[sl], depth, base.spec.mask_id, device)
+            size = len(rows[sl])
+            batch = make_batch(sampler.data, rows[sl], states[sl], depth, base.spec.mask_id, device,
+                               threshold=None if threshold is None else torch.full((size,), threshold))
             _, _, h, s, c = loss_module(base, batch)
             head_kl += float(h.sum())
             stale_kl += float(s.sum())
@@ -389,7 +464,8 @@ def _onpolicy_config(base_cfg: TrajectoryConfig, cfg: AdjustTrainConfig, n: int,
     ks = tuple(sorted({2, cfg.rollout, 2 * cfg.rollout}))
     return replace(base_cfg, num=n, seed=base_cfg.seed + 7919 * (round_index + 1), policy_tokens_per_step=ks,
                    policy_head=None if head is None else head.fingerprint(), progress=cfg.progress,
-                   shard_size=max(64, min(base_cfg.shard_size, n)))
+                   shard_size=max(64, min(base_cfg.shard_size, n)),
+                   policy_threshold=HELDOUT_THRESHOLD if head is not None and cfg.threshold_share > 0 else None)
 
 
 def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Path,
@@ -497,6 +573,8 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
     sweep = cfg.focus > 0
     collections = [(k1_train, table_for("k1-train", k1_train, sweep))]
     heldouts = {"k1": StateSampler([k1_heldout], [table_for("k1-heldout", k1_heldout, False)], cfg.rollout, 0.0)}
+    if cfg.threshold_share > 0:
+        heldouts["threshold"] = heldouts["k1"]
 
     def collect_round(r: int, policy: AdjustHead | None) -> None:
         n = max(cfg.heldout + 8, int(len(data) * cfg.onpolicy_fraction))
@@ -513,6 +591,8 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
         collections.append((train_part, table_for(f"onpolicy-{r}-train", train_part, sweep)))
         heldouts["onpolicy"] = StateSampler([held_part], [table_for(f"onpolicy-{r}-heldout", held_part, False)],
                                             cfg.rollout, 0.0)
+        if cfg.threshold_share > 0:
+            heldouts["threshold-onpolicy"] = heldouts["onpolicy"]  # where the sampler's later steps start
 
     def start_round(r: int) -> _Round:
         sampler = StateSampler([c for c, _ in collections], [t for _, t in collections], cfg.rollout, cfg.focus)
@@ -550,7 +630,13 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
             depth = int(torch.multinomial(depth_p, 1, generator=gen).item()) + 1
             depth = min(depth, max(current.train.depths))
             rows, states, weights = current.train.draw(depth, cfg.batch_size, gen)
-            batch = make_batch(current.train.data, rows, states, depth, mask_id, device, weights)
+            threshold = pick_rank = None
+            if cfg.threshold_share > 0 and float(torch.rand((), generator=gen)) < cfg.threshold_share:
+                low, high = THRESHOLD_RANGE
+                threshold = low + (high - low) * torch.rand(cfg.batch_size, generator=gen)
+                pick_rank = explored_ranks(cfg.batch_size, depth, gen)
+            batch = make_batch(current.train.data, rows, states, depth, mask_id, device, weights, threshold,
+                               pick_rank)
             loss, stale, *_ = loss_module(base, batch)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
@@ -567,7 +653,8 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
             bar.update(1)
             bar.set_postfix(round=current.index, kl=f"{running[0]:.4f}", stale_kl=f"{running[1]:.4f}")
             if progress["step"] % cfg.eval_every == 0:
-                scores = {kind: evaluate(accelerator.unwrap_model(loss_module), base, sampler, device)
+                scores = {kind: evaluate(accelerator.unwrap_model(loss_module), base, sampler, device,
+                                         threshold=_kind_threshold(kind))
                           for kind, sampler in current.heldout.items()}
                 score = _ratio_score(scores)
                 improved = progress["best"] is None or score < progress["best"] * (1 - MIN_GAIN)
@@ -620,7 +707,8 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
             log.close()
         return head  # a finished run asked again: nothing to do, nothing rewritten
     checkpoint()
-    final = {kind: evaluate(RolloutLoss(head), base, sampler, device) for kind, sampler in current.heldout.items()}
+    final = {kind: evaluate(RolloutLoss(head), base, sampler, device, threshold=_kind_threshold(kind))
+             for kind, sampler in current.heldout.items()}
     verdict = make_verdict(final, time.time() - started, progress["step"])
     if log is not None:
         log.write(json.dumps({"step": progress["step"], "round": current.index, "heldout": final, "final": True,
@@ -631,6 +719,11 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
     if base_after != base_fingerprint:
         raise AssertionError("the base model changed during ADJUST training; it must stay frozen")
     return head
+
+
+def _kind_threshold(kind: str) -> float | None:
+    """Held-out states of kind "threshold" are scored on the passes of `adjust:threshold=0.9`."""
+    return HELDOUT_THRESHOLD if kind.startswith("threshold") else None
 
 
 def make_verdict(heldout: dict[str, dict[int, dict[str, float]]], elapsed_s: float, steps: int) -> dict:
@@ -652,7 +745,9 @@ def _ratio(value: float | None) -> str:
 def format_verdict(verdict: dict) -> str:
     lines = ["held-out KL of the head / KL of the stale marginals (naive parallel); lower is better:"]
     for kind, ratios in verdict["ratios"].items():
-        label = "K=1 trajectory states" if kind == "k1" else "on-policy states (K>1 sampler)"
+        label = {"k1": "K=1 trajectory states", "threshold": "K=1 states, adjust:threshold=0.9 passes",
+                 "threshold-onpolicy": "on-policy states, adjust:threshold=0.9 passes"}.get(
+            kind, "on-policy states (K>1 sampler)")
         cells = ", ".join(f"depth {d}: {_ratio(v)}" for d, v in ratios.items())
         lines.append(f"  {label}: {cells}")
     lines.append(f"  {verdict['steps']} steps, {verdict['elapsed_s'] / 60:.1f} min")

@@ -68,6 +68,9 @@ class TrajectoryConfig:
     values: trajectory j uses the one picked by its seed."""
     policy_head: str | None = None
     """Fingerprint of the ADJUST head that drives the K>1 policy; None = naive parallel."""
+    policy_threshold: float | None = None
+    """With a policy head: half of the policy trajectories (picked by their seeds) use `adjust:threshold=` this,
+    so that the states where that sampler starts its steps are trained on."""
 
     def __post_init__(self) -> None:
         require_positive(self, ("num", "length", "shard_size", "batch_size"))
@@ -78,6 +81,8 @@ class TrajectoryConfig:
             raise ValueError("on-policy collection needs a canvas of at least 3 tokens")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.policy_threshold is not None and not 0 < self.policy_threshold <= 1:
+            raise ValueError(f"policy_threshold must be in (0, 1], got {self.policy_threshold}")
         self.choice()
 
     def choice(self) -> TokenChoice:
@@ -233,12 +238,18 @@ def _collect_batch(model: DiffusionLM, cfg: TrajectoryConfig, indices: range, pr
     draws = [torch.Generator().manual_seed(sample_seed(cfg.seed + POLICY_SEED_OFFSET, j)) for j in indices]
     ks = torch.tensor([cfg.policy_tokens_per_step[int(torch.randint(len(cfg.policy_tokens_per_step), (1,),
                                                                     generator=g))] for g in draws])
+    opened = torch.zeros(n, dtype=torch.bool)
+    if head is not None and cfg.policy_threshold is not None:
+        opened = torch.tensor([bool(torch.rand((), generator=g) < 0.5) for g in draws])
     mask_id = model.spec.mask_id
     init = torch.full((n, length), mask_id, dtype=torch.long)
     policy_order = torch.full((n, length), -1, dtype=torch.long)
-    for k in ks.unique().tolist():
-        rows = (ks == k).nonzero().squeeze(-1)
-        sampler = make_sampler("parallel") if head is None or k == 1 else make_sampler("adjust", head=head)
+    for k, opens in sorted({(int(k), bool(o)) for k, o in zip(ks, opened, strict=True)}):
+        rows = ((ks == k) & (opened == opens)).nonzero().squeeze(-1)
+        if head is None or k == 1:
+            sampler = make_sampler("parallel")
+        else:
+            sampler = make_sampler("adjust", head=head, threshold=cfg.policy_threshold if opens else None)
         config = SamplingConfig(length=length, tokens_per_step=k, choice=cfg.choice(),
                                 seed=cfg.seed + POLICY_SEED_OFFSET, batch_size=cfg.batch_size, record_history=True,
                                 progress=False)

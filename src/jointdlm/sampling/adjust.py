@@ -10,6 +10,11 @@ head-updated distributions:
 * `adjust:gamma=1` — as EB-Sampler: the entropies of the step's tokens, less the largest, sum to at most gamma.
 The first token of a step is always written. Rows stop independently; a row's head passes are counted only
 while it is still writing.
+
+`adjust:threshold=0.9` opens each step with the threshold sampler's round: from the base pass, every position
+whose confidence is at least the threshold (at least one), then up to K-1 more tokens, one per head pass. The
+sure tokens cost no head pass; the head's passes go to the uncertain ones, whose joint naive parallel gets wrong.
+It needs a head trained on such steps (`AdjustTrainConfig.threshold_share`, the default since 2026-12-02).
 """
 
 from __future__ import annotations
@@ -29,10 +34,13 @@ from .rules import Marginals, select_top
 class AdjustConfig:
     tau: float | None = None
     gamma: float | None = None
+    threshold: float | None = None
 
     def __post_init__(self) -> None:
-        if self.tau is not None and self.gamma is not None:
-            raise ValueError("give tau (confidence test) or gamma (entropy test), not both")
+        if sum(v is not None for v in (self.tau, self.gamma, self.threshold)) > 1:
+            raise ValueError("give one of tau (confidence test), gamma (entropy test) or threshold (opening round)")
+        if self.threshold is not None and not (math.isfinite(self.threshold) and 0 < self.threshold <= 1):
+            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
         if self.tau is not None and not (math.isfinite(self.tau) and 0 <= self.tau <= 1):
             raise ValueError(f"tau must be in [0, 1], got {self.tau}")
         if self.gamma is not None and not (math.isfinite(self.gamma) and self.gamma >= 0):
@@ -40,7 +48,8 @@ class AdjustConfig:
 
     @property
     def adaptive(self) -> bool:
-        return self.tau is not None or self.gamma is not None
+        """Whether the number of tokens a step writes varies (the schedule's K is then a cap)."""
+        return self.tau is not None or self.gamma is not None or self.threshold is not None
 
 
 class AdjustSampler:
@@ -63,8 +72,12 @@ class AdjustSampler:
         head_passes = torch.zeros(len(tokens), dtype=torch.long)
         for r in range(int(budget.max())):
             logprobs = ctx.logprobs(logits, where=eligible)
-            chosen = select_top(ctx.scores(logprobs, eligible), writing.long())
-            if self.config.adaptive:
+            if r == 0 and self.config.threshold is not None:
+                confidence = ctx.scores(logprobs, eligible, rule="confidence")
+                chosen = select_top(confidence, threshold_count(confidence, self.config.threshold) * writing)
+            else:
+                chosen = select_top(ctx.scores(logprobs, eligible), writing.long())
+            if self.config.tau is not None or self.config.gamma is not None:
                 writing &= self._passes(logprobs, chosen, entropy_sum, entropy_max, first=r == 0)
                 chosen &= writing[:, None]
             if not writing.any():
@@ -74,7 +87,7 @@ class AdjustSampler:
             eligible = eligible & ~chosen  # a new tensor: the round's Marginals keep the old one
             # Only rows still writing with budget left write in the next round; when there are none the step
             # ends here (a later round would read logits from before this round's writes).
-            writing &= budget > r + 1
+            writing &= (budget > r + 1) & eligible.any(-1)
             if not writing.any():
                 break
             with torch.no_grad():
@@ -101,3 +114,8 @@ class AdjustSampler:
         entropy_sum[rows] = torch.where(ok, new_sum, entropy_sum[rows])
         entropy_max[rows] = torch.where(ok, new_max, entropy_max[rows])
         return passed
+
+
+def threshold_count(confidence: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(B,) how many positions the opening round writes: those with confidence >= threshold, at least one."""
+    return (confidence >= threshold).sum(-1).clamp(min=1)
