@@ -27,6 +27,7 @@ from jointdlm.adjust.train import (
     STATE_FILE,
     AdjustTrainConfig,
     final_heldout,
+    read_verdict,
     train_adjust,
 )
 from jointdlm.adjust.trajectories import TrajectoryConfig, collect_trajectories, load_trajectories
@@ -41,7 +42,7 @@ TRAJ = dict(num=200, shard_size=50, progress=False)
 # on-policy round (naive parallel) so the pipeline's collection, sweep and rounds run; patience off, so the run
 # is exactly max_steps long; depths 1-3 keep it cheap (the default recipe is measured in test_quality.py).
 TRAINED = AdjustTrainConfig(max_steps=300, lr=3e-3, warmup_steps=20, eval_every=300, save_every=300, progress=False,
-                            onpolicy_rounds=1, patience=0, rollout=4)
+                            onpolicy_rounds=1, patience=0, rollout=4, threshold_share=0.5)
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 
@@ -270,6 +271,12 @@ def test_training_reduces_heldout_kl(trained):
     # Measured on this setup: head/stale = 0.734 (depth 1), 0.645 (depth 2), 0.546 (depth 3).
     assert ratios["1"] < 0.85 and ratios["3"] < 0.85
     assert ratios["2"] < 0.95
+    # Half the steps were trained on the passes of adjust:threshold, and held-out KL is measured there too.
+    verdict = read_verdict(trained.out)
+    print(f"verdict ratios {verdict['ratios']}")
+    assert set(verdict["ratios"]) == {"k1", "onpolicy", "threshold", "threshold-onpolicy"}
+    # Measured: 0.04-0.07 at depths 1-3 on both kinds of threshold passes.
+    assert all(v < 0.2 for kind in ("threshold", "threshold-onpolicy") for v in verdict["ratios"][kind].values())
 
 
 # 5. Resuming is exact.
@@ -363,7 +370,8 @@ def test_mismatched_resume_is_refused(base, base_dir, traj_dir, trained, tmp_pat
     files = {str(p): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     common = ["train-adjust", "--model", str(base_dir), "--trajectories", str(traj_dir), "--out", str(out),
               "--max-steps", str(TRAINED.max_steps), "--warmup-steps", str(TRAINED.warmup_steps),
-              "--onpolicy-rounds", "1", "--patience", "0", "--rollout", str(TRAINED.rollout)]
+              "--onpolicy-rounds", "1", "--patience", "0", "--rollout", str(TRAINED.rollout),
+              "--threshold-share", str(TRAINED.threshold_share)]
     for flags, problem in [(["--lr", "0.001"], "lr=0.003 there, 0.001 now"),
                            (["--lr", "0.003", "--rollout", "3"], "rollout=4 there, 3 now"),
                            (["--lr", "0.003", "--focus", "0.2"], "focus=0.5 there, 0.2 now")]:
