@@ -14,7 +14,8 @@ while it is still writing.
 `adjust:threshold=0.9` opens each step with the threshold sampler's round: from the base pass, every position
 whose confidence is at least the threshold (at least one), then up to K-1 more tokens, one per head pass. The
 sure tokens cost no head pass; the head's passes go to the uncertain ones, whose joint naive parallel gets wrong.
-It needs a head trained on such steps (`AdjustTrainConfig.threshold_share`, the default since 2026-12-02).
+It needs a head trained on such steps (`train-adjust --threshold-share 0.5`): heads trained without them collapsed
+on 2 of 4 (docs/results.md §5).
 """
 
 from __future__ import annotations
