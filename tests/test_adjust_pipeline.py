@@ -622,6 +622,29 @@ def test_threshold_opening_writes_the_sure_tokens_and_at_most_k_minus_1_more(bas
     assert alone.tokens == gen.tokens and alone.history == gen.history
 
 
+def test_threshold_opening_warns_about_a_head_trained_without_it(base, trained, tmp_path):
+    import warnings
+
+    assert trained.head.threshold_share == 0.5
+    for share, warns in ((0.5, False), (0.0, True), (None, False)):
+        copy = tmp_path / f"head-{share}"
+        shutil.copytree(trained.out, copy)
+        config = json.loads((copy / "adjust_config.json").read_text())
+        if share is None:
+            del config["training"]  # not recorded: nothing to say
+        else:
+            config["training"]["threshold_share"] = share
+        (copy / "adjust_config.json").write_text(json.dumps(config))
+        head = AdjustHead.from_pretrained(copy, base)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make_sampler("adjust", head=head, threshold=0.9)
+            make_sampler("adjust", head=head)  # fixed K never warns
+        messages = [str(w.message) for w in caught]
+        assert len(messages) == (1 if warns else 0), messages
+        assert all("--threshold-share 0.5" in m for m in messages)
+
+
 def test_training_on_the_threshold_samplers_own_positions(base, traj_dir):
     """The passes trained for `adjust:threshold` write the trajectory's tokens where the sampler would: first every
     position the base is sure of (at least one), then the head's most confident, or, when training explores, the

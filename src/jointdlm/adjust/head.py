@@ -79,6 +79,8 @@ class AdjustHead(nn.Module):
     def __init__(self, config: AdjustHeadConfig) -> None:
         super().__init__()
         self.config = config
+        self.threshold_share: float | None = None
+        """The training's `threshold_share` when known (None: not trained by train_adjust, or not recorded)."""
         d = config.d_model
         self.embed_norm = nn.RMSNorm(d, eps=config.norm_eps)
         self.hidden_norm = nn.RMSNorm(d, eps=config.norm_eps)
@@ -166,4 +168,7 @@ class AdjustHead(nn.Module):
         except RuntimeError as err:
             raise ValueError(f"{directory / HEAD_WEIGHTS_FILE} does not match its config: "
                              f"{str(err).splitlines()[0]}") from None
+        training = raw.get("training")
+        if isinstance(training, dict):
+            head.threshold_share = float(training.get("threshold_share", 0.0))  # older heads trained without
         return head.to(base.device).eval().requires_grad_(False)

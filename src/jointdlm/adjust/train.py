@@ -536,6 +536,7 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
     def exported() -> AdjustHead:
         """The head a user gets: the best weights (by held-out KL) of the current round."""
         head_out = AdjustHead(head_config)
+        head_out.threshold_share = cfg.threshold_share
         head_out.load_state_dict(best_state if best_state is not None else unwrapped.state_dict())
         return head_out.to(device).eval().requires_grad_(False)
 

@@ -21,6 +21,7 @@ on 2 of 4 (docs/results.md §5).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +61,9 @@ class AdjustSampler:
         self.head = head
         self.config = resolve_config(AdjustConfig, config, settings)
         self.follows_budget = not self.config.adaptive
+        if self.config.threshold is not None and getattr(head, "threshold_share", None) == 0:
+            warnings.warn("this ADJUST head was trained without --threshold-share; adjust:threshold collapsed on 2 "
+                          "of 4 such heads (docs/results.md §5): train it with --threshold-share 0.5", stacklevel=2)
 
     def step(self, ctx: StepContext) -> StepResult:
         out = ctx.forward()
