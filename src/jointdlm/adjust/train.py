@@ -38,8 +38,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..models.protocol import DiffusionLM
-from ..sampling.adjust import threshold_count
 from ..sampling.rules import rank_of, select_top
+from ..sampling.threshold import sure_count
 from ..validation import require_finite, require_positive
 from .head import AdjustHead, AdjustHeadConfig
 from .trajectories import Trajectories, TrajectoryConfig, collect_trajectories, load_trajectories
@@ -234,7 +234,7 @@ class RolloutLoss(nn.Module):
         with torch.no_grad():
             start = base.forward(batch.tokens, batch.attention, at=masked)
             confidence = _confidence(start.logits, masked, banned)
-            chosen = select_top(confidence, threshold_count(confidence, batch.threshold[:, None]))
+            chosen = select_top(confidence, sure_count(confidence, batch.threshold[:, None]).clamp(min=1))
         tokens, hidden = torch.where(chosen, batch.targets, batch.tokens), start.hidden
         for m in range(len(batch.steps)):
             hidden = self.head.update(base, tokens, batch.attention, hidden)
@@ -243,11 +243,10 @@ class RolloutLoss(nn.Module):
             with torch.no_grad():
                 masked_now = tokens == mask_id
                 confidence = _confidence(base.lm_head(hidden[masked_now].detach()), masked_now, banned)
-                if batch.pick_rank is None:
-                    chosen = select_top(confidence, masked_now.any(-1).long())
-                else:
-                    rank = torch.minimum(batch.pick_rank[:, m], masked_now.sum(-1) - 1)
-                    chosen = (rank_of(confidence) == rank[:, None]) & masked_now
+                left = masked_now.sum(-1)
+                wanted = torch.zeros_like(left) if batch.pick_rank is None else batch.pick_rank[:, m]
+                rank = torch.minimum(wanted, left - 1)  # -1 (nothing) in rows with no mask left
+                chosen = (rank_of(confidence) == rank[:, None]) & masked_now
             tokens = torch.where(chosen, batch.targets, tokens)
         return hidden, tokens, start.logits[(tokens == mask_id)[masked]]
 

@@ -30,6 +30,7 @@ import torch
 from ..adjust.head import AdjustHead
 from .base import StepContext, StepResult, resolve_config
 from .rules import Marginals, select_top
+from .threshold import sure_count
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,12 @@ class AdjustConfig:
     @property
     def adaptive(self) -> bool:
         """Whether the number of tokens a step writes varies (the schedule's K is then a cap)."""
-        return self.tau is not None or self.gamma is not None or self.threshold is not None
+        return self.tested or self.threshold is not None
+
+    @property
+    def tested(self) -> bool:
+        """Whether each head token after the first must pass a test (tau or gamma)."""
+        return self.tau is not None or self.gamma is not None
 
 
 class AdjustSampler:
@@ -79,10 +85,10 @@ class AdjustSampler:
             logprobs = ctx.logprobs(logits, where=eligible)
             if r == 0 and self.config.threshold is not None:
                 confidence = ctx.scores(logprobs, eligible, rule="confidence")
-                chosen = select_top(confidence, threshold_count(confidence, self.config.threshold) * writing)
+                chosen = select_top(confidence, sure_count(confidence, self.config.threshold).clamp(min=1) * writing)
             else:
                 chosen = select_top(ctx.scores(logprobs, eligible), writing.long())
-            if self.config.tau is not None or self.config.gamma is not None:
+            if self.config.tested:
                 writing &= self._passes(logprobs, chosen, entropy_sum, entropy_max, first=r == 0)
                 chosen &= writing[:, None]
             if not writing.any():
@@ -120,7 +126,3 @@ class AdjustSampler:
         entropy_max[rows] = torch.where(ok, new_max, entropy_max[rows])
         return passed
 
-
-def threshold_count(confidence: torch.Tensor, threshold: float) -> torch.Tensor:
-    """(B,) how many positions the opening round writes: those with confidence >= threshold, at least one."""
-    return (confidence >= threshold).sum(-1).clamp(min=1)

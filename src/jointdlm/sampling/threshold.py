@@ -55,9 +55,14 @@ class ThresholdSampler:
 def accepted_count(confidence: torch.Tensor, config: ThresholdConfig) -> torch.Tensor:
     """(B,) how many of each row's most confident positions to fill (at least one)."""
     if config.factor is None:
-        count = (confidence >= config.tau).sum(-1)
+        count = sure_count(confidence, config.tau)
     else:
         ordered = confidence.sort(dim=-1, descending=True).values
         n = torch.arange(1, ordered.shape[1] + 1, dtype=ordered.dtype, device=ordered.device)
         count = (torch.isfinite(ordered) & ((n + 1) * (1 - ordered) < config.factor)).sum(-1)
     return count.clamp(min=1) + config.extra
+
+
+def sure_count(confidence: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
+    """(B,) positions per row whose confidence is at least tau (a float, or (B, 1) per row)."""
+    return (confidence >= tau).sum(-1)
