@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from jointdlm import cli
-from jointdlm.adjust.head import AdjustHead, AdjustHeadConfig
+from jointdlm.adjust.head import AdjustHead, AdjustHeadConfig, HeadCarry
 from jointdlm.adjust.train import (
     LOG_FILE,
     STATE_FILE,
@@ -40,8 +40,10 @@ K = 4
 TRAJ = dict(num=200, shard_size=50, progress=False)
 # The shared trained head; lr/warmup/rollout must match the CLI flags in test_mismatched_resume_is_refused. One
 # on-policy round (naive parallel) so the pipeline's collection, sweep and rounds run; patience off, so the run
-# is exactly max_steps long; depths 1-3 keep it cheap (the default recipe is measured in test_quality.py).
-TRAINED = AdjustTrainConfig(max_steps=300, lr=3e-3, warmup_steps=20, eval_every=300, save_every=300, progress=False,
+# is exactly max_steps long; depths 1-3 keep it cheap (the default recipe is measured in test_quality.py). At 300
+# steps the held-out KL landed in one of two groups depending on float rounding (depth 2: 0.02-0.05 or 0.13-0.26
+# of stale, about half the runs each over 4 seeds x 2 builds); at 600 every seed measured is in the first.
+TRAINED = AdjustTrainConfig(max_steps=600, lr=3e-3, warmup_steps=20, eval_every=600, save_every=600, progress=False,
                             onpolicy_rounds=1, patience=0, rollout=4, threshold_share=0.5)
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
@@ -187,6 +189,37 @@ def test_head_updates_only_masked_positions_as_the_full_block_would(base):
     assert (new[masked] - hidden[masked]).abs().max() > 1e-2  # the test exercises a real update
 
 
+def test_carried_keys_and_values_give_the_same_passes(base):
+    """Within a step a pass reuses the previous pass's keys and values where the token and hidden state did not
+    change: over a step of several passes (rows writing different numbers of positions, a left-padded prompt)
+    hidden states and logits equal those of passes that compute everything; a hidden state that is not the
+    previous pass's output, or a different batch, is computed afresh."""
+    torch.manual_seed(13)
+    head = AdjustHead(AdjustHeadConfig.for_base(base)).eval().requires_grad_(False)
+    torch.nn.init.normal_(head.out_norm.weight)
+    tokens, attention, _ = build_canvas(base, encode_prompts(base, ["", "the cat sat", "a"]), 12)
+    tokens[0, -5:] = torch.tensor([300, 301, 302, 303, 304])
+    with torch.no_grad():
+        hidden = base.forward(tokens, attention).hidden
+        plain, carried, carry = (tokens, hidden), (tokens, hidden), HeadCarry()
+        for r in range(4):
+            (tp, hp), (tc, hc) = plain, carried
+            new_plain = head(base, tp, attention, hp, at=tp == base.spec.mask_id)
+            new_carried = head(base, tc, attention, hc, at=tc == base.spec.mask_id, carry=carry)
+            torch.testing.assert_close(new_carried, new_plain, rtol=1e-5, atol=1e-5)
+            # Row 1 writes its first masked position, row 0 its last two, row 2 nothing.
+            masked = tp == base.spec.mask_id
+            written = tp.clone()
+            written[1, int(masked[1].nonzero()[0])] = 310 + r
+            written[0, masked[0].nonzero()[-2:, 0]] = 320 + r
+            plain, carried = (written, new_plain[0]), (written.clone(), new_carried[0])
+        assert carry.keys is not None
+        fresh = carry.fresh(carried[0], carried[1], carried[0] == base.spec.mask_id)
+        assert fresh is not None and not fresh.all()  # the last pass would reuse keys and values
+        assert carry.fresh(carried[0], carried[1].clone(), carried[0] == base.spec.mask_id) is None
+        assert carry.fresh(carried[0][:2], carried[1], carried[0][:2] == base.spec.mask_id) is None
+
+
 def test_head_with_removed_output_layer_is_refused(base, tmp_path):
     """A head saved with the removed linear output layer gets an error that says so, not a weight mismatch."""
     AdjustHead(AdjustHeadConfig.for_base(base)).save_pretrained(tmp_path / "old", extra={"output_layer": "linear"})
@@ -268,14 +301,13 @@ def test_training_reduces_heldout_kl(trained):
     print(f"trained in {trained.seconds:.1f}s; held-out KL {scores}; head/stale {ratios}")
     assert set(scores) == {"1", "2", "3"}
     assert all(v["stale_kl"] > 0 for v in scores.values())
-    # Measured on this setup: head/stale = 0.734 (depth 1), 0.645 (depth 2), 0.546 (depth 3).
-    assert ratios["1"] < 0.85 and ratios["3"] < 0.85
-    assert ratios["2"] < 0.95
+    # Measured on this setup, training seeds 0-3: head/stale 0.020-0.121 (depth 1), 0.013-0.080 (2), 0.018-0.139 (3).
+    assert all(v < 0.3 for v in ratios.values())
     # Half the steps were trained on the passes of adjust:threshold, and held-out KL is measured there too.
     verdict = read_verdict(trained.out)
     print(f"verdict ratios {verdict['ratios']}")
     assert set(verdict["ratios"]) == {"k1", "onpolicy", "threshold", "threshold-onpolicy"}
-    # Measured: 0.04-0.07 at depths 1-3 on both kinds of threshold passes.
+    # Measured, training seeds 0-3: 0.009-0.15 at depths 1-3 on both kinds of threshold passes.
     assert all(v < 0.2 for kind in ("threshold", "threshold-onpolicy") for v in verdict["ratios"][kind].values())
 
 

@@ -93,33 +93,58 @@ class AdjustHead(nn.Module):
         nn.init.zeros_(self.out_norm.weight)
 
     def forward(self, base: DiffusionLM, tokens: torch.Tensor, attention_mask: torch.Tensor | None,
-                hidden: torch.Tensor, at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                hidden: torch.Tensor, at: torch.Tensor | None = None,
+                carry: HeadCarry | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One cheap pass: (current tokens, previous hidden) -> (new hidden, logits), the logits (N, V) at the
-        True positions of `at` when given (as the base's forward)."""
-        new_hidden = self.update(base, tokens, attention_mask, hidden)
+        True positions of `at` when given (as the base's forward). `carry` (one per step) keeps the block's keys
+        and values from the step's previous pass (see `HeadCarry`)."""
+        new_hidden = self.update(base, tokens, attention_mask, hidden, carry)
         return new_hidden, base.lm_head(new_hidden if at is None else new_hidden[at])
 
     def update(self, base: DiffusionLM, tokens: torch.Tensor, attention_mask: torch.Tensor | None,
-               hidden: torch.Tensor) -> torch.Tensor:
+               hidden: torch.Tensor, carry: HeadCarry | None = None) -> torch.Tensor:
         """The new hidden states alone (passes whose logits nobody reads skip the output projection)."""
-        embedded = base.embed(tokens)
-        z = self.proj(torch.cat([self.embed_norm(embedded), self.hidden_norm(hidden)], dim=-1))
         positions, mask = positions_and_mask(attention_mask, tokens.shape, False, tokens.device)
-        rope = rotary_tables(positions, self.config.d_model // self.config.n_heads, self.config.rope_theta)
+        head_dim = self.config.d_model // self.config.n_heads
         if not self.config.masked_only:
+            z = self._block_input(base, tokens, hidden)
+            rope = rotary_tables(positions, head_dim, self.config.rope_theta)
             return self._scaled(self.out_norm(self.block(z, rope, mask)), hidden) + hidden
         masked = tokens == base.spec.mask_id
-        counts = masked.sum(-1)
-        width = int(counts.max())
-        if width == 0:
+        if not masked.any():
             return hidden
-        # Each row's masked positions first, in order; rows with fewer are padded with positions whose output is
-        # dropped, so masked_scatter below reads the kept outputs in the row-major order of `masked`.
-        index = torch.argsort((~masked).to(torch.uint8), dim=-1, stable=True)[:, :width]
-        kept = torch.arange(width, device=tokens.device) < counts[:, None]
+        # Keys and values are needed over the whole canvas, but within a step a written position's token and
+        # hidden state stay as they were (only masked positions are updated), so its keys and values from the
+        # step's previous pass still hold: recompute them at the masked positions and the ones written since.
+        fresh = carry.fresh(tokens, hidden, masked) if carry is not None else None
+        if fresh is None:
+            fresh_index = None
+            z = self._block_input(base, tokens, hidden)
+            keys, values = self.block.keys_values(z, *rotary_tables(positions, head_dim, self.config.rope_theta))
+        else:
+            fresh_index, fresh_kept = _rows_first(fresh)
+            z = self._block_input(base, take_positions(tokens, fresh_index), take_positions(hidden, fresh_index))
+            k, v = self.block.keys_values(z, *rotary_tables(take_positions(positions, fresh_index), head_dim,
+                                                            self.config.rope_theta))
+            keys, values = carry.write(fresh_index, fresh_kept, k, v)
+        index, kept = _rows_first(masked)
+        # The block's input at the masked positions: z's columns follow fresh_index, where masked positions
+        # are among the fresh ones, in order.
+        z_at = take_positions(z, index if fresh_index is None else
+                              take_positions(fresh.long().cumsum(-1).sub(1).clamp(min=0), index))
+        if mask is not None:  # (B, 1, T, T): the rows of the queried positions
+            b, t = tokens.shape
+            mask = take_positions(mask.expand(b, 1, t, t).transpose(1, 2), index).transpose(1, 2)
+        cos, sin = rotary_tables(take_positions(positions, index), head_dim, self.config.rope_theta)
         old = take_positions(hidden, index)
-        new = old + self._scaled(self.out_norm(self.block.forward_at(z, rope, mask, index)), old)
-        return hidden.masked_scatter(masked[..., None], new[kept])
+        new = old + self._scaled(self.out_norm(self.block.forward_at(z_at, cos, sin, keys, values, mask)), old)
+        new_hidden = hidden.masked_scatter(masked[..., None], new[kept])
+        if carry is not None:
+            carry.remember(tokens, new_hidden, keys, values)
+        return new_hidden
+
+    def _block_input(self, base: DiffusionLM, tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        return self.proj(torch.cat([self.embed_norm(base.embed(tokens)), self.hidden_norm(hidden)], dim=-1))
 
     def _scaled(self, update: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         if self.config.hidden_scale:
@@ -172,3 +197,51 @@ class AdjustHead(nn.Module):
         if isinstance(training, dict):
             head.threshold_share = float(training.get("threshold_share", 0.0))  # older heads trained without
         return head.to(base.device).eval().requires_grad_(False)
+
+
+def _rows_first(where: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, W) each row's True positions first, in order, W the most in any row (rows with fewer are padded
+    with other positions), and (B, W) which of them are real; masked_scatter reads `new[kept]` in the
+    row-major order of `where`."""
+    counts = where.sum(-1)
+    width = int(counts.max())
+    index = torch.argsort((~where).to(torch.uint8), dim=-1, stable=True)[:, :width]
+    return index, torch.arange(width, device=where.device) < counts[:, None]
+
+
+class HeadCarry:
+    """The head block's keys and values from the previous pass of the same step, for a sampler to pass to every
+    head pass of one step (a new one each step: the base pass changes every hidden state).
+
+    A position that was written before the previous pass has the same token and, since a pass updates only
+    masked positions, the same hidden state: its keys and values are what that pass computed. On `large` with
+    half the canvas written this saves the input projection and the keys and values at half the positions in
+    every pass after the step's first (docs/results.md §6). The result is the same computation as without it.
+    """
+
+    def __init__(self) -> None:
+        self.tokens: torch.Tensor | None = None
+        self.hidden: torch.Tensor | None = None
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def fresh(self, tokens: torch.Tensor, hidden: torch.Tensor, masked: torch.Tensor) -> torch.Tensor | None:
+        """(B, T) where keys and values must be computed anew; None for everywhere (the step's first pass, or a
+        hidden state that is not the one the previous pass returned)."""
+        if (self.keys is None or hidden is not self.hidden or tokens.shape != self.tokens.shape
+                or torch.is_grad_enabled()):  # written in place: inference only
+            return None
+        return masked | (tokens != self.tokens)
+
+    def write(self, index: torch.Tensor, kept: torch.Tensor, keys: torch.Tensor,
+              values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole canvas's keys and values with the fresh ones (B, H, W, head_dim, at `index`) written in;
+        padding columns keep the old ones."""
+        where = index[:, None, :, None].expand_as(keys)
+        keep = kept[:, None, :, None]
+        for old, new in ((self.keys, keys), (self.values, values)):
+            old.scatter_(2, where, torch.where(keep, new, old.gather(2, where)))
+        return self.keys, self.values
+
+    def remember(self, tokens: torch.Tensor, hidden: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.tokens, self.hidden, self.keys, self.values = tokens.clone(), hidden, keys, values

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..adjust.head import AdjustHead
+from ..adjust.head import AdjustHead, HeadCarry
 from .base import StepContext, StepResult, resolve_config
 from .rules import Marginals, select_top
 from .threshold import sure_count
@@ -81,6 +81,7 @@ class AdjustSampler:
         entropy_sum = torch.zeros(len(tokens), dtype=torch.float64, device=tokens.device)
         entropy_max = torch.zeros_like(entropy_sum)
         head_passes = torch.zeros(len(tokens), dtype=torch.long)
+        carry = HeadCarry()
         for r in range(int(budget.max())):
             logprobs = ctx.logprobs(logits, where=eligible)
             if r == 0 and self.config.threshold is not None:
@@ -103,7 +104,7 @@ class AdjustSampler:
                 break
             with torch.no_grad():
                 # Logits only where the next round reads them: the positions still to be written.
-                hidden, logits = self.head(ctx.model, tokens, ctx.attention_mask, hidden, at=eligible)
+                hidden, logits = self.head(ctx.model, tokens, ctx.attention_mask, hidden, at=eligible, carry=carry)
             head_passes += writing.cpu()
         return StepResult(fill=fill, tokens=tokens, base_passes=1, extra_passes=head_passes)
 
