@@ -306,7 +306,9 @@ def test_training_reduces_heldout_kl(trained):
     # Half the steps were trained on the passes of adjust:threshold, and held-out KL is measured there too.
     verdict = read_verdict(trained.out)
     print(f"verdict ratios {verdict['ratios']}")
-    assert set(verdict["ratios"]) == {"k1", "onpolicy", "threshold", "threshold-onpolicy"}
+    assert set(verdict["ratios"]) == {"k1", "own", "onpolicy", "threshold", "threshold-onpolicy"}
+    # Fixed-K ADJUST's own passes are scored too (a head can be good in the K=1 order and wrong where it picks).
+    assert verdict["own_picks_off"] == [] and all(v < 0.3 for v in verdict["ratios"]["own"].values())
     # Measured, training seeds 0-3: 0.009-0.15 at depths 1-3 on both kinds of threshold passes.
     assert all(v < 0.2 for kind in ("threshold", "threshold-onpolicy") for v in verdict["ratios"][kind].values())
 

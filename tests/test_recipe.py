@@ -193,3 +193,19 @@ def test_verdict_warns_when_the_head_learned_little():
     assert verdict["learned_little"] == ["onpolicy depth 2"]
     assert "warning: the head learned little" in format_verdict(verdict)
     assert 0.19 / 0.2 > LEARNED_LITTLE
+
+
+def test_verdict_warns_when_the_head_is_off_on_its_own_picks():
+    """Fixed-K ADJUST's own passes ("own") far worse than the K=1 order at depth >= 2 is flagged (the demo's
+    template head that wrote 0.54 valid strings at K=4: 0.22 against 0.001); near it, or small, is not."""
+    k1 = {1: {"head_kl": 0.001, "stale_kl": 0.1}, 2: {"head_kl": 0.0002, "stale_kl": 0.2}}
+    fine = {"k1": k1, "own": {1: {"head_kl": 0.001, "stale_kl": 0.1}, 2: {"head_kl": 0.0003, "stale_kl": 0.2}}}
+    verdict = make_verdict(fine, 60.0, 1000)
+    assert verdict["own_picks_off"] == [] and "own picks" in format_verdict(verdict)
+    assert "warning" not in format_verdict(verdict)
+    off = {"k1": k1, "own": {1: {"head_kl": 0.9, "stale_kl": 0.1}, 2: {"head_kl": 0.044, "stale_kl": 0.2}}}
+    verdict = make_verdict(off, 60.0, 1000)
+    assert verdict["own_picks_off"] == ["depth 2: 0.220 on its own picks, 0.001 in the K=1 order"]  # not depth 1
+    assert "warning: the head is much worse on the positions it picks itself" in format_verdict(verdict)
+    small = {"k1": k1, "own": {2: {"head_kl": 0.008, "stale_kl": 0.2}}}  # 40x the K=1 order, but 0.04 < 0.05
+    assert make_verdict(small, 60.0, 1000)["own_picks_off"] == []

@@ -390,6 +390,14 @@ def _heldout_examples(sampler: StateSampler, depth: int, examples: int, seed: in
 
 
 HELDOUT_THRESHOLD = 0.9
+OWN_PICKS = float("inf")
+"""As an opening threshold: no position is sure, so the round writes only the base's most confident one and the
+passes after it write the head's own picks: fixed-K ADJUST's passes (held-out kind "own")."""
+OWN_PICKS_OFF = 4.0
+"""A head whose held-out KL ratio on its own picks (depth >= 2) is above this many times its ratio on the K=1
+trajectory's order, and above 0.05, picks positions the K=1 sampler would not and is wrong there: on the demo's
+template base such a head (own 0.22 vs K=1 order 0.001 at depth 2; heads that sampled well: within 1.3x) wrote
+0.41-0.56 valid strings at K=3, 4 and 6 (docs/results.md §5)."""
 THRESHOLD_RANGE = (0.5, 0.95)
 EXPLORED_RANKS = 3
 
@@ -712,11 +720,11 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
         return head  # a finished run asked again: nothing to do, nothing rewritten
     checkpoint()
     final = {kind: evaluate(RolloutLoss(head), base, sampler, device, threshold=_kind_threshold(kind))
-             for kind, sampler in current.heldout.items()}
+             for kind, sampler in {**current.heldout, "own": current.heldout["k1"]}.items()}
     verdict = make_verdict(final, time.time() - started, progress["step"])
     if log is not None:
         log.write(json.dumps({"step": progress["step"], "round": current.index, "heldout": final, "final": True,
-                              "score": _ratio_score(final), "elapsed_s": round(time.time() - started, 1)}) + "\n")
+                              "score": _ratio_score({k: v for k, v in final.items() if k != "own"}), "elapsed_s": round(time.time() - started, 1)}) + "\n")
         log.close()
         (out / VERDICT_FILE).write_text(json.dumps(verdict, indent=2))
     base_after = _recompute_fingerprint(base)
@@ -726,7 +734,10 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
 
 
 def _kind_threshold(kind: str) -> float | None:
-    """Held-out states of kind "threshold" are scored on the passes of `adjust:threshold=0.9`."""
+    """Held-out states of kind "threshold" are scored on the passes of `adjust:threshold=0.9`, "own" on the
+    passes of fixed-K ADJUST (the head's own picks)."""
+    if kind == "own":
+        return OWN_PICKS
     return HELDOUT_THRESHOLD if kind.startswith("threshold") else None
 
 
@@ -736,7 +747,10 @@ def make_verdict(heldout: dict[str, dict[int, dict[str, float]]], elapsed_s: flo
               for kind, s in heldout.items()}
     weak = [f"{kind} depth {d}" for kind, r in ratios.items() for d, v in r.items()
             if int(d) >= 2 and v is not None and v > LEARNED_LITTLE]
-    return {"ratios": ratios, "heldout": heldout, "learned_little": weak, "steps": steps,
+    own, k1 = ratios.get("own", {}), ratios.get("k1", {})
+    off = [f"depth {d}: {v:.3f} on its own picks, {k1[d]:.3f} in the K=1 order" for d, v in own.items()
+           if int(d) >= 2 and v is not None and k1.get(d) is not None and v > max(0.05, OWN_PICKS_OFF * k1[d])]
+    return {"ratios": ratios, "heldout": heldout, "learned_little": weak, "own_picks_off": off, "steps": steps,
             "elapsed_s": round(elapsed_s, 1)}
 
 
@@ -749,7 +763,8 @@ def _ratio(value: float | None) -> str:
 def format_verdict(verdict: dict) -> str:
     lines = ["held-out KL of the head / KL of the stale marginals (naive parallel); lower is better:"]
     for kind, ratios in verdict["ratios"].items():
-        label = {"k1": "K=1 trajectory states", "threshold": "K=1 states, adjust:threshold=0.9 passes",
+        label = {"k1": "K=1 trajectory states", "own": "K=1 states, fixed-K ADJUST passes (the head's own picks)",
+                 "threshold": "K=1 states, adjust:threshold=0.9 passes",
                  "threshold-onpolicy": "on-policy states, adjust:threshold=0.9 passes"}.get(
             kind, "on-policy states (K>1 sampler)")
         cells = ", ".join(f"depth {d}: {_ratio(v)}" for d, v in ratios.items())
@@ -759,6 +774,10 @@ def format_verdict(verdict: dict) -> str:
         lines.append(f"warning: the head learned little ({', '.join(verdict['learned_little'])} above "
                      f"{LEARNED_LITTLE}); ADJUST will sample close to naive parallel. More or more varied "
                      "trajectories, or a longer run (--max-steps), may help.")
+    if verdict.get("own_picks_off"):
+        lines.append(f"warning: the head is much worse on the positions it picks itself than in the K=1 order "
+                     f"({'; '.join(verdict['own_picks_off'])}); such a head wrote invalid strings at some K "
+                     "(docs/results.md §5): check its samples with `jointdlm eval`, or train another --seed.")
     return "\n".join(lines)
 
 
