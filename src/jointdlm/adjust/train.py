@@ -724,7 +724,8 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
     verdict = make_verdict(final, time.time() - started, progress["step"])
     if log is not None:
         log.write(json.dumps({"step": progress["step"], "round": current.index, "heldout": final, "final": True,
-                              "score": _ratio_score({k: v for k, v in final.items() if k != "own"}), "elapsed_s": round(time.time() - started, 1)}) + "\n")
+                              "score": _ratio_score({k: v for k, v in final.items() if k != "own"}),
+                              "elapsed_s": round(time.time() - started, 1)}) + "\n")
         log.close()
         (out / VERDICT_FILE).write_text(json.dumps(verdict, indent=2))
     base_after = _recompute_fingerprint(base)
