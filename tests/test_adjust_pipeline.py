@@ -682,16 +682,18 @@ def test_threshold_opening_warns_about_a_head_trained_without_it(base, trained, 
 def test_training_on_the_threshold_samplers_own_positions(base, traj_dir):
     """The passes trained for `adjust:threshold` write the trajectory's tokens where the sampler would: first every
     position the base is sure of (at least one), then the head's most confident, or, when training explores, the
-    head's second or third. An untrained head keeps the base's marginals, so the expected canvas follows from one
-    base pass."""
-    from jointdlm.adjust.train import RolloutLoss, make_batch
+    head's second or third. With the opening OWN_PICKS (held-out kind "own") no position is sure: the base's most
+    confident alone, then the head's, as fixed-K ADJUST writes. An untrained head keeps the base's marginals, so the
+    expected canvas follows from one base pass."""
+    from jointdlm.adjust.train import OWN_PICKS, RolloutLoss, make_batch
 
     data = load_trajectories(traj_dir)
     rows, states = torch.arange(6), torch.tensor([0, 0, 2, 4, 6, 9])
     head = AdjustHead(AdjustHeadConfig.for_base(base)).eval().requires_grad_(False)
     banned = base.spec.never_sampled()
     explored = torch.tensor([[1, 2, 0], [0, 0, 0], [2, 1, 0], [1, 1, 0], [0, 2, 0], [2, 2, 0]])
-    for threshold, pick_rank in ((0.5, None), (0.95, None), (0.9, explored)):
+    for threshold, pick_rank in ((0.5, None), (0.95, None), (0.9, explored), (OWN_PICKS, None),
+                                 (OWN_PICKS, explored)):
         batch = make_batch(data, rows, states, 3, base.spec.mask_id, "cpu", threshold=torch.full((6,), threshold),
                            pick_rank=pick_rank)
         with torch.no_grad():
