@@ -306,7 +306,10 @@ def test_training_reduces_heldout_kl(trained):
     # Half the steps were trained on the passes of adjust:threshold, and held-out KL is measured there too.
     verdict = read_verdict(trained.out)
     print(f"verdict ratios {verdict['ratios']}")
-    assert set(verdict["ratios"]) == {"k1", "own", "onpolicy", "threshold", "threshold-onpolicy"}
+    assert set(verdict["ratios"]) == {"k1", "own", "k1-deep", "onpolicy", "threshold", "threshold-onpolicy"}
+    # Depths 4-7 (K up to twice the rollout of 4) are scored but never trained on.
+    assert list(verdict["ratios"]["k1-deep"]) == ["4", "5", "6", "7"]
+    assert all(0 < v < 1 for v in verdict["ratios"]["k1-deep"].values())
     # Fixed-K ADJUST's own passes are scored too (a head can be good in the K=1 order and wrong where it picks).
     assert verdict["own_picks_off"] == [] and all(v < 0.3 for v in verdict["ratios"]["own"].values())
     # Measured, training seeds 0-3: 0.009-0.15 at depths 1-3 on both kinds of threshold passes.

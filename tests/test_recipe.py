@@ -9,6 +9,7 @@ import torch
 from jointdlm.adjust.head import AdjustHead, AdjustHeadConfig
 from jointdlm.adjust.train import (
     LEARNED_LITTLE,
+    UNTRAINED_DEPTH_OFF,
     RolloutLoss,
     StateSampler,
     example_table,
@@ -209,3 +210,18 @@ def test_verdict_warns_when_the_head_is_off_on_its_own_picks():
     assert "warning: the head is much worse on the positions it picks itself" in format_verdict(verdict)
     small = {"k1": k1, "own": {2: {"head_kl": 0.008, "stale_kl": 0.2}}}  # 40x the K=1 order, but 0.04 < 0.05
     assert make_verdict(small, 60.0, 1000)["own_picks_off"] == []
+
+
+def test_verdict_warns_about_depths_the_head_was_not_trained_on():
+    """Held-out KL at depths beyond the rollout ("k1-deep") above UNTRAINED_DEPTH_OFF is flagged (the template heads
+    that lost K=8: 0.18 and 0.54 at depth 7; those that kept it: about 0.01); it never counts as "learned little"."""
+    k1 = {1: {"head_kl": 0.001, "stale_kl": 0.1}, 2: {"head_kl": 0.002, "stale_kl": 0.2}}
+    fine = {"k1": k1, "k1-deep": {4: {"head_kl": 0.004, "stale_kl": 0.4}, 7: {"head_kl": 0.007, "stale_kl": 0.7}}}
+    verdict = make_verdict(fine, 60.0, 1000)
+    assert verdict["untrained_depths_off"] == [] and "warning" not in format_verdict(verdict)
+    assert "depths not trained on" in format_verdict(verdict)
+    off = {"k1": k1, "k1-deep": {4: {"head_kl": 0.02, "stale_kl": 0.4}, 7: {"head_kl": 0.378, "stale_kl": 0.7}}}
+    verdict = make_verdict(off, 60.0, 1000)
+    assert verdict["untrained_depths_off"] == ["depth 7: 0.54"] and verdict["learned_little"] == []
+    assert "warning: at depths the head was not trained on" in format_verdict(verdict)
+    assert 0.02 / 0.4 < UNTRAINED_DEPTH_OFF < 0.378 / 0.7

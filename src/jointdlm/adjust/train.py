@@ -393,6 +393,11 @@ HELDOUT_THRESHOLD = 0.9
 OWN_PICKS = float("inf")
 """As an opening threshold: no position is sure, so the round writes only the base's most confident one and the
 passes after it write the head's own picks: fixed-K ADJUST's passes (held-out kind "own")."""
+UNTRAINED_DEPTH_OFF = 0.1
+"""Held-out head/stale KL ratio above which a depth the head was not trained on (rollout..2*rollout-1, the passes
+of K up to twice the rollout) is flagged: on the demo's template base the heads with fixed K=8 at 0.73 and 0.86
+were at 0.54 and 0.18 at depth 7, four heads at 0.90-0.94 at 0.007-0.012, and choice heads at 0.011-0.027 (one
+of them, 0.82 at K=8, not flagged: docs/results.md §5)."""
 OWN_PICKS_OFF = 4.0
 """A head whose held-out KL ratio on its own picks (depth >= 2) is above this many times its ratio on the K=1
 trajectory's order, and above 0.05, picks positions the K=1 sampler would not and is wrong there: on the demo's
@@ -719,12 +724,15 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
             log.close()
         return head  # a finished run asked again: nothing to do, nothing rewritten
     checkpoint()
+    k1_held = current.heldout["k1"].data
+    deep = StateSampler([k1_held], [example_table(k1_held, 2 * cfg.rollout)], 2 * cfg.rollout, 0.0)
     final = {kind: evaluate(RolloutLoss(head), base, sampler, device, threshold=_kind_threshold(kind))
-             for kind, sampler in {**current.heldout, "own": current.heldout["k1"]}.items()}
+             for kind, sampler in {**current.heldout, "own": current.heldout["k1"], "k1-deep": deep}.items()}
+    final["k1-deep"] = {d: v for d, v in final["k1-deep"].items() if d >= cfg.rollout}  # 1..rollout-1 are in "k1"
     verdict = make_verdict(final, time.time() - started, progress["step"])
     if log is not None:
         log.write(json.dumps({"step": progress["step"], "round": current.index, "heldout": final, "final": True,
-                              "score": _ratio_score({k: v for k, v in final.items() if k != "own"}),
+                              "score": _ratio_score({k: v for k, v in final.items() if k not in ("own", "k1-deep")}),
                               "elapsed_s": round(time.time() - started, 1)}) + "\n")
         log.close()
         (out / VERDICT_FILE).write_text(json.dumps(verdict, indent=2))
@@ -747,12 +755,14 @@ def make_verdict(heldout: dict[str, dict[int, dict[str, float]]], elapsed_s: flo
     ratios = {kind: {str(d): (v["head_kl"] / v["stale_kl"] if v["stale_kl"] > 0 else None) for d, v in s.items()}
               for kind, s in heldout.items()}
     weak = [f"{kind} depth {d}" for kind, r in ratios.items() for d, v in r.items()
-            if int(d) >= 2 and v is not None and v > LEARNED_LITTLE]
+            if kind != "k1-deep" and int(d) >= 2 and v is not None and v > LEARNED_LITTLE]
     own, k1 = ratios.get("own", {}), ratios.get("k1", {})
     off = [f"depth {d}: {v:.3f} on its own picks, {k1[d]:.3f} in the K=1 order" for d, v in own.items()
            if int(d) >= 2 and v is not None and k1.get(d) is not None and v > max(0.05, OWN_PICKS_OFF * k1[d])]
-    return {"ratios": ratios, "heldout": heldout, "learned_little": weak, "own_picks_off": off, "steps": steps,
-            "elapsed_s": round(elapsed_s, 1)}
+    untrained = [f"depth {d}: {v:.2f}" for d, v in ratios.get("k1-deep", {}).items()
+                 if v is not None and v > UNTRAINED_DEPTH_OFF]
+    return {"ratios": ratios, "heldout": heldout, "learned_little": weak, "own_picks_off": off,
+            "untrained_depths_off": untrained, "steps": steps, "elapsed_s": round(elapsed_s, 1)}
 
 
 def _ratio(value: float | None) -> str:
@@ -765,6 +775,7 @@ def format_verdict(verdict: dict) -> str:
     lines = ["held-out KL of the head / KL of the stale marginals (naive parallel); lower is better:"]
     for kind, ratios in verdict["ratios"].items():
         label = {"k1": "K=1 trajectory states", "own": "K=1 states, fixed-K ADJUST passes (the head's own picks)",
+                 "k1-deep": "K=1 trajectory states, depths not trained on (K above the rollout)",
                  "threshold": "K=1 states, adjust:threshold=0.9 passes",
                  "threshold-onpolicy": "on-policy states, adjust:threshold=0.9 passes"}.get(
             kind, "on-policy states (K>1 sampler)")
@@ -775,6 +786,10 @@ def format_verdict(verdict: dict) -> str:
         lines.append(f"warning: the head learned little ({', '.join(verdict['learned_little'])} above "
                      f"{LEARNED_LITTLE}); ADJUST will sample close to naive parallel. More or more varied "
                      "trajectories, or a longer run (--max-steps), may help.")
+    if verdict.get("untrained_depths_off"):
+        lines.append(f"warning: at depths the head was not trained on, held-out KL is high "
+                     f"({'; '.join(verdict['untrained_depths_off'])}); such heads lost validity at K=8 "
+                     "(docs/results.md §5): use K up to the rollout, or train with a larger --rollout.")
     if verdict.get("own_picks_off"):
         lines.append(f"warning: the head is much worse on the positions it picks itself than in the K=1 order "
                      f"({'; '.join(verdict['own_picks_off'])}); such a head wrote invalid strings at some K "
