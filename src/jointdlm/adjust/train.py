@@ -396,8 +396,8 @@ passes after it write the head's own picks: fixed-K ADJUST's passes (held-out ki
 UNTRAINED_DEPTH_OFF = 0.1
 """Held-out head/stale KL ratio above which a depth the head was not trained on (rollout..2*rollout-1, the passes
 of K up to twice the rollout) is flagged: on the demo's template base the heads with fixed K=8 at 0.73 and 0.86
-were at 0.54 and 0.18 at depth 7, four heads at 0.90-0.94 at 0.007-0.012, and choice heads at 0.011-0.027 (one
-of them, 0.82 at K=8, not flagged: docs/results.md §5)."""
+were at 0.54 and 0.18 at depth 7, two at 0.93-0.94 at 0.007-0.009, and four choice heads at 0.011-0.027 (one of
+them, 0.82 at K=8, not flagged: docs/results.md §5)."""
 OWN_PICKS_OFF = 4.0
 """A head whose held-out KL ratio on its own picks (depth >= 2) is above this many times its ratio on the K=1
 trajectory's order, and above 0.05, picks positions the K=1 sampler would not and is wrong there: on the demo's
