@@ -786,7 +786,7 @@ def format_verdict(verdict: dict) -> str:
         lines.append(f"warning: the head learned little ({', '.join(verdict['learned_little'])} above "
                      f"{LEARNED_LITTLE}); ADJUST will sample close to naive parallel. More or more varied "
                      "trajectories, or a longer run (--max-steps), may help.")
-    if verdict.get("untrained_depths_off"):
+    if verdict.get("untrained_depths_off") and not verdict["learned_little"]:  # else the warning above says it
         lines.append(f"warning: at depths the head was not trained on, held-out KL is high "
                      f"({'; '.join(verdict['untrained_depths_off'])}); such heads lost validity at K=8 "
                      "(docs/results.md §5): use K up to the rollout, or train with a larger --rollout.")
