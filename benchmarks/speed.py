@@ -2,18 +2,21 @@
 
     python benchmarks/speed.py --preset large --length 128 --batch-size 8 [--json OUT] [--device cuda]
     python benchmarks/speed.py [--model DIR --adjust DIR] [--num N] [--batch-size B] [--repeats R]
-    python benchmarks/speed.py --preset large --length 128 --batch-size 8 --compare-full-head
+    python benchmarks/speed.py --preset large --length 128 --batch-size 8 --compare-full-head --compare-anywhere
 
 With --preset: a random-weight built-in base of that preset (timing needs no training; vocabulary 4096, a BPE
 trained on the English corpus) and an untrained head whose output gain is set non-zero, so its pass changes the
 logits as a trained head's does. Without: the template-language model and head that `make demo` builds.
 Prints, per sampler and K: base passes, head passes, ms per sequence (best of R), ratios to K=1 and to naive
-parallel at the same K, the pass-time floor of ADJUST against naive (from one base pass's and one head pass's
-time, measured in the same run on a half-written canvas) and the share of the row's time spent outside model
-and head passes (the time inside them is clocked around every call during the row's fastest run, so passes that
-compute logits at a few positions are counted at what they cost). With --compare-full-head, the same head's weights
+parallel at the same K, the pass-time floor of ADJUST against naive (the row's time inside base and head passes
+over its time inside base passes: what ADJUST would cost against naive if nothing outside the passes took time)
+and the share of the row's time spent outside model and head passes. The time inside passes is clocked around
+every call during the row's fastest run, so a head pass that computes a few candidate positions is counted at
+what it costs. The header line also gives one base pass and one head pass over every masked position of a
+half-written canvas, for scale. With --compare-full-head, the same head's weights
 are also timed updating every position (`masked_only=False`, what heads saved before the masked-position pass
-do), as rows `adjust-every-position`.
+do), as rows `adjust-every-position`; with --compare-anywhere, the same head choosing among every masked position
+(`adjust:candidates=LENGTH`, the published sampler's choice) instead of the base's 8 best, as rows `adjust-anywhere`.
 """
 
 from __future__ import annotations
@@ -82,10 +85,11 @@ class PassClock:
 
 
 def best_of(model, sampler, config: SamplingConfig, num: int, repeats: int, init: torch.Tensor | None = None,
-            clocks: Sequence[PassClock] = ()) -> tuple[float, Generation, float]:
+            clocks: Sequence[PassClock] = ()) -> tuple[float, Generation, list[float]]:
     """The fastest wall time of `repeats` identical runs of `generate` (with `init`: a pre-filled canvas), the last
-    run's result, and the share of the fastest run spent inside the `clocks` (the model and head it wraps)."""
-    best, out, inside = float("inf"), None, 0.0
+    run's result, and the seconds of the fastest run spent inside each of the `clocks` (the model or head each
+    wraps)."""
+    best, out, inside = float("inf"), None, [0.0] * len(clocks)
     for _ in range(repeats):
         for clock in clocks:
             clock.seconds = 0.0
@@ -94,7 +98,7 @@ def best_of(model, sampler, config: SamplingConfig, num: int, repeats: int, init
             out = generate(model, sampler, config, num=num, init=init)
         seconds = time.perf_counter() - start
         if seconds < best:
-            best, inside = seconds, sum(clock.seconds for clock in clocks) / seconds
+            best, inside = seconds, [clock.seconds for clock in clocks]
     return best, out, inside
 
 
@@ -151,6 +155,9 @@ def main() -> int:
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     parser.add_argument("--compare-full-head", action="store_true",
                         help="also time ADJUST with the same head updating every position (rows adjust-every-position)")
+    parser.add_argument("--compare-anywhere", action="store_true",
+                        help="also time ADJUST letting the head choose among every masked position, not among the "
+                             "base's 8 best candidates (rows adjust-anywhere)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -173,13 +180,17 @@ def main() -> int:
     heads = {"adjust": head}
     if args.compare_full_head:
         heads["adjust-every-position"] = every_position(head)
+    if args.compare_anywhere:
+        heads["adjust-anywhere"] = head
+    options = {"adjust-anywhere": {"candidates": length}}
     runs = [("sequential", 1)] + [(name, int(k)) for k in args.tokens_per_step.split(",")
                                    for name in ("parallel", *heads)]
     source = f"random-weight {args.preset}" if args.preset else args.model
     print(f"# {source}, {device}, {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{num} sequences x {length} tokens, batch {batch}, best of {args.repeats}")
-    base_s, times = pass_times(model, list(heads.values()), batch, length)
-    head_times = dict(zip(heads, times, strict=True))
+    timed_heads = {name: h for name, h in heads.items() if name not in options}  # the same head: timed once
+    base_s, times = pass_times(model, list(timed_heads.values()), batch, length)
+    head_times = dict(zip(timed_heads, times, strict=True))
     head_s = head_times["adjust"]
     print(f"# one pass over the batch: base {1000 * base_s:.2f} ms; " + ", ".join(
         f"head {name} {1000 * t:.2f} ms ({t / base_s:.3f} of a base pass)" for name, t in head_times.items()))
@@ -189,7 +200,8 @@ def main() -> int:
     clocked_heads = {name: PassClock(h, model.device) for name, h in heads.items()}
     for name, k in runs:
         clocked_head = clocked_heads.get(name)
-        sampler = make_sampler("adjust", head=clocked_head) if clocked_head else make_sampler(name)
+        sampler = (make_sampler("adjust", head=clocked_head, **options.get(name, {})) if clocked_head
+                   else make_sampler(name))
         config = SamplingConfig(length=length, tokens_per_step=k, batch_size=batch)
         best, out, inside[(name, k)] = best_of(clocked_model, sampler, config, num, args.repeats,
                                                clocks=(clocked_model, *clocked_heads.values()))
@@ -201,8 +213,9 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     for (name, k), (seconds, c) in timings.items():
         naive = timings.get(("parallel", k), (seconds, None))[0]
-        floor = (c.base_passes * base_s + c.extra_passes * head_times.get(name, head_s)) / (c.base_passes * base_s)
-        overhead = 1 - inside[(name, k)]
+        base_inside, *heads_inside = inside[(name, k)]
+        floor = (base_inside + sum(heads_inside)) / base_inside
+        overhead = 1 - (base_inside + sum(heads_inside)) / seconds
         rows.append({"sampler": name, "k": k, "ms_per_seq": 1000 * seconds / num, "base_passes": c.base_passes,
                      "head_passes": c.extra_passes, "floor_vs_naive": floor, "overhead_share": overhead,
                      "time_vs_k1": seconds / k1, "time_vs_naive": seconds / naive})

@@ -32,6 +32,7 @@ from jointdlm.adjust.train import (
 )
 from jointdlm.adjust.trajectories import TrajectoryConfig, collect_trajectories, load_trajectories
 from jointdlm.models.mdlm import BuiltinModel
+from jointdlm.sampling import rules
 from jointdlm.sampling.base import StepContext, TokenChoice
 from jointdlm.sampling.loop import SamplingConfig, build_canvas, encode_prompts, generate, sample_seed
 from jointdlm.sampling.registry import make_sampler
@@ -218,6 +219,61 @@ def test_carried_keys_and_values_give_the_same_passes(base):
         assert fresh is not None and not fresh.all()  # the last pass would reuse keys and values
         assert carry.fresh(carried[0], carried[1].clone(), carried[0] == base.spec.mask_id) is None
         assert carry.fresh(carried[0][:2], carried[1], carried[0][:2] == base.spec.mask_id) is None
+
+
+def test_head_pass_updates_only_the_queried_positions(base):
+    """`query` narrows the block's queries: the other positions keep their hidden state (masked ones too), and
+    querying every masked position is the pass without `query`."""
+    torch.manual_seed(17)
+    head = AdjustHead(AdjustHeadConfig.for_base(base)).eval().requires_grad_(False)
+    torch.nn.init.normal_(head.out_norm.weight)
+    tokens, attention, _ = build_canvas(base, encode_prompts(base, ["", "the cat"]), 12)
+    masked = tokens == base.spec.mask_id
+    query = masked & (torch.rand(masked.shape, generator=torch.Generator().manual_seed(0)) < 0.4)
+    query[:, -1] = True
+    with torch.no_grad():
+        hidden = base.forward(tokens, attention).hidden
+        narrowed = head.update(base, tokens, attention, hidden, query=query)
+        everywhere = head.update(base, tokens, attention, hidden)
+        torch.testing.assert_close(head.update(base, tokens, attention, hidden, query=masked), everywhere)
+    assert torch.equal(narrowed[~query], hidden[~query])
+    assert (narrowed[query] - hidden[query]).abs().amax(-1).gt(0).all()
+
+
+class _CountingHead:
+    """Wraps a head and records how many positions per row each of its passes was asked for."""
+
+    def __init__(self, head: AdjustHead) -> None:
+        self.head, self.asked = head, []
+
+    def __call__(self, base, tokens, attention_mask, hidden, at=None, carry=None, query=None):
+        self.asked.append((at.sum(-1).tolist(), query.sum(-1).tolist()))
+        return self.head(base, tokens, attention_mask, hidden, at=at, carry=carry, query=query)
+
+
+@pytest.mark.parametrize("candidates", [1, 3])
+def test_head_passes_choose_among_the_base_passes_best_candidates(base, trained, candidates):
+    """After a step's first token the head computes and chooses among only the `candidates` positions the base
+    pass ranked next (at least K-1): the step writes inside the base's top 1 + max(candidates, K-1), and no head
+    pass computes more positions than that."""
+    spy = _CountingHead(trained.head)
+    sampler = make_sampler("adjust", head=spy, candidates=candidates)
+    tokens, attention, _ = build_canvas(base, encode_prompts(base, [""] * 4), base.max_length - 1)
+    eligible = tokens == base.spec.mask_id
+    ctx = StepContext(model=base, tokens=tokens, attention_mask=attention, eligible=eligible,
+                      budget=torch.tensor([K, K, 2, 1]), choice=TokenChoice("confidence", temperature=1.0),
+                      generators=[torch.Generator().manual_seed(i) for i in range(4)])
+    result = sampler.step(ctx)
+    pool = 1 + max(candidates, K - 1)
+    best = rules.select_top(ctx.scores(ctx.logprobs(base.forward(tokens, attention).logits)),
+                            torch.full((4,), pool))
+    assert result.fill.sum(-1).tolist() == [K, K, 2, 1]
+    assert not (result.fill & ~best).any()
+    assert len(spy.asked) == K - 1
+    for at, query in spy.asked:
+        assert max(query) <= pool - 1 and max(at) <= pool - 1
+    with pytest.raises(ValueError, match="candidates must be >= 1"):
+        make_sampler("adjust", head=trained.head, candidates=0)
 
 
 def test_head_with_removed_output_layer_is_refused(base, tmp_path):

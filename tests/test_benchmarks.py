@@ -14,18 +14,19 @@ def test_speed_benchmark_on_a_random_preset_writes_the_contract(tmp_path):
     out = tmp_path / "speed.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--preset", "tiny", "--length", "16",
                            "--batch-size", "2", "--repeats", "1", "--tokens-per-step", "2,4", "--threads", "1",
-                           "--compare-full-head", "--json", str(out)], capture_output=True, text=True, timeout=300)
+                           "--compare-full-head", "--compare-anywhere", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     rows = result["rows"]
-    assert [(r["sampler"], r["k"]) for r in rows] == [("sequential", 1), ("parallel", 2), ("adjust", 2),
-                                                      ("adjust-every-position", 2), ("parallel", 4), ("adjust", 4),
-                                                      ("adjust-every-position", 4)]
+    assert [(r["sampler"], r["k"]) for r in rows] == [
+        ("sequential", 1), ("parallel", 2), ("adjust", 2), ("adjust-every-position", 2), ("adjust-anywhere", 2),
+        ("parallel", 4), ("adjust", 4), ("adjust-every-position", 4), ("adjust-anywhere", 4)]
     assert set(result["head_pass_ms_by_sampler"]) == {"adjust", "adjust-every-position"}
     for r in rows:
         assert {"ms_per_seq", "base_passes", "head_passes", "floor_vs_naive", "overhead_share"} <= r.keys()
         assert r["ms_per_seq"] > 0 and 0 <= r["overhead_share"] < 1
-    for name in ("adjust", "adjust-every-position"):
+    for name in ("adjust", "adjust-every-position", "adjust-anywhere"):
         adjust4 = next(r for r in rows if r["sampler"] == name and r["k"] == 4)
         assert adjust4["base_passes"] == 4 and adjust4["head_passes"] == 12 and adjust4["floor_vs_naive"] > 1
 

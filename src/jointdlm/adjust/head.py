@@ -94,15 +94,16 @@ class AdjustHead(nn.Module):
 
     def forward(self, base: DiffusionLM, tokens: torch.Tensor, attention_mask: torch.Tensor | None,
                 hidden: torch.Tensor, at: torch.Tensor | None = None,
-                carry: HeadCarry | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                carry: HeadCarry | None = None, query: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One cheap pass: (current tokens, previous hidden) -> (new hidden, logits), the logits (N, V) at the
         True positions of `at` when given (as the base's forward). `carry` (one per step) keeps the block's keys
         and values from the step's previous pass (see `HeadCarry`)."""
-        new_hidden = self.update(base, tokens, attention_mask, hidden, carry)
+        new_hidden = self.update(base, tokens, attention_mask, hidden, carry, query)
         return new_hidden, base.lm_head(new_hidden if at is None else new_hidden[at])
 
     def update(self, base: DiffusionLM, tokens: torch.Tensor, attention_mask: torch.Tensor | None,
-               hidden: torch.Tensor, carry: HeadCarry | None = None) -> torch.Tensor:
+               hidden: torch.Tensor, carry: HeadCarry | None = None,
+               query: torch.Tensor | None = None) -> torch.Tensor:
         """The new hidden states alone (passes whose logits nobody reads skip the output projection)."""
         positions, mask = positions_and_mask(attention_mask, tokens.shape, False, tokens.device)
         head_dim = self.config.d_model // self.config.n_heads
@@ -111,6 +112,8 @@ class AdjustHead(nn.Module):
             rope = rotary_tables(positions, head_dim, self.config.rope_theta)
             return self._scaled(self.out_norm(self.block(z, rope, mask)), hidden) + hidden
         masked = tokens == base.spec.mask_id
+        if query is not None:
+            masked = masked & query
         if not masked.any():
             return hidden
         # Keys and values are needed over the whole canvas, but within a step a written position's token and

@@ -1,7 +1,10 @@
 """ADJUST: one base pass, then the head conditions each of the step's tokens on the ones just written.
 
 For each of the step's tokens: pick the position with the unmasking rule on the current (head-updated)
-distributions, sample it, run the head on the updated string. No head pass follows the step's last token.
+distributions, sample it, run the head on the updated string. No head pass follows the step's last token. After
+the step's first token the head's passes choose among the `candidates` (8) positions the base pass ranked best:
+a pass then computes queries, MLP and logits at those few positions, not at every masked one (the published
+sampler lets the head choose anywhere; `adjust:candidates=N` with N the canvas length does that).
 
 Plain `adjust` writes exactly K tokens per step. With a test it is adaptive: K becomes the most a step may
 write, and after each head pass the step goes on only while the next position passes the test on the
@@ -38,8 +41,15 @@ class AdjustConfig:
     tau: float | None = None
     gamma: float | None = None
     threshold: float | None = None
+    candidates: int = 8
+    """After the step's first token(s), the head's passes compute and choose among only this many positions: the
+    best-ranked by the base pass (at least K-1). Quality measured the same as choosing among every masked
+    position, at 4 to 8 candidates and at all of them (docs/results.md §6), while a head pass then costs about the
+    candidates instead of the canvas. Set it to the canvas length to let the head choose anywhere."""
 
     def __post_init__(self) -> None:
+        if self.candidates < 1:
+            raise ValueError(f"candidates must be >= 1, got {self.candidates}")
         if sum(v is not None for v in (self.tau, self.gamma, self.threshold)) > 1:
             raise ValueError("give one of tau (confidence test), gamma (entropy test) or threshold (opening round)")
         if self.threshold is not None and not (math.isfinite(self.threshold) and 0 < self.threshold <= 1):
@@ -82,6 +92,7 @@ class AdjustSampler:
         entropy_max = torch.zeros_like(entropy_sum)
         head_passes = torch.zeros(len(tokens), dtype=torch.long)
         carry = HeadCarry()
+        candidates = None
         for r in range(int(budget.max())):
             logprobs = ctx.logprobs(logits, where=eligible)
             if r == 0 and self.config.threshold is not None:
@@ -97,14 +108,19 @@ class AdjustSampler:
             tokens = torch.where(chosen, ctx.sample(logprobs, chosen), tokens)
             fill |= chosen
             eligible = eligible & ~chosen  # a new tensor: the round's Marginals keep the old one
+            if r == 0:
+                candidates = select_top(ctx.scores(logprobs, eligible), (budget - 1).clamp(min=self.config.candidates))
+                eligible &= candidates
             # Only rows still writing with budget left write in the next round; when there are none the step
             # ends here (a later round would read logits from before this round's writes).
             writing &= (budget > r + 1) & eligible.any(-1)
             if not writing.any():
                 break
             with torch.no_grad():
-                # Logits only where the next round reads them: the positions still to be written.
-                hidden, logits = self.head(ctx.model, tokens, ctx.attention_mask, hidden, at=eligible, carry=carry)
+                # The block's queries and the logits only where the next round reads them: the candidates still
+                # to be written.
+                hidden, logits = self.head(ctx.model, tokens, ctx.attention_mask, hidden, at=eligible, carry=carry,
+                                          query=candidates)
             head_passes += writing.cpu()
         return StepResult(fill=fill, tokens=tokens, base_passes=1, extra_passes=head_passes)
 
