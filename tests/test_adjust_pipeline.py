@@ -41,11 +41,12 @@ K = 4
 TRAJ = dict(num=200, shard_size=50, progress=False)
 # The shared trained head; lr/warmup/rollout must match the CLI flags in test_mismatched_resume_is_refused. One
 # on-policy round (naive parallel) so the pipeline's collection, sweep and rounds run; patience off, so the run
-# is exactly max_steps long; depths 1-3 keep it cheap (the default recipe is measured in test_quality.py). At 300
+# is exactly max_steps long; depths 1-3 keep it cheap; no own-pass share, so the threshold passes get half the steps
+# (the default recipe is measured in test_quality.py). At 300
 # steps the held-out KL landed in one of two groups depending on float rounding (depth 2: 0.02-0.05 or 0.13-0.26
 # of stale, about half the runs each over 4 seeds x 2 builds); at 600 every seed measured is in the first.
 TRAINED = AdjustTrainConfig(max_steps=600, lr=3e-3, warmup_steps=20, eval_every=600, save_every=600, progress=False,
-                            onpolicy_rounds=1, patience=0, rollout=4, threshold_share=0.5)
+                            onpolicy_rounds=1, patience=0, rollout=4, threshold_share=0.5, own_share=0.0)
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 
@@ -190,13 +191,16 @@ def test_head_updates_only_masked_positions_as_the_full_block_would(base):
     assert (new[masked] - hidden[masked]).abs().max() > 1e-2  # the test exercises a real update
 
 
-def test_carried_keys_and_values_give_the_same_passes(base):
+@pytest.mark.parametrize("from_base_hidden", [True, False])
+def test_carried_keys_and_values_give_the_same_passes(base, from_base_hidden):
     """Within a step a pass reuses the previous pass's keys and values where the token and hidden state did not
     change: over a step of several passes (rows writing different numbers of positions, a left-padded prompt)
-    hidden states and logits equal those of passes that compute everything; a hidden state that is not the
-    previous pass's output, or a different batch, is computed afresh."""
+    hidden states and logits equal those of passes that compute everything, for heads whose passes start from
+    the base's hidden states and for heads that chain them; a hidden state that is not the one the next pass
+    starts from, or a different batch, is computed afresh."""
     torch.manual_seed(13)
-    head = AdjustHead(AdjustHeadConfig.for_base(base)).eval().requires_grad_(False)
+    config = replace(AdjustHeadConfig.for_base(base), from_base_hidden=from_base_hidden)
+    head = AdjustHead(config).eval().requires_grad_(False)
     torch.nn.init.normal_(head.out_norm.weight)
     tokens, attention, _ = build_canvas(base, encode_prompts(base, ["", "the cat sat", "a"]), 12)
     tokens[0, -5:] = torch.tensor([300, 301, 302, 303, 304])
@@ -213,12 +217,40 @@ def test_carried_keys_and_values_give_the_same_passes(base):
             written = tp.clone()
             written[1, int(masked[1].nonzero()[0])] = 310 + r
             written[0, masked[0].nonzero()[-2:, 0]] = 320 + r
-            plain, carried = (written, new_plain[0]), (written.clone(), new_carried[0])
+            plain = (written, head.pass_input(hidden, new_plain[0]))
+            carried = (written.clone(), head.pass_input(hidden, new_carried[0]))
         assert carry.keys is not None
         fresh = carry.fresh(carried[0], carried[1], carried[0] == base.spec.mask_id)
         assert fresh is not None and not fresh.all()  # the last pass would reuse keys and values
         assert carry.fresh(carried[0], carried[1].clone(), carried[0] == base.spec.mask_id) is None
         assert carry.fresh(carried[0][:2], carried[1], carried[0][:2] == base.spec.mask_id) is None
+
+
+def test_a_pass_from_the_base_hidden_depends_on_what_is_written_not_on_the_order(base):
+    """Every pass of a `from_base_hidden` head starts from the base's hidden states, so two orders of writing the
+    same tokens end at the same logits (the teacher, the base on the updated string, does not know the order
+    either); a head that chains its passes does not."""
+    torch.manual_seed(19)
+    tokens, attention, _ = build_canvas(base, encode_prompts(base, ["", "the cat"]), 12)
+    masked = (tokens == base.spec.mask_id).nonzero()
+    first, second = (masked[masked[:, 0] == 0][i, 1] for i in (0, 3))
+    written = [tokens.clone(), tokens.clone()]
+    written[0][0, first] = 300
+    written[1][0, second] = 301
+    both = tokens.clone()
+    both[0, first], both[0, second] = 300, 301
+    ends = {}
+    for from_base_hidden in (True, False):
+        head = AdjustHead(replace(AdjustHeadConfig.for_base(base), from_base_hidden=from_base_hidden)).eval()
+        torch.nn.init.normal_(head.out_norm.weight)
+        with torch.no_grad():
+            hidden = base.forward(tokens, attention).hidden
+            for order in (0, 1):
+                middle, _ = head(base, written[order], attention, hidden)
+                _, logits = head(base, both, attention, head.pass_input(hidden, middle))
+                ends[from_base_hidden, order] = logits
+    torch.testing.assert_close(ends[True, 0], ends[True, 1])
+    assert not torch.allclose(ends[False, 0], ends[False, 1], atol=1e-4)
 
 
 def test_head_pass_updates_only_the_queried_positions(base):
@@ -245,6 +277,9 @@ class _CountingHead:
 
     def __init__(self, head: AdjustHead) -> None:
         self.head, self.asked = head, []
+
+    def pass_input(self, base_hidden: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        return self.head.pass_input(base_hidden, previous)
 
     def __call__(self, base, tokens, attention_mask, hidden, at=None, carry=None, query=None):
         self.asked.append((at.sum(-1).tolist(), query.sum(-1).tolist()))
@@ -464,7 +499,7 @@ def test_mismatched_resume_is_refused(base, base_dir, traj_dir, trained, tmp_pat
     common = ["train-adjust", "--model", str(base_dir), "--trajectories", str(traj_dir), "--out", str(out),
               "--max-steps", str(TRAINED.max_steps), "--warmup-steps", str(TRAINED.warmup_steps),
               "--onpolicy-rounds", "1", "--patience", "0", "--rollout", str(TRAINED.rollout),
-              "--threshold-share", str(TRAINED.threshold_share)]
+              "--threshold-share", str(TRAINED.threshold_share), "--own-share", str(TRAINED.own_share)]
     for flags, problem in [(["--lr", "0.001"], "lr=0.003 there, 0.001 now"),
                            (["--lr", "0.003", "--rollout", "3"], "rollout=4 there, 3 now"),
                            (["--lr", "0.003", "--focus", "0.2"], "focus=0.5 there, 0.2 now")]:
@@ -642,6 +677,10 @@ def test_adaptive_adjust_that_accepts_everything_is_fixed_k(base, trained):
         make_sampler("adjust", head=trained.head, threshold=0.0)
     with pytest.raises(ValueError, match="tau"):
         make_sampler("adjust", head=trained.head, tau=1.5)
+    with pytest.raises(ValueError, match="sum of at most 1"):
+        AdjustTrainConfig(threshold_share=0.8, own_share=0.25)
+    with pytest.raises(ValueError, match="own_share"):
+        AdjustTrainConfig(own_share=-0.1)
 
 
 class _SureAndUnsure:

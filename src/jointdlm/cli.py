@@ -177,7 +177,8 @@ def cmd_train_adjust(args: argparse.Namespace) -> None:
                        dtype=args.dtype)
     cfg = AdjustTrainConfig(max_steps=args.max_steps, rollout=args.rollout, batch_size=args.batch_size, lr=args.lr,
                             warmup_steps=args.warmup_steps, onpolicy_rounds=args.onpolicy_rounds, focus=args.focus,
-                            threshold_share=args.threshold_share, patience=args.patience,
+                            threshold_share=args.threshold_share, own_share=args.own_share,
+                            patience=args.patience,
                             eval_every=args.eval_every, save_every=args.save_every,
                             seed=args.seed, device=args.device)
     head = train_adjust(model, args.trajectories, args.out, cfg)
@@ -387,7 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--focus", type=float, default=recipe.focus,
                    help="share of each batch drawn where the stale marginals are most wrong (importance weighted)")
     p.add_argument("--threshold-share", type=float, default=recipe.threshold_share,
-                   help="share of steps trained on the passes of adjust:threshold (0 = K=1 order only)")
+                   help="share of steps trained on the passes of adjust:threshold")
+    p.add_argument("--own-share", type=float, default=recipe.own_share,
+                   help="share of steps trained on fixed-K ADJUST's own passes (the rest: the K=1 order)")
     p.add_argument("--patience", type=int, default=recipe.patience,
                    help="evaluations without a 3%% held-out gain that count as a plateau (0 = run to --max-steps)")
     p.add_argument("--eval-every", type=_positive_int, default=recipe.eval_every)

@@ -7,6 +7,10 @@ after tokens are written, so K tokens per base pass approximately follow the joi
     h' = h + rms(h) * u                               the update in units of the hidden state's own size
     logits = base.lm_head(h')                         the frozen base head
 
+Every pass of a step starts from the base pass's hidden states h (`from_base_hidden`), the tokens written so far
+coming in through E(x): the published head instead starts each pass from the previous pass's h', so K-1 passes
+stack K-1 updates, and a head trained to depth 3 drifted at the depths K=8 reaches (docs/results.md §2).
+
 A pass computes the block's queries (and all that follows them) only at the positions still masked, with keys
 and values over the whole canvas; written positions keep their hidden state. Nobody reads a written position's
 output, so a pass costs about the masked positions, not the canvas (on `large` with half the canvas masked, 0.71
@@ -57,6 +61,10 @@ class AdjustHeadConfig:
     masked_only: bool = False
     """Whether a pass updates only the positions still masked (queries there, keys and values over the whole
     canvas); written positions keep their hidden state. Heads saved before this field existed update every position."""
+    from_base_hidden: bool = False
+    """Whether every pass of a step starts from the base pass's hidden states (the tokens written so far come in
+    through their embeddings), instead of from the previous pass's output. Heads saved before this field existed
+    chain their passes."""
 
     @classmethod
     def for_base(cls, base: DiffusionLM) -> AdjustHeadConfig:
@@ -72,7 +80,7 @@ class AdjustHeadConfig:
             theta = getattr(net_config, "rope_theta", 10000.0)
         return cls(d_model=d_model, n_heads=n_heads, mlp_hidden=mlp_hidden,
                    base_fingerprint=base.fingerprint(), rope_theta=theta,
-                   hidden_scale=True, qk_norm=True, masked_only=True)
+                   hidden_scale=True, qk_norm=True, masked_only=True, from_base_hidden=True)
 
 
 class AdjustHead(nn.Module):
@@ -92,11 +100,16 @@ class AdjustHead(nn.Module):
                 nn.init.normal_(module.weight, std=0.02)
         nn.init.zeros_(self.out_norm.weight)
 
+    def pass_input(self, base_hidden: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        """The hidden states a pass starts from: the step's base pass's, or the previous pass's output."""
+        return base_hidden if self.config.from_base_hidden else previous
+
     def forward(self, base: DiffusionLM, tokens: torch.Tensor, attention_mask: torch.Tensor | None,
                 hidden: torch.Tensor, at: torch.Tensor | None = None,
                 carry: HeadCarry | None = None, query: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One cheap pass: (current tokens, previous hidden) -> (new hidden, logits), the logits (N, V) at the
-        True positions of `at` when given (as the base's forward). `carry` (one per step) keeps the block's keys
+        """One cheap pass: (current tokens, the hidden states it starts from: `pass_input`) -> (new hidden,
+        logits), the logits (N, V) at the True positions of `at` when given (as the base's forward). `query`
+        narrows the positions updated (default: every masked one). `carry` (one per step) keeps the block's keys
         and values from the step's previous pass (see `HeadCarry`)."""
         new_hidden = self.update(base, tokens, attention_mask, hidden, carry, query)
         return new_hidden, base.lm_head(new_hidden if at is None else new_hidden[at])
@@ -142,8 +155,8 @@ class AdjustHead(nn.Module):
         old = take_positions(hidden, index)
         new = old + self._scaled(self.out_norm(self.block.forward_at(z_at, cos, sin, keys, values, mask)), old)
         new_hidden = hidden.masked_scatter(masked[..., None], new[kept])
-        if carry is not None:
-            carry.remember(tokens, new_hidden, keys, values)
+        if carry is not None:  # the hidden state the next pass will start from
+            carry.remember(tokens, hidden if self.config.from_base_hidden else new_hidden, keys, values)
         return new_hidden
 
     def _block_input(self, base: DiffusionLM, tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -220,6 +233,8 @@ class HeadCarry:
     masked positions, the same hidden state: its keys and values are what that pass computed. On `large` with
     half the canvas written this saves the input projection and the keys and values at half the positions in
     every pass after the step's first (docs/results.md §6). The result is the same computation as without it.
+    (A head whose passes all start from the base's hidden states has the same input everywhere but at the
+    positions written since.)
     """
 
     def __init__(self) -> None:
@@ -230,7 +245,7 @@ class HeadCarry:
 
     def fresh(self, tokens: torch.Tensor, hidden: torch.Tensor, masked: torch.Tensor) -> torch.Tensor | None:
         """(B, T) where keys and values must be computed anew; None for everywhere (the step's first pass, or a
-        hidden state that is not the one the previous pass returned)."""
+        hidden state that is not the one remembered)."""
         if (self.keys is None or hidden is not self.hidden or tokens.shape != self.tokens.shape
                 or torch.is_grad_enabled()):  # written in place: inference only
             return None

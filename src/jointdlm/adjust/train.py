@@ -97,6 +97,11 @@ class AdjustTrainConfig:
     seeds, permutation 2, template 1) where heads without it collapsed on 2 of 4; fixed K was level on choice and
     permutation but lost template's K=8 under the demo's 3,000-step cap (0.958 -> 0.846), so it is opt-in
     (docs/results.md §5)."""
+    own_share: float = 0.25
+    """Share of steps trained on fixed-K ADJUST's own passes (the base's most confident position, then the head's
+    own picks, near-ties explored as for `threshold_share`) instead of the K=1 order. Without it one head seed in
+    three on the demo's template base failed at some K, in states where the head picks a position the K=1 order
+    would not have (docs/results.md §2)."""
     eval_every: int = 250
     save_every: int = 250
     heldout: int = 64
@@ -108,9 +113,11 @@ class AdjustTrainConfig:
         if self.rollout < 2:
             raise ValueError(f"rollout must be >= 2 (depths 1..rollout-1), got {self.rollout}")
         require_positive(self, ("max_steps", "batch_size", "eval_every", "save_every"))
-        require_finite(self, ("lr", "grad_clip", "onpolicy_fraction", "focus", "weight_decay", "threshold_share"))
-        if not 0.0 <= self.threshold_share <= 1.0:
-            raise ValueError(f"threshold_share must be in [0, 1], got {self.threshold_share}")
+        require_finite(self, ("lr", "grad_clip", "onpolicy_fraction", "focus", "weight_decay", "threshold_share",
+                              "own_share"))
+        if not (0.0 <= self.threshold_share and 0.0 <= self.own_share and self.threshold_share + self.own_share <= 1.0):
+            raise ValueError(f"threshold_share and own_share must be >= 0 with a sum of at most 1, got "
+                             f"{self.threshold_share} and {self.own_share}")
         if self.lr is not None and self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.heldout < 0 or self.patience < 0 or self.onpolicy_rounds < 0 or self.warmup_steps < 0:
@@ -211,7 +218,7 @@ class RolloutLoss(nn.Module):
             hidden, tokens, stale_logits = start.hidden, batch.tokens, start.logits
             for written in batch.steps:
                 tokens = torch.where(written, batch.targets, tokens)
-                hidden = self.head.update(base, tokens, batch.attention, hidden)
+                hidden = self.head.update(base, tokens, batch.attention, self.head.pass_input(start.hidden, hidden))
         with torch.no_grad():
             teacher = base.forward(final, batch.attention, at=still_masked).logits
         logits = base.lm_head(hidden[still_masked])
@@ -225,7 +232,8 @@ class RolloutLoss(nn.Module):
 
     def _own_positions(self, base: DiffusionLM, batch: Batch,
                        banned: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The `adjust:threshold` step's passes with the trajectory's tokens: (the head's last hidden states, the
+        """The `adjust:threshold` step's passes (with threshold OWN_PICKS: fixed-K ADJUST's, whose first pass
+        writes the base's most confident position) with the trajectory's tokens: (the head's last hidden states, the
         canvas they describe, the base's stale logits at its masked positions). Positions are chosen as the
         sampler chooses them (threshold round on the base's marginals, then the head's most confident), so the
         head learns on the canvases that sampler makes; the tokens stay the trajectory's (a joint sample)."""
@@ -237,7 +245,7 @@ class RolloutLoss(nn.Module):
             chosen = select_top(confidence, sure_count(confidence, batch.threshold[:, None]).clamp(min=1))
         tokens, hidden = torch.where(chosen, batch.targets, batch.tokens), start.hidden
         for m in range(len(batch.steps)):
-            hidden = self.head.update(base, tokens, batch.attention, hidden)
+            hidden = self.head.update(base, tokens, batch.attention, self.head.pass_input(start.hidden, hidden))
             if m == len(batch.steps) - 1:
                 break
             with torch.no_grad():
@@ -651,9 +659,13 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
             depth = min(depth, max(current.train.depths))
             rows, states, weights = current.train.draw(depth, cfg.batch_size, gen)
             threshold = pick_rank = None
-            if cfg.threshold_share > 0 and float(torch.rand((), generator=gen)) < cfg.threshold_share:
+            draw = float(torch.rand((), generator=gen)) if cfg.threshold_share + cfg.own_share > 0 else 1.0
+            if draw < cfg.threshold_share:
                 low, high = THRESHOLD_RANGE
                 threshold = low + (high - low) * torch.rand(cfg.batch_size, generator=gen)
+                pick_rank = explored_ranks(cfg.batch_size, depth, gen)
+            elif draw < cfg.threshold_share + cfg.own_share:  # fixed-K ADJUST's own passes
+                threshold = torch.full((cfg.batch_size,), OWN_PICKS)
                 pick_rank = explored_ranks(cfg.batch_size, depth, gen)
             batch = make_batch(current.train.data, rows, states, depth, mask_id, device, weights, threshold,
                                pick_rank)

@@ -119,7 +119,8 @@ class AdjustSampler:
             with torch.no_grad():
                 # The block's queries and the logits only where the next round reads them: the candidates still
                 # to be written.
-                hidden, logits = self.head(ctx.model, tokens, ctx.attention_mask, hidden, at=eligible, carry=carry,
+                start = self.head.pass_input(out.hidden, hidden)
+                hidden, logits = self.head(ctx.model, tokens, ctx.attention_mask, start, at=eligible, carry=carry,
                                           query=candidates)
             head_passes += writing.cpu()
         return StepResult(fill=fill, tokens=tokens, base_passes=1, extra_passes=head_passes)
