@@ -225,3 +225,9 @@ def test_verdict_warns_about_depths_the_head_was_not_trained_on():
     assert verdict["untrained_depths_off"] == ["depth 7: 0.54"] and verdict["learned_little"] == []
     assert "warning: at depths the head was not trained on" in format_verdict(verdict)
     assert 0.02 / 0.4 < UNTRAINED_DEPTH_OFF < 0.378 / 0.7
+    # A head that is as far off on every trained depth (English: 0.08-0.13) is not flagged for 0.12-0.16 beyond.
+    level = {"k1": {1: {"head_kl": 0.008, "stale_kl": 0.1}, 2: {"head_kl": 0.026, "stale_kl": 0.2}},
+             "k1-deep": {5: {"head_kl": 0.08, "stale_kl": 0.5}}}
+    assert make_verdict(level, 60.0, 1000)["untrained_depths_off"] == []
+    level["k1-deep"][7] = {"head_kl": 0.42, "stale_kl": 0.7}  # 0.6 > 4 x 0.13
+    assert make_verdict(level, 60.0, 1000)["untrained_depths_off"] == ["depth 7: 0.60"]
