@@ -117,7 +117,7 @@ class AdjustTrainConfig:
                               "own_share"))
         if not (0.0 <= self.threshold_share and 0.0 <= self.own_share and self.threshold_share + self.own_share <= 1.0):
             raise ValueError(f"threshold_share and own_share must be >= 0 with a sum of at most 1, got "
-                             f"{self.threshold_share} and {self.own_share}")
+                             f"{self.threshold_share} and {self.own_share} (lower --own-share, default 0.25)")
         if self.lr is not None and self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.heldout < 0 or self.patience < 0 or self.onpolicy_rounds < 0 or self.warmup_steps < 0:
