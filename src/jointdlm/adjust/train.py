@@ -664,9 +664,9 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
             if draw < cfg.threshold_share:
                 low, high = THRESHOLD_RANGE
                 threshold = low + (high - low) * torch.rand(cfg.batch_size, generator=gen)
-                pick_rank = explored_ranks(cfg.batch_size, depth, gen)
             elif draw < cfg.threshold_share + cfg.own_share:  # fixed-K ADJUST's own passes
                 threshold = torch.full((cfg.batch_size,), OWN_PICKS)
+            if threshold is not None:
                 pick_rank = explored_ranks(cfg.batch_size, depth, gen)
             batch = make_batch(current.train.data, rows, states, depth, mask_id, device, weights, threshold,
                                pick_rank)

@@ -95,11 +95,12 @@ class AdjustSampler:
         candidates = None
         for r in range(int(budget.max())):
             logprobs = ctx.logprobs(logits, where=eligible)
+            scores = ctx.scores(logprobs, eligible)
             if r == 0 and self.config.threshold is not None:
                 confidence = ctx.scores(logprobs, eligible, rule="confidence")
                 chosen = select_top(confidence, sure_count(confidence, self.config.threshold).clamp(min=1) * writing)
             else:
-                chosen = select_top(ctx.scores(logprobs, eligible), writing.long())
+                chosen = select_top(scores, writing.long())
             if self.config.tested:
                 writing &= self._passes(logprobs, chosen, entropy_sum, entropy_max, first=r == 0)
                 chosen &= writing[:, None]
@@ -108,8 +109,9 @@ class AdjustSampler:
             tokens = torch.where(chosen, ctx.sample(logprobs, chosen), tokens)
             fill |= chosen
             eligible = eligible & ~chosen  # a new tensor: the round's Marginals keep the old one
-            if r == 0:
-                candidates = select_top(ctx.scores(logprobs, eligible), (budget - 1).clamp(min=self.config.candidates))
+            if r == 0:  # the base pass's best positions after the ones just written
+                candidates = select_top(scores.masked_fill(chosen, -torch.inf),
+                                        (budget - 1).clamp(min=self.config.candidates))
                 eligible &= candidates
             # Only rows still writing with budget left write in the next round; when there are none the step
             # ends here (a later round would read logits from before this round's writes).
