@@ -27,7 +27,8 @@ from jointdlm.eval.runner import RESULTS_FILE, EvalConfig, run_eval
 from jointdlm.models.causal import CausalScorer
 from jointdlm.models.mdlm import BuiltinModel
 
-SAMPLERS = ("parallel", "adjust", "adjust:tau=0.9", "adjust:tau=0.7", "adjust:gamma=1", "adjust:gamma=4",
+SAMPLERS = ("parallel", "adjust", "adjust:tau=0.9", "adjust:tau=0.7",
+            "adjust:gamma=1", "adjust:gamma=4", "adjust:gamma=16", "adjust:gamma=64",
             "adjust:threshold=0.9", "adjust:threshold=0.7",
             "threshold:tau=0.9", "threshold:tau=0.7", "threshold:tau=0.5", "threshold:tau=0.3", "threshold:tau=0.1",
             "threshold:tau=0.9:extra=1", "threshold:tau=0.7:extra=1", "threshold:tau=0.5:extra=1",

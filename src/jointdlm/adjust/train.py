@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..models.protocol import DiffusionLM
-from ..sampling.rules import rank_of, select_top
+from ..sampling.rules import Marginals, position_scores, rank_of, select_top
 from ..sampling.threshold import sure_count
 from ..validation import require_finite, require_positive
 from .head import AdjustHead, AdjustHeadConfig
@@ -260,9 +260,9 @@ class RolloutLoss(nn.Module):
 
 
 def _confidence(logits: torch.Tensor, where: torch.Tensor, banned: list[int]) -> torch.Tensor:
-    """(B, T) top probability at the True positions of `where` (logits (N, V) there), -inf elsewhere."""
-    top = _logprobs(logits, banned).max(-1).values.exp()
-    return torch.full(where.shape, -torch.inf, device=where.device).masked_scatter(where, top)
+    """(B, T) top probability at the True positions of `where` (logits (N, V) there), -inf elsewhere: the
+    sampler's confidence rule on the same log-probabilities."""
+    return position_scores(Marginals(where, _logprobs(logits, banned)), "confidence", where, step_seeds=())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -405,8 +405,10 @@ UNTRAINED_DEPTH_OFF = 0.1
 """Held-out head/stale KL ratio above which a depth the head was not trained on (rollout..2*rollout-1, the passes
 of K up to twice the rollout) is flagged: on the demo's template base the heads with fixed K=8 at 0.73 and 0.86
 were at 0.54 and 0.18 at depth 7, two at 0.93-0.94 at 0.007-0.009, and four choice heads at 0.011-0.027 (one of
-them, 0.82 at K=8, not flagged: docs/results.md §5). Also only above OWN_PICKS_OFF times the worst trained depth's
-ratio in the K=1 order: an English head that is at 0.08-0.13 on every trained depth is at 0.12-0.16 beyond them."""
+them, 0.82 at K=8, not flagged: docs/results.md §5). Also only above UNTRAINED_DEPTH_RELATIVE times the worst
+trained depth's ratio in the K=1 order: an English head that is at 0.08-0.13 on every trained depth is at 0.12-0.16
+beyond them."""
+UNTRAINED_DEPTH_RELATIVE = 4.0
 OWN_PICKS_OFF = 4.0
 """A head whose held-out KL ratio on its own picks (depth >= 2) is above this many times its ratio on the K=1
 trajectory's order, and above 0.05, picks positions the K=1 sampler would not and is wrong there: on the demo's
@@ -777,7 +779,7 @@ def make_verdict(heldout: dict[str, dict[int, dict[str, float]]], elapsed_s: flo
            if int(d) >= 2 and v is not None and k1.get(d) is not None and v > max(0.05, OWN_PICKS_OFF * k1[d])]
     trained_worst = max((v for v in k1.values() if v is not None), default=0.0)
     untrained = [f"depth {d}: {v:.2f}" for d, v in ratios.get("k1-deep", {}).items()
-                 if v is not None and v > max(UNTRAINED_DEPTH_OFF, OWN_PICKS_OFF * trained_worst)]
+                 if v is not None and v > max(UNTRAINED_DEPTH_OFF, UNTRAINED_DEPTH_RELATIVE * trained_worst)]
     return {"ratios": ratios, "heldout": heldout, "learned_little": weak, "own_picks_off": off,
             "untrained_depths_off": untrained, "steps": steps, "elapsed_s": round(elapsed_s, 1)}
 

@@ -115,9 +115,9 @@ def plot_pareto(results: dict, path: Path) -> None:
     better = "down and left" if metric == "nll" else "up and left"
     axes[0].set_title(f"quality vs model passes ({better} is better)")
     axes[1].set_title(f"quality vs wall time ({better} is better)")
-    axes[1].legend(fontsize=7, loc="best")
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the panel: it had covered points
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
