@@ -3,8 +3,9 @@
 Runs one `jointdlm eval` grid (K=1, naive parallel and ADJUST at fixed K, adaptive ADJUST, the confidence
 threshold, EB and PUNT at several settings), writes results.json / results.md / pareto.png into --out, then
 prints, for each budget of base passes per sample, the best training-free row and the best ADJUST row with
-their 95% intervals. Quality is exact validity (--language), task accuracy (--task) or the causal scorer's NLL
-of the samples (--scorer, lower is better; MAUVE is in results.md).
+their 95% intervals, and every training-free row that no adaptive ADJUST row matches at equal or lower cost
+(base passes, and wall time in the same run). Quality is exact validity (--language), task accuracy (--task) or
+the causal scorer's NLL of the samples (--scorer, lower is better; MAUVE is in results.md).
 
     python benchmarks/pareto.py --model runs/recipe/choice/model --adjust runs/recipe/choice/heads/final-seed0 \
         --language choice --out runs/pareto/choice
@@ -34,7 +35,7 @@ SAMPLERS = ("parallel", "adjust", "adjust:tau=0.9", "adjust:tau=0.7",
             "threshold:tau=0.9:extra=1", "threshold:tau=0.7:extra=1", "threshold:tau=0.5:extra=1",
             "eb:gamma=1", "eb:gamma=2", "eb:gamma=4", "eb:gamma=8", "eb:gamma=16",
             "punt:epsilon=0.5", "punt:epsilon=2")
-TOKENS_PER_STEP = (1, 2, 4, 6, 8)
+TOKENS_PER_STEP = (1, 2, 4, 6, 8, 16)
 
 
 def best_within(rows: list[dict], budget: float, adjust: bool, metric: str = "validity") -> dict | None:
@@ -43,6 +44,35 @@ def best_within(rows: list[dict], budget: float, adjust: bool, metric: str = "va
             and r["sampler"].startswith("adjust") == adjust and r["sampler"] != "sequential"]
     sign = -1.0 if metric == "nll" else 1.0
     return max(pool, key=lambda r: sign * r["quality"][metric]["value"], default=None)
+
+
+ADAPTIVE_TESTS = ("tau=", "gamma=", "threshold=")
+COSTS = {"passes": lambda r: r["speed"]["base_passes_per_sample"],
+         "wall time": lambda r: r["speed"]["wall_time_s"] / max(1, r["speed"]["samples"])}
+
+
+def unmatched(rows: list[dict], metric: str, cost: str) -> list[tuple[dict, dict | None]]:
+    """Issue #14's check, on point estimates: each training-free row that no adaptive ADJUST row (a tau, gamma or
+    threshold test) matches at equal or lower cost with equal or better quality, with the best adaptive row
+    within that cost (None if there is none)."""
+    cost_of, sign = COSTS[cost], (-1.0 if metric == "nll" else 1.0)
+    adaptive = [r for r in rows if r["sampler"].startswith("adjust:")
+                and any(t in r["sampler"] for t in ADAPTIVE_TESTS)]
+    out = []
+    for row in rows:
+        if row["sampler"].startswith("adjust") or row["sampler"] == "sequential":
+            continue
+        within = [a for a in adaptive if cost_of(a) <= cost_of(row) * (1 + 1e-9)]
+        best = max(within, key=lambda a: sign * a["quality"][metric]["value"], default=None)
+        if best is None or sign * best["quality"][metric]["value"] < sign * row["quality"][metric]["value"]:
+            out.append((row, best))
+    return out
+
+
+def overlaps(a: dict, b: dict, metric: str) -> bool:
+    """Whether the two rows' 95% intervals of `metric` overlap."""
+    x, y = a["quality"][metric], b["quality"][metric]
+    return x["low"] <= y["high"] and y["low"] <= x["high"]
 
 
 def describe(row: dict | None, metric: str = "validity") -> str:
@@ -89,6 +119,15 @@ def main() -> None:
     for budget in (float(b) for b in args.budgets.split(",")):
         print(f"| {budget:g} | {describe(best_within(rows, budget, False, metric), metric)} | "
               f"{describe(best_within(rows, budget, True, metric), metric)} |")
+    for cost in COSTS:
+        missed = unmatched(rows, metric, cost)
+        print(f"\nAdaptive ADJUST vs every training-free row, in {cost} (point estimates): "
+              + ("each is matched or beaten." if not missed else f"{len(missed)} not matched:"))
+        for row, best in missed:
+            verdict = "" if best is None else ("; level within the 95% intervals" if overlaps(row, best, metric)
+                                               else "; worse, outside the intervals")
+            print(f"- {describe(row, metric)}; best adaptive ADJUST within its {cost}: "
+                  f"{describe(best, metric)}{verdict}")
 
 
 if __name__ == "__main__":

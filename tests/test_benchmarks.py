@@ -66,3 +66,32 @@ def test_pareto_picks_the_best_row_within_a_budget_in_the_metrics_direction():
     assert pareto.best_within(rows, 3, adjust=True, metric="nll")["sampler"] == "adjust:tau=0.9"
     assert pareto.best_within(rows, 2, adjust=True) is None and pareto.describe(None) == "–"
     assert "1.200" in pareto.describe(rows[3], "nll")
+
+
+def test_pareto_names_the_training_free_rows_adaptive_adjust_does_not_match():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import pareto
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def row(sampler, passes, seconds, validity):
+        return {"sampler": sampler, "tokens_per_step": None,
+                "speed": {"base_passes_per_sample": passes, "wall_time_s": seconds, "samples": 10},
+                "quality": {"validity": {"value": validity, "low": validity, "high": validity}}}
+
+    rows = [row("sequential", 20, 9.0, 0.9), row("parallel", 2, 1.0, 0.2), row("threshold:tau=0.5", 3, 2.0, 0.8),
+            row("adjust", 1, 0.5, 0.99), row("adjust:gamma=4", 3, 3.0, 0.85)]
+    # Fixed-K adjust is cheaper and better than everything but is not adaptive; gamma=4 beats the threshold in
+    # passes, not in time, and nothing adaptive is as cheap as naive parallel in either.
+    missed = pareto.unmatched(rows, "validity", "passes")
+    assert [(r["sampler"], best) for r, best in missed] == [("parallel", None)]
+    missed = pareto.unmatched(rows, "validity", "wall time")
+    assert [(r["sampler"], best) for r, best in missed] == [("parallel", None), ("threshold:tau=0.5", None)]
+    rows[1]["speed"]["base_passes_per_sample"] = 4
+    assert pareto.unmatched(rows, "validity", "passes") == []
+    rows[1]["quality"]["validity"] = {"value": 0.86, "low": 0.855, "high": 0.87}
+    row, best = pareto.unmatched(rows, "validity", "passes")[0]
+    assert best["sampler"] == "adjust:gamma=4" and not pareto.overlaps(row, best, "validity")
+    best["quality"]["validity"]["high"] = 0.9
+    assert pareto.overlaps(row, best, "validity")

@@ -94,7 +94,7 @@ class AdjustTrainConfig:
     the head's own positions, near-ties explored; thresholds uniform in [0.5, 0.95]); the rest follow the
     trajectories' K=1 order. With it, on-policy rounds also start from that sampler's steps and held-out KL is
     measured on its passes. 0.5 made `adjust:threshold=0.9` keep K=1 validity on every head measured (choice 3
-    seeds, permutation 2, template 1) where heads without it collapsed on 2 of 4; fixed K was level on choice and
+    seeds, permutation 2, template 1) where heads without it collapsed on 6 of 11; fixed K was level on choice and
     permutation but lost template's K=8 under the demo's 3,000-step cap (0.958 -> 0.846), so it is opt-in
     (docs/results.md §5)."""
     own_share: float = 0.25

@@ -18,7 +18,7 @@ while it is still writing.
 whose confidence is at least the threshold (at least one), then up to K-1 more tokens, one per head pass. The
 sure tokens cost no head pass; the head's passes go to the uncertain ones, whose joint naive parallel gets wrong.
 It needs a head trained on such steps (`train-adjust --threshold-share 0.5`): heads trained without them collapsed
-on 2 of 4 (docs/results.md §5).
+on 6 of 11 (docs/results.md §2, §5).
 """
 
 from __future__ import annotations
@@ -78,8 +78,8 @@ class AdjustSampler:
         self.config = resolve_config(AdjustConfig, config, settings)
         self.follows_budget = not self.config.adaptive
         if self.config.threshold is not None and getattr(head, "threshold_share", None) == 0:
-            warnings.warn("this ADJUST head was trained without --threshold-share; adjust:threshold collapsed on 2 "
-                          "of 4 such heads (docs/results.md §5): train it with --threshold-share 0.5", stacklevel=2)
+            warnings.warn("this ADJUST head was trained without --threshold-share; adjust:threshold collapsed on 6 "
+                          "of 11 such heads (docs/results.md §5): train it with --threshold-share 0.5", stacklevel=2)
 
     def step(self, ctx: StepContext) -> StepResult:
         out = ctx.forward()
