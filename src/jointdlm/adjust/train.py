@@ -93,10 +93,11 @@ class AdjustTrainConfig:
     """Share of steps trained on the passes of `adjust:threshold` (the threshold round on the base's marginals, then
     the head's own positions, near-ties explored; thresholds uniform in [0.5, 0.95]); the rest follow the
     trajectories' K=1 order. With it, on-policy rounds also start from that sampler's steps and held-out KL is
-    measured on its passes. 0.5 made `adjust:threshold=0.9` keep K=1 validity on every head measured (choice 3
-    seeds, permutation 2, template 1) where heads without it collapsed on 6 of 11; fixed K was level on choice and
-    permutation but lost template's K=8 under the demo's 3,000-step cap (0.958 -> 0.846), so it is opt-in
-    (docs/results.md §5)."""
+    measured on its passes. On chained heads 0.5 made `adjust:threshold=0.9` keep K=1 validity on every head
+    measured (choice 3 seeds, permutation 2, template 1) where heads without it collapsed on 2 of 4; fixed K was
+    level on choice and permutation but lost template's K=8 under the demo's 3,000-step cap (0.958 -> 0.846), so it
+    is opt-in. Heads of today's recipe keep `adjust:threshold` without it (0.94-0.98 at K=4, 0.84-0.97 at K=8,
+    seven heads; one template head with it: 0.976 at K=8; docs/results.md §2, §5)."""
     own_share: float = 0.25
     """Share of steps trained on fixed-K ADJUST's own passes (the base's most confident position, then the head's
     own picks, near-ties explored as for `threshold_share`) instead of the K=1 order. Without it one head seed in
