@@ -27,6 +27,8 @@ from jointdlm.adjust.head import AdjustHead
 from jointdlm.eval.runner import RESULTS_FILE, EvalConfig, run_eval
 from jointdlm.models.causal import CausalScorer
 from jointdlm.models.mdlm import BuiltinModel
+from jointdlm.sampling.adjust import AdjustConfig
+from jointdlm.sampling.registry import parse_spec
 
 SAMPLERS = ("parallel", "adjust", "adjust:tau=0.9", "adjust:tau=0.7",
             "adjust:gamma=1", "adjust:gamma=4", "adjust:gamma=16", "adjust:gamma=64",
@@ -42,11 +44,26 @@ def best_within(rows: list[dict], budget: float, adjust: bool, metric: str = "va
     """The best row by `metric` (NLL: lowest) among those with at most `budget` base passes per sample."""
     pool = [r for r in rows if r["speed"]["base_passes_per_sample"] <= budget
             and r["sampler"].startswith("adjust") == adjust and r["sampler"] != "sequential"]
-    sign = -1.0 if metric == "nll" else 1.0
-    return max(pool, key=lambda r: sign * r["quality"][metric]["value"], default=None)
+    return best_of(pool, metric)
 
 
-ADAPTIVE_TESTS = ("tau=", "gamma=", "threshold=")
+def best_of(pool: list[dict], metric: str) -> dict | None:
+    """The row of `pool` best by `metric` (NLL: lowest), None if empty."""
+    return max(pool, key=lambda r: _signed(r, metric), default=None)
+
+
+def _signed(row: dict, metric: str) -> float:
+    """The row's quality with higher = better."""
+    value = row["quality"][metric]["value"]
+    return -value if metric == "nll" else value
+
+
+def is_adaptive_adjust(spec: str) -> bool:
+    """An ADJUST spec whose steps stop on a test (tau, gamma or a threshold round), as the sampler decides it."""
+    name, options = parse_spec(spec)
+    return name == "adjust" and AdjustConfig(**options).adaptive
+
+
 COSTS = {"passes": lambda r: r["speed"]["base_passes_per_sample"],
          "wall time": lambda r: r["speed"]["wall_time_s"] / max(1, r["speed"]["samples"])}
 
@@ -55,16 +72,14 @@ def unmatched(rows: list[dict], metric: str, cost: str) -> list[tuple[dict, dict
     """Issue #14's check, on point estimates: each training-free row that no adaptive ADJUST row (a tau, gamma or
     threshold test) matches at equal or lower cost with equal or better quality, with the best adaptive row
     within that cost (None if there is none)."""
-    cost_of, sign = COSTS[cost], (-1.0 if metric == "nll" else 1.0)
-    adaptive = [r for r in rows if r["sampler"].startswith("adjust:")
-                and any(t in r["sampler"] for t in ADAPTIVE_TESTS)]
+    cost_of = COSTS[cost]
+    adaptive = [r for r in rows if is_adaptive_adjust(r["sampler"])]
     out = []
     for row in rows:
         if row["sampler"].startswith("adjust") or row["sampler"] == "sequential":
             continue
-        within = [a for a in adaptive if cost_of(a) <= cost_of(row) * (1 + 1e-9)]
-        best = max(within, key=lambda a: sign * a["quality"][metric]["value"], default=None)
-        if best is None or sign * best["quality"][metric]["value"] < sign * row["quality"][metric]["value"]:
+        best = best_of([a for a in adaptive if cost_of(a) <= cost_of(row) * (1 + 1e-9)], metric)
+        if best is None or _signed(best, metric) < _signed(row, metric):
             out.append((row, best))
     return out
 
