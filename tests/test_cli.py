@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from jointdlm.cli import main
 from jointdlm.models.mdlm import BuiltinModel
@@ -179,6 +180,17 @@ def test_demo_quick_runs_one_stage_end_to_end(tmp_path, capsys):
     assert all("validity" in r["quality"] for r in results["rows"])
     assert (work / "template" / "eval" / "quality.png").exists()
     assert not (work / "english").exists()
+    # A head cached by an older recipe is kept beside and trained again, not refused.
+    state_path = work / "template" / "adjust" / "adjust_trainer_state.pt"
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    state["config"] = {**state["config"], "rollout": 3}
+    torch.save(state, state_path)
+    assert main(["demo", "--quick", "--stages", "template", "--workdir", str(work)]) == 0
+    err = capsys.readouterr().err
+    assert "the cached head was trained with other settings (rollout=3 there" in err
+    assert (work / "template" / "adjust.previous-1" / "adjust.safetensors").exists()
+    config = json.loads((work / "template" / "adjust" / "adjust_config.json").read_text())
+    assert config["training"]["rollout"] == 8
 
 
 def test_demo_rejects_an_unknown_stage(tmp_path, capsys):

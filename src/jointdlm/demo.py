@@ -16,7 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .adjust.head import AdjustHead
-from .adjust.train import AdjustTrainConfig, final_heldout, format_verdict, read_verdict, train_adjust
+from .adjust.train import (
+    AdjustTrainConfig,
+    MismatchedRunError,
+    final_heldout,
+    format_verdict,
+    read_verdict,
+    train_adjust,
+)
 from .adjust.trajectories import TrajectoryConfig, collect_trajectories
 from .data import write_corpus
 from .eval.runner import EvalConfig, format_table, run_eval
@@ -121,8 +128,17 @@ def prepare_stage(stage: DemoStage, root: Path, seed: int) -> tuple[BuiltinModel
                                           batch_size=256, shard_size=500), prompts=prompts)
     _say(f"[{stage.corpus}] training the ADJUST head (at most {stage.head_steps} steps)")
     every = min(250, max(20, stage.head_steps // 4))
-    head = train_adjust(model, root / "trajectories", root / "adjust",
-                        AdjustTrainConfig(max_steps=stage.head_steps, seed=seed, eval_every=every, save_every=every))
+    head_cfg = AdjustTrainConfig(max_steps=stage.head_steps, seed=seed, eval_every=every, save_every=every)
+    try:
+        head = train_adjust(model, root / "trajectories", root / "adjust", head_cfg)
+    except MismatchedRunError as err:
+        # A head cached by an older recipe: keep it beside, train today's.
+        kept = next(root / f"adjust.previous-{n}" for n in range(1, 10_000)
+                    if not (root / f"adjust.previous-{n}").exists())
+        (root / "adjust").rename(kept)
+        _say(f"[{stage.corpus}] the cached head was trained with other settings ({str(err).split('(', 1)[1]}; "
+             f"moved to {kept}, training a new one")
+        head = train_adjust(model, root / "trajectories", root / "adjust", head_cfg)
     verdict = read_verdict(root / "adjust")
     if verdict is not None:
         _say(f"[{stage.corpus}] " + format_verdict(verdict))
