@@ -315,11 +315,15 @@ def stale_table(base: DiffusionLM, data: Trajectories, rollout: int, device: str
             masked = (order >= j).to(logprobs.device)
             if not masked.any():
                 break
+            # KL(p || q_n) = sum p log p - sum p log q_n: one exp per state and a dot product per depth (4x
+            # cheaper than the whole difference per depth, which made rollout 8's sweep 1.7x rollout 4's).
+            probs = logprobs.exp()
+            negentropy = torch.linalg.vecdot(probs, logprobs)
+            has_mask = masked.any(-1).cpu()
             for n in range(1, min(rollout, len(window))):
-                old = window[-1 - n]
-                kl = (logprobs.exp() * (logprobs - old)).sum(-1)
+                kl = (negentropy - torch.linalg.vecdot(probs, window[-1 - n])).clamp(min=0)
                 value = ((kl * masked).sum(-1) / masked.sum(-1).clamp(min=1)).cpu()
-                ok = (j - n >= start) & masked.any(-1).cpu()
+                ok = (j - n >= start) & has_mask
                 table[rows[ok], j - n, n - 1] = value[ok]
         bar.update(len(rows))
     bar.close()
