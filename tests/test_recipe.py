@@ -152,6 +152,26 @@ def test_stale_table_is_the_stale_kl_of_each_example(base, k1):
         assert torch.allclose(head_sum, stale_sum)
 
 
+def test_one_rollout_scores_every_depth_as_one_rollout_per_depth(base, k1):
+    """The held-out scores read every depth off one rollout (`RolloutLoss.per_depth`); each must be what a batch
+    of that depth gives, for a head whose output is not the stale marginals."""
+    head = AdjustHead(AdjustHeadConfig.for_base(base)).eval()
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    loss = RolloutLoss(head)
+    depths = list(range(1, ROLLOUT))
+    rows = torch.arange(16)
+    states = torch.randint(0, k1.length - ROLLOUT, (16,), generator=gen)
+    shared = loss.per_depth(base, make_batch(k1, rows, states, depths[-1], base.spec.mask_id, "cpu"), depths)
+    for depth, (head_sum, stale_sum, count) in zip(depths, shared, strict=True):
+        with torch.no_grad():
+            want = loss(base, make_batch(k1, rows, states, depth, base.spec.mask_id, "cpu"))[2:]
+        assert torch.allclose(head_sum, want[0], atol=1e-5) and torch.allclose(stale_sum, want[1], atol=1e-5)
+        assert torch.equal(count, want[2]) and (head_sum - stale_sum).abs().max() > 1e-3
+
+
 def test_weighted_draws_keep_the_uniform_objective(base, k1):
     table = stale_table(base, k1, ROLLOUT, "cpu")
     sampler = StateSampler([k1], [table], ROLLOUT, focus=0.5)

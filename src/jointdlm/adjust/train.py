@@ -72,7 +72,8 @@ class AdjustTrainConfig:
     up to 7, all a K=8 step uses), or the trajectories' generated length when shorter. Against 4 (depths 1-3), with
     heads that start every pass from the base: permutation's K=8 0.850 / 0.894 -> 0.966 / 0.970, English K=8 NLL
     7.83 -> 7.60 (K=1 7.62), worst cell of nine heads at K=3-8 0.850 -> 0.916; template, choice and the prompted
-    mix level within the intervals, same training time (docs/results.md §2, "Rollout 8 as the default")."""
+    mix level within the intervals; 14-25% more time per step (docs/results.md §2, "Rollout 8 as the
+    default")."""
     batch_size: int = 64
     """States per step. On the tiny choice base with steps capped at 1,500, 64 recovered 100% for both head seeds
     where 32 left one at 66%, in the same wall time; on `small` bases quality was equal (docs/results.md §2)."""
@@ -240,6 +241,29 @@ class RolloutLoss(nn.Module):
         return ((batch.weights * head_sum).sum() / norm, (batch.weights * stale_sum).sum() / norm,
                 head_sum.detach(), stale_sum, count)
 
+
+    @torch.no_grad()
+    def per_depth(self, base: DiffusionLM, batch: Batch,
+                  depths: list[int]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """For each depth n in `depths` (at most len(batch.steps)): (per-row head KL sums, per-row stale KL sums,
+        per-row masked counts) after n of the batch's teacher-forced passes, as `forward` gives for a batch of
+        depth n, from one rollout instead of one per depth."""
+        banned = base.spec.never_sampled()
+        mask_id = base.spec.mask_id
+        masked = batch.tokens == mask_id
+        start = base.forward(batch.tokens, batch.attention, at=masked)
+        hidden, tokens, out = start.hidden, batch.tokens, []
+        for n, written in enumerate(batch.steps[:max(depths)], start=1):
+            tokens = torch.where(written, batch.targets, tokens)
+            hidden = self.head.update(base, tokens, batch.attention, self.head.pass_input(start.hidden, hidden))
+            if n not in depths:
+                continue
+            still_masked = tokens == mask_id
+            teacher = base.forward(tokens, batch.attention, at=still_masked).logits
+            head_sum, count = row_kl(teacher, base.lm_head(hidden[still_masked]), still_masked, banned)
+            stale_sum, _ = row_kl(teacher, start.logits[still_masked[masked]], still_masked, banned)
+            out.append((head_sum, stale_sum, count))
+        return out
 
     def _own_positions(self, base: DiffusionLM, batch: Batch,
                        banned: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -449,9 +473,22 @@ def evaluate(loss_module: RolloutLoss, base: DiffusionLM, sampler: StateSampler,
              examples: int = 256, seed: int = 4321, threshold: float | None = None,
              min_depth: int = 1) -> dict[int, dict[str, float]]:
     """Held-out KL(teacher || head) and KL(teacher || stale marginals) at every depth from `min_depth`, fixed
-    uniform draws; with `threshold`, on the passes of `adjust:threshold` from those states."""
+    uniform draws; with `threshold`, on the passes of `adjust:threshold` from those states. Without it, one
+    rollout per state scores every depth: the states are drawn for the shallowest depth, and a deeper depth
+    averages over those that still have a masked position there (uniform draws of that depth's examples, as
+    before); 7 depths cost 7 head passes instead of 28."""
+    depths = [d for d in sampler.depths if d >= min_depth]
+    if threshold is None and depths:
+        rows, states, _ = _heldout_examples(sampler, depths[0], examples, seed)
+        totals = {d: [0.0, 0.0, 0.0] for d in depths}
+        for part in range(0, examples, 64):
+            sl = slice(part, part + 64)
+            batch = make_batch(sampler.data, rows[sl], states[sl], depths[-1], base.spec.mask_id, device)
+            for depth, sums in zip(depths, loss_module.per_depth(base, batch, depths), strict=True):
+                totals[depth] = [t + float(v.sum()) for t, v in zip(totals[depth], sums, strict=True)]
+        return {d: {"head_kl": h / max(c, 1), "stale_kl": st / max(c, 1)} for d, (h, st, c) in totals.items()}
     results = {}
-    for depth in (d for d in sampler.depths if d >= min_depth):
+    for depth in depths:
         rows, states, _ = _heldout_examples(sampler, depth, examples, seed)
         head_kl = stale_kl = count = 0.0
         for part in range(0, examples, 64):
