@@ -10,13 +10,14 @@ Set JOINTDLM_FIXTURE_CACHE=DIR to keep the trained fixtures between runs while i
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from jointdlm.adjust.head import AdjustHead
-from jointdlm.adjust.train import AdjustTrainConfig, final_heldout, train_adjust
+from jointdlm.adjust.train import AdjustTrainConfig, MismatchedRunError, final_heldout, train_adjust
 from jointdlm.adjust.trajectories import TrajectoryConfig, collect_trajectories
 from jointdlm.data import get_language, validity_rate
 from jointdlm.models.mdlm import BuiltinModel
@@ -49,8 +50,12 @@ def trained_head(base: BuiltinModel, workdir: Path, seed: int) -> AdjustHead:
     collect_trajectories(base, workdir / "trajectories",
                          TrajectoryConfig(num=TRAJECTORIES, length=base.max_length - 1, batch_size=256,
                                           shard_size=1024, progress=False))
-    return train_adjust(base, workdir / "trajectories", workdir / f"adjust-seed{seed}",
-                        AdjustTrainConfig(**{**RECIPE.__dict__, "seed": seed}))
+    out, cfg = workdir / f"adjust-seed{seed}", AdjustTrainConfig(**{**RECIPE.__dict__, "seed": seed})
+    try:
+        return train_adjust(base, workdir / "trajectories", out, cfg)
+    except MismatchedRunError:  # a JOINTDLM_FIXTURE_CACHE head from another recipe: train this one
+        shutil.rmtree(out)
+        return train_adjust(base, workdir / "trajectories", out, cfg)
 
 
 @pytest.fixture(scope="module")
