@@ -136,7 +136,7 @@ def prepare_stage(stage: DemoStage, root: Path, seed: int) -> tuple[BuiltinModel
         kept = next(root / f"adjust.previous-{n}" for n in range(1, 10_000)
                     if not (root / f"adjust.previous-{n}").exists())
         (root / "adjust").rename(kept)
-        _say(f"[{stage.corpus}] the cached head was trained with other settings ({str(err).split('(', 1)[1]}; "
+        _say(f"[{stage.corpus}] the cached head was trained with other settings ({'; '.join(err.problems)}); "
              f"moved to {kept}, training a new one")
         head = train_adjust(model, root / "trajectories", root / "adjust", head_cfg)
     verdict = read_verdict(root / "adjust")

@@ -55,12 +55,19 @@ LITTLE_TO_LEARN = 0.1
 learn, and its ratio is noise: the prompted tasks mix's on-policy depth 7 (0.0015 nats against 0.055 at depth 3)
 read 1.84 with an absolute head KL of 0.005 and K=1-level accuracy. It is not counted as "learned little"."""
 DEFAULT_ROLLOUT = 8
+"""`AdjustTrainConfig.rollout=None` trains depths 1..7 (capped by the generated length)."""
 REFERENCE_WIDTH = 128
 REFERENCE_LR = 3e-3
 
 
 class MismatchedRunError(ValueError):
-    """The output directory holds a run trained with other settings, base or trajectories (nothing was touched)."""
+    """The output directory holds a run trained with other settings, base or trajectories (nothing was touched);
+    `problems` says what differs."""
+
+    def __init__(self, out: Path, problems: list[str]) -> None:
+        super().__init__(f"{out} holds a training run that cannot be resumed with these settings "
+                         f"({'; '.join(problems)}); use a new --out, or the same flags, base and trajectories")
+        self.problems = problems
 
 
 @dataclass(frozen=True)
@@ -591,8 +598,7 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         problems = _resume_problems(state, identity)
         if problems:
-            raise MismatchedRunError(f"{out} holds a training run that cannot be resumed with these settings "
-                             f"({'; '.join(problems)}); use a new --out, or the same flags, base and trajectories")
+            raise MismatchedRunError(out, problems)
         head.load_state_dict(state["head"])
         optimizer.load_state_dict(state["optimizer"])
         # clone(): a row saved as a view of the gathered (world, n) tensor keeps a storage offset, and

@@ -81,7 +81,7 @@ class AdjustSampler:
                 and not head.config.from_base_hidden):
             warnings.warn("this ADJUST head chains its passes and was trained without --threshold-share; "
                           "adjust:threshold collapsed on 2 of 4 such heads (docs/results.md §5): train a head with "
-                          "today's defaults, or with --threshold-share 0.5", stacklevel=2)
+                          "the default recipe, or with --threshold-share 0.5", stacklevel=2)
 
     def step(self, ctx: StepContext) -> StepResult:
         out = ctx.forward()
