@@ -29,6 +29,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..models.protocol import DiffusionLM
+from ..models.protocol import DiffusionLM, ModelOutput
 from ..sampling.rules import Marginals, position_scores, rank_of, select_top
 from ..sampling.threshold import sure_count
 from ..validation import require_finite, require_positive
@@ -228,26 +229,15 @@ class RolloutLoss(nn.Module):
         banned = base.spec.never_sampled()
         if batch.threshold is not None:
             hidden, final, stale_logits = self._own_positions(base, batch, banned)
-            still_masked = final == base.spec.mask_id
         else:
             final = torch.where(torch.stack(batch.steps).any(0), batch.targets, batch.tokens)
-            still_masked = final == base.spec.mask_id  # where the loss is read: logits are computed only there
-            with torch.no_grad():
-                start = base.forward(batch.tokens, batch.attention, at=still_masked)
-            hidden, tokens, stale_logits = start.hidden, batch.tokens, start.logits
-            for written in batch.steps:
-                tokens = torch.where(written, batch.targets, tokens)
-                hidden = self.head.update(base, tokens, batch.attention, self.head.pass_input(start.hidden, hidden))
-        with torch.no_grad():
-            teacher = base.forward(final, batch.attention, at=still_masked).logits
-        logits = base.lm_head(hidden[still_masked])
-        head_sum, count = row_kl(teacher, logits, still_masked, banned)
-        with torch.no_grad():
-            stale_sum, _ = row_kl(teacher, stale_logits, still_masked, banned)
+            # Logits only where the loss reads them: the positions still masked after the last pass.
+            *_, (start, final, hidden) = self._teacher_forced(base, batch, at=final == base.spec.mask_id)
+            stale_logits = start.logits
+        head_sum, stale_sum, count = self._scores(base, batch, final, hidden, stale_logits, banned)
         norm = (batch.weights * count).sum().clamp(min=1)
         return ((batch.weights * head_sum).sum() / norm, (batch.weights * stale_sum).sum() / norm,
                 head_sum.detach(), stale_sum, count)
-
 
     @torch.no_grad()
     def per_depth(self, base: DiffusionLM, batch: Batch,
@@ -256,21 +246,39 @@ class RolloutLoss(nn.Module):
         per-row masked counts) after n of the batch's teacher-forced passes, as `forward` gives for a batch of
         depth n, from one rollout instead of one per depth."""
         banned = base.spec.never_sampled()
-        mask_id = base.spec.mask_id
-        masked = batch.tokens == mask_id
-        start = base.forward(batch.tokens, batch.attention, at=masked)
-        hidden, tokens, out = start.hidden, batch.tokens, []
-        for n, written in enumerate(batch.steps[:max(depths)], start=1):
+        masked = batch.tokens == base.spec.mask_id
+        out = []
+        for n, (start, tokens, hidden) in enumerate(self._teacher_forced(base, batch, at=masked), start=1):
+            if n in depths:
+                stale_logits = start.logits[(tokens == base.spec.mask_id)[masked]]
+                out.append(self._scores(base, batch, tokens, hidden, stale_logits, banned))
+            if n == max(depths):
+                break
+        return out
+
+    def _teacher_forced(self, base: DiffusionLM, batch: Batch,
+                        at: torch.Tensor) -> Iterator[tuple[ModelOutput, torch.Tensor, torch.Tensor]]:
+        """The step's base pass (logits at `at`), then one head pass per teacher-forced step of the batch: yields
+        (the base pass, the canvas, the head's hidden states) after each head pass."""
+        with torch.no_grad():
+            start = base.forward(batch.tokens, batch.attention, at=at)
+        hidden, tokens = start.hidden, batch.tokens
+        for written in batch.steps:
             tokens = torch.where(written, batch.targets, tokens)
             hidden = self.head.update(base, tokens, batch.attention, self.head.pass_input(start.hidden, hidden))
-            if n not in depths:
-                continue
-            still_masked = tokens == mask_id
-            teacher = base.forward(tokens, batch.attention, at=still_masked).logits
-            head_sum, count = row_kl(teacher, base.lm_head(hidden[still_masked]), still_masked, banned)
-            stale_sum, _ = row_kl(teacher, start.logits[still_masked[masked]], still_masked, banned)
-            out.append((head_sum, stale_sum, count))
-        return out
+            yield start, tokens, hidden
+
+    @staticmethod
+    def _scores(base: DiffusionLM, batch: Batch, canvas: torch.Tensor, hidden: torch.Tensor,
+                stale_logits: torch.Tensor, banned: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per row on `canvas`'s masked positions: (head KL sums, stale KL sums, counts), both against the base's
+        distributions on that canvas; only the head's KL carries a gradient. `stale_logits` are read there."""
+        still_masked = canvas == base.spec.mask_id
+        with torch.no_grad():
+            teacher = base.forward(canvas, batch.attention, at=still_masked).logits
+            stale_sum, _ = row_kl(teacher, stale_logits, still_masked, banned)
+        head_sum, count = row_kl(teacher, base.lm_head(hidden[still_masked]), still_masked, banned)
+        return head_sum, stale_sum, count
 
     def _own_positions(self, base: DiffusionLM, batch: Batch,
                        banned: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
