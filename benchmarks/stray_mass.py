@@ -79,9 +79,12 @@ def main() -> None:
     if not args.sampler.startswith("adjust"):
         parser.error("--sampler must be an ADJUST spec (the check reads its head passes)")
     torch.set_num_threads(args.threads)
-    model = BuiltinModel.load(args.model)
-    logging_head = LoggingHead(AdjustHead.from_pretrained(args.adjust, model), subject_of_token(model))
-    sampler = make_from_spec(args.sampler, head=logging_head.head)
+    try:
+        model = BuiltinModel.load(args.model)
+        logging_head = LoggingHead(AdjustHead.from_pretrained(args.adjust, model), subject_of_token(model))
+        sampler = make_from_spec(args.sampler, head=logging_head.head)
+    except (OSError, ValueError) as err:
+        parser.exit(2, f"stray_mass.py: error: {err}\n")
     sampler.head = logging_head
     config = SamplingConfig(length=fill_length(model, None), tokens_per_step=args.tokens_per_step, seed=args.seed,
                             batch_size=500)

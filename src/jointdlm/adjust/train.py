@@ -244,12 +244,12 @@ class RolloutLoss(nn.Module):
         depth n, from one rollout instead of one per depth."""
         banned = base.spec.never_sampled()
         masked = batch.tokens == base.spec.mask_id
-        out = []
+        out, deepest = [], max(depths)
         for n, (start, tokens, hidden) in enumerate(self._teacher_forced(base, batch, at=masked), start=1):
             if n in depths:
                 stale_logits = start.logits[(tokens == base.spec.mask_id)[masked]]
                 out.append(self._scores(base, batch, tokens, hidden, stale_logits, banned))
-            if n == max(depths):
+            if n == deepest:
                 break
         return out
 
