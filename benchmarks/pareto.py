@@ -4,8 +4,9 @@ Runs one `jointdlm eval` grid (K=1, naive parallel and ADJUST at fixed K, adapti
 threshold, EB and PUNT at several settings), writes results.json / results.md / pareto.png into --out, then
 prints, for each budget of base passes per sample, the best training-free row and the best ADJUST row with
 their 95% intervals, and every training-free row that no adaptive ADJUST row matches at equal or lower cost
-(base passes, and wall time in the same run). Quality is exact validity (--language), task accuracy (--task) or
-the causal scorer's NLL of the samples (--scorer, lower is better; MAUVE is in results.md).
+(base passes, and wall time in the same run: each row's median of --timing-repeats runs). Quality is exact
+validity (--language), task accuracy (--task) or the causal scorer's NLL of the samples (--scorer, lower is
+better; MAUVE is in results.md).
 
     python benchmarks/pareto.py --model runs/recipe/choice/model --adjust runs/recipe/choice/heads/final-seed0 \
         --language choice --out runs/pareto/choice
@@ -112,6 +113,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budgets", default="3,4,5,6,8")
+    parser.add_argument("--timing-repeats", type=int, default=3,
+                        help="wall time of each row: the median of this many runs (same samples)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -120,7 +123,7 @@ def main() -> None:
     scorer = CausalScorer.load(args.scorer) if args.scorer else None
     metric = "validity" if args.language else "accuracy" if args.task else "nll"
     cfg = EvalConfig(samplers=SAMPLERS, tokens_per_step=TOKENS_PER_STEP, num=args.num, seed=args.seed,
-                     language=args.language, task=args.task, batch_size=500)
+                     language=args.language, task=args.task, batch_size=500, timing_repeats=args.timing_repeats)
     with torch.no_grad():
         results = run_eval(model, cfg, args.out, adjust_head=head, scorer=scorer)
     results["command"] = "python " + " ".join(shlex.quote(a) for a in sys.argv)

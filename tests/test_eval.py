@@ -132,3 +132,23 @@ def test_sequential_in_the_sampler_list_is_the_k1_row(tiny_model, tmp_path):
                      batch_size=8)
     rows = [(r["sampler"], r["tokens_per_step"]) for r in run_eval(tiny_model, cfg, tmp_path)["rows"]]
     assert rows == [("sequential", 1), ("parallel", 2)]
+
+
+def test_timing_repeats_report_the_median_wall_time_of_the_same_samples(tiny_model, tmp_path, monkeypatch):
+    from jointdlm.eval import runner
+
+    real_run, times = runner._run, iter([5.0, 3.0, 9.0, 4.0] + [7.0, 1.0, 2.0] * 2)
+
+    def timed(*args, **kwargs):
+        gen = real_run(*args, **kwargs)
+        gen.counters.wall_time_s = next(times)
+        return gen
+
+    monkeypatch.setattr(runner, "_run", timed)
+    cfg = EvalConfig(samplers=("parallel",), tokens_per_step=(1, 2), num=8, language="template", batch_size=8,
+                     timing_repeats=3)
+    rows = run_eval(tiny_model, cfg, tmp_path)["rows"]  # the reference takes the first time, 5.0
+    assert [r["speed"]["wall_time_s"] for r in rows] == [4.0, 2.0]
+    assert rows[1]["speed"]["speedup_vs_k1"] == 2.0
+    with pytest.raises(ValueError, match="timing_repeats"):
+        EvalConfig(timing_repeats=0)

@@ -178,7 +178,7 @@ def cmd_train_adjust(args: argparse.Namespace) -> None:
     cfg = AdjustTrainConfig(max_steps=args.max_steps, rollout=args.rollout, batch_size=args.batch_size, lr=args.lr,
                             warmup_steps=args.warmup_steps, onpolicy_rounds=args.onpolicy_rounds, focus=args.focus,
                             threshold_share=args.threshold_share, own_share=args.own_share,
-                            patience=args.patience,
+                            patience=args.patience, ema_decay=args.ema_decay,
                             eval_every=args.eval_every, save_every=args.save_every,
                             seed=args.seed, device=args.device)
     head = train_adjust(model, args.trajectories, args.out, cfg)
@@ -267,7 +267,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     cfg = EvalConfig(samplers=_csv(args.samplers), tokens_per_step=_csv(args.tokens_per_step, int), num=args.num,
                      seed=args.seed, task=args.task, language=args.language, length=args.length,
                      choice=choice_from_args(args), batch_size=args.batch_size, block_length=args.block_length,
-                     kv_cache=args.kv_cache)
+                     kv_cache=args.kv_cache, timing_repeats=args.timing_repeats)
     model = load_model(args.model, args.device, family=args.family, trust_remote_code=args.trust_remote_code,
                        dtype=args.dtype)
     head = AdjustHead.from_pretrained(args.adjust, model) if args.adjust else None
@@ -394,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of steps trained on fixed-K ADJUST's own passes (the rest: the K=1 order)")
     p.add_argument("--patience", type=int, default=recipe.patience,
                    help="evaluations without a 3%% held-out gain that count as a plateau (0 = run to --max-steps)")
+    p.add_argument("--ema-decay", type=float, default=recipe.ema_decay,
+                   help="held-out KL and the saved head use a moving average of the weights (0 = raw weights)")
     p.add_argument("--eval-every", type=_positive_int, default=recipe.eval_every)
     p.add_argument("--save-every", type=_positive_int, default=recipe.save_every)
     p.add_argument("--seed", type=int, default=recipe.seed)
@@ -419,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-length", type=_positive_int, default=None, help="semi-autoregressive blocks")
     p.add_argument("--kv-cache", default=None, choices=KV_CACHES,
                    help="as for sample; the K=1 reference stays exact, so the table shows what the cache costs")
+    p.add_argument("--timing-repeats", type=_positive_int, default=1,
+                   help="sample each row this many times (same samples) and report the median wall time")
     add_choice_args(p)
     p.set_defaults(func=cmd_eval)
 

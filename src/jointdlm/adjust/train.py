@@ -14,9 +14,9 @@ The recipe (docs/results.md §2 measures each part):
   marginals do not move (stale KL = 0). Before training, one no-grad sweep measures the stale KL of every
   (trajectory, state, depth); half of each batch is drawn in proportion to it, and importance weights
   1 / ((1 - f) + f * stale / mean stale) keep the objective the uniform one.
-* **Until it has learned.** Held-out KL on K=1 and on on-policy states is measured every `eval_every` steps.
-  A plateau (no 3% gain for `patience` evaluations) lowers the learning rate once, the next one ends the
-  round; so does a head/stale ratio of 0.3% or less. The best weights of each round are kept.
+* **Until it has learned.** Held-out KL on K=1 and on on-policy states is measured every `eval_every` steps, on
+  a moving average of the weights. A plateau (no 3% gain for `patience` evaluations) lowers the learning rate
+  once, the next one ends the round. The best averaged weights of each round are kept.
 * **A verdict.** The run ends with the held-out head/stale KL ratio per depth and kind of state, and a warning
   when the head learned little.
 Only the head trains; the base is checked bit for bit at the end.
@@ -119,6 +119,9 @@ class AdjustTrainConfig:
     own picks, near-ties explored as for `threshold_share`) instead of the K=1 order. Without it one head seed in
     three on the demo's template base failed at some K, in states where the head picks a position the K=1 order
     would not have (docs/results.md §2)."""
+    ema_decay: float = 0.995
+    """Held-out KL is measured on, and the head exported from, an exponential moving average of the weights
+    (time constant 1 / (1 - decay) steps); 0 uses the raw weights."""
     eval_every: int = 250
     save_every: int = 250
     heldout: int = 64
@@ -135,6 +138,8 @@ class AdjustTrainConfig:
         if not (0.0 <= self.threshold_share and 0.0 <= self.own_share and self.threshold_share + self.own_share <= 1.0):
             raise ValueError(f"threshold_share and own_share must be >= 0 with a sum of at most 1, got "
                              f"{self.threshold_share} and {self.own_share} (lower --own-share, default 0.25)")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.lr is not None and self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.heldout < 0 or self.patience < 0 or self.onpolicy_rounds < 0 or self.warmup_steps < 0:
@@ -599,6 +604,8 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
     identity = {"config": _comparable(asdict(cfg)), "base_fingerprint": base_fingerprint,
                 "trajectories": _trajectory_identity(data), "num_processes": accelerator.num_processes}
     best_state = None
+    averaged = AdjustHead(head_config)
+    averaged.load_state_dict(head.state_dict())
     if state_path.exists():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         problems = _resume_problems(state, identity)
@@ -611,8 +618,24 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
         gen.set_state(state["generators"][accelerator.process_index].clone())
         progress = json.loads(state["progress"])
         best_state = state.get("best_head")
+        averaged.load_state_dict(state.get("averaged_head", state["head"]))
     loss_module, optimizer = accelerator.prepare(RolloutLoss(head), optimizer)
     unwrapped = accelerator.unwrap_model(loss_module).head
+    averaged = averaged.to(device).requires_grad_(False)
+    averaged_loss = RolloutLoss(averaged)
+
+    def average_step() -> None:
+        """The moving average follows the raw weights; a short warm-up keeps it from lagging the first steps."""
+        if cfg.ema_decay == 0:
+            averaged.load_state_dict(unwrapped.state_dict())
+            return
+        weight = 1.0 - min(cfg.ema_decay, (1 + progress["step"]) / (10 + progress["step"]))
+        for mean, param in zip(averaged.parameters(), unwrapped.parameters(), strict=True):
+            mean.lerp_(param.detach(), weight)
+
+    def restart_from(state: dict) -> None:
+        unwrapped.load_state_dict(state)
+        averaged.load_state_dict(state)
     depth_p = depth_probabilities(cfg.rollout)
     mask_id = base.spec.mask_id
     log = None
@@ -628,7 +651,7 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
         """The head a user gets: the best weights (by held-out KL) of the current round."""
         head_out = AdjustHead(head_config)
         head_out.threshold_share = cfg.threshold_share
-        head_out.load_state_dict(best_state if best_state is not None else unwrapped.state_dict())
+        head_out.load_state_dict(best_state if best_state is not None else averaged.state_dict())
         return head_out.to(device).eval().requires_grad_(False)
 
     def checkpoint() -> None:
@@ -637,7 +660,8 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
         if accelerator.is_main_process:
             exported().save_pretrained(out, {"training": asdict(cfg), "step": progress["step"]})
             tmp = state_path.with_name(STATE_FILE + ".tmp")
-            torch.save({"head": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
+            torch.save({"head": unwrapped.state_dict(), "averaged_head": averaged.state_dict(),
+                        "optimizer": optimizer.state_dict(),
                         "generators": [g.clone() for g in gens], "step": progress["step"],
                         "progress": json.dumps(progress), "best_head": best_state, "config": asdict(cfg),
                         "base_fingerprint": base_fingerprint, "trajectories": identity["trajectories"],
@@ -746,6 +770,7 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
                 diagnostics = _diagnostics(unwrapped)
             accelerator.clip_grad_norm_(loss_module.parameters(), cfg.grad_clip)
             optimizer.step()
+            average_step()
             progress["step"] += 1
             progress["round_step"] += 1
             pair = (loss.item(), stale.item())
@@ -754,21 +779,20 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
             bar.update(1)
             bar.set_postfix(round=current.index, kl=f"{running[0]:.4f}", stale_kl=f"{running[1]:.4f}")
             if progress["step"] % cfg.eval_every == 0:
-                scores = {kind: evaluate(accelerator.unwrap_model(loss_module), base, sampler, device,
-                                         threshold=_kind_threshold(kind))
+                scores = {kind: evaluate(averaged_loss, base, sampler, device, threshold=_kind_threshold(kind))
                           for kind, sampler in current.heldout.items()}
                 score = _ratio_score(scores)
                 improved = progress["best"] is None or score < progress["best"] * (1 - MIN_GAIN)
                 if progress["best"] is None or score < progress["best"]:
                     progress["best"] = score
-                    best_state = {k: v.detach().cpu().clone() for k, v in unwrapped.state_dict().items()}
+                    best_state = {k: v.detach().cpu().clone() for k, v in averaged.state_dict().items()}
                 progress["stale_evals"] = 0 if improved else progress["stale_evals"] + 1
                 if (cfg.patience and progress["stale_evals"] >= cfg.patience and progress["decays"] < cfg.lr_decays
                         and progress["round_step"] >= cfg.min_round_steps):
                     # A plateau: go on from the best weights at a lower learning rate.
                     progress.update(decays=progress["decays"] + 1, stale_evals=0)
                     if best_state is not None:
-                        unwrapped.load_state_dict(best_state)
+                        restart_from(best_state)
                 entry = {"step": progress["step"], "round": current.index, "heldout": scores, "score": score,
                          "lr": _lr(progress["step"] - 1, lr, cfg, progress["decays"]),
                          "elapsed_s": round(time.time() - started, 1),
@@ -788,7 +812,7 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
         if not finished_round or next_round >= rounds_total:
             break
         if best_state is not None:
-            unwrapped.load_state_dict(best_state)
+            restart_from(best_state)
         policy = exported()
         if accelerator.is_main_process:
             (out / f"onpolicy-{next_round}").mkdir(parents=True, exist_ok=True)
@@ -900,10 +924,14 @@ def _trajectory_identity(data: Trajectories) -> dict:
                                                                       if k not in ("progress", "batch_size")}}))
 
 
+BEFORE_THE_FIELD = {"ema_decay": 0.0}
+"""What a run saved before a field existed ran with, where that is not today's default."""
+
+
 def _resume_problems(state: dict, wanted: dict) -> list[str]:
     """Why a saved trainer state cannot be continued by this run (empty when it can)."""
     problems = []
-    defaults = {f.name: f.default for f in fields(AdjustTrainConfig)}
+    defaults = {**{f.name: f.default for f in fields(AdjustTrainConfig)}, **BEFORE_THE_FIELD}
     old_cfg, new_cfg = _comparable(state["config"]), wanted["config"]
     for key in sorted(set(old_cfg) | set(new_cfg)):
         old = old_cfg.get(key, defaults.get(key))
