@@ -95,3 +95,17 @@ def test_pareto_names_the_training_free_rows_adaptive_adjust_does_not_match():
     assert best["sampler"] == "adjust:gamma=4" and not pareto.overlaps(row, best, "validity")
     best["quality"]["validity"]["high"] = 0.9
     assert pareto.overlaps(row, best, "validity")
+
+
+def test_heldout_signal_rank_correlation_handles_order_and_ties():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import heldout_signal
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    assert heldout_signal.ranks([0.3, 0.1, 0.3, 0.2]) == [2.5, 0.0, 2.5, 1.0]
+    assert heldout_signal.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
+    assert heldout_signal.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+    assert heldout_signal.spearman([1, 1, 1], [1, 2, 3]) == 0.0
+    assert abs(heldout_signal.spearman([1, 2, 3, 4], [1, 3, 2, 4]) - 0.8) < 1e-12
