@@ -116,6 +116,8 @@ def main() -> None:
     parser.add_argument("--timing-repeats", type=int, default=3,
                         help="wall time of each row: the median of this many runs (same samples)")
     args = parser.parse_args()
+    if args.timing_repeats < 1:
+        parser.error(f"--timing-repeats must be >= 1, got {args.timing_repeats}")
     torch.set_num_threads(args.threads)
 
     model = BuiltinModel.load(args.model)

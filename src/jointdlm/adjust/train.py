@@ -625,10 +625,8 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
     averaged_loss = RolloutLoss(averaged)
 
     def average_step() -> None:
-        """The moving average follows the raw weights; a short warm-up keeps it from lagging the first steps."""
-        if cfg.ema_decay == 0:
-            averaged.load_state_dict(unwrapped.state_dict())
-            return
+        """The moving average follows the raw weights; a short warm-up keeps it from lagging the first steps. At
+        decay 0 the weight is 1, and lerp then copies the raw weights exactly."""
         weight = 1.0 - min(cfg.ema_decay, (1 + progress["step"]) / (10 + progress["step"]))
         for mean, param in zip(averaged.parameters(), unwrapped.parameters(), strict=True):
             mean.lerp_(param.detach(), weight)
