@@ -14,9 +14,12 @@ column with it (lower KL should mean higher validity).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import warnings
 
 import torch
+from scipy.stats import ConstantInputWarning, spearmanr
 
 from jointdlm.adjust.head import AdjustHead
 from jointdlm.adjust.train import HELDOUT_THRESHOLD, RolloutLoss, StateSampler, evaluate, example_table
@@ -26,27 +29,12 @@ from jointdlm.models.mdlm import BuiltinModel
 ROLLOUT = 8
 
 
-def ranks(values: list[float]) -> list[float]:
-    """Ranks 0..n-1, ties sharing their mean rank."""
-    order = sorted(range(len(values)), key=values.__getitem__)
-    out = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            out[order[k]] = (i + j) / 2
-        i = j + 1
-    return out
-
-
 def spearman(x: list[float], y: list[float]) -> float:
-    rx, ry = ranks(x), ranks(y)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
-    var = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
-    return cov / var if var else 0.0
+    """Spearman's rank correlation (ties share their mean rank); 0 where a column is constant."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConstantInputWarning)
+        rho = float(spearmanr(x, y).statistic)
+    return 0.0 if math.isnan(rho) else rho
 
 
 def main() -> None:
