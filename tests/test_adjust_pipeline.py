@@ -318,6 +318,24 @@ def test_head_with_removed_output_layer_is_refused(base, tmp_path):
         AdjustHead.from_pretrained(tmp_path / "old", base)
 
 
+def test_head_config_defaults_are_todays_recipe_and_old_files_keep_theirs(base, tmp_path):
+    """A config built by hand gets the recipe `for_base` gives; a saved config that predates a field loads with
+    the behaviour it was trained with (chained passes, every position updated), not today's."""
+    today = AdjustHeadConfig.for_base(base)
+    by_hand = AdjustHeadConfig(d_model=today.d_model, n_heads=today.n_heads, mlp_hidden=today.mlp_hidden,
+                               base_fingerprint=today.base_fingerprint, rope_theta=today.rope_theta)
+    assert by_hand == today and today.from_base_hidden and today.masked_only
+    fields = ("hidden_scale", "qk_norm", "masked_only", "from_base_hidden")
+    old = replace(today, **dict.fromkeys(fields, False))
+    AdjustHead(old).save_pretrained(tmp_path / "old")
+    path = tmp_path / "old" / "adjust_config.json"
+    raw = json.loads(path.read_text())
+    for name in fields:
+        del raw[name]
+    path.write_text(json.dumps(raw))
+    assert AdjustHead.from_pretrained(tmp_path / "old", base).config == old
+
+
 # 2. Heads are tied to their base by fingerprint.
 
 def test_head_refuses_another_base(base, traj_dir, tmp_path, capsys):
@@ -748,7 +766,7 @@ def test_adaptive_adjust_survives_rows_that_stop_in_different_ways(base):
     writes in round 2, and the step must end without a head pass, not read stale logits."""
     model = _SureAndUnsure(base)
     head = AdjustHead(AdjustHeadConfig(d_model=8, n_heads=2, mlp_hidden=16, base_fingerprint="stub",
-                                       hidden_scale=True, qk_norm=True, masked_only=True)).eval()
+                                       from_base_hidden=False)).eval()
     tokens = torch.full((2, 10), base.spec.mask_id)
     ctx = StepContext(model=model, tokens=tokens, attention_mask=torch.ones_like(tokens),
                       eligible=tokens == base.spec.mask_id, budget=torch.tensor([2, 3]),

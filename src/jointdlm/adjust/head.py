@@ -43,6 +43,8 @@ from ..models.protocol import DiffusionLM
 
 HEAD_CONFIG_FILE = "adjust_config.json"
 HEAD_WEIGHTS_FILE = "adjust.safetensors"
+SAVED_BEFORE_FIELDS = {"hidden_scale": False, "qk_norm": False, "masked_only": False, "from_base_hidden": False}
+"""What a saved head's config means by leaving out a field added later: the behaviour of heads saved before it."""
 
 
 @dataclass(frozen=True)
@@ -53,15 +55,15 @@ class AdjustHeadConfig:
     base_fingerprint: str
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
-    hidden_scale: bool = False
+    hidden_scale: bool = True
     """Whether the update is scaled by the hidden state's own size (every head trained since docs/results.md §2;
-    False only in heads saved before)."""
-    qk_norm: bool = False
+    heads saved before load with False)."""
+    qk_norm: bool = True
     """Whether the block normalises queries and keys (likewise)."""
-    masked_only: bool = False
+    masked_only: bool = True
     """Whether a pass updates only the positions still masked (queries there, keys and values over the whole
     canvas); written positions keep their hidden state. Heads saved before this field existed update every position."""
-    from_base_hidden: bool = False
+    from_base_hidden: bool = True
     """Whether every pass of a step starts from the base pass's hidden states (the tokens written so far come in
     through their embeddings), instead of from the previous pass's output. Heads saved before this field existed
     chain their passes."""
@@ -79,8 +81,7 @@ class AdjustHeadConfig:
             mlp_hidden = getattr(net_config, "mlp_hidden", 4 * base.hidden_size)
             theta = getattr(net_config, "rope_theta", 10000.0)
         return cls(d_model=d_model, n_heads=n_heads, mlp_hidden=mlp_hidden,
-                   base_fingerprint=base.fingerprint(), rope_theta=theta,
-                   hidden_scale=True, qk_norm=True, masked_only=True, from_base_hidden=True)
+                   base_fingerprint=base.fingerprint(), rope_theta=theta)
 
 
 class AdjustHead(nn.Module):
@@ -199,7 +200,7 @@ class AdjustHead(nn.Module):
             raise ValueError(f"{directory} was trained with the removed output layer {raw['output_layer']!r} "
                              "(the hidden-scaled gain replaced it; docs/results.md §2): train it again")
         names = AdjustHeadConfig.__dataclass_fields__
-        config = AdjustHeadConfig(**{k: v for k, v in raw.items() if k in names})
+        config = AdjustHeadConfig(**{**SAVED_BEFORE_FIELDS, **{k: v for k, v in raw.items() if k in names}})
         if config.base_fingerprint != base.fingerprint():
             raise ValueError(f"the ADJUST head in {directory} was trained on base {config.base_fingerprint}, "
                              f"but this base model is {base.fingerprint()}; train a head for this base")
