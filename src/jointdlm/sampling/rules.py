@@ -52,19 +52,52 @@ def _mix64(z: torch.Tensor) -> torch.Tensor:
     return z ^ _shift(z, 31)
 
 
-def uniform_grid(step_seeds: torch.Tensor, positions: torch.Tensor, size: int, stream: int = 0) -> torch.Tensor:
-    """(n, size) float64 uniforms in (0, 1): entry (i, v) depends only on (step_seeds[i], positions[i], stream,
-    v), computed as integer hashing on tensors (no generator per position, no Python per element)."""
+def _mix64_(z: torch.Tensor, scratch: torch.Tensor) -> None:
+    """`_mix64` in place on z, with a scratch tensor of its shape: the (rows x vocabulary) noise is the bulk of
+    a fast sampler's time on small bases, and in place it allocates nothing per operation."""
+    for k, factor in ((30, _MIX1), (27, _MIX2), (31, None)):
+        torch.bitwise_right_shift(z, k, out=scratch)
+        z.bitwise_xor_(scratch.bitwise_and_((1 << (64 - k)) - 1))
+        if factor is not None:
+            z.mul_(factor)
+
+
+def _noise_rows(step_seeds: torch.Tensor, positions: torch.Tensor, size: int, stream: int,
+                gumbel: bool) -> torch.Tensor:
+    """(n, size) float64 uniforms in (0, 1), or Gumbel noise -log(-log(u)) of them: entry (i, v) depends only on
+    (step_seeds[i], positions[i], stream, v), computed as integer hashing on tensors (no generator per position,
+    no Python per element), in chunks of at most NOISE_CHUNK values."""
     step_seeds, positions = step_seeds.to(torch.int64), positions.to(torch.int64)
     stream_term = _signed((stream * 0x94D049BB133111EB + 0x9E3779B97F4A7C15) & _MASK64)
     key = _mix64(step_seeds * _GOLDEN + _mix64(positions * _MIX1 + stream_term))
     out = torch.empty(len(key), size, dtype=torch.float64, device=key.device)
-    ids = torch.arange(size, dtype=torch.int64, device=key.device)
+    per_id = (torch.arange(size, dtype=torch.int64, device=key.device) + 1) * _GOLDEN
     rows_per_chunk = max(1, NOISE_CHUNK // max(1, size))
+    z = scratch = None
     for first in range(0, len(key), rows_per_chunk):
-        bits = _mix64(key[first:first + rows_per_chunk, None] + (ids[None, :] + 1) * _GOLDEN)
-        out[first:first + rows_per_chunk] = (_shift(bits, 11).to(torch.float64) + 0.5) * 2.0 ** -53
+        rows = key[first:first + rows_per_chunk]
+        if z is None or len(z) != len(rows):
+            z, scratch = torch.empty(len(rows), size, dtype=torch.int64, device=key.device), \
+                torch.empty(len(rows), size, dtype=torch.int64, device=key.device)
+        torch.add(rows[:, None], per_id[None, :], out=z)
+        _mix64_(z, scratch)
+        torch.bitwise_right_shift(z, 11, out=scratch)
+        chunk = out[first:first + rows_per_chunk]
+        chunk.copy_(scratch.bitwise_and_((1 << 53) - 1)).add_(0.5).mul_(2.0 ** -53)
+        if gumbel:
+            chunk.log_().neg_().log_().neg_()
     return out
+
+
+def uniform_grid(step_seeds: torch.Tensor, positions: torch.Tensor, size: int, stream: int = 0) -> torch.Tensor:
+    """(n, size) float64 uniforms in (0, 1): entry (i, v) depends only on (step_seeds[i], positions[i], stream,
+    v)."""
+    return _noise_rows(step_seeds, positions, size, stream, gumbel=False)
+
+
+def gumbel_grid(step_seeds: torch.Tensor, positions: torch.Tensor, size: int, stream: int = 0) -> torch.Tensor:
+    """(n, size) float64 Gumbel noise -log(-log(u)) of `uniform_grid`'s uniforms, computed in place."""
+    return _noise_rows(step_seeds, positions, size, stream, gumbel=True)
 
 
 def uniform_noise(step_seed: int, position: int, size: int, stream: int = 0) -> torch.Tensor:
@@ -75,8 +108,7 @@ def uniform_noise(step_seed: int, position: int, size: int, stream: int = 0) -> 
 def gumbel_noise(step_seed: int, positions: Sequence[int], size: int, stream: int = 0) -> torch.Tensor:
     """(len(positions), size) float64 Gumbel noise, one independent row per position."""
     positions = torch.as_tensor(list(positions), dtype=torch.int64)
-    uniform = uniform_grid(torch.full_like(positions, step_seed), positions, size, stream)
-    return -torch.log(-torch.log(uniform))
+    return gumbel_grid(torch.full_like(positions, step_seed), positions, size, stream)
 
 
 def model_logprobs(logits: torch.Tensor, banned: Sequence[int], overwrite: bool = False) -> torch.Tensor:
@@ -152,6 +184,8 @@ def select_top(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 def truncate(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """Tempered, truncated log-probabilities over the last dimension."""
     lp = torch.log_softmax(logits.double() / temperature, dim=-1)
+    if (top_k <= 0 or top_k >= lp.shape[-1]) and top_p >= 1.0:
+        return lp  # nothing cut: already normalised
     if top_k > 0 and top_k < lp.shape[-1]:
         kth = lp.topk(top_k, dim=-1).values[..., -1:]
         lp = lp.masked_fill(lp < kth, -torch.inf)
@@ -185,6 +219,6 @@ def sample_at(logprobs: Marginals, fill: torch.Tensor, step_seeds: Sequence[int]
     seeds = torch.tensor(list(step_seeds), dtype=torch.int64, device=lp.device)[rows]
     shift = torch.tensor(list(offsets) if offsets else [0] * len(step_seeds), dtype=torch.int64,
                          device=lp.device)[rows]
-    gumbel = -torch.log(-torch.log(uniform_grid(seeds, positions.to(lp.device) - shift, lp.shape[-1], stream)))
-    tokens[rows, positions] = (lp + gumbel).argmax(-1).to(tokens.device)
+    noisy = gumbel_grid(seeds, positions.to(lp.device) - shift, lp.shape[-1], stream).add_(lp)
+    tokens[rows, positions] = noisy.argmax(-1).to(tokens.device)
     return tokens
