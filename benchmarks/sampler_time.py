@@ -1,0 +1,60 @@
+"""Wall time of whole generations, sampler against sampler, in one process (no quality scoring).
+
+Each round runs every sampler once on the same samples, in turn, so slow phases of the machine hit all of them;
+prints each sampler's median over the rounds and every run.
+
+    python benchmarks/sampler_time.py --model runs/demo/template/model --adjust runs/demo/template/adjust \\
+        --length 23 --samplers sequential:1,parallel:4,adjust:4,threshold:tau=0.5:extra=1:1,adjust:threshold=0.5:2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from jointdlm.adjust.head import AdjustHead
+from jointdlm.models.mdlm import BuiltinModel
+from jointdlm.sampling.loop import SamplingConfig, generate
+from jointdlm.sampling.registry import make_from_spec
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--adjust", help="ADJUST head directory (for adjust samplers)")
+    parser.add_argument("--samplers", required=True, help="comma-separated SPEC:K (K: tokens per step)")
+    parser.add_argument("--length", type=int, default=32)
+    parser.add_argument("--num", type=int, default=500)
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    torch.set_num_threads(args.threads)
+    model = BuiltinModel.load(args.model)
+    head = AdjustHead.from_pretrained(args.adjust, model) if args.adjust else None
+    runs = []
+    for item in args.samplers.split(","):
+        spec, _, k = item.rpartition(":")
+        if not spec or not k.isdigit():
+            parser.error(f"each sampler is SPEC:K (K tokens per step), got {item!r}")
+        sampler = make_from_spec(spec, head=head, scorer=None)
+        config = SamplingConfig(length=args.length, tokens_per_step=int(k), seed=1, batch_size=args.batch_size)
+        runs.append((item, sampler, config))
+    times: dict[str, list[float]] = {item: [] for item, _, _ in runs}
+    with torch.no_grad():
+        for _ in range(args.rounds):
+            for item, sampler, config in runs:
+                start = time.perf_counter()
+                generate(model, sampler, config, num=args.num)
+                times[item].append(time.perf_counter() - start)
+    for item, values in times.items():
+        print(f"{item}: median {statistics.median(values):.3f} s  ({' '.join(f'{v:.2f}' for v in values)})")
+
+
+if __name__ == "__main__":
+    main()
