@@ -35,16 +35,19 @@ def main() -> None:
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
     torch.set_num_threads(args.threads)
-    model = BuiltinModel.load(args.model)
-    head = AdjustHead.from_pretrained(args.adjust, model) if args.adjust else None
     runs = []
-    for item in args.samplers.split(","):
-        spec, _, k = item.rpartition(":")
-        if not spec or not k.isdigit():
-            parser.error(f"each sampler is SPEC:K (K tokens per step), got {item!r}")
-        sampler = make_from_spec(spec, head=head, scorer=None)
-        config = SamplingConfig(length=args.length, tokens_per_step=int(k), seed=1, batch_size=args.batch_size)
-        runs.append((item, sampler, config))
+    try:
+        model = BuiltinModel.load(args.model)
+        head = AdjustHead.from_pretrained(args.adjust, model) if args.adjust else None
+        for item in args.samplers.split(","):
+            spec, _, k = item.rpartition(":")
+            if not spec or not k.isdigit():
+                raise ValueError(f"each sampler is SPEC:K (K tokens per step), got {item!r}")
+            sampler = make_from_spec(spec, head=head, scorer=None)
+            config = SamplingConfig(length=args.length, tokens_per_step=int(k), seed=1, batch_size=args.batch_size)
+            runs.append((item, sampler, config))
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
     times: dict[str, list[float]] = {item: [] for item, _, _ in runs}
     with torch.no_grad():
         for _ in range(args.rounds):

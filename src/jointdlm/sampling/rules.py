@@ -40,26 +40,22 @@ def mix_seed(*values: int) -> int:
     return h & ((1 << 63) - 1)
 
 
-def _shift(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Logical right shift of int64 bit patterns (torch's >> is arithmetic)."""
-    return (x >> k) & ((1 << (64 - k)) - 1)
-
-
-def _mix64(z: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finaliser on int64 tensors (multiplication wraps, as two's complement does)."""
-    z = (z ^ _shift(z, 30)) * _MIX1
-    z = (z ^ _shift(z, 27)) * _MIX2
-    return z ^ _shift(z, 31)
-
-
-def _mix64_(z: torch.Tensor, scratch: torch.Tensor) -> None:
-    """`_mix64` in place on z, with a scratch tensor of its shape: the (rows x vocabulary) noise is the bulk of
-    a fast sampler's time on small bases, and in place it allocates nothing per operation."""
+def _mix64_(z: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser in place on int64 z (multiplication wraps, as two's complement does; shifts are
+    logical: torch's >> is arithmetic, so the sign bits are masked off), with a scratch tensor of its shape. The
+    (rows x vocabulary) noise is the bulk of a fast sampler's time on small bases; in place it allocates nothing
+    per operation."""
     for k, factor in ((30, _MIX1), (27, _MIX2), (31, None)):
         torch.bitwise_right_shift(z, k, out=scratch)
         z.bitwise_xor_(scratch.bitwise_and_((1 << (64 - k)) - 1))
         if factor is not None:
             z.mul_(factor)
+    return z
+
+
+def _mix64(z: torch.Tensor) -> torch.Tensor:
+    """`_mix64_` on a copy."""
+    return _mix64_(z.clone(), torch.empty_like(z))
 
 
 def _noise_rows(step_seeds: torch.Tensor, positions: torch.Tensor, size: int, stream: int,
@@ -72,15 +68,13 @@ def _noise_rows(step_seeds: torch.Tensor, positions: torch.Tensor, size: int, st
     key = _mix64(step_seeds * _GOLDEN + _mix64(positions * _MIX1 + stream_term))
     out = torch.empty(len(key), size, dtype=torch.float64, device=key.device)
     per_id = (torch.arange(size, dtype=torch.int64, device=key.device) + 1) * _GOLDEN
-    rows_per_chunk = max(1, NOISE_CHUNK // max(1, size))
-    z = scratch = None
+    rows_per_chunk = max(1, min(len(key), NOISE_CHUNK // max(1, size)))
+    z_buffer = torch.empty(rows_per_chunk, size, dtype=torch.int64, device=key.device)
+    scratch_buffer = torch.empty_like(z_buffer)
     for first in range(0, len(key), rows_per_chunk):
         rows = key[first:first + rows_per_chunk]
-        if z is None or len(z) != len(rows):
-            z, scratch = torch.empty(len(rows), size, dtype=torch.int64, device=key.device), \
-                torch.empty(len(rows), size, dtype=torch.int64, device=key.device)
-        torch.add(rows[:, None], per_id[None, :], out=z)
-        _mix64_(z, scratch)
+        z, scratch = z_buffer[:len(rows)], scratch_buffer[:len(rows)]
+        _mix64_(torch.add(rows[:, None], per_id[None, :], out=z), scratch)
         torch.bitwise_right_shift(z, 11, out=scratch)
         chunk = out[first:first + rows_per_chunk]
         chunk.copy_(scratch.bitwise_and_((1 << 53) - 1)).add_(0.5).mul_(2.0 ** -53)
