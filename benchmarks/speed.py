@@ -3,10 +3,12 @@
     python benchmarks/speed.py --preset large --length 128 --batch-size 8 [--json OUT] [--device cuda]
     python benchmarks/speed.py [--model DIR --adjust DIR] [--num N] [--batch-size B] [--repeats R]
     python benchmarks/speed.py --preset large --length 128 --batch-size 8 --compare-full-head --compare-anywhere
+    python benchmarks/speed.py --preset dream-7b --length 128 --batch-size 8 --device cuda --dtype bfloat16
 
 With --preset: a random-weight built-in base of that preset (timing needs no training; vocabulary 4096, a BPE
-trained on the English corpus) and an untrained head whose output gain is set non-zero, so its pass changes the
-logits as a trained head's does. Without: the template-language model and head that `make demo` builds.
+trained on the English corpus; `dream-7b` is Dream-7B's shape, d=3584, 28 heads, MLP 18944, 28 layers,
+vocabulary 152,064, with `--layers N` to keep fewer) and an untrained head whose output gain is set non-zero, so its
+pass changes the logits as a trained head's does. Without: the template-language model and head that `make demo` builds.
 Prints, per sampler and K: base passes, head passes, ms per sequence (best of R), ratios to K=1 and to naive
 parallel at the same K, the pass-time floor of ADJUST against naive (the row's time inside base and head passes
 over its time inside base passes: what ADJUST would cost against naive if nothing outside the passes took time)
@@ -40,14 +42,51 @@ from jointdlm.models.tokenizer import BPETokenizer
 from jointdlm.sampling.loop import Generation, SamplingConfig, build_canvas, encode_prompts, generate
 from jointdlm.sampling.registry import make_sampler
 
+SHAPES: dict[str, dict[str, int]] = {
+    **{name: {**shape, "vocab_size": 4096} for name, shape in PRESETS.items()},
+    # Dream-7B's width, MLP, depth and vocabulary (its attention has 4 key-value heads; ours has 28, which adds
+    # about 9% to a layer's multiply-adds: 255M parameters against 233M).
+    "dream-7b": {"d_model": 3584, "n_heads": 28, "mlp_hidden": 18944, "n_layers": 28, "vocab_size": 152064},
+}
 
-def random_base(preset: str, length: int, device: str, vocab_size: int = 4096, seed: int = 0) -> BuiltinModel:
-    """A built-in base of the preset's shape with random weights (timing does not depend on training)."""
-    tokenizer = BPETokenizer.train(build_corpus("english", None, seed=0), vocab_size)
+
+class IdsOnlyTokenizer:
+    """A tokenizer of a given vocabulary size for timing runs, whose text nobody reads: ids decode to numbers."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        if text:
+            raise ValueError("this timing tokenizer encodes no text")
+        return []
+
+    def decode(self, ids) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+
+def random_base(preset: str, length: int, device: str, vocab_size: int | None = None, seed: int = 0,
+                layers: int | None = None, dtype: torch.dtype = torch.float32) -> BuiltinModel:
+    """A built-in base of the shape's size (or vocabulary `vocab_size`) with random weights (timing does not
+    depend on training)."""
+    shape = dict(SHAPES[preset])
+    vocab_size = shape.pop("vocab_size") if vocab_size is None else vocab_size
+    if layers is not None:
+        if layers < 1:
+            raise ValueError(f"--layers must be positive, got {layers}")
+        shape["n_layers"] = layers
+    tokenizer = (BPETokenizer.train(build_corpus("english", None, seed=0), vocab_size) if vocab_size <= 4096
+                 else IdsOnlyTokenizer(vocab_size))
     torch.manual_seed(seed)
-    net = MaskedDiffusionTransformer(MDLMConfig(vocab_size=tokenizer.vocab_size, max_length=length + 1,
-                                                **PRESETS[preset]))
-    return BuiltinModel(net.eval().requires_grad_(False).to(device), tokenizer)
+    with torch.device(device):  # built where it runs: a 7B-shaped base is 28 GB in float32
+        net = MaskedDiffusionTransformer(MDLMConfig(vocab_size=tokenizer.vocab_size, max_length=length + 1, **shape))
+    base = BuiltinModel(net.eval().requires_grad_(False).to(dtype), tokenizer)
+    base._fingerprint = f"random-{preset}-{seed}"  # no head is saved for it; hashing 7B weights took a minute
+    return base
+
+
+def device_name(device: torch.device) -> str:
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
 
 
 def live_head(base: BuiltinModel, seed: int = 0) -> AdjustHead:
@@ -56,7 +95,7 @@ def live_head(base: BuiltinModel, seed: int = 0) -> AdjustHead:
     head = AdjustHead(AdjustHeadConfig.for_base(base))
     with torch.no_grad():
         head.out_norm.weight.fill_(0.1)
-    return head.eval().requires_grad_(False).to(base.device)
+    return head.eval().requires_grad_(False).to(base.device, next(base.net.parameters()).dtype)
 
 
 class PassClock:
@@ -142,7 +181,10 @@ def pass_times(base: BuiltinModel, heads: Sequence[AdjustHead], batch: int, leng
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=tuple(PRESETS), default=None, help="random-weight base of this preset")
+    parser.add_argument("--preset", choices=tuple(SHAPES), default=None, help="random-weight base of this shape")
+    parser.add_argument("--layers", type=int, default=None, help="with --preset: this many layers instead")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="with --preset: the base's and head's weights")
     parser.add_argument("--length", type=int, default=None, help="tokens per sequence (default: the canvas)")
     parser.add_argument("--model", default="runs/demo/template/model")
     parser.add_argument("--adjust", default="runs/demo/template/adjust")
@@ -165,7 +207,8 @@ def main() -> int:
         device = resolve_device(args.device)
         if args.preset:
             length = args.length or 128
-            model = random_base(args.preset, length, str(device))
+            model = random_base(args.preset, length, str(device), layers=args.layers,
+                                dtype=getattr(torch, args.dtype))
             head = live_head(model)
         else:
             model = load_model(args.model, str(device))
@@ -185,8 +228,11 @@ def main() -> int:
     options = {"adjust-anywhere": {"candidates": length}}
     runs = [("sequential", 1)] + [(name, int(k)) for k in args.tokens_per_step.split(",")
                                    for name in ("parallel", *heads)]
-    source = f"random-weight {args.preset}" if args.preset else args.model
-    print(f"# {source}, {device}, {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+    layers = model.net.config.n_layers
+    source = (f"random-weight {args.preset} ({layers} layers, d={model.hidden_size}, vocabulary "
+              f"{model.spec.vocab_size}, {args.dtype})" if args.preset else args.model)
+    print(f"# {source}, {device_name(device)}, {platform.machine()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; "
           f"{num} sequences x {length} tokens, batch {batch}, best of {args.repeats}")
     timed_heads = {name: h for name, h in heads.items() if name not in options}  # the same head: timed once
     base_s, times = pass_times(model, list(timed_heads.values()), batch, length)
@@ -223,7 +269,7 @@ def main() -> int:
               f"| {seconds / k1:.2f}x | {seconds / naive:.2f}x | {floor:.2f}x | {overhead:.1%} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"command": "python " + " ".join(sys.argv), "device": str(device),
+            json.dump({"command": "python " + " ".join(sys.argv), "device": device_name(device),
                        "threads": torch.get_num_threads(), "base_pass_ms": 1000 * base_s,
                        "head_pass_ms": 1000 * head_s,
                        "head_pass_ms_by_sampler": {n: 1000 * t for n, t in head_times.items()}, "rows": rows}, f,

@@ -282,7 +282,8 @@ def weights_fingerprint(config: dict, state: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for name in sorted(state):
         digest.update(name.encode())
-        digest.update(state[name].detach().cpu().contiguous().numpy().tobytes())
+        # The raw bytes (numpy has no bfloat16); for float32 the same bytes numpy gave, so fingerprints stand.
+        digest.update(state[name].detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
