@@ -1,4 +1,4 @@
-"""Two changes that leave every number as it was, timed against what they replaced, interleaved in one process.
+"""Changes that leave every number as it was, timed against what they replaced, interleaved in one process.
 
     python benchmarks/exact_speedups.py --threads 2 [--json OUT]
 
@@ -8,6 +8,11 @@
 2. The ADJUST head's carried keys and values (`HeadCarry`): whole ADJUST generations on `large` with the carry
    and with it switched off (best of --repeats each), at K=4 and K=8 (length 128, batch 8) and at K=4 after a
    prompt of --prompt-tokens random tokens (batch 4). Generated tokens are checked equal.
+3. Drawing tokens: `sample_at` against its form before 2026-12-04 (noise in chunks of 1 << 22 values, and a
+   second log-softmax of the sampled rows in float64): whole generations of fast samplers at batch 500 on a
+   random-weight base of the demo's template shape (12 layers, d=48, vocabulary 734, 23 tokens) whose output is
+   scaled to be peaked, or on --model and --adjust (the demo's template base and head: `make demo`), median of
+   --repeats, interleaved. Generated tokens are checked equal.
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import live_head, random_base  # noqa: E402
 
 import jointdlm.models.mdlm as mdlm  # noqa: E402
-from jointdlm.adjust.head import HeadCarry  # noqa: E402
+import jointdlm.sampling.rules as rules  # noqa: E402
+from jointdlm.adjust.head import AdjustHead, HeadCarry  # noqa: E402
+from jointdlm.models.mdlm import BuiltinModel  # noqa: E402
 from jointdlm.sampling.loop import SamplingConfig, generate  # noqa: E402
-from jointdlm.sampling.registry import make_sampler  # noqa: E402
+from jointdlm.sampling.registry import make_from_spec, make_sampler  # noqa: E402
 
 
 def written_out_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -92,6 +99,56 @@ def carry_rows(repeats: int, prompt_tokens: int) -> list[dict]:
     return rows
 
 
+def renormalising_sample_at(logprobs, fill, step_seeds, temperature, top_k, top_p, stream=0, offsets=None):
+    """`rules.sample_at` as it drew tokens before (the reference it is timed and checked against; untempered,
+    untruncated draws only)."""
+    tokens = torch.zeros(fill.shape, dtype=torch.long, device=fill.device)
+    rows, positions = fill.nonzero(as_tuple=True)
+    if rows.numel() == 0:
+        return tokens
+    lp = torch.log_softmax(logprobs.at(fill).double(), dim=-1)
+    seeds = torch.tensor(list(step_seeds), dtype=torch.int64)[rows]
+    shift = torch.tensor(list(offsets) if offsets else [0] * len(step_seeds), dtype=torch.int64)[rows]
+    chunk, rules.NOISE_CHUNK = rules.NOISE_CHUNK, 1 << 22
+    try:
+        noisy = rules.gumbel_grid(seeds, positions - shift, lp.shape[-1], stream).add_(lp)
+    finally:
+        rules.NOISE_CHUNK = chunk
+    tokens[rows, positions] = noisy.argmax(-1)
+    return tokens
+
+
+def draw_rows(repeats: int, model: str | None, adjust: str | None) -> list[dict]:
+    rows = []
+    if model:
+        base = BuiltinModel.load(model)
+        head = AdjustHead.from_pretrained(adjust, base)
+    else:
+        base = random_base("deep", 23, "cpu", vocab_size=734)
+        with torch.no_grad():
+            base.net.output.weight.mul_(30.0)  # peaked, as a trained base: the threshold fills several per step
+        head = live_head(base)
+    drawn = rules.sample_at
+    for spec, k in (("threshold:tau=0.5:extra=1", 1), ("adjust:threshold=0.5", 2), ("parallel", 4)):
+        sampler = make_from_spec(spec, head=head)
+        config = SamplingConfig(length=23, tokens_per_step=k, batch_size=500)
+        times, outs = {"before": [], "now": []}, {}
+        for _ in range(repeats):
+            for name in ("before", "now"):
+                rules.sample_at = renormalising_sample_at if name == "before" else drawn
+                start = time.perf_counter()
+                with torch.no_grad():
+                    outs[name] = generate(base, sampler, config, num=500).tokens
+                times[name].append(time.perf_counter() - start)
+        rules.sample_at = drawn
+        before, now = (sorted(times[n])[len(times[n]) // 2] for n in ("before", "now"))
+        rows.append({"sampler": spec, "k": k, "before_s": before, "now_s": now, "speed_up": before / now,
+                     "same_tokens": outs["before"] == outs["now"]})
+        print(f"drawing tokens, {spec} K={k}, 500 x 23 tokens: before {before:.3f} s, now {now:.3f} s, "
+              f"{before / now:.2f}x, same tokens: {rows[-1]['same_tokens']}", flush=True)
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
@@ -99,11 +156,19 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=384)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--model", default=None, help="part 3 on this template-language base (else random)")
+    parser.add_argument("--adjust", default=None, help="with --model: its ADJUST head")
+    parser.add_argument("--only", choices=("rotary", "carry", "draw"), default=None, help="run one part")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = {"command": " ".join(["python", *sys.argv]), "threads": torch.get_num_threads(),
-              "rotary": rotary_rows(args.rotary_repeats), "carry": carry_rows(args.repeats, args.prompt_tokens)}
+    parts = {"rotary": lambda: rotary_rows(args.rotary_repeats),
+             "carry": lambda: carry_rows(args.repeats, args.prompt_tokens),
+             "draw": lambda: draw_rows(max(args.repeats, 5), args.model, args.adjust)}
+    result = {"command": " ".join(["python", *sys.argv]), "threads": torch.get_num_threads()}
+    for name, part in parts.items():
+        if args.only in (None, name):
+            result[name] = part()
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -70,7 +70,8 @@ def random_base(preset: str, length: int, device: str, vocab_size: int | None = 
     """A built-in base of the shape's size (or vocabulary `vocab_size`) with random weights (timing does not
     depend on training)."""
     shape = dict(SHAPES[preset])
-    vocab_size = shape.pop("vocab_size") if vocab_size is None else vocab_size
+    vocab_size = vocab_size or shape.pop("vocab_size")
+    shape.pop("vocab_size", None)
     if layers is not None:
         if layers < 1:
             raise ValueError(f"--layers must be positive, got {layers}")
