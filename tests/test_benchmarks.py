@@ -110,3 +110,26 @@ def test_heldout_signal_rank_correlation_handles_order_and_ties():
     assert heldout_signal.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
     assert heldout_signal.spearman([1, 1, 1], [1, 2, 3]) == 0.0
     assert abs(heldout_signal.spearman([1, 2, 3, 4], [1, 3, 2, 4]) - 0.8) < 1e-12
+
+
+def test_random_bases_of_any_vocabulary_and_bfloat16_sample_and_fingerprint():
+    """speed.py's Dream-7B shape, in miniature: a vocabulary no BPE reaches (an ids-only tokenizer), fewer layers,
+    bfloat16 weights; ADJUST samples with it and a bfloat16 base has a fingerprint (numpy has no bfloat16)."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from speed import live_head, random_base
+
+    from jointdlm.models.mdlm import weights_fingerprint
+    from jointdlm.sampling.loop import SamplingConfig, generate
+    from jointdlm.sampling.registry import make_sampler
+
+    base = random_base("tiny", 8, "cpu", vocab_size=5000, layers=1, dtype=torch.bfloat16)
+    assert base.net.config.n_layers == 1 and base.spec.vocab_size == 5000
+    assert next(base.net.parameters()).dtype == torch.bfloat16
+    head = live_head(base)
+    assert next(head.parameters()).dtype == torch.bfloat16
+    gen = generate(base, make_sampler("adjust", head=head), SamplingConfig(length=8, tokens_per_step=4), num=2)
+    assert gen.counters.base_passes == 2 and all(len(t) == 8 for t in gen.tokens)
+    state = base.net.state_dict()
+    assert weights_fingerprint({}, state) != weights_fingerprint({}, {k: v.float() for k, v in state.items()})
