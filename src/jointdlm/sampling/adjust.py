@@ -102,7 +102,8 @@ class AdjustSampler:
             logprobs = ctx.logprobs(logits, where=eligible)
             scores = ctx.scores(logprobs, eligible)
             if r == 0 and self.config.threshold is not None:
-                confidence = ctx.scores(logprobs, eligible, rule="confidence")
+                confidence = scores if ctx.choice.rule == "confidence" else \
+                    ctx.scores(logprobs, eligible, rule="confidence")
                 chosen = select_top(confidence, sure_count(confidence, self.config.threshold).clamp(min=1) * writing)
             else:
                 chosen = select_top(scores, writing.long())

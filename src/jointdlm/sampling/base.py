@@ -10,6 +10,7 @@ A sampler's usual step is `lp = ctx.logprobs(ctx.forward().logits)`, then `ctx.s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Protocol
 
 import torch
@@ -60,9 +61,10 @@ class StepContext:
     def __post_init__(self) -> None:
         self.step_seeds = [int(torch.randint(2**62, (1,), generator=g)) for g in self.generators]
 
-    @property
+    @cached_property
     def offsets(self) -> list[int]:
-        """Left padding of each row: noise is keyed by a row's own positions, not the padded layout."""
+        """Left padding of each row: noise is keyed by a row's own positions, not the padded layout (read once per
+        step: on a GPU each read waits for the device)."""
         return (self.attention_mask == 0).sum(-1).tolist()
 
     def forward(self, tokens: torch.Tensor | None = None, rows: torch.Tensor | None = None,
