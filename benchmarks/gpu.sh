@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU figures of docs/results.md §6 in one run (about 4 minutes on one H200): every sampler's batch
 # independence on the device (built-in, LLaDA- and Dream-style models), `large` and the Dream-7B shape (28
-# layers, and 4) through speed.py, and the key-value caches at length 256. Needs a python3 whose torch sees a CUDA GPU; writes JSON and logs under $OUT (runs/gpu).
+# layers, and 4) through speed.py, and the key-value caches at length 256. Needs a python3 whose torch sees a
+# CUDA GPU; writes JSON and logs under $OUT (runs/gpu).
 set -uo pipefail
 OUT=${OUT:-runs/gpu}
 PY=${PYTHON:-python3}
