@@ -13,12 +13,18 @@
    random-weight base of the demo's template shape (12 layers, d=48, vocabulary 734, 23 tokens) whose output is
    scaled to be peaked, or on --model and --adjust (the demo's template base and head: `make demo`), median of
    --repeats, interleaved. Generated tokens are checked equal.
+4. Attention written out on a CPU for heads of at most 16 dimensions (`mdlm.attention`) against torch's fused
+   kernel: one call at the shapes of the demo's template base (batch 500 x 4 heads x 24 positions x 12) and of a
+   head pass (8 queries), one at `large`'s head size (64, where the fused kernel stays), and whole naive K=4
+   generations as in part 3 (median of --repeats, interleaved). Generated tokens are compared (float rounding
+   differs, so a near-tie may fall the other way).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -149,6 +155,46 @@ def draw_rows(repeats: int, model: str | None, adjust: str | None) -> list[dict]
     return rows
 
 
+def attention_rows(repeats: int, model: str | None) -> list[dict]:
+    def fused(q, k, v, attn_mask=None, is_causal=False):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+
+    written = mdlm.attention
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for b, h, m, t, d in ((500, 4, 24, 24, 12), (500, 4, 8, 24, 12), (64, 4, 64, 64, 16), (8, 12, 128, 128, 64)):
+        q, k, v = (torch.randn(b, h, n, d, generator=gen) for n in (m, t, t))
+        mask = torch.ones(b, 1, m, t, dtype=torch.bool)
+        times = {"fused": [], "written": []}
+        for _ in range(max(repeats, 15)):
+            for name, fn in (("fused", fused), ("written", written)):
+                start = time.perf_counter()
+                fn(q, k, v, mask)
+                times[name].append(time.perf_counter() - start)
+        old, new = (1000 * statistics.median(times[n]) for n in ("fused", "written"))
+        rows.append({"shape": [b, h, m, t, d], "fused_ms": old, "written_ms": new, "speed_up": old / new})
+        print(f"attention {b}x{h} heads, {m} queries x {t} keys, head size {d}: fused {old:.2f} ms, "
+              f"now {new:.2f} ms ({old / new:.2f}x)", flush=True)
+    base = BuiltinModel.load(model) if model else random_base("deep", 23, "cpu", vocab_size=734)
+    config = SamplingConfig(length=base.max_length - 1, tokens_per_step=4, batch_size=500)
+    times, outs = {"fused": [], "written": []}, {}
+    for _ in range(repeats):
+        for name, fn in (("fused", fused), ("written", written)):
+            mdlm.attention = fn
+            start = time.perf_counter()
+            with torch.no_grad():
+                outs[name] = generate(base, make_sampler("parallel"), config, num=500).tokens
+            times[name].append(time.perf_counter() - start)
+    mdlm.attention = written
+    old, new = (statistics.median(times[n]) for n in ("fused", "written"))
+    same = sum(a == b for a, b in zip(outs["fused"], outs["written"], strict=True))
+    rows.append({"generation": "naive K=4, 500 samples", "fused_s": old, "written_s": new, "speed_up": old / new,
+                 "same_samples": same})
+    print(f"naive K=4, 500 x {config.length} tokens: fused {old:.3f} s, now {new:.3f} s ({old / new:.2f}x), "
+          f"{same}/500 samples the same", flush=True)
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
@@ -158,13 +204,15 @@ def main() -> int:
     parser.add_argument("--json", default=None)
     parser.add_argument("--model", default=None, help="part 3 on this template-language base (else random)")
     parser.add_argument("--adjust", default=None, help="with --model: its ADJUST head")
-    parser.add_argument("--only", choices=("rotary", "carry", "draw"), default=None, help="run one part")
+    parser.add_argument("--only", choices=("rotary", "carry", "draw", "attention"), default=None,
+                        help="run one part")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     parts = {"rotary": lambda: rotary_rows(args.rotary_repeats),
              "carry": lambda: carry_rows(args.repeats, args.prompt_tokens),
-             "draw": lambda: draw_rows(max(args.repeats, 5), args.model, args.adjust)}
+             "draw": lambda: draw_rows(max(args.repeats, 5), args.model, args.adjust),
+             "attention": lambda: attention_rows(max(args.repeats, 5), args.model)}
     result = {"command": " ".join(["python", *sys.argv]), "threads": torch.get_num_threads()}
     for name, part in parts.items():
         if args.only in (None, name):

@@ -76,6 +76,24 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2).to(x.dtype)
 
 
+SMALL_HEAD_DIM = 16
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+              is_causal: bool = False) -> torch.Tensor:
+    """Scaled dot-product attention (a boolean mask keeps True). On a CPU with heads of at most 16 dimensions (the
+    `tiny` and `deep` presets) the products written out ran 1.3-4x faster than torch's fused kernel, which pays per
+    tiny (batch x head) problem; with heads of 24 and more, and on GPUs, the fused kernel wins (docs/results.md §6)."""
+    if q.device.type != "cpu" or q.shape[-1] > SMALL_HEAD_DIM:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+    scores = (q @ k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
+    if is_causal:
+        attn_mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    if attn_mask is not None:
+        scores = scores.masked_fill_(~attn_mask, -torch.inf)
+    return scores.softmax(-1) @ v
+
+
 def take_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """(B, M, ...) rows of x (B, T, ...) at the positions `index` (B, M)."""
     return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:]))
@@ -103,7 +121,7 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.attend(k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None)
+        y = attention(q, k, v, attn_mask, causal and attn_mask is None)
         return self.out(y.transpose(1, 2).reshape(b, t, d))
 
     def keys_values(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,8 +141,7 @@ class Attention(nn.Module):
         q = F.linear(x, self.qkv.weight[:d]).view(b, m, self.n_heads, d // self.n_heads)
         if self.q_norm is not None:
             q = self.q_norm(q)
-        y = F.scaled_dot_product_attention(apply_rotary(q.transpose(1, 2), cos, sin), keys, values,
-                                           attn_mask=attn_mask)
+        y = attention(apply_rotary(q.transpose(1, 2), cos, sin), keys, values, attn_mask)
         return self.out(y.transpose(1, 2).reshape(b, m, d))
 
 
