@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 import transformers
 
-from jointdlm.adjust.head import AdjustHead, AdjustHeadConfig
 from jointdlm.models.causal import CausalScorer
 from jointdlm.models.loading import load_model, resolve_device
 from jointdlm.models.mdlm import BuiltinModel, MaskedDiffusionTransformer, MDLMConfig
@@ -73,11 +72,7 @@ def hf_models(family: str, device: str, root: Path):
     if not target.exists():
         write_checkpoint(family, target)
     base = load_model(target, device, trust_remote_code=True)
-    torch.manual_seed(0)
-    head = AdjustHead(AdjustHeadConfig.for_base(base))
-    with torch.no_grad():
-        head.out_norm.weight.fill_(0.1)
-    return base, None, head.eval().requires_grad_(False).to(base.device)
+    return base, None, live_head(base)
 
 
 def run(family: str, device: str, root: Path) -> dict[tuple, tuple[list[list[list[int]]], float]]:

@@ -8,16 +8,17 @@
 2. The ADJUST head's carried keys and values (`HeadCarry`): whole ADJUST generations on `large` with the carry
    and with it switched off (best of --repeats each), at K=4 and K=8 (length 128, batch 8) and at K=4 after a
    prompt of --prompt-tokens random tokens (batch 4). Generated tokens are checked equal.
-3. Drawing tokens: `sample_at` against its form before 2026-12-04 (noise in chunks of 1 << 22 values, and a
+3. Drawing tokens: the Gumbel noise of 500 x 23 sampled tokens at four chunk sizes, then `sample_at` against its
+   form before 2026-12-04 (noise in chunks of 1 << 22 values, and a
    second log-softmax of the sampled rows in float64): whole generations of fast samplers at batch 500 on a
    random-weight base of the demo's template shape (12 layers, d=48, vocabulary 734, 23 tokens) whose output is
    scaled to be peaked, or on --model and --adjust (the demo's template base and head: `make demo`), median of
    --repeats, interleaved. Generated tokens are checked equal.
-4. Attention written out on a CPU for heads of at most 16 dimensions (`mdlm.attention`) against torch's fused
-   kernel: one call at the shapes of the demo's template base (batch 500 x 4 heads x 24 positions x 12) and of a
-   head pass (8 queries), one at `large`'s head size (64, where the fused kernel stays), and whole naive K=4
-   generations as in part 3 (median of --repeats, interleaved). Generated tokens are compared (float rounding
-   differs, so a near-tie may fall the other way).
+4. Attention written out (`mdlm.written_out_attention`) against torch's fused kernel: one call at the shapes of
+   the demo's template base (batch 500 x 4 heads x 24 positions x 12), of a head pass there (8 queries), at head
+   sizes 16, 24 and 64 (where `mdlm.attention` keeps the fused kernel); and whole naive K=4 generations with
+   `mdlm.attention` as it dispatches against the fused kernel everywhere, as in part 3 (median of --repeats,
+   interleaved). Generated tokens are compared (float rounding differs, so a near-tie may fall the other way).
 """
 
 from __future__ import annotations
@@ -134,6 +135,19 @@ def draw_rows(repeats: int, model: str | None, adjust: str | None) -> list[dict]
         with torch.no_grad():
             base.net.output.weight.mul_(30.0)  # peaked, as a trained base: the threshold fills several per step
         head = live_head(base)
+    gen = torch.Generator().manual_seed(0)
+    seeds, positions = torch.randint(2**62, (11500,), generator=gen), torch.randint(23, (11500,), generator=gen)
+    chunk = rules.NOISE_CHUNK
+    for size in (1 << 16, 1 << 18, 1 << 20, 1 << 22):  # the noise of 500 x 23 sampled tokens at each chunk size
+        rules.NOISE_CHUNK = size
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            rules.gumbel_grid(seeds, positions, 734)
+            times.append(time.perf_counter() - start)
+        rows.append({"noise_chunk": size, "ms": 1000 * statistics.median(times)})
+        print(f"Gumbel noise, 11,500 x 734 values in chunks of {size}: {rows[-1]['ms']:.1f} ms", flush=True)
+    rules.NOISE_CHUNK = chunk
     drawn = rules.sample_at
     for spec, k in (("threshold:tau=0.5:extra=1", 1), ("adjust:threshold=0.5", 2), ("parallel", 4)):
         sampler = make_from_spec(spec, head=head)
@@ -159,10 +173,11 @@ def attention_rows(repeats: int, model: str | None) -> list[dict]:
     def fused(q, k, v, attn_mask=None, is_causal=False):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
 
-    written = mdlm.attention
+    written, dispatched = mdlm.written_out_attention, mdlm.attention
     rows = []
     gen = torch.Generator().manual_seed(0)
-    for b, h, m, t, d in ((500, 4, 24, 24, 12), (500, 4, 8, 24, 12), (64, 4, 64, 64, 16), (8, 12, 128, 128, 64)):
+    for b, h, m, t, d in ((500, 4, 24, 24, 12), (500, 4, 8, 24, 12), (64, 4, 64, 64, 16), (64, 4, 64, 64, 24),
+                          (8, 12, 128, 128, 64)):
         q, k, v = (torch.randn(b, h, n, d, generator=gen) for n in (m, t, t))
         mask = torch.ones(b, 1, m, t, dtype=torch.bool)
         times = {"fused": [], "written": []}
@@ -179,13 +194,13 @@ def attention_rows(repeats: int, model: str | None) -> list[dict]:
     config = SamplingConfig(length=base.max_length - 1, tokens_per_step=4, batch_size=500)
     times, outs = {"fused": [], "written": []}, {}
     for _ in range(repeats):
-        for name, fn in (("fused", fused), ("written", written)):
+        for name, fn in (("fused", fused), ("written", dispatched)):
             mdlm.attention = fn
             start = time.perf_counter()
             with torch.no_grad():
                 outs[name] = generate(base, make_sampler("parallel"), config, num=500).tokens
             times[name].append(time.perf_counter() - start)
-    mdlm.attention = written
+    mdlm.attention = dispatched
     old, new = (statistics.median(times[n]) for n in ("fused", "written"))
     same = sum(a == b for a, b in zip(outs["fused"], outs["written"], strict=True))
     rows.append({"generation": "naive K=4, 500 samples", "fused_s": old, "written_s": new, "speed_up": old / new,

@@ -70,8 +70,8 @@ def random_base(preset: str, length: int, device: str, vocab_size: int | None = 
     """A built-in base of the shape's size (or vocabulary `vocab_size`) with random weights (timing does not
     depend on training)."""
     shape = dict(SHAPES[preset])
-    vocab_size = vocab_size or shape.pop("vocab_size")
-    shape.pop("vocab_size", None)
+    shape_vocab = shape.pop("vocab_size")
+    vocab_size = vocab_size or shape_vocab
     if layers is not None:
         if layers < 1:
             raise ValueError(f"--layers must be positive, got {layers}")
@@ -96,7 +96,9 @@ def live_head(base: BuiltinModel, seed: int = 0) -> AdjustHead:
     head = AdjustHead(AdjustHeadConfig.for_base(base))
     with torch.no_grad():
         head.out_norm.weight.fill_(0.1)
-    return head.eval().requires_grad_(False).to(base.device, next(base.net.parameters()).dtype)
+    network = base.net if hasattr(base, "net") else base.model  # built-in, or a Hugging Face adapter
+    dtype = next(network.parameters()).dtype
+    return head.eval().requires_grad_(False).to(base.device, dtype)
 
 
 class PassClock:

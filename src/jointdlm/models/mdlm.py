@@ -81,11 +81,17 @@ SMALL_HEAD_DIM = 16
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
               is_causal: bool = False) -> torch.Tensor:
-    """Scaled dot-product attention (a boolean mask keeps True). On a CPU with heads of at most 16 dimensions (the
-    `tiny` and `deep` presets) the products written out ran 1.3-4x faster than torch's fused kernel, which pays per
-    tiny (batch x head) problem; with heads of 24 and more, and on GPUs, the fused kernel wins (docs/results.md §6)."""
+    """Scaled dot-product attention (a boolean mask keeps True): `written_out_attention` on a CPU with heads of at
+    most 16 dimensions (the `tiny` and `deep` presets), where torch's fused kernel pays per tiny (batch x head)
+    problem; the fused kernel for larger heads, where it is faster, and on GPUs (docs/results.md §6)."""
     if q.device.type != "cpu" or q.shape[-1] > SMALL_HEAD_DIM:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+    return written_out_attention(q, k, v, attn_mask, is_causal)
+
+
+def written_out_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                          is_causal: bool = False) -> torch.Tensor:
+    """The same three products written out (a causal mask aligned top-left, as torch's)."""
     scores = (q @ k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
     if is_causal:
         attn_mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()

@@ -21,7 +21,7 @@ _MASK64 = (1 << 64) - 1
 RANDOM_RULE_STREAM = -1
 NOISE_CHUNK = 1 << 18
 """Most noise values computed at once (rows x vocabulary) on a CPU: the hash's dozen passes over a chunk then stay
-in the caches (1.75x faster than chunks of 1 << 22 on 2 cores: docs/results.md §6), and memory stays bounded at
+in the caches (1.6x faster than chunks of 1 << 22 on 2 cores: docs/results.md §6), and memory stays bounded at
 large vocabularies."""
 NOISE_CHUNK_ACCELERATOR = 1 << 22
 """The same on a GPU, where bandwidth is plenty and each chunk's launches cost: fewer, larger chunks."""
@@ -72,7 +72,7 @@ def _noise_rows(step_seeds: torch.Tensor, positions: torch.Tensor, size: int, st
     key = _mix64(step_seeds * _GOLDEN + _mix64(positions * _MIX1 + stream_term))
     out = torch.empty(len(key), size, dtype=torch.float64, device=key.device)
     per_id = (torch.arange(size, dtype=torch.int64, device=key.device) + 1) * _GOLDEN
-    chunk = NOISE_CHUNK if key.device.type == "cpu" else max(NOISE_CHUNK, NOISE_CHUNK_ACCELERATOR)
+    chunk = NOISE_CHUNK if key.device.type == "cpu" else NOISE_CHUNK_ACCELERATOR
     rows_per_chunk = max(1, min(len(key), chunk // max(1, size)))
     z_buffer = torch.empty(rows_per_chunk, size, dtype=torch.int64, device=key.device)
     scratch_buffer = torch.empty_like(z_buffer)
@@ -181,7 +181,11 @@ def select_top(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 
 def truncate(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Tempered, truncated log-probabilities over the last dimension."""
+    """Tempered, truncated scores over the last dimension (float64) whose softmax is the distribution to draw from.
+    With nothing cut they are the tempered logits as they are: Gumbel-max draws from their softmax whatever
+    constant a row is shifted by, so no normalisation pass over every sampled position's vocabulary is needed."""
+    if (top_k <= 0 or top_k >= logits.shape[-1]) and top_p >= 1.0:
+        return logits.double() if temperature == 1 else logits.double() / temperature
     lp = torch.log_softmax(logits.double() / temperature, dim=-1)
     if top_k > 0 and top_k < lp.shape[-1]:
         kth = lp.topk(top_k, dim=-1).values[..., -1:]
@@ -212,13 +216,7 @@ def sample_at(logprobs: Marginals, fill: torch.Tensor, step_seeds: Sequence[int]
     if temperature == 0:
         tokens[rows, positions] = lp.argmax(-1)
         return tokens
-    if (top_k <= 0 or top_k >= lp.shape[-1]) and top_p >= 1.0:
-        # Nothing cut: the argmax of scores plus Gumbel noise is a draw from their softmax whatever constant a
-        # row is shifted by, so the tempered log-probabilities need no second normalisation (a pass over every
-        # sampled position's vocabulary in float64).
-        lp = lp.double() if temperature == 1 else lp.double() / temperature
-    else:
-        lp = truncate(lp, temperature, top_k, top_p)
+    lp = truncate(lp, temperature, top_k, top_p)
     seeds = torch.tensor(list(step_seeds), dtype=torch.int64, device=lp.device)[rows]
     shift = torch.tensor(list(offsets) if offsets else [0] * len(step_seeds), dtype=torch.int64,
                          device=lp.device)[rows]
