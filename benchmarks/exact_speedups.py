@@ -228,10 +228,17 @@ def main() -> int:
              "carry": lambda: carry_rows(args.repeats, args.prompt_tokens),
              "draw": lambda: draw_rows(max(args.repeats, 5), args.model, args.adjust),
              "attention": lambda: attention_rows(max(args.repeats, 5), args.model)}
+    if args.adjust and not args.model or args.model and args.only in (None, "draw") and not args.adjust:
+        print("exact_speedups: error: --model and --adjust go together for part 3 (draw)", file=sys.stderr)
+        return 2
     result = {"command": " ".join(["python", *sys.argv]), "threads": torch.get_num_threads()}
-    for name, part in parts.items():
-        if args.only in (None, name):
-            result[name] = part()
+    try:
+        for name, part in parts.items():
+            if args.only in (None, name):
+                result[name] = part()
+    except (FileNotFoundError, ValueError) as err:  # a --model or --adjust directory that is not one
+        print(f"exact_speedups: error: {err}", file=sys.stderr)
+        return 2
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))
