@@ -82,7 +82,9 @@ def test_task_accuracy_through_the_cli(tiny_model_dir, tmp_path, capsys):
     (["--samplers", "adjust"], "needs --adjust DIR"),
     (["--samplers", "edlm"], "needs --scorer DIR"),
     (["--samplers", "punt:epsilon"], "key=value"),
-    (["--samplers", "punt:bogus=1"], "bad options"),
+    (["--samplers", "punt:bogus=1"], "unknown option 'bogus' (its options: epsilon, via)"),
+    (["--samplers", "adjust:taus=0.9"], "unknown option 'taus' (its options: tau, gamma, threshold, candidates)"),
+    (["--samplers", "parallel:k=4"], "unknown option 'k' (it takes none)"),
     (["--tokens-per-step", "0,2"], "tokens per step"),
     (["--samplers", "parallel", "--task", "juggle"], "task"),
 ])

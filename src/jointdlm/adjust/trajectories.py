@@ -146,7 +146,7 @@ def _read_manifest(out_dir: Path) -> dict:
     path = out_dir / MANIFEST_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{out_dir} holds no trajectory collection (no {MANIFEST_FILE}); "
-                                "run collect_trajectories first")
+                                "collect one with `jointdlm trajectories`")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:

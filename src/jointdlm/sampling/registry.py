@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -66,12 +68,26 @@ def make_from_spec(spec: str, **dependencies: Any) -> Sampler:
     needs = {"adjust": ("head",), "edlm": ("scorer",), "apd": ("scorer",)}.get(name, ())
     if name == "punt" and options.get("via") == "adjust":
         needs = ("head",)
+    known = options_of(name)
+    unknown = [key for key in options if key not in known]
+    if unknown:
+        raise ValueError(f"bad options for the {name} sampler: unknown option {unknown[0]!r} "
+                         f"({'its options: ' + ', '.join(known) if known else 'it takes none'})")
     for dep in needs:
         if dependencies.get(dep) is None:
             flag = {"head": "--adjust DIR", "scorer": "--scorer DIR"}[dep]
             raise ValueError(f"the {name} sampler needs {flag}")
+    for dep in needs:
         options[dep] = dependencies[dep]
     try:
         return SAMPLERS[name](**options)
     except TypeError as err:
         raise ValueError(f"bad options for the {name} sampler: {err}") from None
+
+
+def options_of(name: str) -> list[str]:
+    """The `key=value` options a sampler's spec accepts: the fields of its config dataclass."""
+    hints = typing.get_type_hints(SAMPLERS[name].__init__)
+    config = next((t for t in typing.get_args(hints.get("config")) if dataclasses.is_dataclass(t)), None)
+    return [f.name for f in dataclasses.fields(config)] if config is not None else []
+
