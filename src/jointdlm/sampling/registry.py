@@ -77,7 +77,6 @@ def make_from_spec(spec: str, **dependencies: Any) -> Sampler:
         if dependencies.get(dep) is None:
             flag = {"head": "--adjust DIR", "scorer": "--scorer DIR"}[dep]
             raise ValueError(f"the {name} sampler needs {flag}")
-    for dep in needs:
         options[dep] = dependencies[dep]
     try:
         return SAMPLERS[name](**options)
@@ -90,4 +89,3 @@ def options_of(name: str) -> list[str]:
     hints = typing.get_type_hints(SAMPLERS[name].__init__)
     config = next((t for t in typing.get_args(hints.get("config")) if dataclasses.is_dataclass(t)), None)
     return [f.name for f in dataclasses.fields(config)] if config is not None else []
-
