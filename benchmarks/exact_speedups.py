@@ -1,13 +1,17 @@
 """Changes that leave every number as it was, timed against what they replaced, interleaved in one process.
 
     python benchmarks/exact_speedups.py --threads 2 [--json OUT]
+    python benchmarks/exact_speedups.py --only passes --device cuda --shapes large:128:8:4+8 [--dtype bfloat16]
 
 1. Rotary positions: `apply_rotary` (one complex product) against the rotation written out on strided halves,
    as it was before: one base pass of random-weight built-in bases, half the canvas masked (second-best of
    --repeats each). Outputs are checked equal.
-2. The ADJUST head's carried keys and values (`HeadCarry`): whole ADJUST generations on `large` with the carry
-   and with it switched off (best of --repeats each), at K=4 and K=8 (length 128, batch 8) and at K=4 after a
-   prompt of --prompt-tokens random tokens (batch 4). Generated tokens are checked equal.
+2. ADJUST's head passes at fixed shapes (`StepPasses`: every candidate queried, keys and values recomputed only
+   where a token was written, nothing read back) against the step as it was before (`GeneralPassAdjust`: the
+   general pass with carried keys and values, shapes that follow the data): whole generations of random-weight
+   bases with a live head, median of max(--repeats, 5), interleaved, at each --shapes entry
+   (PRESET:LENGTH:BATCH:K+K+SPEC/K; `deep` at length 23 with a vocabulary of 734 is the demo's template shape),
+   on --device with --dtype weights. Generated tokens are checked equal.
 3. Drawing tokens: the Gumbel noise of 500 x 23 sampled tokens at four chunk sizes, then `sample_at` against its
    form before 2026-12-04 (noise in chunks of 1 << 22 values, and a
    second log-softmax of the sampled rows in float64): whole generations of fast samplers at batch 500 on a
@@ -39,8 +43,12 @@ import jointdlm.models.mdlm as mdlm  # noqa: E402
 import jointdlm.sampling.rules as rules  # noqa: E402
 from jointdlm.adjust.head import AdjustHead, HeadCarry  # noqa: E402
 from jointdlm.models.mdlm import BuiltinModel  # noqa: E402
+from jointdlm.sampling.adjust import AdjustSampler  # noqa: E402
+from jointdlm.sampling.base import StepContext, StepResult  # noqa: E402
 from jointdlm.sampling.loop import SamplingConfig, generate  # noqa: E402
 from jointdlm.sampling.registry import make_from_spec, make_sampler  # noqa: E402
+from jointdlm.sampling.rules import select_top  # noqa: E402
+from jointdlm.sampling.threshold import sure_count  # noqa: E402
 
 
 def written_out_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -75,34 +83,103 @@ def rotary_rows(repeats: int) -> list[dict]:
     return rows
 
 
-def carry_rows(repeats: int, prompt_tokens: int) -> list[dict]:
+class GeneralPassAdjust(AdjustSampler):
+    """ADJUST's step as it was before 2026-12-04's fixed-shape passes (the reference part 2 times and checks the
+    sampler against): each head pass through the general pass (`AdjustHead.forward`: keys and values carried
+    from the step's previous pass and recomputed at every masked position and the ones written since, queries at
+    the masked candidates, logits there), each round on log-probabilities at the remaining candidates only."""
+
+    def step(self, ctx: StepContext) -> StepResult:
+        out = ctx.forward()
+        hidden, logits = out.hidden, out.logits
+        tokens, eligible = ctx.tokens.clone(), ctx.eligible.clone()
+        fill = torch.zeros_like(eligible)
+        budget = ctx.budget.to(tokens.device)
+        writing = budget > 0
+        entropy_sum = torch.zeros(len(tokens), dtype=torch.float64, device=tokens.device)
+        entropy_max = torch.zeros_like(entropy_sum)
+        head_passes = torch.zeros(len(tokens), dtype=torch.long)
+        carry = HeadCarry()
+        candidates = None
+        for r in range(int(budget.max())):
+            logprobs = ctx.logprobs(logits, where=eligible)
+            scores = ctx.scores(logprobs, eligible)
+            if r == 0 and self.config.threshold is not None:
+                confidence = scores if ctx.choice.rule == "confidence" else \
+                    ctx.scores(logprobs, eligible, rule="confidence")
+                chosen = select_top(confidence, sure_count(confidence, self.config.threshold).clamp(min=1) * writing)
+            else:
+                chosen = select_top(scores, writing.long())
+            if self.config.tested:
+                writing &= self._general_passes(logprobs, chosen, entropy_sum, entropy_max, first=r == 0)
+                chosen &= writing[:, None]
+            if not writing.any():
+                break
+            tokens = torch.where(chosen, ctx.sample(logprobs, chosen), tokens)
+            fill |= chosen
+            eligible = eligible & ~chosen
+            if r == 0:
+                candidates = select_top(scores.masked_fill(chosen, -torch.inf),
+                                        (budget - 1).clamp(min=self.config.candidates))
+                eligible &= candidates
+            writing &= (budget > r + 1) & eligible.any(-1)
+            if not writing.any():
+                break
+            with torch.no_grad():
+                start = self.head.pass_input(out.hidden, hidden)
+                hidden, logits = self.head(ctx.model, tokens, ctx.attention_mask, start, at=eligible, carry=carry,
+                                           query=candidates)
+            head_passes += writing.cpu()
+        return StepResult(fill=fill, tokens=tokens, base_passes=1, extra_passes=head_passes)
+
+    def _general_passes(self, logprobs, chosen, entropy_sum, entropy_max, first):
+        at = logprobs.at(chosen)
+        rows = chosen.any(-1)
+        passed = torch.zeros_like(rows)
+        if self.config.tau is not None:
+            passed[rows] = True if first else at.max(-1).values.exp() >= self.config.tau
+            return passed
+        entropy = -(at.exp() * at.clamp(min=-1e30)).nan_to_num(0.0).sum(-1).double()
+        new_sum = entropy_sum[rows] + entropy
+        new_max = torch.maximum(entropy_max[rows], entropy)
+        ok = torch.ones_like(new_sum, dtype=torch.bool) if first else new_sum - new_max <= self.config.gamma
+        passed[rows] = ok
+        entropy_sum[rows] = torch.where(ok, new_sum, entropy_sum[rows])
+        entropy_max[rows] = torch.where(ok, new_max, entropy_max[rows])
+        return passed
+
+
+def passes_rows(repeats: int, shapes: list[str], device: str, dtype: str) -> list[dict]:
+    """Part 2: whole ADJUST generations, the sampler against `GeneralPassAdjust`, interleaved."""
     rows = []
-    carried = HeadCarry.fresh
-    for k, length, batch, prompt in ((4, 128, 8, 0), (8, 128, 8, 0), (4, 128 + prompt_tokens, 4, prompt_tokens)):
-        base = random_base("large", length, "cpu")
+    for shape in shapes:
+        preset, length, batch, ks = shape.split(":", 3)
+        length, batch = int(length), int(batch)
+        base = random_base(preset, length, device, vocab_size=734 if preset == "deep" else None,
+                           dtype=getattr(torch, dtype))
         head = live_head(base)
-        init = None
-        if prompt:
-            init = torch.full((batch, length), base.spec.mask_id)
-            init[:, :prompt] = torch.randint(5, 4000, (batch, prompt), generator=torch.Generator().manual_seed(0))
-        config = SamplingConfig(length=length, tokens_per_step=k, batch_size=batch)
-        sampler = make_sampler("adjust", head=head)
-        times, outs = {"carry": [], "no carry": []}, {}
-        for _ in range(repeats):
-            for name in ("carry", "no carry"):
-                HeadCarry.fresh = carried if name == "carry" else (lambda self, *args: None)
-                start = time.perf_counter()
-                with torch.no_grad():
-                    outs[name] = generate(base, sampler, config, num=batch, init=init).tokens
-                times[name].append(time.perf_counter() - start)
-        HeadCarry.fresh = carried
-        with_carry, without = min(times["carry"]), min(times["no carry"])
-        rows.append({"k": k, "length": length, "batch": batch, "prompt_tokens": prompt, "carry_s": with_carry,
-                     "no_carry_s": without, "saved": 1 - with_carry / without,
-                     "same_tokens": outs["carry"] == outs["no carry"]})
-        print(f"ADJUST K={k}, length {length}, batch {batch}, prompt {prompt}: carry {with_carry:.2f} s, "
-              f"without {without:.2f} s ({rows[-1]['saved']:.1%} saved), same tokens: {rows[-1]['same_tokens']}",
-              flush=True)
+        for k in ks.split("+"):
+            spec, _, k = k.rpartition("/")
+            spec, k = spec or "adjust", int(k)
+            config = SamplingConfig(length=length, tokens_per_step=k, batch_size=batch)
+            samplers = {"general pass": GeneralPassAdjust(head, config=make_from_spec(spec, head=head).config),
+                        "fixed shapes": make_from_spec(spec, head=head)}
+            times, outs = {name: [] for name in samplers}, {}
+            for _ in range(repeats):
+                for name, sampler in samplers.items():
+                    if base.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    outs[name] = generate(base, sampler, config, num=batch).tokens
+                    times[name].append(time.perf_counter() - start)
+            old, new = (statistics.median(times[name]) * 1000 / batch for name in samplers)
+            rows.append({"preset": preset, "length": length, "batch": batch, "sampler": spec, "k": k,
+                         "device": str(base.device), "dtype": dtype, "general_ms_per_seq": old,
+                         "fixed_ms_per_seq": new, "speed_up": old / new,
+                         "same_tokens": outs["general pass"] == outs["fixed shapes"]})
+            print(f"{spec} K={k}, {preset} (length {length}, batch {batch}, {base.device}, {dtype}): general pass "
+                  f"{old:.2f} ms/seq, fixed shapes {new:.2f} ms/seq, {old / new:.3f}x, same tokens: "
+                  f"{rows[-1]['same_tokens']}", flush=True)
     return rows
 
 
@@ -214,18 +291,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rotary-repeats", type=int, default=7)
-    parser.add_argument("--prompt-tokens", type=int, default=384)
+    parser.add_argument("--shapes", default="tiny:64:8:4+8,deep:23:500:4+8+adjust:threshold=0.5/2",
+                        help="part 2: PRESET:LENGTH:BATCH:K+K+SPEC/K,...")
+    parser.add_argument("--device", default="cpu", help="part 2's device")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="part 2's weights")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None)
     parser.add_argument("--model", default=None, help="part 3 on this template-language base (else random)")
     parser.add_argument("--adjust", default=None, help="with --model: its ADJUST head")
-    parser.add_argument("--only", choices=("rotary", "carry", "draw", "attention"), default=None,
+    parser.add_argument("--only", choices=("rotary", "passes", "draw", "attention"), default=None,
                         help="run one part")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     parts = {"rotary": lambda: rotary_rows(args.rotary_repeats),
-             "carry": lambda: carry_rows(args.repeats, args.prompt_tokens),
+             "passes": lambda: passes_rows(max(args.repeats, 5), args.shapes.split(","), args.device, args.dtype),
              "draw": lambda: draw_rows(max(args.repeats, 5), args.model, args.adjust),
              "attention": lambda: attention_rows(max(args.repeats, 5), args.model)}
     if args.adjust and not args.model or args.model and args.only in (None, "draw") and not args.adjust:

@@ -125,6 +125,13 @@ class PassClock:
     def __call__(self, *args, **kwargs):
         return self._timed(self.inner, *args, **kwargs)
 
+    def step_passes(self, *args, **kwargs):
+        """A head's passes within a sampling step (`AdjustHead.step_passes`), each pass clocked."""
+        passes = self.inner.step_passes(*args, **kwargs)
+        logits = passes.logits
+        passes.logits = lambda *a, **k: self._timed(logits, *a, **k)
+        return passes
+
 
 def best_of(model, sampler, config: SamplingConfig, num: int, repeats: int, init: torch.Tensor | None = None,
             clocks: Sequence[PassClock] = ()) -> tuple[float, Generation, list[float]]:

@@ -18,7 +18,7 @@ import torch
 
 from jointdlm.adjust.head import AdjustHead
 from jointdlm.data.toy import get_language
-from jointdlm.models.mdlm import BuiltinModel
+from jointdlm.models.mdlm import BuiltinModel, take_positions
 from jointdlm.sampling.loop import SamplingConfig, fill_length, generate
 from jointdlm.sampling.registry import make_from_spec
 
@@ -38,32 +38,43 @@ def subject_of_token(model: BuiltinModel) -> torch.Tensor:
 
 
 class LoggingHead:
-    """The head as the sampler calls it, plus the base's exact logits at the same positions and canvas."""
+    """The head as the sampler uses it, plus the base's exact logits at the same positions and canvas."""
 
     def __init__(self, head: AdjustHead, subject: torch.Tensor) -> None:
         self.head, self.subject = head, subject
         self.sums: dict[int, list[float]] = {}
 
-    def pass_input(self, base_hidden: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
-        return self.head.pass_input(base_hidden, previous)
+    def __getattr__(self, name: str):
+        return getattr(self.head, name)
 
-    def __call__(self, base, tokens, attention_mask, hidden, at=None, carry=None, query=None):
-        new_hidden, logits = self.head(base, tokens, attention_mask, hidden, at=at, carry=carry, query=query)
-        exact = base.forward(tokens, attention_mask, at=at).logits
+    def step_passes(self, base, attention_mask, hidden, index):
+        passes = self.head.step_passes(base, attention_mask, hidden, index)
+        head_logits = passes.logits
+
+        def logged(tokens, written=None):
+            logits = head_logits(tokens, written)  # (B, C, V) at passes.index
+            self.log(base, tokens, attention_mask, passes.index, logits)
+            return logits
+
+        passes.logits = logged
+        return passes
+
+    def log(self, base, tokens, attention_mask, index, logits) -> None:
+        exact = take_positions(base.forward(tokens, attention_mask).logits, index)
+        # The candidates still to be chosen among, each once (a row with fewer repeats its first).
+        here = take_positions(tokens, index) == base.spec.mask_id
+        here[:, 1:] &= index[:, 1:] != index[:, :1]
         written = self.subject[tokens]  # (B, T)
-        rows = at.nonzero()[:, 0]
         for b in range(tokens.shape[0]):
             mine = written[b][written[b] >= 0]
-            here = rows == b
-            if mine.numel() == 0 or not here.any():
+            if mine.numel() == 0 or not here[b].any():
                 continue
             majority = int(torch.mode(mine).values)
             stray = (self.subject >= 0) & (self.subject != majority)
             entry = self.sums.setdefault(int(mine.numel()), [0, 0.0, 0.0])
-            entry[0] += int(here.sum())
-            entry[1] += float(logits[here].softmax(-1)[:, stray].sum())
-            entry[2] += float(exact[here].softmax(-1)[:, stray].sum())
-        return new_hidden, logits
+            entry[0] += int(here[b].sum())
+            entry[1] += float(logits[b][here[b]].softmax(-1)[:, stray].sum())
+            entry[2] += float(exact[b][here[b]].softmax(-1)[:, stray].sum())
 
 
 def main() -> None:

@@ -160,6 +160,11 @@ class AdjustHead(nn.Module):
             carry.remember(tokens, hidden if self.config.from_base_hidden else new_hidden, keys, values)
         return new_hidden
 
+    def step_passes(self, base: DiffusionLM, attention_mask: torch.Tensor | None, base_hidden: torch.Tensor,
+                    index: torch.Tensor) -> StepPasses:
+        """The head's passes of one sampling step at the candidates `index` (B, C): see `StepPasses`."""
+        return StepPasses(self, base, attention_mask, base_hidden, index)
+
     def _block_input(self, base: DiffusionLM, tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         return self.proj(torch.cat([self.embed_norm(base.embed(tokens)), self.hidden_norm(hidden)], dim=-1))
 
@@ -214,6 +219,70 @@ class AdjustHead(nn.Module):
         if isinstance(training, dict):
             head.threshold_share = float(training.get("threshold_share", 0.0))  # older heads trained without
         return head.to(base.device).eval().requires_grad_(False)
+
+
+class StepPasses:
+    """The head's passes of one sampling step, at the step's candidate positions `index` (B, C): each `logits`
+    call is one pass and returns logits (B, C, V) there; `keep` narrows the candidates.
+
+    No shape depends on the data (the caller masks out candidates it may not choose), so a pass reads nothing back
+    from the device, and it launches less than half the operations of the general pass: on a GPU the launches are
+    what a head pass costs (docs/results.md §6). For a head whose
+    passes start from the base's hidden states and update masked positions only (the default recipe), the block's
+    input at a position changes only when its token does, so after the step's first pass a pass computes keys and
+    values at the one position each row wrote since. Other heads (saved before 2026-12-03) take the general pass.
+    """
+
+    def __init__(self, head: AdjustHead, base: DiffusionLM, attention_mask: torch.Tensor | None,
+                 base_hidden: torch.Tensor, index: torch.Tensor) -> None:
+        self.head, self.base, self.attention_mask, self.base_hidden, self.index = \
+            head, base, attention_mask, base_hidden, index
+        self.fixed = head.config.from_base_hidden and head.config.masked_only
+        self.hidden = base_hidden
+        self.carry = HeadCarry()
+        self.keys: torch.Tensor | None = None
+
+    def keep(self, columns: torch.Tensor) -> None:
+        """Keeps only the candidates at `columns` (B, C') of each row, e.g. all but the one just written: a pass
+        then costs the candidates still to be chosen among."""
+        self.index = self.index.gather(1, columns)
+        if self.keys is not None:
+            self.z_at, self.hidden_at = take_positions(self.z_at, columns), take_positions(self.hidden_at, columns)
+            self.rope_at = tuple(t.gather(2, columns[:, None, :, None].expand(-1, 1, -1, t.shape[-1]))
+                                 for t in self.rope_at)
+
+    def logits(self, tokens: torch.Tensor, written: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, V) logits at the candidates after one pass over `tokens`; `written` (B,) is a position each row
+        wrote since the previous call (any position for a row that wrote nothing): required after the first."""
+        head, index = self.head, self.index
+        if not self.fixed:
+            query = torch.zeros_like(tokens, dtype=torch.bool).scatter_(1, index, True)
+            self.hidden = head.update(self.base, tokens, self.attention_mask,
+                                      head.pass_input(self.base_hidden, self.hidden), self.carry, query)
+            return self.base.lm_head(take_positions(self.hidden, index))
+        head_dim = head.config.d_model // head.config.n_heads
+        if self.keys is None:
+            positions, _ = positions_and_mask(self.attention_mask, tokens.shape, False, tokens.device)
+            z = head._block_input(self.base, tokens, self.base_hidden)
+            self.keys, self.values = head.block.keys_values(
+                z, *rotary_tables(positions, head_dim, head.config.rope_theta))
+            self.positions = positions
+            self.z_at = take_positions(z, index)
+            self.rope_at = rotary_tables(take_positions(positions, index), head_dim, head.config.rope_theta)
+            self.hidden_at = take_positions(self.base_hidden, index)
+            # A candidate is a real token, so it sees every non-padding position (itself among them).
+            self.mask = None if self.attention_mask is None else self.attention_mask.bool()[:, None, None, :]
+        else:
+            at = written[:, None]
+            z = head._block_input(self.base, take_positions(tokens, at), take_positions(self.base_hidden, at))
+            k, v = head.block.keys_values(z, *rotary_tables(take_positions(self.positions, at), head_dim,
+                                                            head.config.rope_theta))
+            where = at[:, None, :, None].expand_as(k)
+            self.keys.scatter_(2, where, k)
+            self.values.scatter_(2, where, v)
+        out = head.block.forward_at(self.z_at, *self.rope_at, self.keys, self.values, self.mask)
+        new = self.hidden_at + head._scaled(head.out_norm(out), self.hidden_at)
+        return self.base.lm_head(new)
 
 
 def _rows_first(where: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

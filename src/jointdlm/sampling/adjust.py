@@ -4,7 +4,8 @@ For each of the step's tokens: pick the position with the unmasking rule on the 
 distributions, sample it, run the head on the updated string. No head pass follows the step's last token. After
 the step's first token the head's passes choose among the `candidates` (8) positions the base pass ranked best:
 a pass then computes queries, MLP and logits at those few positions, not at every masked one (the published
-sampler lets the head choose anywhere; `adjust:candidates=N` with N the canvas length does that).
+sampler lets the head choose anywhere; `adjust:candidates=N` with N the canvas length does that). The head's passes
+run at fixed shapes (`AdjustHead.step_passes`): a fixed-K step reads nothing back from a GPU until it ends.
 
 Plain `adjust` writes exactly K tokens per step. With a test it is adaptive: K becomes the most a step may
 write, and after each head pass the step goes on only while the next position passes the test on the
@@ -33,9 +34,10 @@ from typing import Any
 
 import torch
 
-from ..adjust.head import AdjustHead, HeadCarry
+from ..adjust.head import AdjustHead
+from . import rules
 from .base import StepContext, StepResult, resolve_config
-from .rules import Marginals, select_top
+from .rules import select_top
 from .threshold import sure_count
 
 
@@ -88,67 +90,100 @@ class AdjustSampler:
 
     def step(self, ctx: StepContext) -> StepResult:
         out = ctx.forward()
-        hidden, logits = out.hidden, out.logits  # logits at the positions of `eligible`, (N, V)
-        tokens, eligible = ctx.tokens.clone(), ctx.eligible.clone()
-        fill = torch.zeros_like(eligible)
+        tokens = ctx.tokens.clone()
         budget = ctx.budget.to(tokens.device)
         writing = budget > 0
+        rounds = int(budget.max())
         entropy_sum = torch.zeros(len(tokens), dtype=torch.float64, device=tokens.device)
         entropy_max = torch.zeros_like(entropy_sum)
-        head_passes = torch.zeros(len(tokens), dtype=torch.long)
-        carry = HeadCarry()
-        candidates = None
-        for r in range(int(budget.max())):
-            logprobs = ctx.logprobs(logits, where=eligible)
-            scores = ctx.scores(logprobs, eligible)
-            if r == 0 and self.config.threshold is not None:
-                confidence = scores if ctx.choice.rule == "confidence" else \
-                    ctx.scores(logprobs, eligible, rule="confidence")
-                chosen = select_top(confidence, sure_count(confidence, self.config.threshold).clamp(min=1) * writing)
-            else:
-                chosen = select_top(scores, writing.long())
-            if self.config.tested:
-                writing &= self._passes(logprobs, chosen, entropy_sum, entropy_max, first=r == 0)
-                chosen &= writing[:, None]
-            if not writing.any():
-                break
-            tokens = torch.where(chosen, ctx.sample(logprobs, chosen), tokens)
-            fill |= chosen
-            eligible = eligible & ~chosen  # a new tensor: the round's Marginals keep the old one
-            if r == 0:  # the base pass's best positions after the ones just written
-                candidates = select_top(scores.masked_fill(chosen, -torch.inf),
-                                        (budget - 1).clamp(min=self.config.candidates))
-                eligible &= candidates
-            # Only rows still writing with budget left write in the next round; when there are none the step
-            # ends here (a later round would read logits from before this round's writes).
-            writing &= (budget > r + 1) & eligible.any(-1)
-            if not writing.any():
-                break
-            with torch.no_grad():
-                # The block's queries and the logits only where the next round reads them: the candidates still
-                # to be written.
-                start = self.head.pass_input(out.hidden, hidden)
-                hidden, logits = self.head(ctx.model, tokens, ctx.attention_mask, start, at=eligible, carry=carry,
-                                          query=candidates)
-            head_passes += writing.cpu()
-        return StepResult(fill=fill, tokens=tokens, base_passes=1, extra_passes=head_passes)
+        # The first token(s) from the base pass, over every eligible position.
+        logprobs = ctx.logprobs(out.logits)
+        scores = ctx.scores(logprobs)
+        if self.config.threshold is not None:
+            confidence = scores if ctx.choice.rule == "confidence" else ctx.scores(logprobs, rule="confidence")
+            fill = select_top(confidence, sure_count(confidence, self.config.threshold).clamp(min=1) * writing)
+        else:
+            fill = select_top(scores, writing.long())
+        if self.config.tested:
+            first = scores.argmax(-1)
+            writing &= self._passes(logprobs.rows_at(first), writing, entropy_sum, entropy_max, first=True)
+        tokens = torch.where(fill, ctx.sample(logprobs, fill), tokens)
+        head_passes = torch.zeros(len(tokens), dtype=torch.long, device=tokens.device)
+        if rounds > 1:
+            index, open_ = self._candidates(scores.masked_fill(fill, -torch.inf), budget, rounds)
+            writing &= (budget > 1) & open_.any(-1)
+            self._head_rounds(ctx, out.hidden, tokens, fill, index, open_, writing, budget, rounds, head_passes,
+                              entropy_sum, entropy_max)
+        return StepResult(fill=fill, tokens=tokens, base_passes=1, extra_passes=head_passes.cpu())
 
-    def _passes(self, logprobs: Marginals, chosen: torch.Tensor, entropy_sum: torch.Tensor,
+    def _candidates(self, scores: torch.Tensor, budget: torch.Tensor, rounds: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C) the positions the head's passes choose among, the base pass's best after the step's first
+        token(s) (`candidates`, at least K-1), in position order so that ties go to the first; and which of
+        them are real (a row with fewer eligible positions repeats its first)."""
+        width = min(max(rounds - 1, self.config.candidates), scores.shape[1])
+        order = scores.argsort(dim=-1, descending=True, stable=True)[:, :width]
+        real = (torch.arange(width, device=scores.device) < (budget - 1).clamp(min=self.config.candidates)[:, None]) \
+            & torch.isfinite(scores.gather(1, order))
+        index = torch.where(real, order, scores.shape[1]).sort(dim=-1).values
+        real = index < scores.shape[1]
+        return torch.where(real, index, index[:, :1].clamp(max=scores.shape[1] - 1)), real
+
+    def _head_rounds(self, ctx: StepContext, base_hidden: torch.Tensor, tokens: torch.Tensor, fill: torch.Tensor,
+                     index: torch.Tensor, open_: torch.Tensor, writing: torch.Tensor, budget: torch.Tensor,
+                     rounds: int, head_passes: torch.Tensor, entropy_sum: torch.Tensor,
+                     entropy_max: torch.Tensor) -> None:
+        """The step's tokens after the first, one per head pass, written into `tokens` and `fill` in place. Every
+        shape is fixed, so on a GPU nothing is read back (but whether any row still writes, for an adaptive
+        step)."""
+        passes = self.head.step_passes(ctx.model, ctx.attention_mask, base_hidden, index)
+        banned = ctx.model.spec.never_sampled()
+        positional = None if ctx.choice.rule not in rules.POSITIONAL_RULES else rules.positional_scores(
+            ctx.choice.rule, tokens.shape, ctx.step_seeds, ctx.offsets, tokens.device).gather(1, index)
+        seeds, shift = rules.row_keys(ctx.step_seeds, ctx.offsets, tokens.device)
+        c = ctx.choice
+        written = None
+        for r in range(1, rounds):
+            with torch.no_grad():
+                logprobs = rules.model_logprobs(passes.logits(tokens, written), banned, overwrite=True)
+            head_passes += writing
+            scores = rules.marginal_scores(logprobs, c.rule) if positional is None else positional
+            pick = scores.double().masked_fill(~open_, -torch.inf).argmax(-1)
+            at = logprobs.gather(1, pick[:, None, None].expand(-1, 1, logprobs.shape[-1])).squeeze(1)
+            if self.config.tested:
+                writing &= self._passes(at, writing, entropy_sum, entropy_max, first=False)
+            written = passes.index.gather(1, pick[:, None]).squeeze(1)
+            drawn = rules.draw(at, seeds, written - shift, c.temperature, c.top_k, c.top_p)
+            new = torch.where(writing, drawn.to(tokens.device), tokens.gather(1, written[:, None]).squeeze(1))
+            tokens.scatter_(1, written[:, None], new[:, None])
+            fill.scatter_(1, written[:, None], (fill.gather(1, written[:, None]).squeeze(1) | writing)[:, None])
+            # The chosen candidate leaves the set (a row that did not write is done for the step: its goes too).
+            # Only rows still writing with budget left write in the next round; an adaptive step ends when
+            # none does (a fixed step's rounds are known: nothing is read back).
+            keep = _without(pick, open_.shape[1])
+            open_ = open_.gather(1, keep)
+            writing &= (budget > r + 1) & open_.any(-1)
+            if r + 1 == rounds or (self.config.adaptive and not writing.any()):
+                break
+            passes.keep(keep)
+            positional = None if positional is None else positional.gather(1, keep)
+
+    def _passes(self, at: torch.Tensor, rows: torch.Tensor, entropy_sum: torch.Tensor,
                 entropy_max: torch.Tensor, first: bool) -> torch.Tensor:
-        """(B,) whether each row's chosen position passes the test (the step's first token always does); for
-        gamma, the accepted token's entropy joins the step's running sum."""
-        at = logprobs.at(chosen)
-        rows = chosen.any(-1)
-        passed = torch.zeros_like(rows)
+        """(B,) whether each row's chosen position (log-probabilities `at`, (B, V)) passes the test, among the
+        rows that chose one (the step's first token always does); for gamma, the accepted token's entropy joins
+        the step's running sum."""
         if self.config.tau is not None:
-            passed[rows] = True if first else at.max(-1).values.exp() >= self.config.tau
-            return passed
+            return rows if first else rows & (at.max(-1).values.exp() >= self.config.tau)
         entropy = -(at.exp() * at.clamp(min=-1e30)).nan_to_num(0.0).sum(-1).double()
-        new_sum = entropy_sum[rows] + entropy
-        new_max = torch.maximum(entropy_max[rows], entropy)
-        ok = torch.ones_like(new_sum, dtype=torch.bool) if first else new_sum - new_max <= self.config.gamma
-        passed[rows] = ok
-        entropy_sum[rows] = torch.where(ok, new_sum, entropy_sum[rows])
-        entropy_max[rows] = torch.where(ok, new_max, entropy_max[rows])
+        new_sum = entropy_sum + entropy
+        new_max = torch.maximum(entropy_max, entropy)
+        passed = rows if first else rows & (new_sum - new_max <= self.config.gamma)
+        entropy_sum.copy_(torch.where(passed, new_sum, entropy_sum))
+        entropy_max.copy_(torch.where(passed, new_max, entropy_max))
         return passed
 
+
+def _without(column: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, width - 1) the column indices of each row but `column` (B,)."""
+    keep = torch.arange(width - 1, device=column.device)
+    return keep + (keep >= column[:, None])

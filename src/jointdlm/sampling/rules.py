@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import torch
 
 RULES = ("confidence", "margin", "entropy", "random", "left_to_right")
+POSITIONAL_RULES = ("random", "left_to_right")
+"""The rules that rank positions without reading the log-probabilities."""
 _MASK64 = (1 << 64) - 1
 RANDOM_RULE_STREAM = -1
 NOISE_CHUNK = 1 << 18
@@ -137,35 +139,52 @@ class Marginals:
             raise ValueError("asked for log-probabilities at a position that was not computed")
         return self.values[rows.to(self.values.device)]
 
+    def rows_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """(B, V): for each row b the log-probabilities at position positions[b] (rows where it was not computed
+        get some computed row: mask them out). Unlike `at`, no shape depends on the data (no wait on a GPU)."""
+        rows = self.index.gather(1, positions[:, None]).squeeze(1).clamp(min=0)
+        return self.values[rows.to(self.values.device)]
+
 
 def position_scores(logprobs: Marginals, rule: str, eligible: torch.Tensor,
                     step_seeds: Sequence[int], offsets: Sequence[int] | None = None) -> torch.Tensor:
     """(B, T) float64 scores, higher = unmask sooner; -inf where a position may not be filled (`eligible` lies
     inside the positions the log-probabilities were computed at)."""
-    lp = logprobs.values
-    shape = eligible.shape
-    if rule == "confidence":
-        computed = lp.max(dim=-1).values.exp()
-    elif rule == "margin":
-        top2 = lp.topk(2, dim=-1).values.exp()
-        computed = top2[:, 0] - top2[:, 1]
-    elif rule == "entropy":
-        computed = (lp.exp() * lp.clamp(min=-1e30)).nan_to_num(0.0).sum(-1)
+    computed = marginal_scores(logprobs.values, rule)
+    if computed is None:
+        scores = positional_scores(rule, eligible.shape, step_seeds, offsets, eligible.device)
     else:
-        computed = None
-    if computed is not None:
-        scores = torch.full(shape, -torch.inf, dtype=torch.float64, device=eligible.device)
+        scores = torch.full(eligible.shape, -torch.inf, dtype=torch.float64, device=eligible.device)
         scores[logprobs.where.to(eligible.device)] = computed.to(torch.float64).to(eligible.device)
-    elif rule == "random":
-        offsets = offsets or [0] * len(step_seeds)
-        scores = torch.stack([torch.cat([torch.zeros(off, dtype=torch.float64),
-                                         uniform_noise(seed, RANDOM_RULE_STREAM, shape[1] - off)])
-                              for seed, off in zip(step_seeds, offsets, strict=True)]).to(eligible.device)
-    elif rule == "left_to_right":
-        scores = -torch.arange(shape[1], dtype=torch.float64, device=eligible.device).expand(shape)
-    else:
-        raise ValueError(f"unknown unmasking rule {rule!r}; choose from {', '.join(RULES)}")
     return scores.masked_fill(~eligible, -torch.inf)
+
+
+def marginal_scores(lp: torch.Tensor, rule: str) -> torch.Tensor | None:
+    """(...) scores of positions from their log-probabilities (..., V) by a rule that reads them; None for the
+    rules that do not (`positional_scores`)."""
+    if rule == "confidence":
+        return lp.max(dim=-1).values.exp()
+    if rule == "margin":
+        top2 = lp.topk(2, dim=-1).values.exp()
+        return top2[..., 0] - top2[..., 1]
+    if rule == "entropy":
+        return (lp.exp() * lp.clamp(min=-1e30)).nan_to_num(0.0).sum(-1)
+    if rule in POSITIONAL_RULES:
+        return None
+    raise ValueError(f"unknown unmasking rule {rule!r}; choose from {', '.join(RULES)}")
+
+
+def positional_scores(rule: str, shape: torch.Size, step_seeds: Sequence[int], offsets: Sequence[int] | None,
+                      device: torch.device) -> torch.Tensor:
+    """(B, T) float64 scores of every position by a rule that does not read the log-probabilities."""
+    if rule == "random":
+        offsets = offsets or [0] * len(step_seeds)
+        return torch.stack([torch.cat([torch.zeros(off, dtype=torch.float64),
+                                       uniform_noise(seed, RANDOM_RULE_STREAM, shape[1] - off)])
+                            for seed, off in zip(step_seeds, offsets, strict=True)]).to(device)
+    if rule == "left_to_right":
+        return -torch.arange(shape[1], dtype=torch.float64, device=device).expand(shape)
+    raise ValueError(f"the {rule!r} rule reads log-probabilities")
 
 
 def rank_of(scores: torch.Tensor) -> torch.Tensor:
@@ -213,13 +232,25 @@ def sample_at(logprobs: Marginals, fill: torch.Tensor, step_seeds: Sequence[int]
     if rows.numel() == 0:
         return tokens
     lp = logprobs.at(fill)
-    if temperature == 0:
-        tokens[rows, positions] = lp.argmax(-1)
-        return tokens
-    lp = truncate(lp, temperature, top_k, top_p)
-    seeds = torch.tensor(list(step_seeds), dtype=torch.int64, device=lp.device)[rows]
-    shift = torch.tensor(list(offsets) if offsets else [0] * len(step_seeds), dtype=torch.int64,
-                         device=lp.device)[rows]
-    noisy = gumbel_grid(seeds, positions.to(lp.device) - shift, lp.shape[-1], stream).add_(lp)
-    tokens[rows, positions] = noisy.argmax(-1).to(tokens.device)
+    seeds, shift = row_keys(step_seeds, offsets, lp.device)
+    tokens[rows, positions] = draw(lp, seeds[rows], positions.to(lp.device) - shift[rows], temperature, top_k, top_p,
+                                   stream).to(tokens.device)
     return tokens
+
+
+def row_keys(step_seeds: Sequence[int], offsets: Sequence[int] | None,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) int64 step seeds and left paddings on `device`: what `draw` keys each row's noise by."""
+    seeds = torch.tensor(list(step_seeds), dtype=torch.int64, device=device)
+    shift = torch.tensor(list(offsets) if offsets else [0] * len(step_seeds), dtype=torch.int64, device=device)
+    return seeds, shift
+
+
+def draw(lp: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor, temperature: float, top_k: int,
+         top_p: float, stream: int = 0) -> torch.Tensor:
+    """(n,) token ids, one from each row of log-probabilities `lp` (n, V), drawn with the noise of (seeds[i],
+    positions[i], stream): a row's own position, left padding removed."""
+    if temperature == 0:
+        return lp.argmax(-1)
+    lp = truncate(lp, temperature, top_k, top_p)
+    return gumbel_grid(seeds, positions, lp.shape[-1], stream).add_(lp).argmax(-1)
