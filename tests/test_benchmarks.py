@@ -46,6 +46,19 @@ def test_kv_cache_benchmark_counts_only_the_generated_tokens_after_a_prompt(tmp_
     assert bad.returncode == 2 and "multiple of --block-length" in bad.stderr
 
 
+def test_fixed_shape_head_passes_give_the_samples_of_the_step_before(tmp_path):
+    """exact_speedups.py part 2: the ADJUST sampler and the step as it was before its fixed-shape passes (kept in
+    the benchmark as the reference) write the same tokens, fixed K and adaptive, with a `--shapes` spec parsed."""
+    out = tmp_path / "passes.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "exact_speedups.py"), "--only", "passes",
+                           "--shapes", "tiny:20:3:4+adjust:gamma=1/6+adjust:threshold=0.5/3", "--threads", "1",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["passes"]
+    assert [(r["sampler"], r["k"]) for r in rows] == [("adjust", 4), ("adjust:gamma=1", 6), ("adjust:threshold=0.5", 3)]
+    assert all(r["same_tokens"] and r["general_ms_per_seq"] > 0 and r["fixed_ms_per_seq"] > 0 for r in rows)
+
+
 def test_pareto_picks_the_best_row_within_a_budget_in_the_metrics_direction():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
