@@ -296,8 +296,9 @@ def _rows_first(where: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class HeadCarry:
-    """The head block's keys and values from the previous pass of the same step, for a sampler to pass to every
-    head pass of one step (a new one each step: the base pass changes every hidden state).
+    """The head block's keys and values from the previous pass of the same step, to pass to every general head
+    pass of one step (a new one each step: the base pass changes every hidden state). The sampler's `StepPasses`
+    uses it for heads saved before 2026-12-03; for today's heads it recomputes even less.
 
     A position that was written before the previous pass has the same token and, since a pass updates only
     masked positions, the same hidden state: its keys and values are what that pass computed. On `large` with
