@@ -3,9 +3,7 @@ the pick, the Gumbel draw) eagerly and as a captured graph replayed, on a random
 
     python benchmarks/cuda_graph_round.py [--batch-size 8] [--candidates 8]
 
-A measurement for the next step, not a code path: the sampler runs its rounds eagerly. The round here drops the
-never-sampled ids with `index_fill_` on a device tensor (the sampler's `model_logprobs` indexes with a Python list,
-a host-to-device copy that a graph cannot capture). Needs a CUDA GPU.
+A measurement for the next step, not a code path: the sampler runs its rounds eagerly. Needs a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -52,7 +50,7 @@ def main() -> int:
     generator = torch.Generator().manual_seed(0)
     index = torch.stack([torch.randperm(length, generator=generator)[:c] + 1 for _ in range(b)]).sort(-1).values
     index = index.cuda()
-    banned = torch.tensor(base.spec.never_sampled(), device="cuda")
+    banned = base.spec.never_sampled()
     seeds, shift = rules.row_keys(list(range(b)), None, "cuda")
     with torch.no_grad():
         hidden = base.forward(tokens, attention, at=tokens == base.spec.mask_id).hidden
@@ -65,8 +63,7 @@ def main() -> int:
             return passes.logits(tokens, written)
 
         def one_round():
-            logits = passes.logits(tokens, written).float().index_fill_(-1, banned, float("-inf"))
-            logprobs = torch.log_softmax(logits, dim=-1)
+            logprobs = rules.model_logprobs(passes.logits(tokens, written), banned, overwrite=True)
             pick = rules.marginal_scores(logprobs, "confidence").double().argmax(-1)
             at = logprobs.gather(1, pick[:, None, None].expand(-1, 1, logprobs.shape[-1])).squeeze(1)
             return rules.draw(at, seeds, index.gather(1, pick[:, None]).squeeze(1) - shift, 1.0, 0, 1.0)

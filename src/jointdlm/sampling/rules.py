@@ -12,6 +12,7 @@ reproduces naive parallel token for token).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -116,8 +117,15 @@ def model_logprobs(logits: torch.Tensor, banned: Sequence[int], overwrite: bool 
     """Log-probabilities with never-sampled ids (mask, BOS) removed. With `overwrite` the banned ids are set in
     `logits` itself (a float32 tensor the caller will not read again), saving a copy of it."""
     logits = logits.float() if overwrite else logits.float().clone()
-    logits[..., list(banned)] = -torch.inf
+    logits.index_fill_(-1, _id_tensor(tuple(banned), logits.device), -torch.inf)
     return torch.log_softmax(logits, dim=-1)
+
+
+@functools.lru_cache(maxsize=64)
+def _id_tensor(ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The ids as a tensor on `device`, made once: indexing with a Python list copies it to the device every call
+    (and a CUDA graph cannot capture that copy)."""
+    return torch.tensor(ids, dtype=torch.long, device=device)
 
 
 class Marginals:
