@@ -198,3 +198,56 @@ def test_debug_env_shows_the_traceback(files, tmp_path, monkeypatch):
 
 def test_matrix_is_big_enough():
     assert len(MATRIX) >= 40
+
+
+OUTPUTS = [
+    # An output path that cannot be written fails before the work, names the path, and leaves nothing.
+    (["sample", "--model", "{model}", "--sampler", "parallel", "--num", "2", "--out", "{taken}"], "is a directory"),
+    (["sample", "--model", "{model}", "--sampler", "parallel", "--num", "2", "--out", "{file}/o.jsonl"],
+     "is a file, not a directory"),
+    (["corpus", "template", "--num", "3", "--out", "{taken}"], "is a directory"),
+    (["corpus", "template", "--num", "3", "--out", ""], "output file path is empty"),
+    (["trajectories", "--model", "{model}", "--num", "2", "--out", "{file}"], "is a file, not a directory"),
+    (["train-adjust", "--model", "{model}", "--trajectories", "{traj}", "--out", "{file}/head"],
+     "is a file, not a directory"),
+    (["eval", "--model", "{model}", "--samplers", "parallel", "--num", "2", "--out", "{file}"],
+     "is a file, not a directory"),
+    (["eval", "--model", "{model}", "--samplers", "parallel", "--num", "2", "--length", "10000", "--out",
+      "{tmp}/never"], "exceeds"),
+    (["code-eval", "--model", "{model}", "--benchmark", "humaneval", "--allow-code-execution", "--data",
+      "{problems}", "--length", "4", "--out", "{file}"], "is a file, not a directory"),
+    (["demo", "--quick", "--workdir", "{file}/runs"], "is a file, not a directory"),
+]
+
+
+@pytest.mark.parametrize("argv, message", OUTPUTS, ids=[f"{m[0][0]}-{i}" for i, m in enumerate(OUTPUTS)])
+def test_bad_output_path_is_one_line_and_leaves_nothing(argv, message, files, tmp_path, capsys):
+    (tmp_path / "taken.jsonl").mkdir()
+    (tmp_path / "a_file").write_text("not a directory")
+    (tmp_path / "problems.jsonl").write_text(json.dumps({"task_id": "t/0", "prompt": "def f():\n",
+                                                         "test": "assert True", "entry_point": "f"}) + "\n")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    values = {"model": str(files["model"]), "traj": str(files["traj"]), "taken": str(tmp_path / "taken.jsonl"),
+              "file": str(tmp_path / "a_file"), "tmp": str(tmp_path), "problems": str(tmp_path / "problems.jsonl")}
+    code = main([a.format(**values) for a in argv])
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip() and "%|" not in line]
+    assert code == 2, captured.err
+    assert len(lines) == 1 and lines[0].startswith("jointdlm: error: "), captured.err
+    assert message in lines[0], lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before, "a bad output path left something behind"
+    assert not list((tmp_path / "taken.jsonl").iterdir())
+    assert (tmp_path / "a_file").read_text() == "not a directory"
+
+
+def test_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    from jointdlm import outputs
+
+    def fail(*_args):
+        raise OSError(28, "No space left on device")
+
+    (tmp_path / "old.txt").write_text("old")
+    monkeypatch.setattr(outputs.os, "replace", fail)
+    with pytest.raises(OSError, match=r"cannot write .*old.txt: No space left on device"):
+        outputs.atomic_write_text(tmp_path / "old.txt", "new")
+    assert [p.name for p in tmp_path.iterdir()] == ["old.txt"] and (tmp_path / "old.txt").read_text() == "old"

@@ -14,6 +14,7 @@ from safetensors import SafetensorError
 from .adjust.train import AdjustTrainConfig
 from .models.loading import DTYPES
 from .models.mdlm import PRESETS
+from .outputs import atomic_write_text, check_output_dir, check_output_file
 from .sampling.base import TokenChoice
 from .sampling.loop import KV_CACHES, SamplingConfig
 
@@ -34,12 +35,7 @@ def _positive_int(text: str) -> int:
 
 def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
     """Write all rows or nothing: a failed run never leaves a half-written output file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def read_prompts(path: str) -> list[str]:
@@ -194,6 +190,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     if not args.out.endswith(".jsonl"):
         raise ValueError(f"--out must name a .jsonl file, got {args.out}")
+    check_output_file(args.out)  # before the model loads and samples, not after
     model = load_model(args.model, args.device, family=args.family, trust_remote_code=args.trust_remote_code,
                        dtype=args.dtype)
     prompts = read_prompts(args.prompts) if args.prompts else None
@@ -228,6 +225,7 @@ def cmd_code_eval(args: argparse.Namespace) -> None:
     if not args.allow_code_execution:
         raise ValueError("code-eval executes model-written code; add --allow-code-execution to run it in the "
                          "sandbox (best effort, not a security boundary: see README)")
+    out = check_output_dir(args.out)
     problems = load_problems(args.benchmark, args.data)[: args.limit]
     model = load_model(args.model, args.device, family=args.family, trust_remote_code=args.trust_remote_code,
                        dtype=args.dtype)
@@ -240,12 +238,10 @@ def cmd_code_eval(args: argparse.Namespace) -> None:
     c = result.counters
     rows = [{"task_id": p["task_id"], "completion": truncate(text), "status": o.status, "detail": o.detail}
             for p, text, o in zip(problems, result.texts, outcomes, strict=True)]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     summary = {"command": "jointdlm " + " ".join(sys.argv[1:]), "benchmark": args.benchmark,
                "sampler": args.sampler, "tokens_per_step": config.tokens_per_step, "pass_at_1": asdict(score),
                "speed": c.as_dict()}
-    (out / "results.json").write_text(json.dumps({**summary, "problems": rows}, indent=2))
+    atomic_write_text(out / "results.json", json.dumps({**summary, "problems": rows}, indent=2))
     print(f"{args.benchmark} pass@1 {score.value:.3f} [{score.low:.3f}, {score.high:.3f}] over {score.n} problems; "
           f"{args.sampler} K={config.tokens_per_step}: NFE {c.base_passes:.1f}/problem, "
           f"{c.tokens_per_second:.1f} tokens/s -> {out / 'results.json'}{_padding_note(result)}", file=sys.stderr)

@@ -30,6 +30,7 @@ from .eval.runner import EvalConfig, format_table, run_eval
 from .models.causal import CausalScorer
 from .models.mdlm import BuiltinModel
 from .models.train import PretrainConfig, pretrain
+from .outputs import check_output_dir
 from .sampling.loop import fill_length
 
 
@@ -147,6 +148,7 @@ def prepare_stage(stage: DemoStage, root: Path, seed: int) -> tuple[BuiltinModel
 
 def run_demo(cfg: DemoConfig) -> dict[str, dict]:
     started = time.time()
+    check_output_dir(cfg.workdir)
     stages = QUICK if cfg.quick else FULL + (EXTRA if cfg.full else ())
     if cfg.stages is not None:
         unknown = set(cfg.stages) - {s.corpus for s in stages}

@@ -35,6 +35,7 @@ from ..models.protocol import DiffusionLM
 
 if TYPE_CHECKING:
     from .head import AdjustHead
+from ..outputs import check_output_dir
 from ..sampling.base import TokenChoice
 from ..sampling.loop import SamplingConfig, encode_prompts, generate, sample_seed
 from ..sampling.registry import make_sampler
@@ -295,7 +296,7 @@ def collect_trajectories(model: DiffusionLM, out_dir: str | Path, cfg: Trajector
         prompts = list(prompts)
         if not prompts:
             raise ValueError("prompts is empty; pass None for unconditional trajectories")
-    out_dir = Path(out_dir)
+    out_dir = check_output_dir(out_dir)
     spec = model.spec
     prefixes = encode_prompts(model, prompts) if prompts is not None else encode_prompts(model, [""])
     longest = max(len(p) for p in prefixes)

@@ -18,8 +18,9 @@ import torch
 
 from ..models.causal import CausalScorer
 from ..models.protocol import DiffusionLM
+from ..outputs import atomic_write_text, check_output_dir
 from ..sampling.base import TokenChoice
-from ..sampling.loop import Generation, SamplingConfig, fill_length, generate
+from ..sampling.loop import Generation, SamplingConfig, build_canvas, encode_prompts, fill_length, generate
 from ..sampling.registry import SAMPLERS, make_from_spec, parse_spec
 from . import metrics
 
@@ -134,7 +135,8 @@ def run_eval(model: DiffusionLM, cfg: EvalConfig, out: str | Path, adjust_head=N
     examples, prompts = _prompts(cfg)
     length = cfg.length or fill_length(model, prompts)
     SamplingConfig(length=length, block_length=cfg.block_length, kv_cache=cfg.kv_cache)  # a bad pair fails here
-    out = Path(out)
+    build_canvas(model, [max(encode_prompts(model, prompts or [""]), key=len)], length)  # so does a long length
+    out = check_output_dir(out)
     out.mkdir(parents=True, exist_ok=True)
 
     reference_path = out / REFERENCE_FILE
@@ -189,8 +191,8 @@ def run_eval(model: DiffusionLM, cfg: EvalConfig, out: str | Path, adjust_head=N
                "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
                           f"python {platform.python_version()}",
                "date": time.strftime("%Y-%m-%d"), "histories": histories}
-    (out / RESULTS_FILE).write_text(json.dumps(results, indent=2))
-    (out / TABLE_FILE).write_text(format_table(results) + "\n")
+    atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2))
+    atomic_write_text(out / TABLE_FILE, format_table(results) + "\n")
     from .plots import plot_all
 
     plot_all(results, out)

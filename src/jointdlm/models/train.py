@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..outputs import check_output_dir
 from ..validation import require_choice, require_finite, require_positive
 from .mdlm import PRESETS, BuiltinModel, MaskedDiffusionTransformer, MDLMConfig, atomic_write_json, read_config
 from .tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, BPETokenizer
@@ -189,6 +190,7 @@ def pretrain(corpus: str | Path, out: str | Path, cfg: PretrainConfig) -> Builti
     resolve_device(cfg.device)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a directory")
+    check_output_dir(out)
     docs = read_documents(corpus)
     torch.manual_seed(cfg.seed)
     state_path = out / STATE_FILE
