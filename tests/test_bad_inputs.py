@@ -98,6 +98,10 @@ MATRIX = [
     (["sample", "--model", "{other_model}", "--sampler", "adjust", "--adjust", "{head}"], "trained on base"),
     (SAMPLE + ["--adjust", "{head}"], "only used by the adjust sampler"),
     (SAMPLE[:4] + ["edlm"], "scorer"),
+    (SAMPLE[:4] + ["adjust:tau=abc", "--adjust", "{head}"], "tau must be a finite number, got 'abc'"),
+    (SAMPLE[:4] + ["adjust:candidates=2.5", "--adjust", "{head}"], "candidates must be an integer"),
+    (SAMPLE[:4] + ["adjust:tau=0.9:tau=0.5", "--adjust", "{head}"], "'tau' is given twice"),
+    (SAMPLE[:4] + ["threshold:factor=abc"], "factor must be a finite number"),
     # sample: numbers
     (SAMPLE + ["--temperature", "nan"], "temperature must be a finite number"),
     (SAMPLE + ["--temperature", "inf"], "temperature must be a finite number"),
@@ -156,6 +160,8 @@ MATRIX = [
      "klingon"),
     (["eval", "--model", "{model}", "--task", "juggle", "--samplers", "parallel", "--out", "{out}"], "juggle"),
     (["eval", "--model", "{model}", "--samplers", "adjust", "--out", "{out}"], "adjust"),
+    (["eval", "--model", "{model}", "--samplers", "parallel,eb:gamma=x", "--out", "{out}"],
+     "gamma must be a finite number"),
     # corpus
     (["corpus", "klingon", "--out", "{out}"], "unknown corpus"),
     (["corpus", "template", "--out", "{out}", "--num", "0"], "must be >= 1"),
