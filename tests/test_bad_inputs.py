@@ -257,3 +257,21 @@ def test_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match=r"cannot write .*old.txt: No space left on device"):
         outputs.atomic_write_text(tmp_path / "old.txt", "new")
     assert [p.name for p in tmp_path.iterdir()] == ["old.txt"] and (tmp_path / "old.txt").read_text() == "old"
+
+
+@pytest.mark.parametrize("model_args, message", [
+    # "no" is text to lm-eval's parser, and bool("no") is True: remote code ran on a "no".
+    ("pretrained={remote},trust_remote_code=no", "trust_remote_code must be true or false, got 'no'"),
+    ("pretrained={model},tokens_per_step=abc", "tokens_per_step must be an integer, got 'abc'"),
+    ("pretrained={model},tokens_per_step=2.5", "tokens_per_step must be an integer, got 2.5"),
+    ("pretrained={model},temperature=hot", "temperature must be a number, got 'hot'"),
+    ("pretrained={model},sampler=adjust:tau=0.9:tau=0.5", "given twice"),
+])
+def test_bad_lm_eval_model_args_are_one_line(model_args, message, files, tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    model_args = model_args.format(model=files["model"], remote=files["remote"])
+    code = main(["lm-eval", "run", "--model", "jointdlm", "--model_args", model_args, "--tasks", "jointdlm_copy",
+                 "--limit", "2", "--output_path", str(tmp_path / "o")])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("jointdlm: error")]
+    assert code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert not (files["root"] / "ran.txt").exists(), "a checkpoint's own code ran without trust_remote_code=true"
