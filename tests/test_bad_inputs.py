@@ -156,6 +156,8 @@ MATRIX = [
     (["eval", "--model", "{model}", "--samplers", "bogus", "--out", "{out}"], "unknown sampler"),
     (["eval", "--model", "{model}", "--tokens-per-step", "0", "--samplers", "parallel", "--out", "{out}"],
      "tokens"),
+    (["eval", "--model", "{model}", "--tokens-per-step", "1,x", "--samplers", "parallel", "--out", "{out}"],
+     "argument --tokens-per-step: expected comma-separated integers"),
     (["eval", "--model", "{model}", "--language", "klingon", "--samplers", "parallel", "--out", "{out}"],
      "klingon"),
     (["eval", "--model", "{model}", "--task", "juggle", "--samplers", "parallel", "--out", "{out}"], "juggle"),

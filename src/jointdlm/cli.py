@@ -254,13 +254,20 @@ def _csv(text: str, kind=str) -> tuple:
     return items
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return _csv(text, int)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,4, got {text!r}") from None
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from .adjust.head import AdjustHead
     from .eval.runner import EvalConfig, run_eval
     from .models.causal import CausalScorer
     from .models.loading import load_model
 
-    cfg = EvalConfig(samplers=_csv(args.samplers), tokens_per_step=_csv(args.tokens_per_step, int), num=args.num,
+    cfg = EvalConfig(samplers=_csv(args.samplers), tokens_per_step=args.tokens_per_step, num=args.num,
                      seed=args.seed, task=args.task, language=args.language, length=args.length,
                      choice=choice_from_args(args), batch_size=args.batch_size, block_length=args.block_length,
                      kv_cache=args.kv_cache, timing_repeats=args.timing_repeats)
@@ -404,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scorer", default=None, help="causal scorer directory: NLL and MAUVE (and edlm/apd)")
     p.add_argument("--samplers", default="parallel,adjust",
                    help="comma-separated sampler specs, e.g. parallel,adjust,punt:epsilon=0.05,threshold:tau=0.8")
-    p.add_argument("--tokens-per-step", default="1,2,3,4,8", help="comma-separated K values (1 = the K=1 row)")
+    p.add_argument("--tokens-per-step", type=_int_list, default="1,2,3,4,8",
+                   help="comma-separated K values (1 = the K=1 row)")
     p.add_argument("--num", type=_positive_int, default=200)
     p.add_argument("--task", default=None,
                    help="a prompted task (copy, reverse, sort, insert, remove, replace, add, all)")
