@@ -121,6 +121,7 @@ MATRIX = [
     (SAMPLE + ["--prompts", "{root}/missing.txt"], "does not exist"),
     (SAMPLE + ["--prompts", "{empty}"], "no prompts"),
     (SAMPLE + ["--prompts", "{binary}"], "not UTF-8"),
+    (SAMPLE + ["--prompts", "{root}"], "is a directory"),
     (SAMPLE + ["--device", "tpu9"], "tpu9"),
     (SAMPLE + ["--device", "cuda:7"], "cuda:7"),
     # pretrain
@@ -277,3 +278,18 @@ def test_bad_lm_eval_model_args_are_one_line(model_args, message, files, tmp_pat
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("jointdlm: error")]
     assert code == 2 and len(lines) == 1 and message in lines[0], lines
     assert not (files["root"] / "ran.txt").exists(), "a checkpoint's own code ran without trust_remote_code=true"
+
+
+def test_prompts_file_with_byte_order_mark_and_crlf_reads_as_plain(files, tmp_path, capsys):
+    """Windows editors save UTF-8 with a byte-order mark and CRLF line ends: the same prompts as without them (the
+    mark used to become part of the first prompt, and its tokens shortened every sample)."""
+    (tmp_path / "plain.txt").write_text("the cat\nthe dog\n", encoding="utf-8")
+    (tmp_path / "windows.txt").write_bytes(b"\xef\xbb\xbfthe cat\r\nthe dog\r\n")
+    rows = {}
+    for name in ("plain", "windows"):
+        out = tmp_path / f"{name}.jsonl"
+        assert main(["sample", "--model", str(files["model"]), "--sampler", "parallel", "--prompts",
+                     str(tmp_path / f"{name}.txt"), "--out", str(out)]) == 0, capsys.readouterr().err
+        rows[name] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows["windows"]] == ["the cat", "the dog"]
+    assert rows["windows"] == rows["plain"]

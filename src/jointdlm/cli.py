@@ -40,10 +40,12 @@ def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
 
 def read_prompts(path: str) -> list[str]:
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"prompts file {p} is a directory; give a text file with one prompt per line")
     if not p.is_file():
         raise FileNotFoundError(f"prompts file {p} does not exist")
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not part of a prompt
     except UnicodeDecodeError as err:
         raise ValueError(f"prompts file {p} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     prompts = [line.rstrip("\n") for line in text.splitlines() if line.strip()]
