@@ -293,3 +293,20 @@ def test_prompts_file_with_byte_order_mark_and_crlf_reads_as_plain(files, tmp_pa
         rows[name] = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in rows["windows"]] == ["the cat", "the dog"]
     assert rows["windows"] == rows["plain"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    # It used to do nothing, print "saved", and record max_steps=10 as done for a 150-step model.
+    (["--preset", "tiny", "--max-steps", "10"], "trained 150 steps there, max_steps=10 now"),
+    # It used to continue the saved tiny network as if it were the preset asked for.
+    (["--preset", "small", "--max-steps", "160"], "preset='tiny' there, 'small' now"),
+])
+def test_pretrain_cannot_resume_a_run_with_other_settings(extra, message, files, tmp_path, capsys):
+    out = tmp_path / "model"
+    shutil.copytree(files["model"], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    code = main(["pretrain", "--corpus", str(files["corpus"]), "--out", str(out), *extra])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("jointdlm: error: --out "), lines
+    assert message in lines[0], lines[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "a refused resume changed the run"

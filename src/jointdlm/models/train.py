@@ -182,6 +182,20 @@ def _training_extra(cfg: PretrainConfig, corpus: Path) -> dict:
     return {"pretrain": {**asdict(cfg), "corpus": str(corpus)}}
 
 
+RESUME_FIELDS = ("preset", "objective", "vocab_size", "seq_len", "tokenizer_from", "prompt_separator")
+"""Settings a resumed run cannot change: the saved network and tokenizer are used whatever they say."""
+
+
+def _resume_problems(out: Path, cfg: PretrainConfig, step: int) -> list[str]:
+    """Why the run saved in `out` cannot be continued by `cfg` (empty when it can)."""
+    saved = read_config(out / "config.json").get("pretrain") or {}  # absent in models saved without one
+    problems = [f"{key}={saved[key]!r} there, {getattr(cfg, key)!r} now" for key in RESUME_FIELDS
+                if key in saved and saved[key] != getattr(cfg, key)]
+    if step > cfg.max_steps:
+        problems.append(f"trained {step} steps there, max_steps={cfg.max_steps} now")
+    return problems
+
+
 def pretrain(corpus: str | Path, out: str | Path, cfg: PretrainConfig) -> BuiltinModel:
     """Train (or resume training of) a built-in model on a one-document-per-line corpus."""
     from .loading import resolve_device
@@ -196,6 +210,11 @@ def pretrain(corpus: str | Path, out: str | Path, cfg: PretrainConfig) -> Builti
     state_path = out / STATE_FILE
     resume = state_path.exists()
     if resume:
+        state = torch.load(state_path, map_location=cfg.device, weights_only=True)  # tensors only: no pickle code
+        problems = _resume_problems(out, cfg, state["step"])
+        if problems:
+            raise ValueError(f"--out {out} holds a pre-training run that cannot be resumed with these settings "
+                             f"({'; '.join(problems)}); use a new --out, or the flags it was trained with")
         model = BuiltinModel.load(out)
         tokenizer, net = model.tokenizer, model.net
         net.requires_grad_(True)
@@ -226,7 +245,6 @@ def pretrain(corpus: str | Path, out: str | Path, cfg: PretrainConfig) -> Builti
     batch_gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed + 1)
     step = 0
     if resume:
-        state = torch.load(state_path, map_location=cfg.device, weights_only=True)  # tensors only: no pickle code
         optimizer.load_state_dict(state["optimizer"])
         batch_gen.set_state(state["generator"])
         step = state["step"]
