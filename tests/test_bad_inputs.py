@@ -38,6 +38,12 @@ def files(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     paths["unknown_type"] = model_copy("unknown_type")
     config = json.loads((tiny_model_dir / "config.json").read_text())
     (paths["unknown_type"] / "config.json").write_text(json.dumps({**config, "model_type": "gpt17"}))
+    paths["bad_tokenizer"] = model_copy("bad_tokenizer")
+    (paths["bad_tokenizer"] / "tokenizer.json").write_text('{"model": ')
+    paths["text_width"] = model_copy("text_width")
+    (paths["text_width"] / "config.json").write_text(json.dumps({**config, "d_model": "wide"}))
+    paths["small_vocab"] = model_copy("small_vocab")
+    (paths["small_vocab"] / "config.json").write_text(json.dumps({**config, "vocab_size": 10}))
     paths["no_config"] = root / "no_config"
     paths["no_config"].mkdir()
     paths["remote"] = model_copy("remote")
@@ -85,6 +91,10 @@ MATRIX = [
     (["sample", "--model", "{list_config}", "--sampler", "parallel"], "config.json does not hold a JSON object"),
     (["sample", "--model", "{unknown_type}", "--sampler", "parallel"], "gpt17"),
     (["sample", "--model", "{truncated}", "--sampler", "parallel"], "model.safetensors"),
+    (["sample", "--model", "{bad_tokenizer}", "--sampler", "parallel"], "tokenizer.json is not a valid tokenizer"),
+    (["sample", "--model", "{text_width}", "--sampler", "parallel"],
+     "config.json holds a bad setting: d_model must be a positive integer, got 'wide'"),
+    (["sample", "--model", "{small_vocab}", "--sampler", "parallel"], "size mismatch for embedding.weight"),
     (["sample", "--model", "{remote}", "--sampler", "parallel"], "--trust-remote-code"),
     (["sample", "--model", "{nan_weights}", "--sampler", "parallel"], "NaN/Inf logits at step 0"),
     # sample: samplers and their options
