@@ -70,6 +70,13 @@ def files(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     collect_trajectories(other, root / "other_traj", TrajectoryConfig(num=8, length=model.max_length - 1,
                                                                        shard_size=8, progress=False))
     paths["other_traj"] = root / "other_traj"
+    shutil.copytree(root / "traj", root / "traj_list")
+    (root / "traj_list" / "manifest.json").write_text("[]")
+    paths["traj_list"] = root / "traj_list"
+    shutil.copytree(root / "traj", root / "traj_trunc")
+    shard = next((root / "traj_trunc").glob("shard-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:300])
+    paths["traj_trunc"] = root / "traj_trunc"
 
     (root / "empty.txt").write_text("\n  \n")
     (root / "binary.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x9c\xff\xfe")
@@ -153,6 +160,10 @@ MATRIX = [
     # train-adjust
     (["train-adjust", "--model", "{model}", "--trajectories", "{root}/none", "--out", "{out}"], "manifest.json"),
     (["train-adjust", "--model", "{model}", "--trajectories", "{other_traj}", "--out", "{out}"], "come from base"),
+    (["train-adjust", "--model", "{model}", "--trajectories", "{traj_list}", "--out", "{out}"],
+     "manifest.json does not hold a JSON object"),
+    (["train-adjust", "--model", "{model}", "--trajectories", "{traj_trunc}", "--out", "{out}"],
+     "shard-00000.safetensors cannot be read"),
     (["train-adjust", "--model", "{model}", "--trajectories", "{traj}", "--out", "{out}", "--rollout", "100"],
      "rollout=100 exceeds"),
     (["train-adjust", "--model", "{model}", "--trajectories", "{traj}", "--out", "{out}", "--rollout", "1"],

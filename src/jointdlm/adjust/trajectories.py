@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..models.mdlm import read_config
 from ..models.protocol import DiffusionLM
 
 if TYPE_CHECKING:
@@ -148,10 +149,12 @@ def _read_manifest(out_dir: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{out_dir} holds no trajectory collection (no {MANIFEST_FILE}); "
                                 "collect one with `jointdlm trajectories`")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    manifest = read_config(path)  # errors name the file: not JSON, not UTF-8, not an object
+    missing = [key for key in ("config", "fingerprint", "pad_id") if key not in manifest]
+    if missing or not isinstance(manifest["config"], dict):
+        raise ValueError(f"{path} is not a trajectory manifest (no {(missing or ['config'])[0]}); collect the "
+                         "trajectories again with `jointdlm trajectories`")
+    return manifest
 
 
 def _check_resumable(out_dir: Path, existing: dict, wanted: dict) -> None:
@@ -181,7 +184,8 @@ def _read_shard(path: Path, expected: range, length: int) -> dict[str, torch.Ten
     try:
         data = load_file(str(path))
     except (SafetensorError, OSError, RuntimeError) as err:
-        raise ValueError(f"shard {path.name} cannot be read: {err}") from err
+        raise ValueError(f"shard {path} cannot be read ({err}); delete it and run `jointdlm trajectories` with "
+                         "the same arguments to collect it again") from None
     missing = [k for k in TENSOR_KEYS if k not in data]
     if missing:
         raise ValueError(f"shard {path.name} lacks tensors {missing}")
@@ -414,7 +418,10 @@ def load_trajectories(out_dir: str | Path) -> Trajectories:
     out_dir = Path(out_dir)
     manifest = _read_manifest(out_dir)
     names = {f.name for f in fields(TrajectoryConfig)}
-    cfg = TrajectoryConfig(**{k: v for k, v in manifest["config"].items() if k in names})
+    try:
+        cfg = TrajectoryConfig(**{k: v for k, v in manifest["config"].items() if k in names})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{out_dir / MANIFEST_FILE} holds a bad setting: {err}") from None
     if manifest.get("num_shards") != cfg.num_shards:
         raise ValueError(f"{out_dir}/{MANIFEST_FILE} says {manifest.get('num_shards')} shards, its config "
                          f"implies {cfg.num_shards}")
