@@ -331,3 +331,21 @@ def test_pretrain_cannot_resume_a_run_with_other_settings(extra, message, files,
     assert code == 2 and len(lines) == 1 and lines[0].startswith("jointdlm: error: --out "), lines
     assert message in lines[0], lines[0]
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "a refused resume changed the run"
+
+
+def test_pretrain_failing_before_its_first_checkpoint_leaves_no_directory(files, tmp_path, capsys, monkeypatch):
+    """A first run that fails in a training step (out of memory at a huge --seq-len was the case found) ends its
+    progress bar's line, so the error is a line of its own, and removes the directory it made, which held only an
+    empty log."""
+    from jointdlm.models import train
+
+    def fail(*_args):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(train, "mdlm_loss", fail)
+    out = tmp_path / "model"
+    code = main(["pretrain", "--corpus", str(files["corpus"]), "--out", str(out), "--preset", "tiny"])
+    err = capsys.readouterr().err.replace("\r", "\n")
+    lines = [line for line in err.splitlines() if line.startswith("jointdlm: error: ")]
+    assert code == 1 and len(lines) == 1 and "can't allocate memory" in lines[0], err
+    assert not out.exists()

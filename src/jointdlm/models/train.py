@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -232,6 +233,7 @@ def pretrain(corpus: str | Path, out: str | Path, cfg: PretrainConfig) -> Builti
     net.to(cfg.device).train()
 
     data, context = encode_documents(tokenizer, docs, seq_len, cfg.prompt_separator)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)  # only once the corpus is known to encode, so bad input leaves nothing
     split_gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(data), generator=split_gen)
@@ -260,34 +262,38 @@ def pretrain(corpus: str | Path, out: str | Path, cfg: PretrainConfig) -> Builti
 
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not cfg.progress, desc=f"pretrain {cfg.objective}",
                dynamic_ncols=True)
-    start_time, running = time.time(), None
-    with open(out / LOG_FILE, "a") as log:
-        while step < cfg.max_steps:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg)
-            idx = torch.randint(len(train), (cfg.batch_size,), generator=batch_gen, device=cfg.device)
-            batch = train[idx]
-            if cfg.random_canvas:
-                batch = batch[:, :random_cut(batch, batch_gen)]
-            loss = loss_fn(net, batch, train_context[idx], batch_gen)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-            optimizer.step()
-            step += 1
-            running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
-            bar.update(1)
-            bar.set_postfix(loss=f"{running:.3f}")
-            if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                held = heldout_loss(net, heldout, heldout_context, cfg.objective)
-                record = {"step": step, "train_loss": running, "heldout_loss": held,
-                          "elapsed_s": round(time.time() - start_time, 1)}
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                tqdm.write(f"step {step}: train {running:.4f}  held-out {held:.4f}", file=sys.stderr)
-            if step % cfg.save_every == 0 or step == cfg.max_steps:
-                checkpoint(step)
-    bar.close()
+    try:
+        start_time, running = time.time(), None
+        with bar, open(out / LOG_FILE, "a") as log:  # the bar's line ends even when a step fails
+            while step < cfg.max_steps:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, cfg)
+                idx = torch.randint(len(train), (cfg.batch_size,), generator=batch_gen, device=cfg.device)
+                batch = train[idx]
+                if cfg.random_canvas:
+                    batch = batch[:, :random_cut(batch, batch_gen)]
+                loss = loss_fn(net, batch, train_context[idx], batch_gen)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+                optimizer.step()
+                step += 1
+                running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+                bar.update(1)
+                bar.set_postfix(loss=f"{running:.3f}")
+                if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                    held = heldout_loss(net, heldout, heldout_context, cfg.objective)
+                    record = {"step": step, "train_loss": running, "heldout_loss": held,
+                              "elapsed_s": round(time.time() - start_time, 1)}
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    tqdm.write(f"step {step}: train {running:.4f}  held-out {held:.4f}", file=sys.stderr)
+                if step % cfg.save_every == 0 or step == cfg.max_steps:
+                    checkpoint(step)
+    except BaseException:
+        if created and not state_path.exists():
+            shutil.rmtree(out, ignore_errors=True)  # a first run that failed before a checkpoint leaves nothing
+        raise
     if step == 0 or not (out / "model.safetensors").exists():
         checkpoint(step)
     net.eval().requires_grad_(False)
