@@ -349,3 +349,14 @@ def test_pretrain_failing_before_its_first_checkpoint_leaves_no_directory(files,
     lines = [line for line in err.splitlines() if line.startswith("jointdlm: error: ")]
     assert code == 1 and len(lines) == 1 and "can't allocate memory" in lines[0], err
     assert not out.exists()
+
+
+def test_trajectories_error_starts_its_own_line(files, tmp_path, capsys):
+    """The progress bar's line ends when a batch fails (the NaN error used to be printed after the bar)."""
+    code = main(["trajectories", "--model", str(files["nan_weights"]), "--out", str(tmp_path / "t"), "--num", "4",
+                 "--shard-size", "4"])
+    err = capsys.readouterr().err.replace("\r", "\n")
+    lines = [line for line in err.splitlines() if "jointdlm: error: " in line]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("jointdlm: error: "), err
+    assert "NaN/Inf logits" in lines[0]
+    assert not list((tmp_path / "t").glob("shard-*")), "a failed batch left a shard"

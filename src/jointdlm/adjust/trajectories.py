@@ -339,24 +339,24 @@ def collect_trajectories(model: DiffusionLM, out_dir: str | Path, cfg: Trajector
     bar = tqdm(total=total, initial=skipped, disable=not cfg.progress, desc=f"trajectories (rank {rank})",
                dynamic_ncols=True)
     generated, start = 0, time.perf_counter()
-    for s in todo:
-        indices = cfg.shard_range(s)
-        parts = []
-        for first in range(indices.start, indices.stop, cfg.batch_size):
-            batch = range(first, min(first + cfg.batch_size, indices.stop))
-            batch_prompts = None if prompts is None else [prompts[j % len(prompts)] for j in batch]
-            parts.append(_collect_batch(model, cfg, batch, batch_prompts, head))
-            bar.update(len(batch))
-        rows = [prefixes[j % len(prefixes)] for j in indices]
-        prefix, prefix_len = _left_pad(rows, spec.pad_id)
-        tensors = {"prefix": prefix, "prefix_len": prefix_len,
-                   **{key: torch.cat([p[key] for p in parts]) for key in ("tokens", "order", "start")},
-                   "index": torch.arange(indices.start, indices.stop, dtype=torch.long)}
-        _check_orders(tensors["order"], f"shard {s}")
-        meta = {"fingerprint": wanted["fingerprint"], "shard": str(s)}
-        _atomic_write(shard_path(out_dir, s), lambda tmp, t=tensors, m=meta: save_file(t, tmp, metadata=m))
-        generated += len(indices)
-    bar.close()
+    with bar:  # closed (its line ended) even when a batch fails, so an error starts on its own line
+        for s in todo:
+            indices = cfg.shard_range(s)
+            parts = []
+            for first in range(indices.start, indices.stop, cfg.batch_size):
+                batch = range(first, min(first + cfg.batch_size, indices.stop))
+                batch_prompts = None if prompts is None else [prompts[j % len(prompts)] for j in batch]
+                parts.append(_collect_batch(model, cfg, batch, batch_prompts, head))
+                bar.update(len(batch))
+            rows = [prefixes[j % len(prefixes)] for j in indices]
+            prefix, prefix_len = _left_pad(rows, spec.pad_id)
+            tensors = {"prefix": prefix, "prefix_len": prefix_len,
+                       **{key: torch.cat([p[key] for p in parts]) for key in ("tokens", "order", "start")},
+                       "index": torch.arange(indices.start, indices.stop, dtype=torch.long)}
+            _check_orders(tensors["order"], f"shard {s}")
+            meta = {"fingerprint": wanted["fingerprint"], "shard": str(s)}
+            _atomic_write(shard_path(out_dir, s), lambda tmp, t=tensors, m=meta: save_file(t, tmp, metadata=m))
+            generated += len(indices)
     elapsed = time.perf_counter() - start
     return {"generated": generated, "skipped": skipped,
             "samples_per_s": round(generated / elapsed, 2) if generated and elapsed > 0 else 0.0,
