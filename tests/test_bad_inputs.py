@@ -360,3 +360,23 @@ def test_trajectories_error_starts_its_own_line(files, tmp_path, capsys):
     assert code == 2 and len(lines) == 1 and lines[0].startswith("jointdlm: error: "), err
     assert "NaN/Inf logits" in lines[0]
     assert not list((tmp_path / "t").glob("shard-*")), "a failed batch left a shard"
+
+
+def test_prompts_from_a_pipe(files, tmp_path, capsys):
+    """`--prompts <(grep ... file)` hands over /dev/fd/N, a pipe and not a regular file: it used to be refused as
+    'does not exist'."""
+    import os
+
+    if not Path("/dev/fd").is_dir():
+        pytest.skip("no /dev/fd")
+    read, write = os.pipe()
+    os.write(write, b"the cat\nthe dog\n")
+    os.close(write)
+    out = tmp_path / "o.jsonl"
+    try:
+        code = main(["sample", "--model", str(files["model"]), "--sampler", "parallel", "--prompts",
+                     f"/dev/fd/{read}", "--out", str(out)])
+    finally:
+        os.close(read)
+    assert code == 0, capsys.readouterr().err
+    assert [json.loads(line)["prompt"] for line in out.read_text().splitlines()] == ["the cat", "the dog"]

@@ -42,7 +42,7 @@ def read_prompts(path: str) -> list[str]:
     p = Path(path)
     if p.is_dir():
         raise ValueError(f"prompts file {p} is a directory; give a text file with one prompt per line")
-    if not p.is_file():
+    if not p.exists():  # not is_file(): a pipe such as --prompts <(grep ... file) is a fine prompts file
         raise FileNotFoundError(f"prompts file {p} does not exist")
     try:
         text = p.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not part of a prompt
