@@ -380,3 +380,13 @@ def test_prompts_from_a_pipe(files, tmp_path, capsys):
         os.close(read)
     assert code == 0, capsys.readouterr().err
     assert [json.loads(line)["prompt"] for line in out.read_text().splitlines()] == ["the cat", "the dog"]
+
+
+def test_corpus_with_byte_order_mark_reads_as_plain(tmp_path):
+    """A corpus saved as UTF-8 with a byte-order mark: the mark is not part of the first document."""
+    from jointdlm.data import read_corpus
+    from jointdlm.models.train import read_documents
+
+    (tmp_path / "c.txt").write_bytes(b"\xef\xbb\xbfthe cat sat\r\nthe dog ran\r\n")
+    assert read_documents(tmp_path / "c.txt") == ["the cat sat", "the dog ran"]
+    assert read_corpus(tmp_path / "c.txt")[0] == "the cat sat"

@@ -193,7 +193,7 @@ def read_corpus(path: str | Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"corpus file {path} not found; create it with write_corpus() first")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not text
     except UnicodeDecodeError as err:
         raise ValueError(f"corpus {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     docs = [line for line in text.split("\n") if line.strip()]

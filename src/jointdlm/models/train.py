@@ -81,7 +81,7 @@ def read_documents(path: str | Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"corpus file {path} does not exist")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not text
     except UnicodeDecodeError as err:
         raise ValueError(f"corpus {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     docs = [line.strip() for line in text.splitlines()]
