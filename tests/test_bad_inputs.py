@@ -390,3 +390,30 @@ def test_corpus_with_byte_order_mark_reads_as_plain(tmp_path):
     (tmp_path / "c.txt").write_bytes(b"\xef\xbb\xbfthe cat sat\r\nthe dog ran\r\n")
     assert read_documents(tmp_path / "c.txt") == ["the cat sat", "the dog ran"]
     assert read_corpus(tmp_path / "c.txt")[0] == "the cat sat"
+
+
+@pytest.mark.parametrize("content, benchmark, message", [
+    (b"\x89PNG\r\n\x00\xff", "humaneval", "problems.jsonl is not UTF-8 text"),  # said only "'utf-8' codec can't ..."
+    (b"[1, 2]\n", "humaneval", "problems.jsonl:1: a humaneval problem is a JSON object, got list"),
+    (b'{"task_id": 5, "prompt": 3, "test": "", "entry_point": "f"}\n', "humaneval",  # exit 1, TypeError
+     "problems.jsonl:1: prompt must be a string, got 3"),
+    (b'{"task_id": 1, "text": "x", "test_list": "assert 1"}\n', "mbpp", "test_list must be a list of strings"),
+])
+def test_bad_code_eval_problem_file_is_one_line(content, benchmark, message, files, tmp_path, capsys):
+    (tmp_path / "problems.jsonl").write_bytes(content)
+    out = tmp_path / "out"
+    code = main(["code-eval", "--model", str(files["model"]), "--benchmark", benchmark, "--allow-code-execution",
+                 "--data", str(tmp_path / "problems.jsonl"), "--length", "4", "--out", str(out)])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("jointdlm: error: "), lines
+    assert message in lines[0], lines[0]
+    assert not out.exists()
+
+
+def test_code_eval_problem_file_with_byte_order_mark(files, tmp_path, capsys):
+    (tmp_path / "problems.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(
+        {"task_id": "t/0", "prompt": "def f():\n", "test": "assert True", "entry_point": "f"}).encode() + b"\n")
+    code = main(["code-eval", "--model", str(files["model"]), "--benchmark", "humaneval", "--allow-code-execution",
+                 "--data", str(tmp_path / "problems.jsonl"), "--length", "4", "--out", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["problems"][0]["task_id"] == "t/0"
