@@ -290,6 +290,7 @@ def test_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     ("pretrained={model},tokens_per_step=2.5", "tokens_per_step must be an integer, got 2.5"),
     ("pretrained={model},temperature=hot", "temperature must be a number, got 'hot'"),
     ("pretrained={model},sampler=adjust:tau=0.9:tau=0.5", "given twice"),
+    ("pretrained={model},tokens_per_step=0", "tokens_per_step must be >= 1, got 0"),
 ])
 def test_bad_lm_eval_model_args_are_one_line(model_args, message, files, tmp_path, capsys):
     pytest.importorskip("lm_eval")
@@ -417,3 +418,12 @@ def test_code_eval_problem_file_with_byte_order_mark(files, tmp_path, capsys):
                  "--data", str(tmp_path / "problems.jsonl"), "--length", "4", "--out", str(tmp_path / "out")])
     assert code == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "out" / "results.json").read_text())["problems"][0]["task_id"] == "t/0"
+
+
+def test_lm_eval_batch_size_auto_with_a_count(files):
+    """lm-eval's `--batch_size auto:4` reaches the model as the text 'auto:4': auto, as plain 'auto' is."""
+    pytest.importorskip("lm_eval")
+    from jointdlm.eval.harness import register
+
+    model = register()(pretrained=str(files["model"]), batch_size="auto:4")
+    assert model.batch == 16

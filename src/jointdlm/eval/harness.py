@@ -37,12 +37,14 @@ def _lm_eval():
     return LM, register_model
 
 
-def _integer(name: str, value: Any) -> int:
+def _integer(name: str, value: Any, minimum: int | None = None) -> int:
     """lm-eval hands model_args over as it parsed them: numbers, booleans, None, or the text itself."""
     if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-        return int(value)
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"model_args {name} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"model_args {name} must be >= {minimum}, got {value}")
     return value
 
 
@@ -80,12 +82,14 @@ def _model_class():
                 raise ValueError(f"unknown jointdlm model_args: {', '.join(sorted(unused))}")
             # Every number before the model loads (minutes for a 7B checkpoint), each named when it is wrong.
             trust_remote_code = _flag("trust_remote_code", trust_remote_code)
-            tokens_per_step = _integer("tokens_per_step", tokens_per_step)
-            steps = None if steps is None else _integer("steps", steps)
-            block_length = None if block_length is None else _integer("block_length", block_length)
-            batch = 16 if batch_size == "auto" else _integer("batch_size", batch_size)
-            max_gen_toks = None if max_gen_toks is None else _integer("max_gen_toks", max_gen_toks)
-            seed, mc_samples = _integer("seed", seed), _integer("mc_samples", mc_samples)
+            tokens_per_step = _integer("tokens_per_step", tokens_per_step, 1)
+            steps = None if steps is None else _integer("steps", steps, 1)
+            block_length = None if block_length is None else _integer("block_length", block_length, 1)
+            # lm-eval's --batch_size auto:N (re-detect N times) is auto here too: a fixed 16
+            auto = isinstance(batch_size, str) and batch_size.split(":")[0] == "auto"
+            batch = 16 if auto else _integer("batch_size", batch_size, 1)
+            max_gen_toks = None if max_gen_toks is None else _integer("max_gen_toks", max_gen_toks, 1)
+            seed, mc_samples = _integer("seed", seed), _integer("mc_samples", mc_samples, 1)
             top_k = _integer("top_k", top_k)
             self.choice = TokenChoice(rule=rule, temperature=_number("temperature", temperature), top_k=top_k,
                                       top_p=_number("top_p", top_p))
