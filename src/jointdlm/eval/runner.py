@@ -151,9 +151,8 @@ def run_eval(model: DiffusionLM, cfg: EvalConfig, out: str | Path, adjust_head=N
         print("generating the K=1 reference samples", file=sys.stderr)
         ref = _run(model, "sequential", 1, cfg, length, prompts, cfg.seed + 1000, adjust_head, scorer)
         reference = ref.texts
-        tmp = reference_path.with_name(REFERENCE_FILE + ".tmp")
-        tmp.write_text("\n".join(json.dumps(r) for r in [{"key": reference_key}] + [{"text": t} for t in reference]))
-        tmp.replace(reference_path)
+        atomic_write_text(reference_path,
+                          "\n".join(json.dumps(r) for r in [{"key": reference_key}] + [{"text": t} for t in reference]))
 
     grid = [("sequential", 1)] if 1 in cfg.tokens_per_step else []
     for spec in cfg.samplers:
