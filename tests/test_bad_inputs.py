@@ -44,6 +44,8 @@ def files(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     (paths["text_width"] / "config.json").write_text(json.dumps({**config, "d_model": "wide"}))
     paths["small_vocab"] = model_copy("small_vocab")
     (paths["small_vocab"] / "config.json").write_text(json.dumps({**config, "vocab_size": 10}))
+    paths["causal"] = model_copy("causal")
+    (paths["causal"] / "config.json").write_text(json.dumps({**config, "causal": True}))
     paths["no_config"] = root / "no_config"
     paths["no_config"].mkdir()
     paths["remote"] = model_copy("remote")
@@ -103,6 +105,7 @@ MATRIX = [
      "config.json holds a bad setting: d_model must be a positive integer, got 'wide'"),
     (["sample", "--model", "{small_vocab}", "--sampler", "parallel"], "size mismatch for embedding.weight"),
     (["sample", "--model", "{remote}", "--sampler", "parallel"], "--trust-remote-code"),
+    (["sample", "--model", "{causal}", "--sampler", "parallel"], "is a causal scorer"),  # it used to sample
     (["sample", "--model", "{nan_weights}", "--sampler", "parallel"], "NaN/Inf logits at step 0"),
     # sample: samplers and their options
     (SAMPLE[:4] + ["bogus"], "unknown sampler"),
