@@ -187,6 +187,9 @@ MATRIX = [
      "klingon"),
     (["eval", "--model", "{model}", "--task", "juggle", "--samplers", "parallel", "--out", "{out}"], "juggle"),
     (["eval", "--model", "{model}", "--samplers", "adjust", "--out", "{out}"], "adjust"),
+    (["eval", "--model", "{model}", "--samplers", "parallel,parallel", "--out", "{out}"], "lists parallel twice"),
+    (["eval", "--model", "{model}", "--samplers", "parallel", "--tokens-per-step", "1,2,2", "--out", "{out}"],
+     "tokens_per_step lists 2 twice"),
     (["eval", "--model", "{model}", "--samplers", "parallel,eb:gamma=x", "--out", "{out}"],
      "gamma must be a finite number"),
     # corpus

@@ -54,6 +54,10 @@ class EvalConfig:
             parse_spec(spec)
         if not self.tokens_per_step or min(self.tokens_per_step) < 1:
             raise ValueError(f"tokens per step must be >= 1, got {self.tokens_per_step}")
+        for name, values in (("samplers", self.samplers), ("tokens_per_step", self.tokens_per_step)):
+            repeated = next((v for i, v in enumerate(values) if v in values[:i]), None)
+            if repeated is not None:
+                raise ValueError(f"{name} lists {repeated} twice (each row would be sampled again); give it once")
         if self.timing_repeats < 1:
             raise ValueError(f"timing_repeats must be >= 1, got {self.timing_repeats}")
         if self.num < 2:
