@@ -14,6 +14,7 @@ from safetensors import SafetensorError
 from .adjust.train import AdjustTrainConfig
 from .models.loading import DTYPES
 from .models.mdlm import PRESETS
+from .outputs import atomic_write_text, check_output_dir, check_output_file
 from .sampling.base import TokenChoice
 from .sampling.loop import KV_CACHES, SamplingConfig
 
@@ -34,20 +35,17 @@ def _positive_int(text: str) -> int:
 
 def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
     """Write all rows or nothing: a failed run never leaves a half-written output file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def read_prompts(path: str) -> list[str]:
     p = Path(path)
-    if not p.is_file():
+    if p.is_dir():
+        raise ValueError(f"prompts file {p} is a directory; give a text file with one prompt per line")
+    if not p.exists():  # not is_file(): a pipe such as --prompts <(grep ... file) is a fine prompts file
         raise FileNotFoundError(f"prompts file {p} does not exist")
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not part of a prompt
     except UnicodeDecodeError as err:
         raise ValueError(f"prompts file {p} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     prompts = [line.rstrip("\n") for line in text.splitlines() if line.strip()]
@@ -194,6 +192,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     if not args.out.endswith(".jsonl"):
         raise ValueError(f"--out must name a .jsonl file, got {args.out}")
+    check_output_file(args.out)  # before the model loads and samples, not after
     model = load_model(args.model, args.device, family=args.family, trust_remote_code=args.trust_remote_code,
                        dtype=args.dtype)
     prompts = read_prompts(args.prompts) if args.prompts else None
@@ -228,6 +227,7 @@ def cmd_code_eval(args: argparse.Namespace) -> None:
     if not args.allow_code_execution:
         raise ValueError("code-eval executes model-written code; add --allow-code-execution to run it in the "
                          "sandbox (best effort, not a security boundary: see README)")
+    out = check_output_dir(args.out)
     problems = load_problems(args.benchmark, args.data)[: args.limit]
     model = load_model(args.model, args.device, family=args.family, trust_remote_code=args.trust_remote_code,
                        dtype=args.dtype)
@@ -240,12 +240,10 @@ def cmd_code_eval(args: argparse.Namespace) -> None:
     c = result.counters
     rows = [{"task_id": p["task_id"], "completion": truncate(text), "status": o.status, "detail": o.detail}
             for p, text, o in zip(problems, result.texts, outcomes, strict=True)]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     summary = {"command": "jointdlm " + " ".join(sys.argv[1:]), "benchmark": args.benchmark,
                "sampler": args.sampler, "tokens_per_step": config.tokens_per_step, "pass_at_1": asdict(score),
                "speed": c.as_dict()}
-    (out / "results.json").write_text(json.dumps({**summary, "problems": rows}, indent=2))
+    atomic_write_text(out / "results.json", json.dumps({**summary, "problems": rows}, indent=2))
     print(f"{args.benchmark} pass@1 {score.value:.3f} [{score.low:.3f}, {score.high:.3f}] over {score.n} problems; "
           f"{args.sampler} K={config.tokens_per_step}: NFE {c.base_passes:.1f}/problem, "
           f"{c.tokens_per_second:.1f} tokens/s -> {out / 'results.json'}{_padding_note(result)}", file=sys.stderr)
@@ -258,13 +256,20 @@ def _csv(text: str, kind=str) -> tuple:
     return items
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return _csv(text, int)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,4, got {text!r}") from None
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from .adjust.head import AdjustHead
     from .eval.runner import EvalConfig, run_eval
     from .models.causal import CausalScorer
     from .models.loading import load_model
 
-    cfg = EvalConfig(samplers=_csv(args.samplers), tokens_per_step=_csv(args.tokens_per_step, int), num=args.num,
+    cfg = EvalConfig(samplers=_csv(args.samplers), tokens_per_step=args.tokens_per_step, num=args.num,
                      seed=args.seed, task=args.task, language=args.language, length=args.length,
                      choice=choice_from_args(args), batch_size=args.batch_size, block_length=args.block_length,
                      kv_cache=args.kv_cache, timing_repeats=args.timing_repeats)
@@ -408,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scorer", default=None, help="causal scorer directory: NLL and MAUVE (and edlm/apd)")
     p.add_argument("--samplers", default="parallel,adjust",
                    help="comma-separated sampler specs, e.g. parallel,adjust,punt:epsilon=0.05,threshold:tau=0.8")
-    p.add_argument("--tokens-per-step", default="1,2,3,4,8", help="comma-separated K values (1 = the K=1 row)")
+    p.add_argument("--tokens-per-step", type=_int_list, default="1,2,3,4,8",
+                   help="comma-separated K values (1 = the K=1 row)")
     p.add_argument("--num", type=_positive_int, default=200)
     p.add_argument("--task", default=None,
                    help="a prompted task (copy, reverse, sort, insert, remove, replace, add, all)")

@@ -30,6 +30,7 @@ from .eval.runner import EvalConfig, format_table, run_eval
 from .models.causal import CausalScorer
 from .models.mdlm import BuiltinModel
 from .models.train import PretrainConfig, pretrain
+from .outputs import atomic_write_text, check_output_dir
 from .sampling.loop import fill_length
 
 
@@ -147,6 +148,7 @@ def prepare_stage(stage: DemoStage, root: Path, seed: int) -> tuple[BuiltinModel
 
 def run_demo(cfg: DemoConfig) -> dict[str, dict]:
     started = time.time()
+    check_output_dir(cfg.workdir)
     stages = QUICK if cfg.quick else FULL + (EXTRA if cfg.full else ())
     if cfg.stages is not None:
         unknown = set(cfg.stages) - {s.corpus for s in stages}
@@ -166,7 +168,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, dict]:
                                 num=stage.samples, seed=cfg.seed, task=stage.task, language=stage.language)
         results = run_eval(model, evaluation, root / "eval", adjust_head=head, scorer=scorer)
         results["command"] = command
-        (root / "eval" / "results.json").write_text(json.dumps(results, indent=2))
+        atomic_write_text(root / "eval" / "results.json", json.dumps(results, indent=2))
         summary[stage.corpus] = {"heldout_kl": final_heldout(root / "adjust"), "table": format_table(results)}
         print(f"\n## {stage.corpus}: {stage.samples} samples per row (95% intervals), temperature 1, "
               f"confidence rule\n")
@@ -178,7 +180,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, dict]:
         print(f"stage {stage.corpus}: {(time.time() - stage_started) / 60:.1f} min")
         sys.stdout.flush()
     elapsed = time.time() - started
-    (cfg.workdir / "summary.json").write_text(json.dumps({"command": command, "elapsed_s": round(elapsed, 1),
-                                                          "stages": summary}, indent=2))
+    atomic_write_text(cfg.workdir / "summary.json", json.dumps({"command": command, "elapsed_s": round(elapsed, 1),
+                                                               "stages": summary}, indent=2))
     print(f"\ndemo finished in {elapsed / 60:.1f} min ({command})")
     return summary

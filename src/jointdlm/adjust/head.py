@@ -38,7 +38,16 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..models.mdlm import Block, positions_and_mask, read_config, read_weights, rotary_tables, take_positions
+from ..models.mdlm import (
+    Block,
+    config_from,
+    mismatch_detail,
+    positions_and_mask,
+    read_config,
+    read_weights,
+    rotary_tables,
+    take_positions,
+)
 from ..models.protocol import DiffusionLM
 
 HEAD_CONFIG_FILE = "adjust_config.json"
@@ -204,8 +213,7 @@ class AdjustHead(nn.Module):
         if raw.get("output_layer", "gain") != "gain":
             raise ValueError(f"{directory} was trained with the removed output layer {raw['output_layer']!r} "
                              "(the hidden-scaled gain replaced it; docs/results.md §2): train it again")
-        names = AdjustHeadConfig.__dataclass_fields__
-        config = AdjustHeadConfig(**{**SAVED_BEFORE_FIELDS, **{k: v for k, v in raw.items() if k in names}})
+        config = config_from(AdjustHeadConfig, raw, directory / HEAD_CONFIG_FILE, SAVED_BEFORE_FIELDS)
         if config.base_fingerprint != base.fingerprint():
             raise ValueError(f"the ADJUST head in {directory} was trained on base {config.base_fingerprint}, "
                              f"but this base model is {base.fingerprint()}; train a head for this base")
@@ -214,7 +222,7 @@ class AdjustHead(nn.Module):
             head.load_state_dict(read_weights(directory / HEAD_WEIGHTS_FILE))
         except RuntimeError as err:
             raise ValueError(f"{directory / HEAD_WEIGHTS_FILE} does not match its config: "
-                             f"{str(err).splitlines()[0]}") from None
+                             f"{mismatch_detail(err)}") from None
         training = raw.get("training")
         if isinstance(training, dict):
             head.threshold_share = float(training.get("threshold_share", 0.0))  # older heads trained without

@@ -39,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..models.protocol import DiffusionLM, ModelOutput
+from ..outputs import atomic_write_text, check_output_dir
 from ..sampling.rules import Marginals, position_scores, rank_of, select_top
 from ..sampling.threshold import sure_count
 from ..validation import require_finite, require_positive
@@ -572,7 +573,7 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
     """Train (or resume) an ADJUST head for `base` on trajectories collected from it, plus on-policy rounds."""
     from accelerate import Accelerator
 
-    out = Path(out)
+    out = check_output_dir(out)
     started = time.time()
     data = load_trajectories(trajectories_dir)
     if data.fingerprint != base.fingerprint():
@@ -841,7 +842,7 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
                               "score": _ratio_score({k: v for k, v in final.items() if k not in CHECK_KINDS}),
                               "elapsed_s": round(time.time() - started, 1)}) + "\n")
         log.close()
-        (out / VERDICT_FILE).write_text(json.dumps(verdict, indent=2))
+        atomic_write_text(out / VERDICT_FILE, json.dumps(verdict, indent=2))
     base_after = _recompute_fingerprint(base)
     if base_after != base_fingerprint:
         raise AssertionError("the base model changed during ADJUST training; it must stay frozen")

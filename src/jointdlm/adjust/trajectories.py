@@ -31,10 +31,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..models.mdlm import read_config
 from ..models.protocol import DiffusionLM
 
 if TYPE_CHECKING:
     from .head import AdjustHead
+from ..outputs import check_output_dir
 from ..sampling.base import TokenChoice
 from ..sampling.loop import SamplingConfig, encode_prompts, generate, sample_seed
 from ..sampling.registry import make_sampler
@@ -147,10 +149,12 @@ def _read_manifest(out_dir: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{out_dir} holds no trajectory collection (no {MANIFEST_FILE}); "
                                 "collect one with `jointdlm trajectories`")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    manifest = read_config(path)  # errors name the file: not JSON, not UTF-8, not an object
+    missing = [key for key in ("config", "fingerprint", "pad_id") if key not in manifest]
+    if missing or not isinstance(manifest["config"], dict):
+        raise ValueError(f"{path} is not a trajectory manifest (no {(missing or ['config'])[0]}); collect the "
+                         "trajectories again with `jointdlm trajectories`")
+    return manifest
 
 
 def _check_resumable(out_dir: Path, existing: dict, wanted: dict) -> None:
@@ -180,7 +184,8 @@ def _read_shard(path: Path, expected: range, length: int) -> dict[str, torch.Ten
     try:
         data = load_file(str(path))
     except (SafetensorError, OSError, RuntimeError) as err:
-        raise ValueError(f"shard {path.name} cannot be read: {err}") from err
+        raise ValueError(f"shard {path} cannot be read ({err}); delete it and run `jointdlm trajectories` with "
+                         "the same arguments to collect it again") from None
     missing = [k for k in TENSOR_KEYS if k not in data]
     if missing:
         raise ValueError(f"shard {path.name} lacks tensors {missing}")
@@ -295,7 +300,7 @@ def collect_trajectories(model: DiffusionLM, out_dir: str | Path, cfg: Trajector
         prompts = list(prompts)
         if not prompts:
             raise ValueError("prompts is empty; pass None for unconditional trajectories")
-    out_dir = Path(out_dir)
+    out_dir = check_output_dir(out_dir)
     spec = model.spec
     prefixes = encode_prompts(model, prompts) if prompts is not None else encode_prompts(model, [""])
     longest = max(len(p) for p in prefixes)
@@ -334,24 +339,24 @@ def collect_trajectories(model: DiffusionLM, out_dir: str | Path, cfg: Trajector
     bar = tqdm(total=total, initial=skipped, disable=not cfg.progress, desc=f"trajectories (rank {rank})",
                dynamic_ncols=True)
     generated, start = 0, time.perf_counter()
-    for s in todo:
-        indices = cfg.shard_range(s)
-        parts = []
-        for first in range(indices.start, indices.stop, cfg.batch_size):
-            batch = range(first, min(first + cfg.batch_size, indices.stop))
-            batch_prompts = None if prompts is None else [prompts[j % len(prompts)] for j in batch]
-            parts.append(_collect_batch(model, cfg, batch, batch_prompts, head))
-            bar.update(len(batch))
-        rows = [prefixes[j % len(prefixes)] for j in indices]
-        prefix, prefix_len = _left_pad(rows, spec.pad_id)
-        tensors = {"prefix": prefix, "prefix_len": prefix_len,
-                   **{key: torch.cat([p[key] for p in parts]) for key in ("tokens", "order", "start")},
-                   "index": torch.arange(indices.start, indices.stop, dtype=torch.long)}
-        _check_orders(tensors["order"], f"shard {s}")
-        meta = {"fingerprint": wanted["fingerprint"], "shard": str(s)}
-        _atomic_write(shard_path(out_dir, s), lambda tmp, t=tensors, m=meta: save_file(t, tmp, metadata=m))
-        generated += len(indices)
-    bar.close()
+    with bar:  # closed (its line ended) even when a batch fails, so an error starts on its own line
+        for s in todo:
+            indices = cfg.shard_range(s)
+            parts = []
+            for first in range(indices.start, indices.stop, cfg.batch_size):
+                batch = range(first, min(first + cfg.batch_size, indices.stop))
+                batch_prompts = None if prompts is None else [prompts[j % len(prompts)] for j in batch]
+                parts.append(_collect_batch(model, cfg, batch, batch_prompts, head))
+                bar.update(len(batch))
+            rows = [prefixes[j % len(prefixes)] for j in indices]
+            prefix, prefix_len = _left_pad(rows, spec.pad_id)
+            tensors = {"prefix": prefix, "prefix_len": prefix_len,
+                       **{key: torch.cat([p[key] for p in parts]) for key in ("tokens", "order", "start")},
+                       "index": torch.arange(indices.start, indices.stop, dtype=torch.long)}
+            _check_orders(tensors["order"], f"shard {s}")
+            meta = {"fingerprint": wanted["fingerprint"], "shard": str(s)}
+            _atomic_write(shard_path(out_dir, s), lambda tmp, t=tensors, m=meta: save_file(t, tmp, metadata=m))
+            generated += len(indices)
     elapsed = time.perf_counter() - start
     return {"generated": generated, "skipped": skipped,
             "samples_per_s": round(generated / elapsed, 2) if generated and elapsed > 0 else 0.0,
@@ -413,7 +418,10 @@ def load_trajectories(out_dir: str | Path) -> Trajectories:
     out_dir = Path(out_dir)
     manifest = _read_manifest(out_dir)
     names = {f.name for f in fields(TrajectoryConfig)}
-    cfg = TrajectoryConfig(**{k: v for k, v in manifest["config"].items() if k in names})
+    try:
+        cfg = TrajectoryConfig(**{k: v for k, v in manifest["config"].items() if k in names})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{out_dir / MANIFEST_FILE} holds a bad setting: {err}") from None
     if manifest.get("num_shards") != cfg.num_shards:
         raise ValueError(f"{out_dir}/{MANIFEST_FILE} says {manifest.get('num_shards')} shards, its config "
                          f"implies {cfg.num_shards}")

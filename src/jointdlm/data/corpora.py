@@ -13,7 +13,6 @@ import os
 import random
 import re
 import sysconfig
-import tempfile
 import textwrap
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from jointdlm.data.tasks import tasks_corpus
 from jointdlm.data.toy import LANGUAGES
+from jointdlm.outputs import atomic_write_text, check_output_file
 
 CODE_NEWLINE = "\u21b5"
 DEFAULT_TOY_DOCS = 20000
@@ -178,20 +178,12 @@ def build_corpus(name: str, num: int | None = None, seed: int = 0) -> list[str]:
 
 def write_corpus(name: str, path: str | Path, num: int | None = None, seed: int = 0) -> int:
     """Write a corpus atomically, so an interrupted run never leaves a truncated file behind."""
+    path = check_output_file(path)
     docs = build_corpus(name, num, seed)
     for doc in docs:
         if not doc.strip() or len(doc.splitlines()) != 1:
             raise ValueError(f"corpus {name!r} has a document that is not exactly one line: {doc[:80]!r}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write("\n".join(docs) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, "\n".join(docs) + "\n")
     return len(docs)
 
 
@@ -201,7 +193,7 @@ def read_corpus(path: str | Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"corpus file {path} not found; create it with write_corpus() first")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not text
     except UnicodeDecodeError as err:
         raise ValueError(f"corpus {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     docs = [line for line in text.split("\n") if line.strip()]

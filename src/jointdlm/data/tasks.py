@@ -15,9 +15,7 @@ evaluation prompts never occur in a training corpus, whatever seeds the two were
 from __future__ import annotations
 
 import hashlib
-import os
 import random
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from jointdlm.data.toy import normalize
+from jointdlm.outputs import atomic_write_text, check_output_file
 
 NAMES = ("ann", "bob", "tom", "sue", "max", "eve", "joe", "kim", "ian", "amy", "ben", "liz")
 MIN_ITEMS, MAX_ITEMS = 3, 5
@@ -300,17 +299,9 @@ def write_task_prompts(
 
     Held-out prompts by default, so accuracy measures the task and not memorised training lines.
     """
+    path = check_output_file(path)
     examples = make_examples(task, n, seed, split)
     if not examples:
         raise ValueError("no prompts to write (n=0)")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write("".join(e.prompt + "\n" for e in examples))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, "".join(e.prompt + "\n" for e in examples))
     return examples

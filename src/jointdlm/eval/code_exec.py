@@ -137,19 +137,34 @@ def load_problems(benchmark: str, path: str | Path | None = None) -> list[dict]:
     opener = __import__("gzip").open if path.suffix == ".gz" else open
     need = ("task_id", "prompt", "test", "entry_point") if benchmark == "humaneval" else ("task_id", "text",
                                                                                           "test_list")
+    texts = ("prompt", "test", "entry_point") if benchmark == "humaneval" else ("text",)
     problems = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not JSON ({err.msg})") from None
-            missing = [k for k in need if k not in row]
-            if missing:
-                raise ValueError(f"{path}:{number}: a {benchmark} problem needs {', '.join(missing)}")
-            problems.append(row)
+    try:
+        with opener(path, "rt", encoding="utf-8-sig") as f:  # a byte-order mark is not JSON
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{number}: not JSON ({err.msg})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{number}: a {benchmark} problem is a JSON object, got "
+                                     f"{type(row).__name__}")
+                missing = [k for k in need if k not in row]
+                if missing:
+                    raise ValueError(f"{path}:{number}: a {benchmark} problem needs {', '.join(missing)}")
+                wrong = [k for k in texts if not isinstance(row[k], str)]
+                if wrong:
+                    raise ValueError(f"{path}:{number}: {wrong[0]} must be a string, got {row[wrong[0]]!r:.60}")
+                if benchmark == "mbpp" and not (isinstance(row["test_list"], list)
+                                                and all(isinstance(t, str) for t in row["test_list"])):
+                    raise ValueError(f"{path}:{number}: test_list must be a list of strings")
+                problems.append(row)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"problem file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except (OSError, EOFError) as err:  # a .gz that is not gzip, or cut short
+        raise ValueError(f"problem file {path} cannot be read ({err})") from None
     if not problems:
         raise ValueError(f"{path} holds no problems")
     return problems

@@ -37,6 +37,30 @@ def _lm_eval():
     return LM, register_model
 
 
+def _integer(name: str, value: Any, minimum: int | None = None) -> int:
+    """lm-eval hands model_args over as it parsed them: numbers, booleans, None, or the text itself."""
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"model_args {name} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"model_args {name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"model_args {name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _flag(name: str, value: Any) -> bool:
+    """Only true/false (or 1/0): `trust_remote_code=no` must not read as yes."""
+    if isinstance(value, bool) or value in (0, 1):
+        return bool(value)
+    raise ValueError(f"model_args {name} must be true or false, got {value!r}")
+
+
 def _model_class():
     LM, register_model = _lm_eval()
 
@@ -56,24 +80,33 @@ def _model_class():
 
             if unused:
                 raise ValueError(f"unknown jointdlm model_args: {', '.join(sorted(unused))}")
+            # Every number before the model loads (minutes for a 7B checkpoint), each named when it is wrong.
+            trust_remote_code = _flag("trust_remote_code", trust_remote_code)
+            tokens_per_step = _integer("tokens_per_step", tokens_per_step, 1)
+            steps = None if steps is None else _integer("steps", steps, 1)
+            block_length = None if block_length is None else _integer("block_length", block_length, 1)
+            # lm-eval's --batch_size auto:N (re-detect N times) is auto here too: a fixed 16
+            auto = isinstance(batch_size, str) and batch_size.split(":")[0] == "auto"
+            batch = 16 if auto else _integer("batch_size", batch_size, 1)
+            max_gen_toks = None if max_gen_toks is None else _integer("max_gen_toks", max_gen_toks, 1)
+            seed, mc_samples = _integer("seed", seed), _integer("mc_samples", mc_samples, 1)
+            top_k = _integer("top_k", top_k)
+            self.choice = TokenChoice(rule=rule, temperature=_number("temperature", temperature), top_k=top_k,
+                                      top_p=_number("top_p", top_p))
             if str(device).startswith("cuda") and not torch.cuda.is_available():
                 # lm-eval passes its default "cuda:0" whatever the machine; its own HF model falls back the same way.
                 print("jointdlm lm-eval: no CUDA GPU here, running on the CPU", file=sys.stderr)
                 device = "cpu"
-            self.model = load_model(pretrained, device, family=family, trust_remote_code=bool(trust_remote_code),
-                                    dtype=str(dtype))
             name, _ = parse_spec(str(sampler))
+            self.model = load_model(pretrained, device, family=family, trust_remote_code=trust_remote_code,
+                                    dtype=str(dtype))
             head = AdjustHead.from_pretrained(adjust, self.model) if adjust else None
             if head is not None and name != "adjust":
                 raise ValueError(f"adjust= is only used by the adjust sampler, not {name}")
             judge = CausalScorer.load(scorer, device) if scorer else None
             self.sampler = make_from_spec(str(sampler), head=head, scorer=judge)
-            self.choice = TokenChoice(rule=rule, temperature=float(temperature), top_k=int(top_k),
-                                      top_p=float(top_p))
-            self.tokens_per_step, self.steps = int(tokens_per_step), None if steps is None else int(steps)
-            self.block_length = None if block_length is None else int(block_length)
-            self.batch = 16 if batch_size == "auto" else int(batch_size)
-            self.max_gen_toks, self.seed, self.mc_samples = max_gen_toks, int(seed), int(mc_samples)
+            self.tokens_per_step, self.steps, self.block_length = tokens_per_step, steps, block_length
+            self.batch, self.max_gen_toks, self.seed, self.mc_samples = batch, max_gen_toks, seed, mc_samples
             self.spec_text = str(sampler)
             self._generated = 0
 

@@ -18,8 +18,9 @@ import torch
 
 from ..models.causal import CausalScorer
 from ..models.protocol import DiffusionLM
+from ..outputs import atomic_write_text, check_output_dir
 from ..sampling.base import TokenChoice
-from ..sampling.loop import Generation, SamplingConfig, fill_length, generate
+from ..sampling.loop import Generation, SamplingConfig, build_canvas, encode_prompts, fill_length, generate
 from ..sampling.registry import SAMPLERS, make_from_spec, parse_spec
 from . import metrics
 
@@ -53,6 +54,10 @@ class EvalConfig:
             parse_spec(spec)
         if not self.tokens_per_step or min(self.tokens_per_step) < 1:
             raise ValueError(f"tokens per step must be >= 1, got {self.tokens_per_step}")
+        for name, values in (("samplers", self.samplers), ("tokens_per_step", self.tokens_per_step)):
+            repeated = next((v for i, v in enumerate(values) if v in values[:i]), None)
+            if repeated is not None:
+                raise ValueError(f"{name} lists {repeated} twice (each row would be sampled again); give it once")
         if self.timing_repeats < 1:
             raise ValueError(f"timing_repeats must be >= 1, got {self.timing_repeats}")
         if self.num < 2:
@@ -134,7 +139,8 @@ def run_eval(model: DiffusionLM, cfg: EvalConfig, out: str | Path, adjust_head=N
     examples, prompts = _prompts(cfg)
     length = cfg.length or fill_length(model, prompts)
     SamplingConfig(length=length, block_length=cfg.block_length, kv_cache=cfg.kv_cache)  # a bad pair fails here
-    out = Path(out)
+    build_canvas(model, [max(encode_prompts(model, prompts or [""]), key=len)], length)  # so does a long length
+    out = check_output_dir(out)
     out.mkdir(parents=True, exist_ok=True)
 
     reference_path = out / REFERENCE_FILE
@@ -149,9 +155,8 @@ def run_eval(model: DiffusionLM, cfg: EvalConfig, out: str | Path, adjust_head=N
         print("generating the K=1 reference samples", file=sys.stderr)
         ref = _run(model, "sequential", 1, cfg, length, prompts, cfg.seed + 1000, adjust_head, scorer)
         reference = ref.texts
-        tmp = reference_path.with_name(REFERENCE_FILE + ".tmp")
-        tmp.write_text("\n".join(json.dumps(r) for r in [{"key": reference_key}] + [{"text": t} for t in reference]))
-        tmp.replace(reference_path)
+        atomic_write_text(reference_path,
+                          "\n".join(json.dumps(r) for r in [{"key": reference_key}] + [{"text": t} for t in reference]))
 
     grid = [("sequential", 1)] if 1 in cfg.tokens_per_step else []
     for spec in cfg.samplers:
@@ -189,8 +194,8 @@ def run_eval(model: DiffusionLM, cfg: EvalConfig, out: str | Path, adjust_head=N
                "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
                           f"python {platform.python_version()}",
                "date": time.strftime("%Y-%m-%d"), "histories": histories}
-    (out / RESULTS_FILE).write_text(json.dumps(results, indent=2))
-    (out / TABLE_FILE).write_text(format_table(results) + "\n")
+    atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2))
+    atomic_write_text(out / TABLE_FILE, format_table(results) + "\n")
     from .plots import plot_all
 
     plot_all(results, out)

@@ -40,6 +40,9 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu",
     if model_type == MODEL_TYPE:
         if dtype not in ("auto", "float32"):
             raise ValueError(f"the built-in model runs in float32; dtype {dtype!r} is for Hugging Face checkpoints")
+        if raw.get("causal"):
+            raise ValueError(f"{directory} is a causal scorer (pretrain --objective ar), not a diffusion model: its "
+                             "logits predict the next token, not a masked one; give it as --scorer")
         return BuiltinModel.load(directory, device)
     detected = detect_family(raw)
     if detected is not None and raw.get("auto_map"):

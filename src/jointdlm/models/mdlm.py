@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..validation import require_finite, require_positive
 from .protocol import FamilySpec, ModelOutput
 from .tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, BPETokenizer
 
@@ -42,6 +43,10 @@ class MDLMConfig:
     causal: bool = False
 
     def __post_init__(self) -> None:
+        require_positive(self, ("vocab_size", "max_length", "d_model", "n_layers", "n_heads"))
+        require_finite(self, ("rope_theta", "norm_eps"))
+        if isinstance(self.mlp_hidden, bool) or not isinstance(self.mlp_hidden, int):
+            raise ValueError(f"mlp_hidden must be an integer, got {self.mlp_hidden!r}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError(f"d_model={self.d_model} must split into {self.n_heads} heads of even size")
         if self.mlp_hidden <= 0:
@@ -331,6 +336,22 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} cannot be read ({err}); is the file complete?") from None
 
 
+def mismatch_detail(err: RuntimeError) -> str:
+    """The first specific line of a load_state_dict error (its first line only names the module)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(err).__name__)
+    return detail if len(detail) <= 300 else detail[:300] + " ..."
+
+
+def config_from(config_class: type, raw: dict, path: Path, defaults: dict | None = None):
+    """A config dataclass from a saved JSON object: a field of the wrong type or range names the file."""
+    names = {f.name for f in fields(config_class)}
+    try:
+        return config_class(**{**(defaults or {}), **{k: v for k, v in raw.items() if k in names}})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path} holds a bad setting: {err}") from None
+
+
 def atomic_write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
@@ -409,13 +430,12 @@ class BuiltinModel:
         raw = read_config(directory / CONFIG_FILE)
         if raw.get("model_type") != MODEL_TYPE:
             raise ValueError(f"{directory} holds model_type={raw.get('model_type')!r}, not {MODEL_TYPE!r}")
-        names = {f.name for f in fields(MDLMConfig)}
-        net = MaskedDiffusionTransformer(MDLMConfig(**{k: v for k, v in raw.items() if k in names}))
+        net = MaskedDiffusionTransformer(config_from(MDLMConfig, raw, directory / CONFIG_FILE))
         try:
             net.load_state_dict(read_weights(directory / WEIGHTS_FILE))
         except RuntimeError as err:
             raise ValueError(f"{directory / WEIGHTS_FILE} does not match {directory / CONFIG_FILE}: "
-                             f"{str(err).splitlines()[0]}") from None
+                             f"{mismatch_detail(err)}") from None
         net.requires_grad_(False)
         return cls(net, BPETokenizer.load(directory)).to(device).eval()
 

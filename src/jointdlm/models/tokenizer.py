@@ -45,7 +45,10 @@ class BPETokenizer:
         path = Path(directory) / TOKENIZER_FILE
         if not path.exists():
             raise FileNotFoundError(f"no {TOKENIZER_FILE} in {directory}")
-        return cls(Tokenizer.from_file(str(path)))
+        try:
+            return cls(Tokenizer.from_file(str(path)))
+        except Exception as err:  # noqa: BLE001 - the tokenizers library raises a bare Exception
+            raise ValueError(f"{path} is not a valid tokenizer file ({err})") from None
 
     def save(self, directory: str | Path) -> None:
         self._tok.save(str(Path(directory) / TOKENIZER_FILE))

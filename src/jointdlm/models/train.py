@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..outputs import check_output_dir
 from ..validation import require_choice, require_finite, require_positive
 from .mdlm import PRESETS, BuiltinModel, MaskedDiffusionTransformer, MDLMConfig, atomic_write_json, read_config
 from .tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, BPETokenizer
@@ -79,7 +81,7 @@ def read_documents(path: str | Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"corpus file {path} does not exist")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not text
     except UnicodeDecodeError as err:
         raise ValueError(f"corpus {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     docs = [line.strip() for line in text.splitlines()]
@@ -181,6 +183,20 @@ def _training_extra(cfg: PretrainConfig, corpus: Path) -> dict:
     return {"pretrain": {**asdict(cfg), "corpus": str(corpus)}}
 
 
+RESUME_FIELDS = ("preset", "objective", "vocab_size", "seq_len", "tokenizer_from", "prompt_separator")
+"""Settings a resumed run cannot change: the saved network and tokenizer are used whatever they say."""
+
+
+def _resume_problems(out: Path, cfg: PretrainConfig, step: int) -> list[str]:
+    """Why the run saved in `out` cannot be continued by `cfg` (empty when it can)."""
+    saved = read_config(out / "config.json").get("pretrain") or {}  # absent in models saved without one
+    problems = [f"{key}={saved[key]!r} there, {getattr(cfg, key)!r} now" for key in RESUME_FIELDS
+                if key in saved and saved[key] != getattr(cfg, key)]
+    if step > cfg.max_steps:
+        problems.append(f"trained {step} steps there, max_steps={cfg.max_steps} now")
+    return problems
+
+
 def pretrain(corpus: str | Path, out: str | Path, cfg: PretrainConfig) -> BuiltinModel:
     """Train (or resume training of) a built-in model on a one-document-per-line corpus."""
     from .loading import resolve_device
@@ -189,11 +205,17 @@ def pretrain(corpus: str | Path, out: str | Path, cfg: PretrainConfig) -> Builti
     resolve_device(cfg.device)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a directory")
+    check_output_dir(out)
     docs = read_documents(corpus)
     torch.manual_seed(cfg.seed)
     state_path = out / STATE_FILE
     resume = state_path.exists()
     if resume:
+        state = torch.load(state_path, map_location=cfg.device, weights_only=True)  # tensors only: no pickle code
+        problems = _resume_problems(out, cfg, state["step"])
+        if problems:
+            raise ValueError(f"--out {out} holds a pre-training run that cannot be resumed with these settings "
+                             f"({'; '.join(problems)}); use a new --out, or the flags it was trained with")
         model = BuiltinModel.load(out)
         tokenizer, net = model.tokenizer, model.net
         net.requires_grad_(True)
@@ -211,6 +233,7 @@ def pretrain(corpus: str | Path, out: str | Path, cfg: PretrainConfig) -> Builti
     net.to(cfg.device).train()
 
     data, context = encode_documents(tokenizer, docs, seq_len, cfg.prompt_separator)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)  # only once the corpus is known to encode, so bad input leaves nothing
     split_gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(data), generator=split_gen)
@@ -224,7 +247,6 @@ def pretrain(corpus: str | Path, out: str | Path, cfg: PretrainConfig) -> Builti
     batch_gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed + 1)
     step = 0
     if resume:
-        state = torch.load(state_path, map_location=cfg.device, weights_only=True)  # tensors only: no pickle code
         optimizer.load_state_dict(state["optimizer"])
         batch_gen.set_state(state["generator"])
         step = state["step"]
@@ -240,34 +262,38 @@ def pretrain(corpus: str | Path, out: str | Path, cfg: PretrainConfig) -> Builti
 
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not cfg.progress, desc=f"pretrain {cfg.objective}",
                dynamic_ncols=True)
-    start_time, running = time.time(), None
-    with open(out / LOG_FILE, "a") as log:
-        while step < cfg.max_steps:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg)
-            idx = torch.randint(len(train), (cfg.batch_size,), generator=batch_gen, device=cfg.device)
-            batch = train[idx]
-            if cfg.random_canvas:
-                batch = batch[:, :random_cut(batch, batch_gen)]
-            loss = loss_fn(net, batch, train_context[idx], batch_gen)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-            optimizer.step()
-            step += 1
-            running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
-            bar.update(1)
-            bar.set_postfix(loss=f"{running:.3f}")
-            if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                held = heldout_loss(net, heldout, heldout_context, cfg.objective)
-                record = {"step": step, "train_loss": running, "heldout_loss": held,
-                          "elapsed_s": round(time.time() - start_time, 1)}
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                tqdm.write(f"step {step}: train {running:.4f}  held-out {held:.4f}", file=sys.stderr)
-            if step % cfg.save_every == 0 or step == cfg.max_steps:
-                checkpoint(step)
-    bar.close()
+    try:
+        start_time, running = time.time(), None
+        with bar, open(out / LOG_FILE, "a") as log:  # the bar's line ends even when a step fails
+            while step < cfg.max_steps:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, cfg)
+                idx = torch.randint(len(train), (cfg.batch_size,), generator=batch_gen, device=cfg.device)
+                batch = train[idx]
+                if cfg.random_canvas:
+                    batch = batch[:, :random_cut(batch, batch_gen)]
+                loss = loss_fn(net, batch, train_context[idx], batch_gen)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+                optimizer.step()
+                step += 1
+                running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+                bar.update(1)
+                bar.set_postfix(loss=f"{running:.3f}")
+                if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                    held = heldout_loss(net, heldout, heldout_context, cfg.objective)
+                    record = {"step": step, "train_loss": running, "heldout_loss": held,
+                              "elapsed_s": round(time.time() - start_time, 1)}
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    tqdm.write(f"step {step}: train {running:.4f}  held-out {held:.4f}", file=sys.stderr)
+                if step % cfg.save_every == 0 or step == cfg.max_steps:
+                    checkpoint(step)
+    except BaseException:
+        if created and not state_path.exists():
+            shutil.rmtree(out, ignore_errors=True)  # a first run that failed before a checkpoint leaves nothing
+        raise
     if step == 0 or not (out / "model.safetensors").exists():
         checkpoint(step)
     net.eval().requires_grad_(False)

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from ..adjust.head import AdjustHead
+from ..validation import require_finite
 from . import rules
 from .base import StepContext, StepResult, resolve_config
 from .rules import select_top
@@ -53,6 +54,9 @@ class AdjustConfig:
     candidates instead of the canvas. Set it to the canvas length to let the head choose anywhere."""
 
     def __post_init__(self) -> None:
+        require_finite(self, ("tau", "gamma", "threshold"))
+        if isinstance(self.candidates, bool) or not isinstance(self.candidates, int):
+            raise ValueError(f"candidates must be an integer, got {self.candidates!r}")
         if self.candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {self.candidates}")
         if sum(v is not None for v in (self.tau, self.gamma, self.threshold)) > 1:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..models.causal import CausalScorer
+from ..validation import require_finite
 from .base import StepContext, StepResult, resolve_config
 from .edlm import check_vocabulary
 from .rules import Marginals, model_logprobs
@@ -31,6 +32,7 @@ class APDConfig:
     max_draft: int = 16
 
     def __post_init__(self) -> None:
+        require_finite(self, ("mixture_weight",))
         if not (math.isfinite(self.mixture_weight) and 0 <= self.mixture_weight <= 1):
             raise ValueError(f"mixture_weight must be in [0, 1], got {self.mixture_weight}")
         if isinstance(self.max_draft, bool) or not isinstance(self.max_draft, int) or self.max_draft < 1:

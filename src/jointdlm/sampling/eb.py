@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..validation import require_finite
 from .base import StepContext, StepResult, resolve_config
 from .rules import select_top
 
@@ -23,6 +24,7 @@ class EBConfig:
     gamma: float = 0.01
 
     def __post_init__(self) -> None:
+        require_finite(self, ("gamma",))
         if not (math.isfinite(self.gamma) and self.gamma >= 0):
             raise ValueError(f"gamma must be a finite number >= 0, got {self.gamma}")
 

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from ..validation import require_finite
 from .base import StepContext, StepResult, resolve_config
 from .rules import rank_of
 
@@ -46,6 +47,7 @@ class PUNTConfig:
     pass)."""
 
     def __post_init__(self) -> None:
+        require_finite(self, ("epsilon",))
         if not (math.isfinite(self.epsilon) and self.epsilon >= 0):
             raise ValueError(f"epsilon must be a finite number >= 0, got {self.epsilon}")
         if self.via not in ("base", "adjust"):

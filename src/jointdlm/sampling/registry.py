@@ -58,7 +58,10 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"bad sampler option {pair!r} in {spec!r}; write key=value")
-        options[key.replace("-", "_")] = _value(value)
+        key = key.replace("-", "_")
+        if key in options:
+            raise ValueError(f"sampler option {key!r} is given twice in {spec!r}; give it once")
+        options[key] = _value(value)
     return name, options
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..validation import require_finite
 from .base import StepContext, StepResult, resolve_config
 from .rules import select_top
 
@@ -30,6 +31,7 @@ class ThresholdConfig:
     constrains the others (docs/results.md §5)."""
 
     def __post_init__(self) -> None:
+        require_finite(self, ("tau", "factor"))
         if not (math.isfinite(self.tau) and self.tau >= 0):
             raise ValueError(f"tau must be a finite number >= 0, got {self.tau}")
         if self.factor is not None and not (math.isfinite(self.factor) and self.factor > 0):
