@@ -276,6 +276,20 @@ def test_bad_output_path_is_one_line_and_leaves_nothing(argv, message, files, tm
     assert (tmp_path / "a_file").read_text() == "not a directory"
 
 
+def test_demo_in_a_workdir_of_a_longer_run_names_the_workdir(tmp_path, capsys):
+    """A quick demo where a full one trained its models stops with one line about --workdir before training
+    anything (pre-training would refuse to shorten the run in words about its own --out)."""
+    model_dir = tmp_path / "runs" / "template" / "model"
+    model_dir.mkdir(parents=True)
+    (model_dir / "training_done.json").write_text(json.dumps({"max_steps": 99999, "step": 99999}))
+    code = main(["demo", "--quick", "--workdir", str(tmp_path / "runs"), "--stages", "template"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("jointdlm: error: ")]
+    assert code == 2 and len(lines) == 1, err
+    assert "trained for 99999 steps" in lines[0] and "--workdir" in lines[0]
+    assert sorted(p.name for p in model_dir.iterdir()) == ["training_done.json"]
+
+
 def test_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     from jointdlm import outputs
 

@@ -28,7 +28,7 @@ from .adjust.trajectories import TrajectoryConfig, collect_trajectories
 from .data import write_corpus
 from .eval.runner import EvalConfig, format_table, run_eval
 from .models.causal import CausalScorer
-from .models.mdlm import BuiltinModel
+from .models.mdlm import BuiltinModel, read_config
 from .models.train import PretrainConfig, pretrain
 from .outputs import atomic_write_text, check_output_dir
 from .sampling.loop import fill_length
@@ -86,8 +86,17 @@ def _say(text: str) -> None:
 
 
 def _trained(model_dir: Path, steps: int) -> bool:
+    """Whether `model_dir` holds this stage's finished model (one trained for fewer steps is resumed). One trained
+    for more is an error that names the work directory: pre-training refuses to shorten a run, in words about its
+    own --out."""
     done = model_dir / "training_done.json"
-    return done.exists() and json.loads(done.read_text())["max_steps"] == steps
+    if not done.exists():
+        return False
+    trained = read_config(done).get("max_steps")
+    if isinstance(trained, int) and trained > steps:
+        raise ValueError(f"{model_dir} holds a model trained for {trained} steps, and this demo trains {steps} "
+                         "(a --quick run where a full one ran?): give another --workdir, or delete it")
+    return trained == steps
 
 
 def prepare_stage(stage: DemoStage, root: Path, seed: int) -> tuple[BuiltinModel, AdjustHead, CausalScorer | None]:
