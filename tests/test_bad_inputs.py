@@ -383,6 +383,36 @@ def test_trajectories_error_starts_its_own_line(files, tmp_path, capsys):
     assert not list((tmp_path / "t").glob("shard-*")), "a failed batch left a shard"
 
 
+def test_train_adjust_error_starts_its_own_line(files, tmp_path, capsys, monkeypatch):
+    """A training step that fails ends the progress bar's line first, so the error is a line of its own (and so does
+    a failing batch of the stale-KL sweep before training)."""
+    from jointdlm.adjust import train
+
+    def fail(*_args, **_kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(train, "_lr", fail)  # called first in each training step
+    code = main(["train-adjust", "--model", str(files["model"]), "--trajectories", str(files["traj"]), "--out",
+                 str(tmp_path / "head"), "--onpolicy-rounds", "0", "--max-steps", "5"])
+    err = capsys.readouterr().err.replace("\r", "\n")
+    lines = [line for line in err.splitlines() if "jointdlm: error: " in line]
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("jointdlm: error: "), err
+    assert "can't allocate memory" in lines[0] and "train-adjust" in err  # the bar was drawn, then ended
+    monkeypatch.setattr(train, "make_batch", fail)  # the sweep's batches
+    code = main(["train-adjust", "--model", str(files["model"]), "--trajectories", str(files["traj"]), "--out",
+                 str(tmp_path / "head2"), "--onpolicy-rounds", "0", "--max-steps", "5"])
+    err = capsys.readouterr().err.replace("\r", "\n")
+    lines = [line for line in err.splitlines() if "jointdlm: error: " in line]
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("jointdlm: error: "), err
+
+
+def test_jsonl_suffix_in_any_case(files, tmp_path):
+    """`--out samples.JSONL` is a JSONL file name (it was refused as not ending in .jsonl)."""
+    out = tmp_path / "samples.JSONL"
+    code = main(["sample", "--model", str(files["model"]), "--sampler", "parallel", "--num", "2", "--out", str(out)])
+    assert code == 0 and len(out.read_text().splitlines()) == 2
+
+
 def test_prompts_from_a_pipe(files, tmp_path, capsys):
     """`--prompts <(grep ... file)` hands over /dev/fd/N, a pipe and not a regular file: it used to be refused as
     'does not exist'."""

@@ -190,7 +190,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from .models.loading import load_model
     from .sampling.loop import fill_length, generate
 
-    if not args.out.endswith(".jsonl"):
+    if not args.out.lower().endswith(".jsonl"):
         raise ValueError(f"--out must name a .jsonl file, got {args.out}")
     check_output_file(args.out)  # before the model loads and samples, not after
     model = load_model(args.model, args.device, family=args.family, trust_remote_code=args.trust_remote_code,

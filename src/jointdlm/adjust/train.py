@@ -344,31 +344,31 @@ def stale_table(base: DiffusionLM, data: Trajectories, rollout: int, device: str
     banned = base.spec.never_sampled()
     mask_id = base.spec.mask_id
     width = data.prefix.shape[1]
-    bar = tqdm(total=n_rows, desc="stale KL sweep", disable=not progress, dynamic_ncols=True, leave=False)
-    for first in range(0, n_rows, batch_size):
-        rows = torch.arange(first, min(first + batch_size, n_rows))
-        order, start = data.order[rows], data.start[rows]
-        window: list[torch.Tensor] = []
-        for j in range(int(start.min()), length + 1):
-            batch = make_batch(data, rows, torch.full((len(rows),), j), 0, mask_id, device)
-            logprobs = _logprobs(base.forward(batch.tokens, batch.attention).logits[:, width:], banned)
-            window.append(logprobs)
-            window = window[-rollout:]
-            masked = (order >= j).to(logprobs.device)
-            if not masked.any():
-                break
-            # KL(p || q_n) = sum p log p - sum p log q_n: one exp per state and a dot product per depth (4x
-            # cheaper than the whole difference per depth, which made rollout 8's sweep 1.7x rollout 4's).
-            probs = logprobs.exp()
-            negentropy = torch.linalg.vecdot(probs, logprobs)
-            has_mask = masked.any(-1).cpu()
-            for n in range(1, min(rollout, len(window))):
-                kl = (negentropy - torch.linalg.vecdot(probs, window[-1 - n])).clamp(min=0)
-                value = ((kl * masked).sum(-1) / masked.sum(-1).clamp(min=1)).cpu()
-                ok = (j - n >= start) & has_mask
-                table[rows[ok], j - n, n - 1] = value[ok]
-        bar.update(len(rows))
-    bar.close()
+    # As a context, the bar's line ends even when a batch fails (an error then starts its own line).
+    with tqdm(total=n_rows, desc="stale KL sweep", disable=not progress, dynamic_ncols=True, leave=False) as bar:
+        for first in range(0, n_rows, batch_size):
+            rows = torch.arange(first, min(first + batch_size, n_rows))
+            order, start = data.order[rows], data.start[rows]
+            window: list[torch.Tensor] = []
+            for j in range(int(start.min()), length + 1):
+                batch = make_batch(data, rows, torch.full((len(rows),), j), 0, mask_id, device)
+                logprobs = _logprobs(base.forward(batch.tokens, batch.attention).logits[:, width:], banned)
+                window.append(logprobs)
+                window = window[-rollout:]
+                masked = (order >= j).to(logprobs.device)
+                if not masked.any():
+                    break
+                # KL(p || q_n) = sum p log p - sum p log q_n: one exp per state and a dot product per depth (4x
+                # cheaper than the whole difference per depth, which made rollout 8's sweep 1.7x rollout 4's).
+                probs = logprobs.exp()
+                negentropy = torch.linalg.vecdot(probs, logprobs)
+                has_mask = masked.any(-1).cpu()
+                for n in range(1, min(rollout, len(window))):
+                    kl = (negentropy - torch.linalg.vecdot(probs, window[-1 - n])).clamp(min=0)
+                    value = ((kl * masked).sum(-1) / masked.sum(-1).clamp(min=1)).cpu()
+                    ok = (j - n >= start) & has_mask
+                    table[rows[ok], j - n, n - 1] = value[ok]
+            bar.update(len(rows))
     return table
 
 
@@ -743,88 +743,90 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
                    and progress["stale_evals"] >= cfg.patience)
         return settled or (progress["round_step"] >= cfg.max_round_steps and current.index < rounds_total - 1)
 
-    while True:
-        while not (finished_round := round_over()) and progress["step"] < cfg.max_steps:
-            for group in optimizer.param_groups:
-                group["lr"] = _lr(progress["step"], lr, cfg, progress["decays"])
-            depth = int(torch.multinomial(depth_p, 1, generator=gen).item()) + 1
-            depth = min(depth, max(current.train.depths))
-            rows, states, weights = current.train.draw(depth, cfg.batch_size, gen)
-            threshold = pick_rank = None
-            draw = float(torch.rand((), generator=gen)) if cfg.threshold_share + cfg.own_share > 0 else 1.0
-            if draw < cfg.threshold_share:
-                low, high = THRESHOLD_RANGE
-                threshold = low + (high - low) * torch.rand(cfg.batch_size, generator=gen)
-            elif draw < cfg.threshold_share + cfg.own_share:  # fixed-K ADJUST's own passes
-                threshold = torch.full((cfg.batch_size,), OWN_PICKS)
-            if threshold is not None:
-                pick_rank = explored_ranks(cfg.batch_size, depth, gen)
-            batch = make_batch(current.train.data, rows, states, depth, mask_id, device, weights, threshold,
-                               pick_rank)
-            loss, stale, *_ = loss_module(base, batch)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            diagnostics = None
-            if (progress["step"] + 1) % cfg.eval_every == 0 and accelerator.is_main_process:
-                diagnostics = _diagnostics(unwrapped)
-            accelerator.clip_grad_norm_(loss_module.parameters(), cfg.grad_clip)
-            optimizer.step()
-            average_step()
-            progress["step"] += 1
-            progress["round_step"] += 1
-            pair = (loss.item(), stale.item())
-            running = pair if running is None else tuple(0.95 * a + 0.05 * b for a, b in zip(running, pair,
-                                                                                             strict=True))
-            bar.update(1)
-            bar.set_postfix(round=current.index, kl=f"{running[0]:.4f}", stale_kl=f"{running[1]:.4f}")
-            if progress["step"] % cfg.eval_every == 0:
-                scores = {kind: evaluate(averaged_loss, base, sampler, device, threshold=_kind_threshold(kind))
-                          for kind, sampler in current.heldout.items()}
-                score = _ratio_score(scores)
-                improved = progress["best"] is None or score < progress["best"] * (1 - MIN_GAIN)
-                if progress["best"] is None or score < progress["best"]:
-                    progress["best"] = score
-                    best_state = {k: v.detach().cpu().clone() for k, v in averaged.state_dict().items()}
-                progress["stale_evals"] = 0 if improved else progress["stale_evals"] + 1
-                if (cfg.patience and progress["stale_evals"] >= cfg.patience and progress["decays"] < cfg.lr_decays
-                        and progress["round_step"] >= cfg.min_round_steps):
-                    # A plateau: go on from the best weights at a lower learning rate.
-                    progress.update(decays=progress["decays"] + 1, stale_evals=0)
-                    if best_state is not None:
-                        restart_from(best_state)
-                entry = {"step": progress["step"], "round": current.index, "heldout": scores, "score": score,
-                         "lr": _lr(progress["step"] - 1, lr, cfg, progress["decays"]),
-                         "elapsed_s": round(time.time() - started, 1),
-                         **(diagnostics or {})}
-                if log is not None:
-                    log.write(json.dumps(entry) + "\n")
-                    log.flush()
-                    summary = "  ".join(f"{kind} d{d}: {v['head_kl']:.4f}/{v['stale_kl']:.4f}"
-                                        for kind, s in scores.items() for d, v in s.items())
-                    if cfg.progress:
-                        bar.write(f"step {progress['step']} held-out KL head/stale  {summary}  (score {score:.3f})",
-                                  file=sys.stderr)
-            if progress["step"] % cfg.save_every == 0 or progress["step"] == cfg.max_steps or round_over():
-                checkpoint()
-        # A finished round goes on from its best weights, which collect the next round's states.
-        next_round = current.index + 1
-        if not finished_round or next_round >= rounds_total:
-            break
-        if best_state is not None:
-            restart_from(best_state)
-        policy = exported()
-        if accelerator.is_main_process:
-            (out / f"onpolicy-{next_round}").mkdir(parents=True, exist_ok=True)
-            save_file({k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()},
-                      str(out / f"onpolicy-{next_round}" / POLICY_HEAD_FILE))
-        accelerator.wait_for_everyone()
-        collect_round(next_round, policy)
-        # The learning rate stays where the last round left it: back at the full rate after a plateau decay, the
-        # held-out KL rose 3-6x at the round's start (docs/results.md §2).
-        progress.update(round=next_round, round_step=0, best=None, stale_evals=0)
-        current = start_round(next_round)
-        checkpoint()
-    bar.close()
+    try:  # the bar's line ends even when a step fails, so an error message starts on its own line
+        while True:
+            while not (finished_round := round_over()) and progress["step"] < cfg.max_steps:
+                for group in optimizer.param_groups:
+                    group["lr"] = _lr(progress["step"], lr, cfg, progress["decays"])
+                depth = int(torch.multinomial(depth_p, 1, generator=gen).item()) + 1
+                depth = min(depth, max(current.train.depths))
+                rows, states, weights = current.train.draw(depth, cfg.batch_size, gen)
+                threshold = pick_rank = None
+                draw = float(torch.rand((), generator=gen)) if cfg.threshold_share + cfg.own_share > 0 else 1.0
+                if draw < cfg.threshold_share:
+                    low, high = THRESHOLD_RANGE
+                    threshold = low + (high - low) * torch.rand(cfg.batch_size, generator=gen)
+                elif draw < cfg.threshold_share + cfg.own_share:  # fixed-K ADJUST's own passes
+                    threshold = torch.full((cfg.batch_size,), OWN_PICKS)
+                if threshold is not None:
+                    pick_rank = explored_ranks(cfg.batch_size, depth, gen)
+                batch = make_batch(current.train.data, rows, states, depth, mask_id, device, weights, threshold,
+                                   pick_rank)
+                loss, stale, *_ = loss_module(base, batch)
+                optimizer.zero_grad(set_to_none=True)
+                accelerator.backward(loss)
+                diagnostics = None
+                if (progress["step"] + 1) % cfg.eval_every == 0 and accelerator.is_main_process:
+                    diagnostics = _diagnostics(unwrapped)
+                accelerator.clip_grad_norm_(loss_module.parameters(), cfg.grad_clip)
+                optimizer.step()
+                average_step()
+                progress["step"] += 1
+                progress["round_step"] += 1
+                pair = (loss.item(), stale.item())
+                running = pair if running is None else tuple(0.95 * a + 0.05 * b for a, b in zip(running, pair,
+                                                                                                 strict=True))
+                bar.update(1)
+                bar.set_postfix(round=current.index, kl=f"{running[0]:.4f}", stale_kl=f"{running[1]:.4f}")
+                if progress["step"] % cfg.eval_every == 0:
+                    scores = {kind: evaluate(averaged_loss, base, sampler, device, threshold=_kind_threshold(kind))
+                              for kind, sampler in current.heldout.items()}
+                    score = _ratio_score(scores)
+                    improved = progress["best"] is None or score < progress["best"] * (1 - MIN_GAIN)
+                    if progress["best"] is None or score < progress["best"]:
+                        progress["best"] = score
+                        best_state = {k: v.detach().cpu().clone() for k, v in averaged.state_dict().items()}
+                    progress["stale_evals"] = 0 if improved else progress["stale_evals"] + 1
+                    if (cfg.patience and progress["stale_evals"] >= cfg.patience and progress["decays"] < cfg.lr_decays
+                            and progress["round_step"] >= cfg.min_round_steps):
+                        # A plateau: go on from the best weights at a lower learning rate.
+                        progress.update(decays=progress["decays"] + 1, stale_evals=0)
+                        if best_state is not None:
+                            restart_from(best_state)
+                    entry = {"step": progress["step"], "round": current.index, "heldout": scores, "score": score,
+                             "lr": _lr(progress["step"] - 1, lr, cfg, progress["decays"]),
+                             "elapsed_s": round(time.time() - started, 1),
+                             **(diagnostics or {})}
+                    if log is not None:
+                        log.write(json.dumps(entry) + "\n")
+                        log.flush()
+                        summary = "  ".join(f"{kind} d{d}: {v['head_kl']:.4f}/{v['stale_kl']:.4f}"
+                                            for kind, s in scores.items() for d, v in s.items())
+                        if cfg.progress:
+                            bar.write(f"step {progress['step']} held-out KL head/stale  {summary}  (score {score:.3f})",
+                                      file=sys.stderr)
+                if progress["step"] % cfg.save_every == 0 or progress["step"] == cfg.max_steps or round_over():
+                    checkpoint()
+            # A finished round goes on from its best weights, which collect the next round's states.
+            next_round = current.index + 1
+            if not finished_round or next_round >= rounds_total:
+                break
+            if best_state is not None:
+                restart_from(best_state)
+            policy = exported()
+            if accelerator.is_main_process:
+                (out / f"onpolicy-{next_round}").mkdir(parents=True, exist_ok=True)
+                save_file({k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()},
+                          str(out / f"onpolicy-{next_round}" / POLICY_HEAD_FILE))
+            accelerator.wait_for_everyone()
+            collect_round(next_round, policy)
+            # The learning rate stays where the last round left it: back at the full rate after a plateau decay, the
+            # held-out KL rose 3-6x at the round's start (docs/results.md §2).
+            progress.update(round=next_round, round_step=0, best=None, stale_evals=0)
+            current = start_round(next_round)
+            checkpoint()
+    finally:
+        bar.close()
     head = exported()
     if resumed_at == (progress["step"], progress["round"]) and (out / VERDICT_FILE).exists():
         if log is not None:
