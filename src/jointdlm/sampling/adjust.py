@@ -116,15 +116,18 @@ class AdjustSampler:
         if rounds > 1:
             index, open_ = self._candidates(scores.masked_fill(fill, -torch.inf), budget, rounds)
             writing &= (budget > 1) & open_.any(-1)
-            self._head_rounds(ctx, out.hidden, tokens, fill, index, open_, writing, budget, rounds, head_passes,
-                              entropy_sum, entropy_max)
+            if index.shape[1]:  # else the first round wrote every eligible position of every row
+                self._head_rounds(ctx, out.hidden, tokens, fill, index, open_, writing, budget, rounds, head_passes,
+                                  entropy_sum, entropy_max)
         return StepResult(fill=fill, tokens=tokens, base_passes=1, extra_passes=head_passes.cpu())
 
     def _candidates(self, scores: torch.Tensor, budget: torch.Tensor, rounds: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C) the positions the head's passes choose among, the base pass's best after the step's first
         token(s) (`candidates`, at least K-1), in position order so that ties go to the first; and which of
         them are real (a row with fewer eligible positions repeats its first)."""
-        width = min(max(rounds - 1, self.config.candidates), scores.shape[1])
+        # At most what any row has left (one read back per step: a step near the canvas's end would otherwise
+        # compute padding columns in every round).
+        width = min(max(rounds - 1, self.config.candidates), int(torch.isfinite(scores).sum(-1).max()))
         order = scores.argsort(dim=-1, descending=True, stable=True)[:, :width]
         real = (torch.arange(width, device=scores.device) < (budget - 1).clamp(min=self.config.candidates)[:, None]) \
             & torch.isfinite(scores.gather(1, order))
