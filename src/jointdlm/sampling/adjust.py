@@ -5,7 +5,7 @@ distributions, sample it, run the head on the updated string. No head pass follo
 the step's first token the head's passes choose among the `candidates` (8) positions the base pass ranked best:
 a pass then computes queries, MLP and logits at those few positions, not at every masked one (the published
 sampler lets the head choose anywhere; `adjust:candidates=N` with N the canvas length does that). The head's passes
-run at fixed shapes (`AdjustHead.step_passes`): a fixed-K step reads nothing back from a GPU until it ends.
+run at fixed shapes (`AdjustHead.step_passes`): a fixed-K step's head rounds read nothing back from a GPU.
 
 Plain `adjust` writes exactly K tokens per step. With a test it is adaptive: K becomes the most a step may
 write, and after each head pass the step goes on only while the next position passes the test on the
