@@ -27,7 +27,6 @@ was level with 0.9 or better at fewer passes (docs/results.md §5)."""
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -61,11 +60,11 @@ class AdjustConfig:
             raise ValueError(f"candidates must be >= 1, got {self.candidates}")
         if sum(v is not None for v in (self.tau, self.gamma, self.threshold)) > 1:
             raise ValueError("give one of tau (confidence test), gamma (entropy test) or threshold (opening round)")
-        if self.threshold is not None and not (math.isfinite(self.threshold) and 0 < self.threshold <= 1):
+        if self.threshold is not None and not (0 < self.threshold <= 1):
             raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
-        if self.tau is not None and not (math.isfinite(self.tau) and 0 <= self.tau <= 1):
+        if self.tau is not None and not (0 <= self.tau <= 1):
             raise ValueError(f"tau must be in [0, 1], got {self.tau}")
-        if self.gamma is not None and not (math.isfinite(self.gamma) and self.gamma >= 0):
+        if self.gamma is not None and self.gamma < 0:
             raise ValueError(f"gamma must be a finite number >= 0, got {self.gamma}")
 
     @property

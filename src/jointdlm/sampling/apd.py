@@ -13,7 +13,6 @@ construction.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +32,7 @@ class APDConfig:
 
     def __post_init__(self) -> None:
         require_finite(self, ("mixture_weight",))
-        if not (math.isfinite(self.mixture_weight) and 0 <= self.mixture_weight <= 1):
+        if not (0 <= self.mixture_weight <= 1):
             raise ValueError(f"mixture_weight must be in [0, 1], got {self.mixture_weight}")
         if isinstance(self.max_draft, bool) or not isinstance(self.max_draft, int) or self.max_draft < 1:
             raise ValueError(f"max_draft must be an integer >= 1, got {self.max_draft!r}")

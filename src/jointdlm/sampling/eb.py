@@ -8,7 +8,6 @@ taken, so gamma = 0 is one token per step in lowest-entropy order.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +24,7 @@ class EBConfig:
 
     def __post_init__(self) -> None:
         require_finite(self, ("gamma",))
-        if not (math.isfinite(self.gamma) and self.gamma >= 0):
+        if self.gamma < 0:
             raise ValueError(f"gamma must be a finite number >= 0, got {self.gamma}")
 
 

@@ -28,7 +28,6 @@ asks it to condition on many at once: measure before trusting it.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +47,7 @@ class PUNTConfig:
 
     def __post_init__(self) -> None:
         require_finite(self, ("epsilon",))
-        if not (math.isfinite(self.epsilon) and self.epsilon >= 0):
+        if self.epsilon < 0:
             raise ValueError(f"epsilon must be a finite number >= 0, got {self.epsilon}")
         if self.via not in ("base", "adjust"):
             raise ValueError(f"via must be base or adjust, got {self.via!r}")

@@ -9,7 +9,6 @@ near-certain.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,9 +31,9 @@ class ThresholdConfig:
 
     def __post_init__(self) -> None:
         require_finite(self, ("tau", "factor"))
-        if not (math.isfinite(self.tau) and self.tau >= 0):
+        if self.tau < 0:
             raise ValueError(f"tau must be a finite number >= 0, got {self.tau}")
-        if self.factor is not None and not (math.isfinite(self.factor) and self.factor > 0):
+        if self.factor is not None and self.factor <= 0:
             raise ValueError(f"factor must be a finite number > 0 (or None), got {self.factor}")
         if isinstance(self.extra, bool) or not isinstance(self.extra, int) or self.extra < 0:
             raise ValueError(f"extra must be an integer >= 0, got {self.extra}")
