@@ -603,9 +603,13 @@ def test_mismatched_resume_is_refused(base, base_dir, traj_dir, trained, tmp_pat
               "--max-steps", str(TRAINED.max_steps), "--warmup-steps", str(TRAINED.warmup_steps),
               "--onpolicy-rounds", "1", "--patience", "0", "--rollout", str(TRAINED.rollout),
               "--threshold-share", str(TRAINED.threshold_share), "--own-share", str(TRAINED.own_share)]
+    step = json.loads(trainer_state(out)["progress"])["step"]
     for flags, problem in [(["--lr", "0.001"], "lr=0.003 there, 0.001 now"),
                            (["--lr", "0.003", "--rollout", "3"], "rollout=4 there, 3 now"),
-                           (["--lr", "0.003", "--focus", "0.2"], "focus=0.5 there, 0.2 now")]:
+                           (["--lr", "0.003", "--focus", "0.2"], "focus=0.5 there, 0.2 now"),
+                           # Shorter than the run went: it used to recompute the verdict of the longer head.
+                           (["--lr", "0.003", "--max-steps", str(step - 1)],
+                            f"trained {step} steps there, max_steps={step - 1} now")]:
         code, err = run_cli(capsys, common + flags)
         assert code == 2
         assert err.count("\n") == 1 and err.startswith("jointdlm: error: "), err

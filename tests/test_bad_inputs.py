@@ -144,6 +144,7 @@ MATRIX = [
     (SAMPLE + ["--prompts", "{root}"], "is a directory"),
     (SAMPLE + ["--device", "tpu9"], "tpu9"),
     (SAMPLE + ["--device", "cuda:7"], "cuda:7"),
+    (SAMPLE + ["--family", "llada"], "is a built-in jointdlm model"),  # transformers used to print a line first
     # pretrain
     (["pretrain", "--corpus", "{root}/missing.txt", "--out", "{out}"], "does not exist"),
     (["pretrain", "--corpus", "{empty}", "--out", "{out}"], "empty"),
@@ -195,6 +196,7 @@ MATRIX = [
     # corpus
     (["corpus", "klingon", "--out", "{out}"], "unknown corpus"),
     (["corpus", "template", "--out", "{out}", "--num", "0"], "must be >= 1"),
+    (["corpus", "template", "--out", "{out}", "--num", "100000000000"], "at most 10,000,000"),  # it just ran
 ]
 
 

@@ -3,6 +3,7 @@ import math
 
 import pytest
 
+from jointdlm.cli import main
 from jointdlm.data import (
     CORPORA,
     LANGUAGES,
@@ -124,7 +125,7 @@ def test_toy_corpus_round_trip(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["template.txt"]
 
 
-def test_english_corpus(tmp_path):
+def test_english_corpus(tmp_path, capsys):
     docs = build_corpus("english")
     assert len(docs) > 2000
     assert len(set(docs)) == len(docs)
@@ -134,6 +135,11 @@ def test_english_corpus(tmp_path):
     path = tmp_path / "english.txt"
     assert write_corpus("english", path, num=100) == 100
     assert read_corpus(path) == build_corpus("english", num=100)
+    # Asking for more documents than there are writes them all and says so.
+    assert main(["corpus", "english", "--out", str(path), "--num", str(len(docs) + 5)]) == 0
+    assert f"wrote {len(docs)} documents to {path} (all there are; --num asked for {len(docs) + 5})" in \
+        capsys.readouterr().err
+    assert read_corpus(path) == build_corpus("english")
 
 
 def test_code_corpus(tmp_path):

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from jointdlm.sampling.base import NonFiniteLogitsError, StepContext, StepResult, TokenChoice, check_step
-from jointdlm.sampling.loop import SamplingConfig, build_canvas, encode_prompts, generate
+from jointdlm.sampling.loop import Counters, SamplingConfig, build_canvas, encode_prompts, generate, generate_parts
 from jointdlm.sampling.parallel import ParallelSampler
-from jointdlm.sampling.registry import make_sampler
+from jointdlm.sampling.registry import make_from_spec, make_sampler
 from jointdlm.sampling.rules import RULES, Marginals
 from jointdlm.sampling.sequential import SequentialSampler
 
@@ -327,6 +327,28 @@ def test_index_offset_regenerates_a_slice(tiny_model):
     assert tail.tokens == whole.tokens[4:]
     assert head.tokens == whole.tokens[:4]
     assert tail.tokens != head.tokens
+
+
+@pytest.mark.parametrize("prompts", [None, PROMPTS8])
+def test_generation_in_parts_gives_the_samples_and_counters_of_one_call(tiny_model, prompts):
+    """`sample` streams its rows part by part (a large --num never sits in memory whole): the parts must be the
+    samples of one call, and their counters must fold into that call's."""
+    config = SamplingConfig(length=10, tokens_per_step=3, seed=5, batch_size=2)
+    whole = generate(tiny_model, make_from_spec("threshold:tau=0.5"), config, prompts=prompts, num=8)
+    parts = list(generate_parts(tiny_model, make_from_spec("threshold:tau=0.5"), config, prompts=prompts, num=8,
+                                part_size=3))
+    assert [offset for offset, _ in parts] == [0, 3, 6]
+    assert [t for _, part in parts for t in part.tokens] == whole.tokens
+    assert [t for _, part in parts for t in part.texts] == whole.texts
+    folded = Counters()
+    for _, part in parts:
+        folded.add(part.counters)
+    assert (folded.samples, folded.generated_tokens) == (whole.counters.samples, whole.counters.generated_tokens)
+    for name in ("base_passes", "extra_passes", "steps"):  # per-sample means; the threshold's vary by row
+        assert getattr(folded, name) == pytest.approx(getattr(whole.counters, name))
+    assert len({part.counters.base_passes for _, part in parts}) > 1, "parts with equal means test nothing"
+    with pytest.raises(ValueError, match="part_size"):
+        next(generate_parts(tiny_model, make_sampler("parallel"), config, num=2, part_size=0))
 
 
 # ------------------------------------------------------------------------------------------------- check_step

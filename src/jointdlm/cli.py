@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from .adjust.train import AdjustTrainConfig
 from .models.loading import DTYPES
 from .models.mdlm import PRESETS
-from .outputs import atomic_write_text, check_output_dir, check_output_file
+from .outputs import atomic_write_text, atomic_writer, check_output_dir, check_output_file
 from .sampling.base import TokenChoice
 from .sampling.loop import KV_CACHES, SamplingConfig
 
@@ -31,11 +31,6 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
-
-
-def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    """Write all rows or nothing: a failed run never leaves a half-written output file."""
-    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def read_prompts(path: str) -> list[str]:
@@ -106,7 +101,8 @@ def cmd_corpus(args: argparse.Namespace) -> None:
     from .data import write_corpus
 
     count = write_corpus(args.name, args.out, num=args.num, seed=args.seed)
-    print(f"wrote {count} documents to {args.out}", file=sys.stderr)
+    short = f" (all there are; --num asked for {args.num})" if args.num is not None and count < args.num else ""
+    print(f"wrote {count} documents to {args.out}{short}", file=sys.stderr)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
@@ -188,7 +184,7 @@ def cmd_train_adjust(args: argparse.Namespace) -> None:
 
 def cmd_sample(args: argparse.Namespace) -> None:
     from .models.loading import load_model
-    from .sampling.loop import fill_length, generate
+    from .sampling.loop import Counters, fill_length, generate_parts
 
     if not args.out.lower().endswith(".jsonl"):
         raise ValueError(f"--out must name a .jsonl file, got {args.out}")
@@ -199,24 +195,27 @@ def cmd_sample(args: argparse.Namespace) -> None:
     length = args.length or fill_length(model, prompts)
     config = sampling_config_from_args(args, length)
     sampler = build_sampler(args, model)
-    result = generate(model, sampler, config, prompts=prompts, num=None if prompts else args.num)
-    rows = []
-    for i, (prompt, text, tokens) in enumerate(zip(result.prompts, result.texts, result.tokens, strict=True)):
-        row = {"index": i, "prompt": prompt, "text": text, "tokens": tokens}
-        if result.history is not None:
-            row["history"] = result.history[i]
-        rows.append(row)
-    write_jsonl_atomic(Path(args.out), rows)
-    c = result.counters
+    counters, by_length = Counters(), False
+    with atomic_writer(args.out) as f:  # rows stream out part by part: a large --num never sits in memory whole
+        for offset, part in generate_parts(model, sampler, config, prompts=prompts,
+                                           num=None if prompts else args.num):
+            for i, (prompt, text, tokens) in enumerate(zip(part.prompts, part.texts, part.tokens, strict=True)):
+                row = {"index": offset + i, "prompt": prompt, "text": text, "tokens": tokens}
+                if part.history is not None:
+                    row["history"] = part.history[i]
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            counters.add(part.counters)
+            by_length = by_length or part.batched_by_length
+    c = counters
     schedule = f"steps={args.steps}" if args.steps is not None else f"K={config.tokens_per_step}"
     print(f"{args.sampler} {schedule}: {c.samples} samples x {length} tokens, "
           f"NFE {c.base_passes:.1f}/sample, extra passes {c.extra_passes:.1f}/sample, "
           f"{c.tokens_per_base_pass:.2f} tokens/pass, {c.tokens_per_second:.1f} tokens/s, "
-          f"{c.wall_time_s:.2f}s -> {args.out}{_padding_note(result)}", file=sys.stderr)
+          f"{c.wall_time_s:.2f}s -> {args.out}{_padding_note(by_length)}", file=sys.stderr)
 
 
-def _padding_note(result) -> str:
-    return "; prompts batched by length (this model's code ignores padding)" if result.batched_by_length else ""
+def _padding_note(batched_by_length: bool) -> str:
+    return "; prompts batched by length (this model's code ignores padding)" if batched_by_length else ""
 
 
 def cmd_code_eval(args: argparse.Namespace) -> None:
@@ -246,7 +245,8 @@ def cmd_code_eval(args: argparse.Namespace) -> None:
     atomic_write_text(out / "results.json", json.dumps({**summary, "problems": rows}, indent=2))
     print(f"{args.benchmark} pass@1 {score.value:.3f} [{score.low:.3f}, {score.high:.3f}] over {score.n} problems; "
           f"{args.sampler} K={config.tokens_per_step}: NFE {c.base_passes:.1f}/problem, "
-          f"{c.tokens_per_second:.1f} tokens/s -> {out / 'results.json'}{_padding_note(result)}", file=sys.stderr)
+          f"{c.tokens_per_second:.1f} tokens/s -> {out / 'results.json'}{_padding_note(result.batched_by_length)}",
+          file=sys.stderr)
 
 
 def _csv(text: str, kind=str) -> tuple:
@@ -311,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("corpus", help="write a corpus file (one document per line)")
-    p.add_argument("name", help="template, agreement, english or code")
+    p.add_argument("name", help="a toy language (template, agreement, choice, permutation, binding, seating), "
+                                "english, code or tasks")
     p.add_argument("--out", required=True)
     p.add_argument("--num", type=_positive_int, default=None)
     p.add_argument("--seed", type=int, default=0)

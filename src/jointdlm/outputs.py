@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TextIO
 
 
 def _check_parents(path: Path) -> None:
@@ -40,9 +43,11 @@ def check_output_dir(path: str | Path) -> Path:
     return path
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same directory, removed again if anything fails:
-    readers see the old file or the whole new one, never a partial one."""
+@contextmanager
+def atomic_writer(path: str | Path) -> Iterator[TextIO]:
+    """A text file open for writing at `path`, through a temporary file in the same directory that replaces `path`
+    when the block ends and is removed if anything fails: readers see the old file or the whole new one, never a
+    partial one. Large outputs can be written in parts without holding them in memory."""
     path = check_output_file(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,10 +56,16 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise OSError(f"cannot write {path}: {err.strerror or err}") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
+            yield f
         os.replace(tmp, path)
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(err, OSError):
             raise OSError(f"cannot write {path}: {err.strerror or err}") from None
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` to `path` all or nothing (see `atomic_writer`)."""
+    with atomic_writer(path) as f:
+        f.write(text)

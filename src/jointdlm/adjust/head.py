@@ -45,6 +45,7 @@ from ..models.mdlm import (
     positions_and_mask,
     read_config,
     read_weights,
+    real_positions,
     rotary_tables,
     take_positions,
 )
@@ -270,7 +271,7 @@ class StepPasses:
             return self.base.lm_head(take_positions(self.hidden, index))
         head_dim = head.config.d_model // head.config.n_heads
         if self.keys is None:
-            positions, _ = positions_and_mask(self.attention_mask, tokens.shape, False, tokens.device)
+            positions = real_positions(self.attention_mask, tokens.shape, tokens.device)
             z = head._block_input(self.base, tokens, self.base_hidden)
             self.keys, self.values = head.block.keys_values(
                 z, *rotary_tables(positions, head_dim, head.config.rope_theta))

@@ -610,6 +610,9 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
     if state_path.exists():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         problems = _resume_problems(state, identity)
+        trained = json.loads(state["progress"])["step"]
+        if trained > cfg.max_steps:  # resuming would recompute the verdict of a head longer than asked for
+            problems.append(f"trained {trained} steps there, max_steps={cfg.max_steps} now")
         if problems:
             raise MismatchedRunError(out, problems)
         head.load_state_dict(state["head"])

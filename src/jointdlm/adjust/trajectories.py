@@ -33,14 +33,14 @@ from tqdm.auto import tqdm
 
 from ..models.mdlm import read_config
 from ..models.protocol import DiffusionLM
-
-if TYPE_CHECKING:
-    from .head import AdjustHead
 from ..outputs import check_output_dir
 from ..sampling.base import TokenChoice
 from ..sampling.loop import SamplingConfig, encode_prompts, generate, sample_seed
 from ..sampling.registry import make_sampler
 from ..validation import require_positive
+
+if TYPE_CHECKING:
+    from .head import AdjustHead
 
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1

@@ -25,6 +25,7 @@ from jointdlm.outputs import atomic_write_text, check_output_file
 
 CODE_NEWLINE = "\u21b5"
 DEFAULT_TOY_DOCS = 20000
+MAX_CORPUS_DOCS = 10_000_000  # a corpus is built in memory before it is written; pre-training uses far fewer
 STDLIB_SKIP_DIRS = frozenset(
     {"test", "tests", "idlelib", "lib2to3", "site-packages", "ensurepip", "turtledemo", "__pycache__"}
 )
@@ -170,6 +171,8 @@ def build_corpus(name: str, num: int | None = None, seed: int = 0) -> list[str]:
         raise ValueError(f"unknown corpus {name!r}; valid names: {', '.join(sorted(CORPORA))}")
     if num is not None and num < 0:
         raise ValueError(f"num must be non-negative, got {num}")
+    if num is not None and num > MAX_CORPUS_DOCS:
+        raise ValueError(f"num={num:,} is more documents than one corpus file holds (at most {MAX_CORPUS_DOCS:,})")
     docs = CORPORA[name](num, seed)
     if not docs:
         raise ValueError(f"corpus {name!r} produced no documents (num={num}); nothing to write")

@@ -28,6 +28,10 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu",
         raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     device = resolve_device(device)
     if family is not None:
+        config = Path(directory) / CONFIG_FILE
+        if config.is_file() and read_config(config).get("model_type") == MODEL_TYPE:  # before transformers reads it
+            raise ValueError(f"{directory} is a built-in jointdlm model; family={family!r} (--family) is for Hugging "
+                             "Face checkpoints: leave it out")
         return load_hf_model(directory, family, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     directory = Path(directory)
     config = directory / CONFIG_FILE

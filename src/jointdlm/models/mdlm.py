@@ -219,14 +219,22 @@ class KVWindow:
         return keys, values
 
 
-def positions_and_mask(attention_mask: torch.Tensor | None, shape: torch.Size, causal: bool,
-                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+def real_positions(attention_mask: torch.Tensor | None, shape: torch.Size, device: torch.device) -> torch.Tensor:
     """Positions count real tokens only, so a left-padded prompt sees the same positions as an unpadded one."""
     b, t = shape
     if attention_mask is None:
-        return torch.arange(t, device=device).expand(b, t), None
+        return torch.arange(t, device=device).expand(b, t)
+    return (attention_mask.bool().long().cumsum(-1) - 1).clamp(min=0)
+
+
+def positions_and_mask(attention_mask: torch.Tensor | None, shape: torch.Size, causal: bool,
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`real_positions` and the attention mask: padding is never attended to (causal: nor later positions)."""
+    b, t = shape
+    positions = real_positions(attention_mask, shape, device)
+    if attention_mask is None:
+        return positions, None
     keep = attention_mask.bool()
-    positions = (keep.long().cumsum(-1) - 1).clamp(min=0)
     mask = keep[:, None, None, :].expand(b, 1, t, t)
     if causal:
         mask = mask & torch.ones(t, t, dtype=torch.bool, device=device).tril()

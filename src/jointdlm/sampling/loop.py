@@ -7,10 +7,11 @@ text -> tokens -> canvas (BOS + prompt + `length` masks, left-padded across the 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -98,6 +99,16 @@ class Counters:
     def tokens_per_base_pass(self) -> float:
         return self.generated_tokens / (self.base_passes * self.samples) if self.base_passes else 0.0
 
+    def add(self, other: Counters) -> None:
+        """Fold in the counters of another part of the same run (per-sample averages weighted by samples)."""
+        total = self.samples + other.samples
+        for name in ("base_passes", "extra_passes", "steps"):
+            mean = (getattr(self, name) * self.samples + getattr(other, name) * other.samples) / max(1, total)
+            setattr(self, name, mean)
+        self.samples = total
+        self.generated_tokens += other.generated_tokens
+        self.wall_time_s += other.wall_time_s
+
     def as_dict(self) -> dict[str, float]:
         return {"samples": self.samples, "generated_tokens": self.generated_tokens,
                 "base_passes_per_sample": self.base_passes, "extra_passes_per_sample": self.extra_passes,
@@ -161,11 +172,12 @@ def cut_at_eos(ids: Sequence[int], eos_id: int) -> list[int]:
 def generate(model: DiffusionLM, sampler: Sampler, config: SamplingConfig,
              prompts: Sequence[str] | None = None, num: int | None = None,
              index_offset: int = 0, init: torch.Tensor | None = None,
-             sample_indices: Sequence[int] | None = None) -> Generation:
+             sample_indices: Sequence[int] | None = None, progress_bar: tqdm | None = None) -> Generation:
     """Generate `num` unconditional samples, or one sample per prompt.
 
     Sample i draws from a generator seeded by (config.seed, index_offset + i), so any slice of a run can be
     regenerated on its own (resuming, sharding across processes) and gives the same samples.
+    `progress_bar`, an open bar, is advanced instead of opening one (callers that generate in parts show one bar).
     `init` (one row of `config.length` ids per sample) pre-fills the generated region: only its mask ids are
     generated (infilling, or continuing a partly sampled canvas); the history of pre-filled positions is -1.
     """
@@ -194,9 +206,12 @@ def generate(model: DiffusionLM, sampler: Sampler, config: SamplingConfig,
     if config.kv_cache is not None and not hasattr(model, "windowed"):
         raise ValueError(f"kv_cache={config.kv_cache!r} needs a built-in model (remote model code computes every "
                          "position of every pass)")
-    bar = tqdm(total=len(prompts), disable=not config.progress, desc=f"sample {sampler.name}", dynamic_ncols=True)
+    own_bar = progress_bar is None
+    bar = tqdm(total=len(prompts), disable=not config.progress, desc=f"sample {sampler.name}", dynamic_ncols=True) \
+        if own_bar else progress_bar
     start = time.perf_counter()
-    with bar:  # closed (its line ended) even when a step fails, so an error message starts on its own line
+    # closed (its line ended) even when a step fails, so an error message starts on its own line
+    with bar if own_bar else contextlib.nullcontext():
         for rows in _batches(prefixes, config.batch_size, by_length):
             gens = [torch.Generator().manual_seed(sample_seed(config.seed, indices[i])) for i in rows]
             start_rows = None if init is None else init[rows]
@@ -220,6 +235,26 @@ def generate(model: DiffusionLM, sampler: Sampler, config: SamplingConfig,
     return Generation(prompts=prompts, texts=texts, tokens=all_tokens,
                       history=history if config.record_history else None, counters=counters,
                       batched_by_length=by_length)
+
+
+def generate_parts(model: DiffusionLM, sampler: Sampler, config: SamplingConfig,
+                   prompts: Sequence[str] | None = None, num: int | None = None,
+                   part_size: int = 4096) -> Iterator[tuple[int, Generation]]:
+    """`generate` in parts of at most `part_size` samples, yielded as (index of the part's first sample, part),
+    so a large run never holds every sample in memory. The samples are those of one `generate` call (each
+    sample's generator depends on its index only); one progress bar covers the whole run."""
+    if part_size < 1:
+        raise ValueError(f"part_size must be >= 1, got {part_size}")
+    if prompts is None and (num is None or num < 1):
+        raise ValueError("give prompts or a positive number of samples")
+    total = len(prompts) if prompts is not None else num
+    bar = tqdm(total=total, disable=not config.progress, desc=f"sample {sampler.name}", dynamic_ncols=True)
+    with bar:
+        for offset in range(0, total, part_size):
+            size = min(part_size, total - offset)
+            part = None if prompts is None else list(prompts[offset:offset + size])
+            yield offset, generate(model, sampler, config, prompts=part, num=size if part is None else None,
+                                   index_offset=offset, progress_bar=bar)
 
 
 def _batches(prefixes: Sequence[Sequence[int]], batch_size: int, by_length: bool) -> list[list[int]]:
