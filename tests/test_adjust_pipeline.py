@@ -46,7 +46,7 @@ TRAJ = dict(num=200, shard_size=50, progress=False)
 # steps the held-out KL landed in one of two groups depending on float rounding (depth 2: 0.02-0.05 or 0.13-0.26
 # of stale, about half the runs each over 4 seeds x 2 builds); at 600 every seed measured is in the first.
 TRAINED = AdjustTrainConfig(max_steps=600, lr=3e-3, warmup_steps=20, eval_every=600, save_every=600, progress=False,
-                            onpolicy_rounds=1, patience=0, rollout=4, threshold_share=0.5, own_share=0.0)
+                            onpolicy_rounds=1, patience=0, rollout=4, threshold_share=0.5, own_share=0.25)
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 
@@ -467,6 +467,8 @@ def test_training_reduces_heldout_kl(trained):
     assert list(verdict["ratios"]["k1-deep"]) == ["4", "5", "6", "7"]
     assert all(0 < v < 1 for v in verdict["ratios"]["k1-deep"].values())
     # Fixed-K ADJUST's own passes are scored too (a head can be good in the K=1 order and wrong where it picks).
+    # The recipe trains a quarter of its steps there (own_share); trained without them, this head read 0.054 there
+    # against 0.011 in the K=1 order at depth 2 on one machine (flagged) and just under the flag on another.
     assert verdict["own_picks_off"] == [] and all(v < 0.3 for v in verdict["ratios"]["own"].values())
     # Measured, training seeds 0-3: 0.009-0.15 at depths 1-3 on both kinds of threshold passes.
     assert all(v < 0.2 for kind in ("threshold", "threshold-onpolicy") for v in verdict["ratios"][kind].values())

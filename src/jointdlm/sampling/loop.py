@@ -181,11 +181,6 @@ def generate(model: DiffusionLM, sampler: Sampler, config: SamplingConfig,
     `init` (one row of `config.length` ids per sample) pre-fills the generated region: only its mask ids are
     generated (infilling, or continuing a partly sampled canvas); the history of pre-filled positions is -1.
     """
-    fixed_k = getattr(sampler, "tokens_per_step", None)
-    schedule_ks = {k for size in config.block_sizes() for k in config.schedule(size)}
-    if fixed_k is not None and (config.tokens_per_step != fixed_k or max(schedule_ks) > fixed_k):
-        raise ValueError(f"the {sampler.name} sampler unmasks {fixed_k} token per step; "
-                         f"got tokens_per_step={config.tokens_per_step}, steps={config.steps}")
     if prompts is None:
         if num is None or num < 1:
             raise ValueError("give prompts or a positive number of samples")
@@ -202,10 +197,7 @@ def generate(model: DiffusionLM, sampler: Sampler, config: SamplingConfig,
     all_tokens: list[list[int]] = [[] for _ in prompts]
     history: list[list[int]] = [[] for _ in prompts]
     by_length = not getattr(model, "honours_padding", True) and len({len(p) for p in prefixes}) > 1
-    build_canvas(model, [max(prefixes, key=len, default=[])], config.length)  # fail before the progress bar starts
-    if config.kv_cache is not None and not hasattr(model, "windowed"):
-        raise ValueError(f"kv_cache={config.kv_cache!r} needs a built-in model (remote model code computes every "
-                         "position of every pass)")
+    _check_run(model, sampler, config, prefixes)  # fail before the progress bar starts
     own_bar = progress_bar is None
     bar = tqdm(total=len(prompts), disable=not config.progress, desc=f"sample {sampler.name}", dynamic_ncols=True) \
         if own_bar else progress_bar
@@ -237,6 +229,19 @@ def generate(model: DiffusionLM, sampler: Sampler, config: SamplingConfig,
                       batched_by_length=by_length)
 
 
+def _check_run(model: DiffusionLM, sampler: Sampler, config: SamplingConfig, prefixes: list[list[int]]) -> None:
+    """What makes a whole run fail, checked before any sampling (and before a progress bar starts)."""
+    fixed_k = getattr(sampler, "tokens_per_step", None)
+    schedule_ks = {k for size in config.block_sizes() for k in config.schedule(size)}
+    if fixed_k is not None and (config.tokens_per_step != fixed_k or max(schedule_ks) > fixed_k):
+        raise ValueError(f"the {sampler.name} sampler unmasks {fixed_k} token per step; "
+                         f"got tokens_per_step={config.tokens_per_step}, steps={config.steps}")
+    build_canvas(model, [max(prefixes, key=len, default=[])], config.length)
+    if config.kv_cache is not None and not hasattr(model, "windowed"):
+        raise ValueError(f"kv_cache={config.kv_cache!r} needs a built-in model (remote model code computes every "
+                         "position of every pass)")
+
+
 def generate_parts(model: DiffusionLM, sampler: Sampler, config: SamplingConfig,
                    prompts: Sequence[str] | None = None, num: int | None = None,
                    part_size: int = 4096) -> Iterator[tuple[int, Generation]]:
@@ -248,6 +253,7 @@ def generate_parts(model: DiffusionLM, sampler: Sampler, config: SamplingConfig,
     if prompts is None and (num is None or num < 1):
         raise ValueError("give prompts or a positive number of samples")
     total = len(prompts) if prompts is not None else num
+    _check_run(model, sampler, config, encode_prompts(model, prompts if prompts is not None else [""]))
     bar = tqdm(total=total, disable=not config.progress, desc=f"sample {sampler.name}", dynamic_ncols=True)
     with bar:
         for offset in range(0, total, part_size):
