@@ -889,6 +889,21 @@ def test_threshold_opening_warns_about_a_head_trained_without_it(base, trained, 
         assert all("--threshold-share 0.5" in m for m in messages)
 
 
+def test_a_batch_with_nothing_left_to_score_still_trains(base, traj_dir):
+    """A threshold round can write every masked position of every row (short languages, sure bases): the loss is
+    then zero, and backward must still run (it raised "does not require grad" on the agreement language)."""
+    from jointdlm.adjust.train import RolloutLoss, make_batch
+
+    data = load_trajectories(traj_dir)
+    head = AdjustHead(AdjustHeadConfig.for_base(base))
+    batch = make_batch(data, torch.arange(4), torch.tensor([0, 1, 2, 3]), 2, base.spec.mask_id, "cpu",
+                       threshold=torch.zeros(4))  # every masked position is sure
+    loss, _, _, _, count = RolloutLoss(head)(base, batch)
+    assert count.sum() == 0 and loss.item() == 0.0
+    loss.backward()
+    assert all(p.grad is not None and not p.grad.any() for p in head.parameters())
+
+
 def test_training_on_the_threshold_samplers_own_positions(base, traj_dir):
     """The passes trained for `adjust:threshold` write the trajectory's tokens where the sampler would: first every
     position the base is sure of (at least one), then the head's most confident, or, when training explores, the

@@ -239,8 +239,12 @@ class RolloutLoss(nn.Module):
             stale_logits = start.logits
         head_sum, stale_sum, count = self._scores(base, batch, final, hidden, stale_logits, banned)
         norm = (batch.weights * count).sum().clamp(min=1)
-        return ((batch.weights * head_sum).sum() / norm, (batch.weights * stale_sum).sum() / norm,
-                head_sum.detach(), stale_sum, count)
+        head_loss = (batch.weights * head_sum).sum() / norm
+        if torch.is_grad_enabled() and not head_loss.requires_grad:
+            # Nothing left masked in the whole batch (a threshold round wrote every position): a zero loss that
+            # still reaches every weight, so backward, and DDP's gradient sync, run as on any other step.
+            head_loss = head_loss + 0.0 * sum(p.sum() for p in self.head.parameters())
+        return (head_loss, (batch.weights * stale_sum).sum() / norm, head_sum.detach(), stale_sum, count)
 
     @torch.no_grad()
     def per_depth(self, base: DiffusionLM, batch: Batch,
