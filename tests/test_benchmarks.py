@@ -146,3 +146,20 @@ def test_random_bases_of_any_vocabulary_and_bfloat16_sample_and_fingerprint():
     assert gen.counters.base_passes == 2 and all(len(t) == 8 for t in gen.tokens)
     state = base.net.state_dict()
     assert weights_fingerprint({}, state) != weights_fingerprint({}, {k: v.float() for k, v in state.items()})
+
+
+def test_binding_errors_names_each_broken_constraint():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from binding_errors import broken
+    finally:
+        sys.path.pop(0)
+    good = "let kappa be one and gamma be four ; then kappa plus gamma equals kappa plus gamma , not alpha ."
+    assert broken(good) == "valid"
+    assert broken(good.replace("not alpha", "not kappa")) == "c in {a,b}"
+    assert broken(good.replace("equals kappa plus gamma", "equals kappa plus delta")) == "b copy"
+    assert broken(good.replace("let kappa", "let gamma").replace("then kappa", "then gamma").replace(
+        "equals kappa", "equals gamma")) == "a==b"
+    assert broken(good.replace("then kappa", "then rho").replace("not alpha", "not gamma")) == "a copy+c in {a,b}"
+    assert broken(good.replace("be one", "be rho")) == "wrong word class"
+    assert broken(good[:-2]) == "length"

@@ -27,14 +27,13 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu",
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     device = resolve_device(device)
+    config = Path(directory) / CONFIG_FILE
     if family is not None:
-        config = Path(directory) / CONFIG_FILE
         if config.is_file() and read_config(config).get("model_type") == MODEL_TYPE:  # before transformers reads it
             raise ValueError(f"{directory} is a built-in jointdlm model; family={family!r} (--family) is for Hugging "
                              "Face checkpoints: leave it out")
         return load_hf_model(directory, family, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     directory = Path(directory)
-    config = directory / CONFIG_FILE
     if not directory.is_dir():
         raise FileNotFoundError(f"model directory {directory} does not exist")
     if not config.exists():
