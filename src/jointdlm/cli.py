@@ -395,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--focus", type=float, default=recipe.focus,
                    help="share of each batch drawn where the stale marginals are most wrong (importance weighted)")
     p.add_argument("--threshold-share", type=float, default=recipe.threshold_share,
-                   help="share of steps trained on the passes of adjust:threshold")
+                   help="share of steps trained on the passes of adjust:threshold (0 = fixed K only)")
     p.add_argument("--own-share", type=float, default=recipe.own_share,
                    help="share of steps trained on fixed-K ADJUST's own passes (the rest: the K=1 order)")
     p.add_argument("--patience", type=int, default=recipe.patience,

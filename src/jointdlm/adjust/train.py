@@ -106,15 +106,16 @@ class AdjustTrainConfig:
     min_round_steps: int = 500
     max_round_steps: int = 2500
     """A round that is still improving ends here, so that the next round's states come from a recent head."""
-    threshold_share: float = 0.0
+    threshold_share: float = 0.5
     """Share of steps trained on the passes of `adjust:threshold` (the threshold round on the base's marginals, then
-    the head's own positions, near-ties explored; thresholds uniform in [0.5, 0.95]); the rest follow the
-    trajectories' K=1 order. With it, on-policy rounds also start from that sampler's steps and held-out KL is
-    measured on its passes. On chained heads 0.5 made `adjust:threshold=0.9` keep K=1 validity on every head
-    measured (choice 3 seeds, permutation 2, template 1) where heads without it collapsed on 2 of 4; fixed K was
-    level on choice and permutation but lost template's K=8 under the demo's 3,000-step cap (0.958 -> 0.846), so it
-    is opt-in. Heads of today's recipe keep `adjust:threshold` without it (0.94-0.98 at K=4, 0.84-0.97 at K=8,
-    seven heads; one template head with it: 0.976 at K=8; docs/results.md §2, §5)."""
+    the head's own positions, near-ties explored; thresholds uniform in [0.5, 0.95]); the rest follow fixed-K
+    ADJUST's own passes (`own_share`) and the trajectories' K=1 order. With it, on-policy rounds also start from
+    that sampler's steps and held-out KL is measured on its passes. Without it `adjust:threshold` lost 0.09-0.19
+    validity for one head seed in two on binding and one in three on choice (a threshold round writes more fresh
+    tokens at once than the fixed-K orders teach), and one choice seed in three lost 0.06 at fixed K=4 and 6;
+    with it no head measured lost more than 0.031 to K=1 at any K under either sampler (choice 3 seeds,
+    permutation 2, binding 2; fixed K 0.005 lower on average on permutation; docs/results.md §2). 0 trains for
+    fixed K alone."""
     own_share: float = 0.25
     """Share of steps trained on fixed-K ADJUST's own passes (the base's most confident position, then the head's
     own picks, near-ties explored as for `threshold_share`) instead of the K=1 order. Without it one head seed in
@@ -138,7 +139,8 @@ class AdjustTrainConfig:
                               "own_share"))
         if not (0.0 <= self.threshold_share and 0.0 <= self.own_share and self.threshold_share + self.own_share <= 1.0):
             raise ValueError(f"threshold_share and own_share must be >= 0 with a sum of at most 1, got "
-                             f"{self.threshold_share} and {self.own_share} (lower --own-share, default 0.25)")
+                             f"{self.threshold_share} and {self.own_share} (defaults 0.5 and 0.25: lower "
+                             "--threshold-share or --own-share)")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.lr is not None and self.lr <= 0:

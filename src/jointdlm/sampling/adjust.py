@@ -15,15 +15,15 @@ head-updated distributions:
 The first token of a step is always written. Rows stop independently; a row's head passes are counted only
 while it is still writing.
 
-`adjust:threshold=0.9` opens each step with the threshold sampler's round: from the base pass, every position
-whose confidence is at least the threshold (at least one), then up to K-1 more tokens, one per head pass. The
-sure tokens cost no head pass; the head's passes go to the uncertain ones, whose joint naive parallel gets wrong.
-Heads of the default recipe (every pass from the base's hidden states) keep it: 0.94-0.98 at K=4 and
-0.84-0.97 at K=8 on seven heads of three languages (as fixed K does). Chained heads (saved before 2026-12-03) need
-`train-adjust --threshold-share 0.5`, without which they collapsed on 2 of 4 (docs/results.md §2, §5). At the
-training-free threshold's own setting, `adjust:threshold=0.5` K=2 is `threshold:tau=0.5:extra=1` with its unsure
-token from the head: on template it matched that sampler's 0.980 at 2.1 base passes on three heads, and on choice it
-was level with 0.9 or better at fewer passes (docs/results.md §5)."""
+`adjust:threshold=0.9` opens each step with the threshold sampler's round: from the base pass, every position whose
+confidence is at least the threshold (at least one), then up to K-1 more tokens, one per head pass. The sure tokens
+cost no head pass; the head's passes go to the uncertain ones, whose joint naive parallel gets wrong. The head must
+have been trained on such steps (`train-adjust --threshold-share 0.5`, the default since 2026-12-04): without it
+the sampler lost 0.09-0.19 validity for one head seed in two on binding and one in three on choice, and collapsed
+on 2 of 4 chained heads, and it warns for such heads (docs/results.md §2, §5). At the training-free threshold's own
+setting, `adjust:threshold=0.5` K=2 is `threshold:tau=0.5:extra=1` with its unsure token from the head: on template
+it matched that sampler's 0.980 at 2.1 base passes on three heads, and on choice it was level with 0.9 or better at
+fewer passes (docs/results.md §5)."""
 
 from __future__ import annotations
 
@@ -85,11 +85,12 @@ class AdjustSampler:
         self.head = head
         self.config = resolve_config(AdjustConfig, config, settings)
         self.follows_budget = not self.config.adaptive
-        if (self.config.threshold is not None and getattr(head, "threshold_share", None) == 0
-                and not head.config.from_base_hidden):
-            warnings.warn("this ADJUST head chains its passes and was trained without --threshold-share; "
-                          "adjust:threshold collapsed on 2 of 4 such heads (docs/results.md §5): train a head with "
-                          "the default recipe, or with --threshold-share 0.5", stacklevel=2)
+        if self.config.threshold is not None and getattr(head, "threshold_share", None) == 0:
+            lost = ("collapsed on 2 of 4 such heads that chain their passes" if not head.config.from_base_hidden
+                    else "lost 0.09-0.19 validity for one such head in two on binding and one in three on choice")
+            warnings.warn(f"this ADJUST head was trained without --threshold-share, and adjust:threshold {lost} "
+                          "(docs/results.md §2): retrain it with the default recipe (--threshold-share 0.5)",
+                          stacklevel=2)
 
     def step(self, ctx: StepContext) -> StepResult:
         out = ctx.forward()
