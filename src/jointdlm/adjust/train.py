@@ -114,8 +114,8 @@ class AdjustTrainConfig:
     validity for one head seed in two on binding and one in three on choice (a threshold round writes more fresh
     tokens at once than the fixed-K orders teach), and one choice seed in three lost 0.06 at fixed K=4 and 6;
     with it no head measured lost more than 0.031 to K=1 at any K under either sampler (choice 3 seeds,
-    permutation 2, binding 2; fixed K 0.005 lower on average on permutation, and 0.02-0.06 nats worse on the
-    demo's English, one seed; docs/results.md §2, §3). 0 trains for fixed K alone."""
+    permutation 2, binding 2; fixed K 0.005 lower on average on permutation, level on the demo's English over
+    two seeds; docs/results.md §2, §3). 0 trains for fixed K alone."""
     own_share: float = 0.25
     """Share of steps trained on fixed-K ADJUST's own passes (the base's most confident position, then the head's
     own picks, near-ties explored as for `threshold_share`) instead of the K=1 order. Without it one head seed in
