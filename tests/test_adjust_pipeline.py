@@ -41,8 +41,8 @@ K = 4
 TRAJ = dict(num=200, shard_size=50, progress=False)
 # The shared trained head; lr/warmup/rollout must match the CLI flags in test_mismatched_resume_is_refused. One
 # on-policy round (naive parallel) so the pipeline's collection, sweep and rounds run; patience off, so the run
-# is exactly max_steps long; depths 1-3 keep it cheap; no own-pass share, so the threshold passes get half the steps
-# (the default recipe is measured in test_quality.py). At 300
+# is exactly max_steps long; depths 1-3 keep it cheap; the step shares are spelled out (today's defaults) so that
+# the fixture does not move when a default does (the default recipe is measured in test_quality.py). At 300
 # steps the held-out KL landed in one of two groups depending on float rounding (depth 2: 0.02-0.05 or 0.13-0.26
 # of stale, about half the runs each over 4 seeds x 2 builds); at 600 every seed measured is in the first.
 TRAINED = AdjustTrainConfig(max_steps=600, lr=3e-3, warmup_steps=20, eval_every=600, save_every=600, progress=False,
@@ -632,6 +632,10 @@ def test_mismatched_resume_is_refused(base, base_dir, traj_dir, trained, tmp_pat
     torch.save({**state, "num_processes": 2, "generators": state["generators"] * 2}, out / STATE_FILE)
     with pytest.raises(ValueError, match=r"2 training process\(es\) there, 1 now"):
         train_adjust(base, traj_dir, out, TRAINED)
+    # A run of the objective before each kind of step was scaled (its state has no "objective") is not continued.
+    torch.save({k: v for k, v in state.items() if k != "objective"}, out / STATE_FILE)
+    with pytest.raises(ValueError, match="each kind of step's loss unscaled"):
+        train_adjust(base, traj_dir, out, TRAINED)
 
 
 
@@ -888,6 +892,25 @@ def test_threshold_opening_warns_about_a_head_trained_without_it(base, trained, 
         messages = [str(w.message) for w in caught]
         assert len(messages) == (1 if warns else 0), messages
         assert all("--threshold-share 0.5" in m and ("2 of 4" in m) == chained for m in messages)
+
+
+def test_each_kind_of_step_is_brought_to_the_scale_of_the_k1_order_steps(trained):
+    """On the prompted tasks mix a threshold step's KL was 50x a K=1 step's and its gradients dominated Adam's
+    scale: the head learned nothing elsewhere (docs/results.md §4). A step's loss is multiplied by the ratio of
+    running mean stale KLs, the K=1 order's over its own kind's."""
+    from jointdlm.adjust.train import STALE_MEAN_DECAY, _kind_scale
+
+    progress: dict = {}
+    assert _kind_scale(progress, "threshold", "k1", 0.5) == 1.0  # no K=1 step seen yet
+    assert _kind_scale(progress, "k1", "k1", 0.01) == 1.0
+    assert _kind_scale(progress, "threshold", "k1", 0.5) == pytest.approx(0.01 / 0.5)  # 0.5 is the running mean
+    assert _kind_scale(progress, "own", "k1", 0.02) == pytest.approx(0.5)
+    running = STALE_MEAN_DECAY * 0.5 + (1 - STALE_MEAN_DECAY) * 1.0
+    assert _kind_scale(progress, "threshold", "k1", 1.0) == pytest.approx(0.01 / running)
+    assert json.loads(json.dumps(progress)) == progress  # saved with the trainer's state, as JSON
+    # The shared head's run kept a running mean for each kind it trained on, and resumes with them.
+    means = json.loads(trainer_state(trained.out)["progress"])["stale_means"]
+    assert set(means) == {"k1", "own", "threshold"} and all(v > 0 for v in means.values())
 
 
 def test_a_batch_with_nothing_left_to_score_still_trains(base, traj_dir):

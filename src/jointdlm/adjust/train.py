@@ -14,6 +14,9 @@ The recipe (docs/results.md §2 measures each part):
   marginals do not move (stale KL = 0). Before training, one no-grad sweep measures the stale KL of every
   (trajectory, state, depth); half of each batch is drawn in proportion to it, and importance weights
   1 / ((1 - f) + f * stale / mean stale) keep the objective the uniform one.
+* **Every kind of step on one scale.** Steps follow the K=1 order, fixed-K ADJUST's own passes or
+  `adjust:threshold`'s passes; each step's loss is scaled by the running mean stale KL of the K=1 order's steps over
+  that of its own kind, so that no kind's gradients set Adam's step size for the others (`_kind_scale`).
 * **Until it has learned.** Held-out KL on K=1 and on on-policy states is measured every `eval_every` steps, on
   a moving average of the weights. A plateau (no 3% gain for `patience` evaluations) lowers the learning rate
   once, the next one ends the round. The best averaged weights of each round are kept.
@@ -32,6 +35,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -45,6 +49,9 @@ from ..sampling.threshold import sure_count
 from ..validation import require_finite, require_positive
 from .head import AdjustHead, AdjustHeadConfig
 from .trajectories import Trajectories, TrajectoryConfig, collect_trajectories, load_trajectories
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 STATE_FILE = "adjust_trainer_state.pt"
 LOG_FILE = "adjust_log.jsonl"
@@ -115,7 +122,9 @@ class AdjustTrainConfig:
     tokens at once than the fixed-K orders teach), and one choice seed in three lost 0.06 at fixed K=4 and 6;
     with it no head measured lost more than 0.031 to K=1 at any K under either sampler (choice 3 seeds,
     permutation 2, binding 2; fixed K 0.005 lower on average on permutation, level on the demo's English over
-    two seeds; docs/results.md §2, §3). 0 trains for fixed K alone."""
+    two seeds; docs/results.md §2, §3). Its steps' losses are scaled to the K=1 order's (`_kind_scale`): unscaled,
+    on the prompted tasks mix they outweighed the rest a hundredfold and the head learned little (§4). 0 trains for
+    fixed K alone."""
     own_share: float = 0.25
     """Share of steps trained on fixed-K ADJUST's own passes (the base's most confident position, then the head's
     own picks, near-ties explored as for `threshold_share`) instead of the K=1 order. Without it one head seed in
@@ -607,9 +616,12 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
     head = AdjustHead(head_config)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + accelerator.process_index)
-    progress = {"step": 0, "round": 0, "round_step": 0, "best": None, "stale_evals": 0, "decays": 0}
+    progress = {"step": 0, "round": 0, "round_step": 0, "best": None, "stale_evals": 0, "decays": 0,
+                "stale_means": {}}
+    anchor = "k1" if cfg.threshold_share + cfg.own_share < 1 else "own" if cfg.own_share > 0 else "threshold"
     identity = {"config": _comparable(asdict(cfg)), "base_fingerprint": base_fingerprint,
-                "trajectories": _trajectory_identity(data), "num_processes": accelerator.num_processes}
+                "trajectories": _trajectory_identity(data), "num_processes": accelerator.num_processes,
+                "objective": OBJECTIVE}
     best_state = None
     averaged = AdjustHead(head_config)
     averaged.load_state_dict(head.state_dict())
@@ -673,7 +685,7 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
                         "generators": [g.clone() for g in gens], "step": progress["step"],
                         "progress": json.dumps(progress), "best_head": best_state, "config": asdict(cfg),
                         "base_fingerprint": base_fingerprint, "trajectories": identity["trajectories"],
-                        "num_processes": accelerator.num_processes}, tmp)
+                        "num_processes": accelerator.num_processes, "objective": OBJECTIVE}, tmp)
             os.replace(tmp, state_path)
         accelerator.wait_for_everyone()
 
@@ -762,18 +774,22 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
                 rows, states, weights = current.train.draw(depth, cfg.batch_size, gen)
                 threshold = pick_rank = None
                 draw = float(torch.rand((), generator=gen)) if cfg.threshold_share + cfg.own_share > 0 else 1.0
+                kind = "k1"
                 if draw < cfg.threshold_share:
                     low, high = THRESHOLD_RANGE
                     threshold = low + (high - low) * torch.rand(cfg.batch_size, generator=gen)
+                    kind = "threshold"
                 elif draw < cfg.threshold_share + cfg.own_share:  # fixed-K ADJUST's own passes
                     threshold = torch.full((cfg.batch_size,), OWN_PICKS)
+                    kind = "own"
                 if threshold is not None:
                     pick_rank = explored_ranks(cfg.batch_size, depth, gen)
                 batch = make_batch(current.train.data, rows, states, depth, mask_id, device, weights, threshold,
                                    pick_rank)
                 loss, stale, *_ = loss_module(base, batch)
                 optimizer.zero_grad(set_to_none=True)
-                accelerator.backward(loss)
+                accelerator.backward(loss * _kind_scale(progress, kind, anchor, _mean_over_processes(accelerator,
+                                                                                                     stale)))
                 diagnostics = None
                 if (progress["step"] + 1) % cfg.eval_every == 0 and accelerator.is_main_process:
                     diagnostics = _diagnostics(unwrapped)
@@ -858,6 +874,31 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
     if base_after != base_fingerprint:
         raise AssertionError("the base model changed during ADJUST training; it must stay frozen")
     return head
+
+
+STALE_MEAN_DECAY = 0.99
+OBJECTIVE = "kinds-scaled"
+"""Saved with a run's state: a run trained before `_kind_scale` is not resumed under it."""
+
+
+def _mean_over_processes(accelerator: Accelerator, value: torch.Tensor) -> float:
+    """The batch's stale KL averaged over training processes, so that every process scales its loss alike."""
+    value = value.detach()
+    return float(accelerator.reduce(value, "mean") if accelerator.num_processes > 1 else value)
+
+
+def _kind_scale(progress: dict, kind: str, anchor: str, stale: float) -> float:
+    """The factor that brings a step of this kind (K=1 order, fixed-K ADJUST's own passes, `adjust:threshold`'s
+    passes) to the scale of the anchor kind's steps: the ratio of their running mean stale KLs. On the prompted
+    tasks mix a threshold step's KL per masked position was 50x a K=1 step's (the threshold round leaves only
+    the uncertain positions masked), its gradients 50-100x; Adam then scaled every step by the threshold steps'
+    gradients and the head learned nothing elsewhere (shuffle at K=8: 0.50 against 0.97; docs/results.md §4).
+    Brought to one scale, each kind carries its share of the steps, as `threshold_share` and `own_share` mean."""
+    means = progress.setdefault("stale_means", {})
+    means[kind] = stale if kind not in means else STALE_MEAN_DECAY * means[kind] + (1 - STALE_MEAN_DECAY) * stale
+    if kind == anchor or anchor not in means or means[kind] <= 0:
+        return 1.0
+    return means[anchor] / means[kind]
 
 
 def _kind_threshold(kind: str) -> float | None:
@@ -953,6 +994,8 @@ def _resume_problems(state: dict, wanted: dict) -> list[str]:
     saved.pop("batch_size", None)  # recorded by earlier versions; it never changed the data
     if saved != wanted["trajectories"]:
         problems.append("trained on a different trajectory collection")
+    if state.get("objective", "unscaled") != wanted["objective"]:
+        problems.append("trained with each kind of step's loss unscaled (before 2026-12-05: see _kind_scale)")
     saved_procs = state.get("num_processes", len(state["generators"]))
     if saved_procs != wanted["num_processes"]:
         problems.append(f"{saved_procs} training process(es) there, {wanted['num_processes']} now")

@@ -89,7 +89,7 @@ class AdjustSampler:
             lost = ("collapsed on 2 of 4 such heads that chain their passes" if not head.config.from_base_hidden
                     else "lost 0.09-0.19 validity for one such head in two on binding and one in three on choice")
             warnings.warn(f"this ADJUST head was trained without --threshold-share, and adjust:threshold {lost} "
-                          "(docs/results.md §2): retrain it with the default recipe (--threshold-share 0.5)",
+                          "(docs/results.md §2, §5): retrain it with the default recipe (--threshold-share 0.5)",
                           stacklevel=2)
 
     def step(self, ctx: StepContext) -> StepResult:
