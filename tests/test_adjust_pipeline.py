@@ -901,12 +901,17 @@ def test_each_kind_of_step_is_brought_to_the_scale_of_the_k1_order_steps(trained
     from jointdlm.adjust.train import STALE_MEAN_DECAY, _kind_scale
 
     progress: dict = {}
-    assert _kind_scale(progress, "threshold", "k1", 0.5) == 1.0  # no K=1 step seen yet
-    assert _kind_scale(progress, "k1", "k1", 0.01) == 1.0
-    assert _kind_scale(progress, "threshold", "k1", 0.5) == pytest.approx(0.01 / 0.5)  # 0.5 is the running mean
-    assert _kind_scale(progress, "own", "k1", 0.02) == pytest.approx(0.5)
+    assert _kind_scale(progress, "threshold", "k1", [("threshold", 0.5)]) == 1.0  # no K=1 step seen yet
+    assert _kind_scale(progress, "k1", "k1", [("k1", 0.01)]) == 1.0
+    assert _kind_scale(progress, "threshold", "k1", [("threshold", 0.5)]) == pytest.approx(0.01 / 0.5)
+    assert _kind_scale(progress, "own", "k1", [("own", 0.02)]) == pytest.approx(0.5)
     running = STALE_MEAN_DECAY * 0.5 + (1 - STALE_MEAN_DECAY) * 1.0
-    assert _kind_scale(progress, "threshold", "k1", 1.0) == pytest.approx(0.01 / running)
+    assert _kind_scale(progress, "threshold", "k1", [("threshold", 1.0)]) == pytest.approx(0.01 / running)
+    # With several processes every one sees every process's step, in rank order, and keeps the same means.
+    ranks = [("k1", 0.03), ("threshold", 0.6)]
+    first, second = json.loads(json.dumps(progress)), json.loads(json.dumps(progress))
+    assert _kind_scale(first, "k1", "k1", ranks) == 1.0 and _kind_scale(second, "threshold", "k1", ranks) < 1.0
+    assert first == second
     assert json.loads(json.dumps(progress)) == progress  # saved with the trainer's state, as JSON
     # The shared head's run kept a running mean for each kind it trained on, and resumes with them.
     means = json.loads(trainer_state(trained.out)["progress"])["stale_means"]

@@ -788,8 +788,8 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
                                    pick_rank)
                 loss, stale, *_ = loss_module(base, batch)
                 optimizer.zero_grad(set_to_none=True)
-                accelerator.backward(loss * _kind_scale(progress, kind, anchor, _mean_over_processes(accelerator,
-                                                                                                     stale)))
+                accelerator.backward(loss * _kind_scale(progress, kind, anchor, _every_process(accelerator, kind,
+                                                                                               stale)))
                 diagnostics = None
                 if (progress["step"] + 1) % cfg.eval_every == 0 and accelerator.is_main_process:
                     diagnostics = _diagnostics(unwrapped)
@@ -877,26 +877,32 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
 
 
 STALE_MEAN_DECAY = 0.99
+KINDS = ("k1", "own", "threshold")
 OBJECTIVE = "kinds-scaled"
 """Saved with a run's state: a run trained before `_kind_scale` is not resumed under it."""
 
 
-def _mean_over_processes(accelerator: Accelerator, value: torch.Tensor) -> float:
-    """The batch's stale KL averaged over training processes, so that every process scales its loss alike."""
-    value = value.detach()
-    return float(accelerator.reduce(value, "mean") if accelerator.num_processes > 1 else value)
+def _every_process(accelerator: Accelerator, kind: str, stale: torch.Tensor) -> list[tuple[str, float]]:
+    """(kind, stale KL) of this step on every training process, in rank order: each process draws its own kind of
+    step, and all of them keep the same running means from these (rank 0's are saved for all)."""
+    if accelerator.num_processes == 1:
+        return [(kind, float(stale))]
+    mine = torch.tensor([[KINDS.index(kind), float(stale)]], dtype=torch.float64, device=stale.device)
+    return [(KINDS[int(k)], float(v)) for k, v in accelerator.gather(mine).tolist()]
 
 
-def _kind_scale(progress: dict, kind: str, anchor: str, stale: float) -> float:
+def _kind_scale(progress: dict, kind: str, anchor: str, observed: list[tuple[str, float]]) -> float:
     """The factor that brings a step of this kind (K=1 order, fixed-K ADJUST's own passes, `adjust:threshold`'s
-    passes) to the scale of the anchor kind's steps: the ratio of their running mean stale KLs. On the prompted
-    tasks mix a threshold step's KL per masked position was 50x a K=1 step's (the threshold round leaves only
-    the uncertain positions masked), its gradients 50-100x; Adam then scaled every step by the threshold steps'
-    gradients and the head learned nothing elsewhere (shuffle at K=8: 0.50 against 0.97; docs/results.md §4).
-    Brought to one scale, each kind carries its share of the steps, as `threshold_share` and `own_share` mean."""
+    passes) to the scale of the anchor kind's steps: the ratio of their running mean stale KLs, which `observed`
+    (this step's (kind, stale KL) on every process) updates first. On the prompted tasks mix a threshold step's
+    KL per masked position was 67x a K=1 step's (the threshold round leaves only the uncertain positions masked),
+    its gradients 109x; Adam then scaled every step by the threshold steps' gradients and the head learned nothing
+    elsewhere (shuffle at K=8: 0.50 against 0.97; docs/results.md §4). Brought to one scale, each kind carries its
+    share of the steps, as `threshold_share` and `own_share` mean."""
     means = progress.setdefault("stale_means", {})
-    means[kind] = stale if kind not in means else STALE_MEAN_DECAY * means[kind] + (1 - STALE_MEAN_DECAY) * stale
-    if kind == anchor or anchor not in means or means[kind] <= 0:
+    for seen, stale in observed:
+        means[seen] = stale if seen not in means else STALE_MEAN_DECAY * means[seen] + (1 - STALE_MEAN_DECAY) * stale
+    if kind == anchor or anchor not in means or means.get(kind, 0.0) <= 0:
         return 1.0
     return means[anchor] / means[kind]
 
