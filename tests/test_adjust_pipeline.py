@@ -912,6 +912,8 @@ def test_each_kind_of_step_is_brought_to_the_scale_of_the_k1_order_steps(trained
     first, second = json.loads(json.dumps(progress)), json.loads(json.dumps(progress))
     assert _kind_scale(first, "k1", "k1", ranks) == 1.0 and _kind_scale(second, "threshold", "k1", ranks) < 1.0
     assert first == second
+    # An anchor kind with nothing to learn (stale KL 0) leaves the other kinds' steps as they are, not at zero.
+    assert _kind_scale({}, "threshold", "k1", [("k1", 0.0), ("threshold", 0.4)]) == 1.0
     assert json.loads(json.dumps(progress)) == progress  # saved with the trainer's state, as JSON
     # The shared head's run kept a running mean for each kind it trained on, and resumes with them.
     means = json.loads(trainer_state(trained.out)["progress"])["stale_means"]

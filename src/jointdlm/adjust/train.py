@@ -902,8 +902,8 @@ def _kind_scale(progress: dict, kind: str, anchor: str, observed: list[tuple[str
     means = progress.setdefault("stale_means", {})
     for seen, stale in observed:
         means[seen] = stale if seen not in means else STALE_MEAN_DECAY * means[seen] + (1 - STALE_MEAN_DECAY) * stale
-    if kind == anchor or anchor not in means or means.get(kind, 0.0) <= 0:
-        return 1.0
+    if kind == anchor or means.get(anchor, 0.0) <= 0 or means.get(kind, 0.0) <= 0:
+        return 1.0  # before both kinds were seen, or one has nothing to learn: no scale to match
     return means[anchor] / means[kind]
 
 
