@@ -33,8 +33,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    base = BuiltinModel.load(args.model)
-    data = load_trajectories(args.trajectories)
+    try:
+        base = BuiltinModel.load(args.model)
+        data = load_trajectories(args.trajectories)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
     if 0 < args.subset < len(data):
         _, data = data.split(args.subset)
     rollout = min(T.DEFAULT_ROLLOUT, data.length)
@@ -47,20 +50,13 @@ def main() -> None:
     size = args.batch_size
     print(f"{len(data)} trajectories of {data.length} tokens, {args.batches} batches of {size} per kind")
     means = {}
-    for kind in ("k1", "own", "threshold"):
+    for kind in T.KINDS:
         gen = torch.Generator().manual_seed(0)
         rows_out = []
         for _ in range(args.batches):
             depth = min(int(torch.multinomial(depth_p, 1, generator=gen).item()) + 1, max(sampler.depths))
             rows, states, weights = sampler.draw(depth, size, gen)
-            threshold = pick = None
-            if kind == "threshold":
-                low, high = T.THRESHOLD_RANGE
-                threshold = low + (high - low) * torch.rand(size, generator=gen)
-            elif kind == "own":
-                threshold = torch.full((size,), T.OWN_PICKS)
-            if threshold is not None:
-                pick = T.explored_ranks(size, depth, gen)
+            threshold, pick = T.step_positions(kind, size, depth, gen)
             batch = T.make_batch(sampler.data, rows, states, depth, base.spec.mask_id, "cpu", weights, threshold, pick)
             loss, stale, _, _, count = loss_module(base, batch)
             head.zero_grad()

@@ -501,6 +501,20 @@ def explored_ranks(size: int, depth: int, gen: torch.Generator) -> torch.Tensor:
     return torch.where(explore, torch.randint(EXPLORED_RANKS, (size, depth), generator=gen), 0)
 
 
+def step_positions(kind: str, size: int, depth: int,
+                   gen: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(opening thresholds, explored ranks) for a training step of this kind (see `KINDS`): none for the K=1
+    order, thresholds uniform in THRESHOLD_RANGE for `adjust:threshold`'s passes, OWN_PICKS for fixed-K ADJUST's."""
+    if kind == "k1":
+        return None, None
+    if kind == "threshold":
+        low, high = THRESHOLD_RANGE
+        threshold = low + (high - low) * torch.rand(size, generator=gen)
+    else:
+        threshold = torch.full((size,), OWN_PICKS)
+    return threshold, explored_ranks(size, depth, gen)
+
+
 @torch.no_grad()
 def evaluate(loss_module: RolloutLoss, base: DiffusionLM, sampler: StateSampler, device: str,
              examples: int = 256, seed: int = 4321, threshold: float | None = None,
@@ -772,24 +786,17 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
                 depth = int(torch.multinomial(depth_p, 1, generator=gen).item()) + 1
                 depth = min(depth, max(current.train.depths))
                 rows, states, weights = current.train.draw(depth, cfg.batch_size, gen)
-                threshold = pick_rank = None
                 draw = float(torch.rand((), generator=gen)) if cfg.threshold_share + cfg.own_share > 0 else 1.0
-                kind = "k1"
-                if draw < cfg.threshold_share:
-                    low, high = THRESHOLD_RANGE
-                    threshold = low + (high - low) * torch.rand(cfg.batch_size, generator=gen)
-                    kind = "threshold"
-                elif draw < cfg.threshold_share + cfg.own_share:  # fixed-K ADJUST's own passes
-                    threshold = torch.full((cfg.batch_size,), OWN_PICKS)
-                    kind = "own"
-                if threshold is not None:
-                    pick_rank = explored_ranks(cfg.batch_size, depth, gen)
+                kind = ("threshold" if draw < cfg.threshold_share
+                        else "own" if draw < cfg.threshold_share + cfg.own_share else "k1")
+                threshold, pick_rank = step_positions(kind, cfg.batch_size, depth, gen)
                 batch = make_batch(current.train.data, rows, states, depth, mask_id, device, weights, threshold,
                                    pick_rank)
                 loss, stale, *_ = loss_module(base, batch)
+                stale_value = stale.item()
                 optimizer.zero_grad(set_to_none=True)
                 accelerator.backward(loss * _kind_scale(progress, kind, anchor, _every_process(accelerator, kind,
-                                                                                               stale)))
+                                                                                               stale_value)))
                 diagnostics = None
                 if (progress["step"] + 1) % cfg.eval_every == 0 and accelerator.is_main_process:
                     diagnostics = _diagnostics(unwrapped)
@@ -798,7 +805,7 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
                 average_step()
                 progress["step"] += 1
                 progress["round_step"] += 1
-                pair = (loss.item(), stale.item())
+                pair = (loss.item(), stale_value)
                 running = pair if running is None else tuple(0.95 * a + 0.05 * b for a, b in zip(running, pair,
                                                                                                  strict=True))
                 bar.update(1)
@@ -882,12 +889,12 @@ OBJECTIVE = "kinds-scaled"
 """Saved with a run's state: a run trained before `_kind_scale` is not resumed under it."""
 
 
-def _every_process(accelerator: Accelerator, kind: str, stale: torch.Tensor) -> list[tuple[str, float]]:
+def _every_process(accelerator: Accelerator, kind: str, stale: float) -> list[tuple[str, float]]:
     """(kind, stale KL) of this step on every training process, in rank order: each process draws its own kind of
     step, and all of them keep the same running means from these (rank 0's are saved for all)."""
     if accelerator.num_processes == 1:
-        return [(kind, float(stale))]
-    mine = torch.tensor([[KINDS.index(kind), float(stale)]], dtype=torch.float64, device=stale.device)
+        return [(kind, stale)]
+    mine = torch.tensor([[KINDS.index(kind), stale]], dtype=torch.float64, device=accelerator.device)
     return [(KINDS[int(k)], float(v)) for k, v in accelerator.gather(mine).tolist()]
 
 
