@@ -72,12 +72,15 @@ COSTS = {"passes": lambda r: r["speed"]["base_passes_per_sample"],
 def unmatched(rows: list[dict], metric: str, cost: str) -> list[tuple[dict, dict | None]]:
     """Issue #14's check, on point estimates: each training-free row that no adaptive ADJUST row (a tau, gamma or
     threshold test) matches at equal or lower cost with equal or better quality, with the best adaptive row
-    within that cost (None if there is none)."""
+    within that cost (None if there is none). A row at zero validity or accuracy has nothing to match: every
+    sampler, or none, is that good."""
     cost_of = COSTS[cost]
     adaptive = [r for r in rows if is_adaptive_adjust(r["sampler"])]
     out = []
     for row in rows:
         if row["sampler"].startswith("adjust") or row["sampler"] == "sequential":
+            continue
+        if metric != "nll" and row["quality"][metric]["value"] <= 0:
             continue
         best = best_of([a for a in adaptive if cost_of(a) <= cost_of(row) * (1 + 1e-9)], metric)
         if best is None or _signed(best, metric) < _signed(row, metric):

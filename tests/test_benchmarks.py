@@ -101,6 +101,11 @@ def test_pareto_names_the_training_free_rows_adaptive_adjust_does_not_match():
     assert [(r["sampler"], best) for r, best in missed] == [("parallel", None)]
     missed = pareto.unmatched(rows, "validity", "wall time")
     assert [(r["sampler"], best) for r, best in missed] == [("parallel", None), ("threshold:tau=0.5", None)]
+    # A row that writes no valid string leaves nothing to match, however fast it is.
+    rows.append(row("eb:gamma=16", 1, 0.1, 0.0))
+    missed = pareto.unmatched(rows, "validity", "wall time")
+    assert [r["sampler"] for r, _ in missed] == ["parallel", "threshold:tau=0.5"]
+    rows.pop()
     rows[1]["speed"]["base_passes_per_sample"] = 4
     assert pareto.unmatched(rows, "validity", "passes") == []
     rows[1]["quality"]["validity"] = {"value": 0.86, "low": 0.855, "high": 0.87}
