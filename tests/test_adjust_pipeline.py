@@ -895,7 +895,7 @@ def test_threshold_opening_warns_about_a_head_trained_without_it(base, trained, 
 
 
 def test_each_kind_of_step_is_brought_to_the_scale_of_the_k1_order_steps(trained):
-    """On the prompted tasks mix a threshold step's KL was 50x a K=1 step's and its gradients dominated Adam's
+    """On the prompted tasks mix a threshold step's KL was 67x a K=1 step's and its gradients dominated Adam's
     scale: the head learned nothing elsewhere (docs/results.md §4). A step's loss is multiplied by the ratio of
     running mean stale KLs, the K=1 order's over its own kind's."""
     from jointdlm.adjust.train import STALE_MEAN_DECAY, _kind_scale

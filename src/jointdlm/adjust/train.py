@@ -490,6 +490,11 @@ CHECK_KINDS = ("own", "k1-deep")
 """Held-out kinds scored only in the final verdict, as checks: not in the training score."""
 THRESHOLD_RANGE = (0.5, 0.95)
 EXPLORED_RANKS = 3
+KINDS = ("k1", "own", "threshold")
+"""The kinds of training step: the K=1 order, fixed-K ADJUST's own passes, `adjust:threshold`'s passes."""
+STALE_MEAN_DECAY = 0.99
+OBJECTIVE = "kinds-scaled"
+"""Saved with a run's state: a run trained before `_kind_scale` is not resumed under it."""
 
 
 def explored_ranks(size: int, depth: int, gen: torch.Generator) -> torch.Tensor:
@@ -881,12 +886,6 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
     if base_after != base_fingerprint:
         raise AssertionError("the base model changed during ADJUST training; it must stay frozen")
     return head
-
-
-STALE_MEAN_DECAY = 0.99
-KINDS = ("k1", "own", "threshold")
-OBJECTIVE = "kinds-scaled"
-"""Saved with a run's state: a run trained before `_kind_scale` is not resumed under it."""
 
 
 def _every_process(accelerator: Accelerator, kind: str, stale: float) -> list[tuple[str, float]]:
