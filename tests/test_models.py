@@ -12,6 +12,7 @@ from jointdlm.data import write_corpus
 from jointdlm.models.loading import load_model
 from jointdlm.models.mdlm import (
     CONFIG_FILE,
+    PRESETS,
     WEIGHTS_FILE,
     BuiltinModel,
     MaskedDiffusionTransformer,
@@ -22,6 +23,7 @@ from jointdlm.models.protocol import DiffusionLM, FamilySpec
 from jointdlm.models.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, SPECIAL_TOKENS, BPETokenizer
 from jointdlm.models.train import (
     LOG_FILE,
+    PRESET_LR,
     STATE_FILE,
     PretrainConfig,
     encode_documents,
@@ -307,6 +309,15 @@ def test_pretrain_ar_objective_is_causal(small_corpus, tmp_path):
 def test_pretrain_config_rejects(kwargs):
     with pytest.raises(ValueError):
         PretrainConfig(**kwargs)
+
+
+def test_pretrain_learning_rate_follows_the_preset():
+    """Unless given, the peak rate is the preset's: `small` stalls on copy and exclusion languages at the narrow
+    presets' 3e-3 (docs/results.md §10)."""
+    assert set(PRESET_LR) == set(PRESETS)
+    assert PretrainConfig().lr == PRESET_LR["small"] == 5e-4
+    assert PretrainConfig(preset="tiny").lr == 3e-3
+    assert PretrainConfig(preset="small", lr=1e-3).lr == 1e-3
 
 
 def test_pretrain_corpus_errors(tmp_path):

@@ -14,6 +14,7 @@ from safetensors import SafetensorError
 from .adjust.train import AdjustTrainConfig
 from .models.loading import DTYPES
 from .models.mdlm import PRESETS
+from .models.train import PRESET_LR
 from .outputs import atomic_write_text, atomic_writer, check_output_dir, check_output_file
 from .sampling.base import TokenChoice
 from .sampling.loop import KV_CACHES, SamplingConfig
@@ -325,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", default="mdlm", help="mdlm (diffusion) or ar (causal scorer)")
     p.add_argument("--max-steps", type=_positive_int, default=2000)
     p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate; default: the preset's ("
+                        + ", ".join(f"{name} {lr:g}" for name, lr in PRESET_LR.items()) + ")")
     p.add_argument("--seq-len", type=int, default=0, help="canvas length; 0 = from the corpus")
     p.add_argument("--vocab-size", type=int, default=1024)
     p.add_argument("--tokenizer-from", default=None,
