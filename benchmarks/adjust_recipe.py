@@ -31,13 +31,14 @@ from jointdlm.sampling.loop import SamplingConfig, fill_length, generate
 from jointdlm.sampling.registry import make_from_spec, make_sampler
 
 
-def parse_overrides(items: list[str]) -> dict:
-    types = {f.name: f.type for f in fields(AdjustTrainConfig)}
+def parse_overrides(items: list[str], config: type = AdjustTrainConfig) -> dict:
+    """key=value items as `config`'s fields, each converted to its field's type."""
+    types = {f.name: f.type for f in fields(config)}
     out = {}
     for item in items:
         key, _, value = item.partition("=")
         if key not in types:
-            raise SystemExit(f"unknown AdjustTrainConfig field {key!r}")
+            raise SystemExit(f"unknown {config.__name__} field {key!r}")
         kind = str(types[key])
         if "bool" in kind:
             out[key] = value.lower() in ("1", "true", "yes")

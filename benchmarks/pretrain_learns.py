@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import torch
+from adjust_recipe import parse_overrides  # benchmarks/ is on the path when a script there runs
 
 from jointdlm.data import get_language, validity_rate, write_corpus
 from jointdlm.models.train import PretrainConfig, pretrain
@@ -25,16 +25,8 @@ from jointdlm.sampling.registry import make_sampler
 
 
 def parse_variant(text: str) -> dict:
-    if text == "default":
-        return {}
-    types = {f.name: str(f.type) for f in fields(PretrainConfig)}
-    out = {}
-    for item in text.split(","):
-        key, _, value = item.partition("=")
-        if key not in types:
-            raise SystemExit(f"unknown PretrainConfig field {key!r}")
-        out[key] = int(value) if "int" in types[key] else float(value) if "float" in types[key] else value
-    return out
+    """'default' (no override) or key=value[,key=value] as `PretrainConfig` fields."""
+    return {} if text == "default" else parse_overrides(text.split(","), PretrainConfig)
 
 
 def main() -> None:
@@ -52,10 +44,10 @@ def main() -> None:
     if not corpus.exists():
         write_corpus(args.language, corpus, num=20000, seed=0)
     for variant in args.variants:
-        overrides = {"preset": args.preset, "progress": False} | parse_variant(variant)
-        cfg = PretrainConfig(**overrides)
+        given = parse_variant(variant)
+        cfg = PretrainConfig(**{"preset": args.preset, "progress": False} | given)
         # Named by the resolved rate, so "default" and the rate it stands for share a directory.
-        named = [f"lr-{cfg.lr:g}"] + [f"{k}-{v}" for k, v in parse_variant(variant).items() if k != "lr"]
+        named = [f"lr-{cfg.lr:g}"] + [f"{k}-{v}" for k, v in given.items() if k != "lr"]
         out = work / "_".join([args.preset, *named])
         started = time.time()
         model = pretrain(corpus, out, cfg)
