@@ -113,6 +113,8 @@ def write_checkpoint(kind: str, target: Path, seed: int = 0, code_note: str | No
                                "AutoModel": "modeling_dream.DreamModel"}}
         state = dream_weights(vocab, gen)
     (target / "config.json").write_text(json.dumps({**config, **ids}, indent=2))
+    if kind == "dream":  # released Dream reads it in its own from_pretrained
+        (target / "generation_config.json").write_text(json.dumps({**ids, "steps": 512}, indent=2))
     save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
     return target
 

@@ -19,6 +19,7 @@ import inspect
 import json
 import math
 import re
+import sys
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -412,6 +413,45 @@ def _default_rope_available() -> Iterator[None]:
             table.pop("default", None)
 
 
+def _accepts(function: Any, name: str) -> bool:
+    parameters = inspect.signature(function).parameters.values()
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+@contextlib.contextmanager
+def _lenient_generation_configs(cls: type) -> Iterator[None]:
+    """While `cls` loads, lend the generation-config classes its module uses a `validate()` that takes what
+    transformers passes.
+
+    Released Dream overrides `from_pretrained` to read `generation_config.json` into its own `GenerationConfig`
+    subclass, whose `validate(self, is_init=False)` predates the `user_set_attributes` argument that newer
+    transformers passes while reading it: the load fails with a TypeError although the generation config plays
+    no part in our sampling. The module's name is pointed at a subclass that drops unknown arguments, and pointed
+    back afterwards; the checkpoint's files are not touched.
+    """
+    from transformers import GenerationConfig
+
+    namespace = vars(sys.modules[cls.__module__])
+    swapped: dict[str, type] = {}
+    for name, value in list(namespace.items()):
+        if (not isinstance(value, type) or not issubclass(value, GenerationConfig) or value is GenerationConfig
+                or _accepts(value.validate, "user_set_attributes")):
+            continue
+        known = set(inspect.signature(value.validate).parameters)
+
+        def validate(self: Any, *args: Any, _original: Any = value.validate, _known: set = known,
+                     **kwargs: Any) -> Any:
+            return _original(self, *args, **{k: v for k, v in kwargs.items() if k in _known})
+
+        swapped[name] = value
+        namespace[name] = type(value.__name__, (value,), {"validate": validate, "__module__": value.__module__,
+                                                          "__qualname__": value.__qualname__})
+    try:
+        yield
+    finally:
+        namespace.update(swapped)
+
+
 def _compatible(cls: type) -> type:
     """A subclass of remote model code written for transformers 4.x that loads under 5.x, or `cls` itself.
 
@@ -440,6 +480,29 @@ def _compatible(cls: type) -> type:
     if not attrs:
         return cls
     return type(cls.__name__, (cls,), {**attrs, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+
+
+def _load_with_info(cls: type, source: str, options: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    """`cls.from_pretrained(source)` and transformers' loading info (missing keys), also when the class overrides
+    `from_pretrained` and expects a model back from `super()`, not (model, info) (released Dream does).
+
+    A class placed just above `PreTrainedModel` in a subclass's method order asks for the info and hands the
+    model alone back up the chain, so the checkpoint's own `from_pretrained` runs unchanged.
+    """
+    from transformers import PreTrainedModel
+
+    info: dict[str, Any] = {}
+
+    class RecordLoadingInfo(PreTrainedModel):
+        @classmethod
+        def from_pretrained(klass, *args: Any, **kwargs: Any) -> Any:
+            model, found = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+            info.update(found)
+            return model
+
+    recording = type(cls.__name__, (cls, RecordLoadingInfo),
+                     {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    return recording.from_pretrained(source, **options), info
 
 
 def _refill_rotary(model: nn.Module) -> None:
@@ -475,10 +538,10 @@ def _load_remote(source: str, family: HFFamily, options: dict[str, Any]) -> tupl
             tried.append(f"{name}: not in the checkpoint's auto_map")
             continue
         try:
-            with _default_rope_available():
-                cls = _compatible(get_class_from_dynamic_module(reference, source, local_files_only=True))
-                model, info = cls.from_pretrained(source, output_loading_info=True,
-                                                  **{k: v for k, v in options.items() if k != "trust_remote_code"})
+            loaded = get_class_from_dynamic_module(reference, source, local_files_only=True)
+            with _default_rope_available(), _lenient_generation_configs(loaded):
+                model, info = _load_with_info(_compatible(loaded), source,
+                                              {k: v for k, v in options.items() if k != "trust_remote_code"})
         except Exception as err:  # the checkpoint's own code: anything can be raised
             raise _load_failure(f"{source}'s own code ({reference})", err) from None
         if model.get_output_embeddings() is None:

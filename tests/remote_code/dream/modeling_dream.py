@@ -1,5 +1,6 @@
 """Stand-in for Dream's released modeling code (see ../README.md): shifted logits, a rotary buffer that only
-`reset_rope_parameters()` fills, unknown keyword arguments swallowed."""
+`reset_rope_parameters()` fills, unknown keyword arguments swallowed, and a `from_pretrained` of its own that reads
+generation_config.json into `DreamGenerationConfig` after `super().from_pretrained` returned a model."""
 
 import torch
 import torch.nn.functional as F
@@ -9,6 +10,7 @@ from transformers.modeling_outputs import MaskedLMOutput
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from .configuration_dream import DreamConfig
+from .generation_utils import DreamGenerationConfig
 
 
 class DreamRotaryEmbedding(nn.Module):
@@ -124,6 +126,12 @@ class DreamModel(DreamPreTrainedModel):
         self.model = DreamBaseModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model.generation_config = DreamGenerationConfig.from_pretrained(pretrained_model_name_or_path)
+        return model
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.embed_tokens
