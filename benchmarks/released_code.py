@@ -1,0 +1,159 @@
+"""Run the whole pipeline on a model family's own released code, at a tiny width with random weights.
+
+The released LLaDA / Dream checkpoints cannot be downloaded here, and their code is not ours to ship; tests use
+stand-ins (tests/remote_code). Given a folder holding a family's released Python files (LLaDA:
+modeling_llada.py, configuration_llada.py; Dream: modeling_dream.py, configuration_dream.py, generation_utils.py;
+for instance copied from a hub snapshot), this writes a checkpoint of two layers of width 32 around those files
+(config.json with `auto_map`, generation_config.json, random weights named as the code names them, a tokenizer),
+then runs what a user runs through the CLI: `sample` with each sampler, batch 1 against batch 8, `trajectories`,
+`train-adjust`, `sample` with the head, and `eval`. It prints one line per stage and stops at the first failure.
+
+    python benchmarks/released_code.py --family dream --code DIR --workdir runs/released/dream
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import save_file
+
+from jointdlm.models.tokenizer import BPETokenizer
+
+WIDTH, HEADS, LAYERS, MLP, LENGTH = 32, 4, 2, 64, 64
+LINES = ["the cat sat on the mat", "a dog ran to the park", "birds sing in the morning"] * 20
+PROMPTS = ["the cat", "a", "birds sing in the", "the dog ran", "a cat", "the", "sing in", "a dog ran to"]
+FILES = {"llada": ("modeling_llada.py", "configuration_llada.py"),
+         "dream": ("modeling_dream.py", "configuration_dream.py", "generation_utils.py")}
+
+
+def family_config(family: str, vocab: int) -> dict:
+    if family == "llada":
+        return {"model_type": "llada", "architectures": ["LLaDAModelLM"], "d_model": WIDTH, "n_heads": HEADS,
+                "n_kv_heads": HEADS, "n_layers": LAYERS, "mlp_hidden_size": MLP, "mlp_ratio": 2,
+                "vocab_size": vocab, "embedding_size": vocab, "max_sequence_length": LENGTH, "rope": True,
+                "rope_theta": 10000.0, "weight_tying": False, "use_cache": False, "block_type": "llama",
+                "activation_type": "silu", "layer_norm_type": "rms", "rms_norm_eps": 1e-5, "include_bias": False,
+                "include_qkv_bias": False, "attention_layer_norm": False, "flash_attention": False, "alibi": False,
+                "scale_logits": False, "input_emb_norm": False, "init_fn": "mitchell", "init_device": "cpu",
+                "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig",
+                             "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
+                             "AutoModel": "modeling_llada.LLaDAModelLM"}}
+    return {"model_type": "Dream", "architectures": ["DreamModel"], "hidden_size": WIDTH,
+            "num_attention_heads": HEADS, "num_key_value_heads": HEADS, "num_hidden_layers": LAYERS,
+            "intermediate_size": MLP, "vocab_size": vocab, "max_position_embeddings": LENGTH, "rope_theta": 10000.0,
+            "rope_scaling": None, "tie_word_embeddings": False, "hidden_act": "silu", "rms_norm_eps": 1e-6,
+            "attention_dropout": 0.0,
+            "auto_map": {"AutoConfig": "configuration_dream.DreamConfig", "AutoModel": "modeling_dream.DreamModel"}}
+
+
+def weight_shapes(family: str, code: Path, config: dict) -> dict[str, torch.Size]:
+    """Names and shapes of the weights, from the released classes themselves (imported as a package)."""
+    from jointdlm.models.hf import _default_rope_available
+
+    with tempfile.TemporaryDirectory() as tmp:
+        package = Path(tmp) / f"released_{family}"
+        shutil.copytree(code, package)
+        (package / "__init__.py").write_text("")
+        sys.path.insert(0, tmp)
+        try:
+            configuration = importlib.import_module(f"released_{family}.configuration_{family}")
+            modeling = importlib.import_module(f"released_{family}.modeling_{family}")
+            fields = {k: v for k, v in config.items() if k not in ("auto_map", "model_type")}
+            if family == "llada":
+                inner = modeling.LLaDAModel(modeling.create_model_config_from_pretrained_config(
+                    configuration.LLaDAConfig(**fields)), init_params=False)
+                return {"model." + k: v.shape for k, v in inner.state_dict().items()}
+            with _default_rope_available():
+                model = modeling.DreamModel(configuration.DreamConfig(**fields))
+            return {k: v.shape for k, v in model.state_dict().items() if "inv_freq" not in k}
+        finally:
+            sys.path.remove(tmp)
+
+
+def write_checkpoint(family: str, code: Path, target: Path) -> Path:
+    missing = [name for name in FILES[family] if not (code / name).is_file()]
+    if missing:
+        raise SystemExit(f"released_code: {code} lacks {', '.join(missing)}")
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    bpe = target.parent / "bpe"
+    bpe.mkdir(exist_ok=True)
+    BPETokenizer.train(LINES, vocab_size=300).save(bpe)
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(bpe / "tokenizer.json"), pad_token="<pad>", bos_token="<bos>",
+        eos_token="<eos>", mask_token="<mask>")
+    tokenizer.save_pretrained(target)
+    for name in FILES[family]:
+        shutil.copy(code / name, target / name)
+    ids = {"mask_token_id": tokenizer.mask_token_id, "pad_token_id": tokenizer.pad_token_id,
+           "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    config = {**family_config(family, len(tokenizer)), **ids}
+    (target / "config.json").write_text(json.dumps(config, indent=2))
+    (target / "generation_config.json").write_text(json.dumps(ids, indent=2))
+    generator = torch.Generator().manual_seed(0)
+    state = {}
+    for name, shape in weight_shapes(family, code, config).items():
+        if name.endswith("norm.weight") or ".ln_f." in name:
+            state[name] = torch.ones(shape)
+        elif len(shape) == 2:
+            state[name] = torch.randn(*shape, generator=generator) / shape[1] ** 0.5
+        else:
+            state[name] = 0.1 * torch.randn(*shape, generator=generator)
+    save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
+    return target
+
+
+def run(stage: str, argv: list[str]) -> str:
+    done = subprocess.run([sys.executable, "-m", "jointdlm.cli", *argv], capture_output=True, text=True)
+    lines = [line for line in done.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    if done.returncode != 0:
+        raise SystemExit(f"{stage}: FAILED\n  " + "\n  ".join(lines[-3:]))
+    summary = next((line for line in reversed(lines) if "->" in line or "steps," in line), lines[-1] if lines else "")
+    print(f"{stage}: ok  {summary.strip()[:150]}", flush=True)
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=sorted(FILES), required=True)
+    parser.add_argument("--code", type=Path, required=True, help="folder with the family's released .py files")
+    parser.add_argument("--workdir", type=Path, required=True)
+    args = parser.parse_args()
+    work = args.workdir
+    model = str(write_checkpoint(args.family, args.code, work / "checkpoint"))
+    print(f"checkpoint: {model} (transformers {transformers.__version__})", flush=True)
+    prompts = work / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    common = ["--model", model, "--trust-remote-code"]
+    shape = ["--length", "12", "--prompts", str(prompts)]
+    for spec, k in (("sequential", 1), ("parallel", 4), ("threshold", 4), ("eb", 4), ("punt", 4)):
+        run(f"sample {spec}", ["sample", *common, "--sampler", spec, "--tokens-per-step", str(k), *shape,
+                               "--batch-size", "8", "--out", str(work / f"{spec}.jsonl")])
+    run("sample parallel, batch 1", ["sample", *common, "--sampler", "parallel", "--tokens-per-step", "4", *shape,
+                                     "--batch-size", "1", "--out", str(work / "parallel_b1.jsonl")])
+    same = (work / "parallel.jsonl").read_bytes() == (work / "parallel_b1.jsonl").read_bytes()
+    print(f"batch 1 vs batch 8: {'identical' if same else 'DIFFERENT'}", flush=True)
+    run("trajectories", ["trajectories", *common, "--out", str(work / "trajectories"), "--num", "64", *shape])
+    run("train-adjust", ["train-adjust", *common, "--trajectories", str(work / "trajectories"),
+                         "--out", str(work / "head"), "--max-steps", "60"])
+    for spec in ("adjust", "adjust:threshold=0.9", "adjust:tau=0.9"):
+        run(f"sample {spec}", ["sample", *common, "--sampler", spec, "--adjust", str(work / "head"),
+                               "--tokens-per-step", "4", *shape, "--batch-size", "8",
+                               "--out", str(work / f"{spec.replace(':', '_')}.jsonl")])
+    run("eval", ["eval", *common, "--adjust", str(work / "head"), "--samplers", "parallel,adjust",
+                 "--tokens-per-step", "1,4", "--num", "16", "--length", "12", "--out", str(work / "eval")])
+    if not same:
+        raise SystemExit("released_code: samples depend on the batch size")
+
+
+if __name__ == "__main__":
+    main()
