@@ -17,15 +17,13 @@ better; MAUVE is in results.md).
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
-from pathlib import Path
 
 import torch
 
 from jointdlm.adjust.head import AdjustHead
-from jointdlm.eval.runner import RESULTS_FILE, EvalConfig, run_eval
+from jointdlm.eval.runner import EvalConfig, run_eval
 from jointdlm.models.causal import CausalScorer
 from jointdlm.models.mdlm import BuiltinModel
 from jointdlm.sampling.adjust import AdjustConfig
@@ -130,9 +128,8 @@ def main() -> None:
     cfg = EvalConfig(samplers=SAMPLERS, tokens_per_step=TOKENS_PER_STEP, num=args.num, seed=args.seed,
                      language=args.language, task=args.task, batch_size=500, timing_repeats=args.timing_repeats)
     with torch.no_grad():
-        results = run_eval(model, cfg, args.out, adjust_head=head, scorer=scorer)
-    results["command"] = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    (Path(args.out) / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+        results = run_eval(model, cfg, args.out, adjust_head=head, scorer=scorer,
+                           command="python " + shlex.join(sys.argv))
 
     rows = results["rows"]
     k1 = next(r for r in rows if r["sampler"] == "sequential")

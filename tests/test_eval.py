@@ -75,6 +75,8 @@ def test_task_accuracy_through_the_cli(tiny_model_dir, tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     results = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert all("accuracy" in r["quality"] for r in results["rows"])
+    assert results["command"].startswith("jointdlm ") and "--task copy" in results["command"]
+    assert (tmp_path / "ev" / "results.md").read_text().startswith(f"Command: `{results['command']}`")
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -240,7 +241,7 @@ def cmd_code_eval(args: argparse.Namespace) -> None:
     c = result.counters
     rows = [{"task_id": p["task_id"], "completion": truncate(text), "status": o.status, "detail": o.detail}
             for p, text, o in zip(problems, result.texts, outcomes, strict=True)]
-    summary = {"command": "jointdlm " + " ".join(sys.argv[1:]), "benchmark": args.benchmark,
+    summary = {"command": args.command_line, "benchmark": args.benchmark,
                "sampler": args.sampler, "tokens_per_step": config.tokens_per_step, "pass_at_1": asdict(score),
                "speed": c.as_dict()}
     atomic_write_text(out / "results.json", json.dumps({**summary, "problems": rows}, indent=2))
@@ -278,7 +279,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
                        dtype=args.dtype)
     head = AdjustHead.from_pretrained(args.adjust, model) if args.adjust else None
     scorer = CausalScorer.load(args.scorer, args.device) if args.scorer else None
-    results = run_eval(model, cfg, args.out, adjust_head=head, scorer=scorer)
+    results = run_eval(model, cfg, args.out, adjust_head=head, scorer=scorer,
+                       command=args.command_line)
     from .eval.runner import format_table
 
     print(format_table(results))
@@ -462,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     """Every failure ends as one `jointdlm: error: ...` line (exit 2 for bad input, 1 for anything unexpected);
     JOINTDLM_DEBUG=1 shows the traceback instead."""
     args = build_parser().parse_args(argv)
+    args.command_line = "jointdlm " + shlex.join(sys.argv[1:] if argv is None else argv)  # kept with results
     debug = os.environ.get("JOINTDLM_DEBUG", "") not in ("", "0")
     try:
         args.func(args)

@@ -132,8 +132,9 @@ def follows_budget(spec: str) -> bool:
 
 
 def run_eval(model: DiffusionLM, cfg: EvalConfig, out: str | Path, adjust_head=None,
-             scorer: CausalScorer | None = None) -> dict:
-    """Run the grid, write results.json and results.md (and plots) into `out`, return the results."""
+             scorer: CausalScorer | None = None, command: str | None = None) -> dict:
+    """Run the grid, write results.json and results.md (and plots) into `out`, return the results. `command`, the
+    command line that ran it, heads results.md and is kept in results.json, so the numbers carry their source."""
     for spec in cfg.samplers:
         make_from_spec(spec, head=adjust_head, scorer=scorer)
     examples, prompts = _prompts(cfg)
@@ -190,12 +191,12 @@ def run_eval(model: DiffusionLM, cfg: EvalConfig, out: str | Path, adjust_head=N
                      None)
         row["speed"]["time_vs_naive"] = wall / naive["speed"]["wall_time_s"] if naive else None
 
-    results = {"command": None, "config": {**asdict(cfg), "length": length}, "rows": rows,
+    results = {"command": command, "config": {**asdict(cfg), "length": length}, "rows": rows,
                "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
                           f"python {platform.python_version()}",
                "date": time.strftime("%Y-%m-%d"), "histories": histories}
     atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2))
-    atomic_write_text(out / TABLE_FILE, format_table(results) + "\n")
+    atomic_write_text(out / TABLE_FILE, (f"Command: `{command}`\n\n" if command else "") + format_table(results) + "\n")
     from .plots import plot_all
 
     plot_all(results, out)
