@@ -175,9 +175,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, dict]:
         model, head, scorer = prepare_stage(stage, root, cfg.seed)
         evaluation = EvalConfig(samplers=("parallel", "adjust"), tokens_per_step=stage.tokens_per_step,
                                 num=stage.samples, seed=cfg.seed, task=stage.task, language=stage.language)
-        results = run_eval(model, evaluation, root / "eval", adjust_head=head, scorer=scorer)
-        results["command"] = command
-        atomic_write_text(root / "eval" / "results.json", json.dumps(results, indent=2))
+        results = run_eval(model, evaluation, root / "eval", adjust_head=head, scorer=scorer, command=command)
         summary[stage.corpus] = {"heldout_kl": final_heldout(root / "adjust"), "table": format_table(results)}
         print(f"\n## {stage.corpus}: {stage.samples} samples per row (95% intervals), temperature 1, "
               f"confidence rule\n")
