@@ -431,7 +431,8 @@ def _lenient_generation_configs(cls: type) -> Iterator[None]:
     """
     from transformers import GenerationConfig
 
-    namespace = vars(sys.modules[cls.__module__])
+    module = sys.modules.get(cls.__module__)
+    namespace = vars(module) if module is not None else {}
     swapped: dict[str, type] = {}
     for name, value in list(namespace.items()):
         if (not isinstance(value, type) or not issubclass(value, GenerationConfig) or value is GenerationConfig
@@ -496,9 +497,10 @@ def _load_with_info(cls: type, source: str, options: dict[str, Any]) -> tuple[nn
     class RecordLoadingInfo(PreTrainedModel):
         @classmethod
         def from_pretrained(klass, *args: Any, **kwargs: Any) -> Any:
+            asked = kwargs.pop("output_loading_info", False)  # by the checkpoint's own from_pretrained
             model, found = super().from_pretrained(*args, output_loading_info=True, **kwargs)
             info.update(found)
-            return model
+            return (model, found) if asked else model
 
     recording = type(cls.__name__, (cls, RecordLoadingInfo),
                      {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
@@ -625,7 +627,8 @@ def load_hf_model(path_or_repo: str | Path | None, family: str | HFFamily, devic
     the checkpoint does not register, or one that comes without an LM head, is skipped. A checkpoint whose
     config.json names its own Python code (`auto_map`) is refused unless `trust_remote_code=True`: that code runs
     with the user's rights when it is imported. Trusted local remote code is loaded through its own classes,
-    with the shims that let code released for transformers 4.x load under 5.x (`_compatible`, `_refill_rotary`).
+    with the shims that let code released for transformers 4.x load under 5.x (`_compatible`, `_refill_rotary`,
+    `_lenient_generation_configs`) and its own `from_pretrained` unchanged (`_load_with_info`).
     `check` runs `check_head` and `self_check` once on a few tokens.
     """
     family = get_family(family)
