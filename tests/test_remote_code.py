@@ -253,6 +253,13 @@ def test_code_that_fails_is_one_line(tmp_path, capsys):
     save_file(state, str(missing / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="lacks 1 of the model's weights \\(model.ln_f.weight\\)"):
         load_model(missing, trust_remote_code=True)
+    # Dream's own from_pretrained takes a model back from super(): the loading info must still reach the check.
+    missing = write_checkpoint("dream", tmp_path / "missing_dream")
+    state = dream_weights(len(transformers.AutoTokenizer.from_pretrained(missing)), torch.Generator().manual_seed(0))
+    state.pop("model.norm.weight")
+    save_file(state, str(missing / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lacks 1 of the model's weights \\(model.norm.weight\\)"):
+        load_model(missing, trust_remote_code=True)
 
 
 def samples(path: Path) -> list[list[int]]:
