@@ -2,13 +2,16 @@
 
 The released LLaDA / Dream checkpoints cannot be downloaded here, and their code is not ours to ship; tests use
 stand-ins (tests/remote_code). Given a folder holding a family's released Python files (LLaDA:
-modeling_llada.py, configuration_llada.py; Dream: modeling_dream.py, configuration_dream.py, generation_utils.py;
-for instance copied from a hub snapshot), this writes a checkpoint of two layers of width 32 around those files
+modeling_llada.py, configuration_llada.py; LLaDA-MoE: modeling_lladamoe.py, configuration_lladamoe.py; Dream:
+modeling_dream.py, configuration_dream.py, generation_utils.py; for instance copied from a hub snapshot), this writes a checkpoint of two layers of width 32 around those files
 (config.json with `auto_map`, generation_config.json, random weights named as the code names them, a tokenizer),
 then runs what a user runs through the CLI: `sample` with each sampler, batch 1 against batch 8, `trajectories`,
 `train-adjust`, `sample` with the head, and `eval`. It prints one line per stage and stops at the first failure.
 
     python benchmarks/released_code.py --family dream --code DIR --workdir runs/released/dream
+
+The tokenizer is ours and declares its mask token, so the mask-id lookup of an undeclared mask (LLaDA-MoE) is
+tested on the stand-ins (tests/test_remote_code.py), not here.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ WIDTH, HEADS, LAYERS, MLP, LENGTH = 32, 4, 2, 64, 64
 LINES = ["the cat sat on the mat", "a dog ran to the park", "birds sing in the morning"] * 20
 PROMPTS = ["the cat", "a", "birds sing in the", "the dog ran", "a cat", "the", "sing in", "a dog ran to"]
 FILES = {"llada": ("modeling_llada.py", "configuration_llada.py"),
+         "lladamoe": ("modeling_lladamoe.py", "configuration_lladamoe.py"),
          "dream": ("modeling_dream.py", "configuration_dream.py", "generation_utils.py")}
 
 
@@ -47,6 +51,20 @@ def family_config(family: str, vocab: int) -> dict:
                 "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig",
                              "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
                              "AutoModel": "modeling_llada.LLaDAModelLM"}}
+    if family == "lladamoe":
+        # LLaDA-MoE's config.json says model_type "llada" (its own LLaDAConfig) and names LLaDAMoEModelLM.
+        return {"model_type": "llada", "architectures": ["LLaDAMoEModelLM"], "hidden_size": WIDTH,
+                "num_attention_heads": HEADS, "num_key_value_heads": HEADS, "num_hidden_layers": LAYERS,
+                "dense_intermediate_size": MLP, "expert_intermediate_size": MLP // 2,
+                "shared_expert_intermediate_size": None, "num_experts": 4, "num_experts_per_tok": 2,
+                "moe_layer_freq": [1] * LAYERS, "moe_router_enable_expert_bias": False,
+                "moe_router_score_function": "softmax", "norm_topk_prob": False, "qk_layernorm": True,
+                "vocab_size": vocab, "max_position_embeddings": LENGTH, "rope_theta": 10000.0,
+                "partial_rotary_factor": 1.0, "rope_scaling": None, "tie_word_embeddings": False,
+                "hidden_act": "silu", "rms_norm_eps": 1e-5, "use_cache": False,
+                "auto_map": {"AutoConfig": "configuration_lladamoe.LLaDAConfig",
+                             "AutoModel": "modeling_lladamoe.LLaDAMoEModelLM",
+                             "AutoModelForCausalLM": "modeling_lladamoe.LLaDAMoEModelLM"}}
     return {"model_type": "Dream", "architectures": ["DreamModel"], "hidden_size": WIDTH,
             "num_attention_heads": HEADS, "num_key_value_heads": HEADS, "num_hidden_layers": LAYERS,
             "intermediate_size": MLP, "vocab_size": vocab, "max_position_embeddings": LENGTH, "rope_theta": 10000.0,
@@ -73,7 +91,10 @@ def weight_shapes(family: str, code: Path, config: dict) -> dict[str, torch.Size
                     configuration.LLaDAConfig(**fields)), init_params=False)
                 return {"model." + k: v.shape for k, v in inner.state_dict().items()}
             with _default_rope_available():
-                model = modeling.DreamModel(configuration.DreamConfig(**fields))
+                if family == "lladamoe":
+                    model = modeling.LLaDAMoEModelLM(configuration.LLaDAConfig(**fields))
+                else:
+                    model = modeling.DreamModel(configuration.DreamConfig(**fields))
             return {k: v.shape for k, v in model.state_dict().items() if "inv_freq" not in k}
         finally:
             sys.path.remove(tmp)

@@ -9,6 +9,7 @@ import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from jointdlm.models.hf import (
     detect_family,
     hf_fingerprint,
     load_hf_model,
+    resolve_spec,
 )
 from jointdlm.models.loading import load_model
 from jointdlm.models.protocol import DiffusionLM
@@ -258,6 +260,36 @@ def test_detect_family():
     assert detect_family({"model_type": "Dream", "architectures": ["DreamModel"]}) == "dream"
     assert detect_family({"architectures": ["DreamModel"]}) == "dream"
     assert detect_family({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}) is None
+    # LLaDA-MoE's config.json says model_type "llada": its architecture decides, whatever the families' order.
+    assert detect_family({"model_type": "llada", "architectures": ["LLaDAMoEModelLM"]}) == "lladamoe"
+    assert detect_family({"model_type": "llada"}) == "llada"
+
+
+def word_tokenizer(words: list[str]) -> transformers.PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    inner = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
+    inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=inner, eos_token=words[0])
+
+
+def test_an_undeclared_mask_id_comes_from_the_vocabulary_or_is_refused():
+    """LLaDA-MoE declares its mask id nowhere; falling back to a family's number could name an ordinary word."""
+    config = SimpleNamespace(eos_token_id=0, pad_token_id=0, bos_token_id=0)
+    moe = FAMILIES["lladamoe"]
+    words = ["<eos>", "the", "cat", "<|mask|>", "sat"]
+    assert resolve_spec(moe, word_tokenizer(words), config, len(words)).mask_id == 3
+    llada_like = replace(FAMILIES["llada"], mask_id=4)
+    with pytest.raises(ValueError, match="at the llada family's mask id 4 its tokenizer holds 'sat'"):
+        resolve_spec(llada_like, word_tokenizer(["<eos>", "the", "cat", "dog", "sat"]), config, 5)
+    with pytest.raises(ValueError, match="declares no mask id .* holds nothing: add \"mask_token_id\""):
+        resolve_spec(moe, word_tokenizer(["<eos>", "the", "cat"]), config, 3)
+    at_known = replace(FAMILIES["llada"], mask_id=2)  # a mask token where the family expects it: taken
+    assert resolve_spec(at_known, word_tokenizer(["<eos>", "the", "<mask_0>"]), config, 3).mask_id == 2
+    # A declared id always wins, with a warning.
+    declared = SimpleNamespace(eos_token_id=0, pad_token_id=0, bos_token_id=0, mask_token_id=1)
+    with pytest.warns(UserWarning, match="lladamoe family's mask id is 156895"):
+        assert resolve_spec(moe, word_tokenizer(words), declared, len(words)).mask_id == 1
 
 
 def test_fingerprint_stable_and_weight_sensitive(tiny_dir, plain):

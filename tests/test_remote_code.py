@@ -1,9 +1,11 @@
-"""Checkpoints that ship their own code, loaded exactly as the released LLaDA-8B and Dream-7B load.
+"""Checkpoints that ship their own code, loaded exactly as the released LLaDA-8B, LLaDA-MoE and Dream-7B load.
 
 tests/remote_code holds tiny stand-ins written for these tests that reproduce the released files' quirks (see its
 README): LLaDA-style code never calls `post_init`, takes no arguments in `tie_weights` and ignores padding;
 Dream-style code asks transformers for a "default" rotary init and leaves its rotary buffer for
-`reset_rope_parameters()` to fill, and swallows unknown keyword arguments. The checkpoints are written here (code,
+`reset_rope_parameters()` to fill, and swallows unknown keyword arguments; LLaDA-MoE-style code says model_type
+"llada", declares no mask id, keeps transformers 4's rotary module with nothing to refill it, routes tokens to
+experts and takes no keyword it does not list. The checkpoints are written here (code,
 config with `auto_map`, safetensors weights, tokenizer) and go through `trust_remote_code=True`.
 """
 
@@ -32,21 +34,25 @@ from jointdlm.models.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, BPETokeni
 from jointdlm.sampling.loop import SamplingConfig, generate
 from jointdlm.sampling.registry import make_sampler
 
-pytestmark = [pytest.mark.filterwarnings("ignore:the (llada|dream) family's mask id"),
+pytestmark = [pytest.mark.filterwarnings("ignore:the (llada|lladamoe|dream) family's mask id"),
               pytest.mark.filterwarnings("ignore:.*ignores padding")]
 
 CODE = Path(__file__).parent / "remote_code"
 LINES = ["the cat sat on the mat", "a dog ran to the park", "birds sing in the morning"] * 20
 PROMPTS = ["the cat", "a", "birds sing in the", "", "the dog ran", "a cat", "the", "sing in"]
-D, HEADS, LAYERS, MLP, LENGTH = 32, 4, 2, 64, 64
+D, HEADS, LAYERS, MLP, LENGTH, EXPERTS = 32, 4, 2, 64, 64, 4
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+KINDS = ("llada", "lladamoe", "dream")
 
 
-def tokenizer_files(root: Path) -> transformers.PreTrainedTokenizerFast:
+def tokenizer_files(root: Path, declare_mask: bool = True) -> transformers.PreTrainedTokenizerFast:
+    """Our BPE tokenizer as a transformers one; with `declare_mask=False` its "<mask>" token is in the vocabulary
+    but not declared as the mask token (as LLaDA-MoE's tokenizer and config declare none)."""
     root.mkdir(parents=True, exist_ok=True)
     BPETokenizer.train(LINES, vocab_size=300).save(root)
+    mask = {"mask_token": "<mask>"} if declare_mask else {}
     return transformers.PreTrainedTokenizerFast(tokenizer_file=str(root / "tokenizer.json"), pad_token="<pad>",
-                                                bos_token="<bos>", eos_token="<eos>", mask_token="<mask>")
+                                                bos_token="<bos>", eos_token="<eos>", **mask)
 
 
 def linear(out_features: int, in_features: int, gen: torch.Generator) -> torch.Tensor:
@@ -82,11 +88,31 @@ def dream_weights(vocab: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
     return state
 
 
+def lladamoe_weights(vocab: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    state = {"model.embed_tokens.weight": torch.randn(vocab, D, generator=gen), "model.norm.weight": torch.ones(D),
+             "lm_head.weight": linear(vocab, D, gen)}
+    for i in range(LAYERS):
+        layer = f"model.layers.{i}."
+        state.update({layer + "input_layernorm.weight": torch.ones(D),
+                      layer + "post_attention_layernorm.weight": torch.ones(D),
+                      layer + "self_attn.q_norm.weight": torch.ones(D // HEADS),
+                      layer + "self_attn.k_norm.weight": torch.ones(D // HEADS),
+                      layer + "mlp.gate.weight": linear(EXPERTS, D, gen)})
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            state[layer + f"self_attn.{name}.weight"] = linear(D, D, gen)
+        for e in range(EXPERTS):
+            expert = layer + f"mlp.experts.{e}."
+            state.update({expert + "gate_proj.weight": linear(MLP // 2, D, gen),
+                          expert + "up_proj.weight": linear(MLP // 2, D, gen),
+                          expert + "down_proj.weight": linear(D, MLP // 2, gen)})
+    return state
+
+
 def write_checkpoint(kind: str, target: Path, seed: int = 0, code_note: str | None = None) -> Path:
-    """A `kind` ("llada" or "dream") checkpoint as released: code files, config.json with auto_map, weights,
-    tokenizer. `code_note` appends a line to the modeling file (another checkpoint's code, same file names)."""
+    """A `kind` (one of KINDS) checkpoint as released: code files, config.json with auto_map, weights, tokenizer.
+    `code_note` appends a line to the modeling file (another checkpoint's code, same file names)."""
     target.mkdir(parents=True)
-    tokenizer = tokenizer_files(target.parent / f"{target.name}_tokenizer")
+    tokenizer = tokenizer_files(target.parent / f"{target.name}_tokenizer", declare_mask=kind != "lladamoe")
     tokenizer.save_pretrained(target)
     vocab = len(tokenizer)
     for source in (CODE / kind).glob("*.py"):
@@ -104,6 +130,16 @@ def write_checkpoint(kind: str, target: Path, seed: int = 0, code_note: str | No
                                "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
                                "AutoModel": "modeling_llada.LLaDAModelLM"}}
         state = llada_weights(vocab, gen)
+    elif kind == "lladamoe":  # model_type "llada" like the dense model; config.json declares no mask id
+        config = {"model_type": "llada", "architectures": ["LLaDAMoEModelLM"], "hidden_size": D,
+                  "num_attention_heads": HEADS, "num_hidden_layers": LAYERS, "expert_intermediate_size": MLP // 2,
+                  "num_experts": EXPERTS, "num_experts_per_tok": 2, "vocab_size": vocab,
+                  "max_position_embeddings": LENGTH, "rope_theta": 50000.0, "tie_word_embeddings": False,
+                  "auto_map": {"AutoConfig": "configuration_lladamoe.LLaDAConfig",
+                               "AutoModel": "modeling_lladamoe.LLaDAMoEModelLM",
+                               "AutoModelForCausalLM": "modeling_lladamoe.LLaDAMoEModelLM"}}
+        ids.pop("mask_token_id")
+        state = lladamoe_weights(vocab, gen)
     else:
         config = {"model_type": "Dream", "architectures": ["DreamModel"], "hidden_size": D,
                   "num_attention_heads": HEADS, "num_hidden_layers": LAYERS, "intermediate_size": MLP,
@@ -122,12 +158,17 @@ def write_checkpoint(kind: str, target: Path, seed: int = 0, code_note: str | No
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("remote_checkpoints")
-    return {kind: write_checkpoint(kind, root / kind) for kind in ("llada", "dream")}
+    return {kind: write_checkpoint(kind, root / kind) for kind in KINDS}
 
 
 @pytest.fixture(scope="module")
 def llada(checkpoints) -> hf.HFDiffusionModel:
     return load_model(checkpoints["llada"], trust_remote_code=True)
+
+
+@pytest.fixture(scope="module")
+def lladamoe(checkpoints) -> hf.HFDiffusionModel:
+    return load_model(checkpoints["lladamoe"], trust_remote_code=True)
 
 
 @pytest.fixture(scope="module")
@@ -148,14 +189,15 @@ def fresh_process(checkpoints, tmp_path_factory) -> tuple[dict[str, str], Path]:
     prompts = root / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     lines = ["import json, transformers", "from jointdlm.cli import main", "errors = {}"]
-    for kind in ("llada", "dream"):
-        lines += ["try:",
-                  f"    transformers.AutoModel.from_pretrained({str(checkpoints[kind])!r}, trust_remote_code=True)",
-                  "except Exception as err:",
-                  f"    errors[{kind!r}] = type(err).__name__ + ' ' + (str(err).splitlines() or [''])[0]",
-                  "else:",
-                  f"    errors[{kind!r}] = 'loaded'",
-                  f"assert main({sample_argv(checkpoints[kind], prompts, 8, root / f'{kind}_8.jsonl')!r}) == 0"]
+    for kind in KINDS:
+        if kind != "lladamoe":  # it loads, with an uninitialised rotary buffer (the self-check test below)
+            lines += ["try:",
+                      f"    transformers.AutoModel.from_pretrained({str(checkpoints[kind])!r}, trust_remote_code=True)",
+                      "except Exception as err:",
+                      f"    errors[{kind!r}] = type(err).__name__ + ' ' + (str(err).splitlines() or [''])[0]",
+                      "else:",
+                      f"    errors[{kind!r}] = 'loaded'"]
+        lines.append(f"assert main({sample_argv(checkpoints[kind], prompts, 8, root / f'{kind}_8.jsonl')!r}) == 0")
     lines.append("print(json.dumps(errors))")
     run = subprocess.run([sys.executable, "-c", "\n".join(lines)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -170,37 +212,47 @@ def test_released_style_code_does_not_load_with_transformers_alone(fresh_process
     assert errors["dream"] == "KeyError 'default'"
 
 
-def test_both_families_load_with_their_own_code(llada, dream):
+def test_every_family_loads_with_its_own_code(llada, lladamoe, dream):
     assert type(llada.model).__name__ == "LLaDAModelLM" and llada.family is hf.FAMILIES["llada"]
     assert type(dream.model).__name__ == "DreamModel" and dream.family is hf.FAMILIES["dream"]
-    assert not llada.spec.shifted_logits and dream.spec.shifted_logits
-    assert (llada.max_length, dream.max_length) == (LENGTH, LENGTH)
+    # model_type "llada" as for the dense model: the architecture tells them apart, and the mask id is the
+    # tokenizer's "<mask>" although neither the tokenizer nor config.json declares it.
+    assert type(lladamoe.model).__name__ == "LLaDAMoEModelLM" and lladamoe.family is hf.FAMILIES["lladamoe"]
+    assert lladamoe.spec.mask_id == MASK_ID and lladamoe.config.to_dict().get("mask_token_id") is None
+    assert not llada.spec.shifted_logits and not lladamoe.spec.shifted_logits and dream.spec.shifted_logits
+    assert (llada.max_length, lladamoe.max_length, dream.max_length) == (LENGTH, LENGTH, LENGTH)
     assert llada.block_shape()[:3] == dream.block_shape()[:3] == (D, HEADS, MLP)
-    for rotary in (m for m in dream.model.modules() if type(m).__name__ == "DreamRotaryEmbedding"):
-        expected = 1.0 / 10000.0 ** (torch.arange(0, D // HEADS, 2).float() / (D // HEADS))
-        torch.testing.assert_close(rotary.inv_freq, expected)
+    for model, theta in ((dream, 10000.0), (lladamoe, 50000.0)):
+        rotaries = [m for m in model.model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
+        assert rotaries
+        for rotary in rotaries:
+            expected = 1.0 / theta ** (torch.arange(0, D // HEADS, 2).float() / (D // HEADS))
+            torch.testing.assert_close(rotary.inv_freq, expected)
 
 
-def test_loads_are_bit_identical(checkpoints, llada, dream):
+def test_loads_are_bit_identical(checkpoints, llada, lladamoe, dream):
     """A second load (fresh uninitialised memory for anything not in the checkpoint) computes the same logits."""
-    for kind, first in (("llada", llada), ("dream", dream)):
+    for kind, first in (("llada", llada), ("lladamoe", lladamoe), ("dream", dream)):
         again = load_model(checkpoints[kind], trust_remote_code=True)
         tokens = torch.tensor([[BOS_ID, *first.tokenizer.encode("the cat"), MASK_ID, MASK_ID]])
         with torch.no_grad():
             assert torch.equal(again.forward(tokens).logits, first.forward(tokens).logits)
 
 
-def test_an_unfilled_rotary_buffer_is_refused(checkpoints, monkeypatch):
-    """Without the refill, transformers 5 leaves Dream-style inv_freq uninitialised: the self-check says so."""
+@pytest.mark.parametrize("kind", ["dream", "lladamoe"])
+def test_an_unfilled_rotary_buffer_is_refused(kind, checkpoints, monkeypatch):
+    """Without the refill, transformers 5 leaves Dream's and LLaDA-MoE's inv_freq uninitialised (LLaDA-MoE then
+    loads without an error): the self-check says so."""
     if not TRANSFORMERS_5:
         pytest.skip("transformers 4 computes the buffer at construction")
     monkeypatch.setattr(hf, "_refill_rotary", lambda model: None)
     with pytest.raises(ValueError, match="rotary buffer .*inv_freq holds no rotary frequencies"):
-        load_model(checkpoints["dream"], trust_remote_code=True)
+        load_model(checkpoints[kind], trust_remote_code=True)
 
 
-def test_self_check_finds_code_that_ignores_padding(checkpoints, llada, dream):
+def test_self_check_finds_code_that_ignores_padding(checkpoints, llada, lladamoe, dream):
     assert not llada.honours_padding  # the released LLaDA attention never sees the mask
+    assert not lladamoe.honours_padding  # LLaDA-MoE drops attention_mask
     assert dream.honours_padding  # Dream reads a 4-D boolean attention_mask
     wrong_kwarg = hf.HFFamily(name="dream", default_repo=None, mask_id=MASK_ID, shifted_logits=True,
                               mask_style="bias", auto_classes=("AutoModel",))
@@ -209,7 +261,7 @@ def test_self_check_finds_code_that_ignores_padding(checkpoints, llada, dream):
     assert not swallowed.honours_padding  # attention_bias= is swallowed by **kwargs: padding silently ignored
 
 
-@pytest.mark.parametrize("kind", ["llada", "dream"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_prompts_of_unequal_length_do_not_depend_on_the_batch(kind, request):
     model = request.getfixturevalue(kind)
 
@@ -219,8 +271,8 @@ def test_prompts_of_unequal_length_do_not_depend_on_the_batch(kind, request):
 
     together, alone = run(8), run(1)
     assert together.tokens == alone.tokens
-    assert together.batched_by_length == (kind == "llada")
-    if kind == "llada":  # the grouping is what keeps it invariant: padded batches change LLaDA-style samples
+    assert together.batched_by_length == (kind != "dream")
+    if kind != "dream":  # the grouping is what keeps it invariant: padded batches change LLaDA-style samples
         model.honours_padding = True
         try:
             assert run(8).tokens != alone.tokens
@@ -266,7 +318,7 @@ def samples(path: Path) -> list[list[int]]:
     return [json.loads(line)["tokens"] for line in path.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("kind", ["llada", "dream"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_the_whole_pipeline(kind, checkpoints, tmp_path, request):
     """sample with every sampler, trajectories, train-adjust, sample --sampler adjust, eval: all exit 0."""
     model_dir, model = str(checkpoints[kind]), request.getfixturevalue(kind)
@@ -301,7 +353,7 @@ def test_the_whole_pipeline(kind, checkpoints, tmp_path, request):
 def test_samples_agree_across_processes_and_batch_sizes(checkpoints, fresh_process):
     """The same prompts of unequal length at batch size 8 in a fresh process and 1 in this one."""
     _, root = fresh_process
-    for kind in ("llada", "dream"):
+    for kind in KINDS:
         assert cli.main(sample_argv(checkpoints[kind], root / "prompts.txt", 1, root / f"{kind}_1.jsonl")) == 0
         assert samples(root / f"{kind}_8.jsonl") == samples(root / f"{kind}_1.jsonl")
 
@@ -315,7 +367,7 @@ from pathlib import Path
 import test_remote_code as t
 from jointdlm.models.loading import load_model
 out = {{}}
-for kind in ("llada", "dream"):
+for kind in t.KINDS:
     t.write_checkpoint(kind, Path({root!r}) / kind)
     model = load_model(Path({root!r}) / kind, trust_remote_code=True)
     with torch.no_grad():
@@ -335,7 +387,7 @@ def test_logits_agree_bit_for_bit_across_transformers_versions(tmp_path):
                          env={**os.environ, "PYTHONPATH": OTHER})
     assert run.returncode == 0, run.stderr[-2000:]
     theirs = json.loads(run.stdout.strip().splitlines()[-1])
-    for kind in ("llada", "dream"):
+    for kind in KINDS:
         model = load_model(tmp_path / kind, trust_remote_code=True)
         with torch.no_grad():
             ours = model.forward(torch.tensor([tokens])).logits
@@ -343,7 +395,7 @@ def test_logits_agree_bit_for_bit_across_transformers_versions(tmp_path):
 
 
 def test_bfloat16_weights_with_float32_sampling(checkpoints, tmp_path, tiny_model_dir, capsys):
-    for kind in ("llada", "dream"):
+    for kind in KINDS:
         model = load_model(checkpoints[kind], trust_remote_code=True, dtype="bfloat16")
         assert next(model.model.parameters()).dtype == torch.bfloat16
         head = AdjustHead(AdjustHeadConfig.for_base(model)).eval()

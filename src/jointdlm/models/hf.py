@@ -78,6 +78,13 @@ FAMILIES: dict[str, HFFamily] = {
         eos_id=126081, pad_id=126081, bos_id=126080, model_types=("llada",), architectures=("llada",),
         mask_style="bias", position_ids=False,
     ),
+    # LLaDA-MoE's config.json says model_type "llada" (its config class is named LLaDAConfig) and declares no
+    # mask id: only its architecture tells it apart, and its mask id is not LLaDA's.
+    "lladamoe": HFFamily(
+        name="lladamoe", default_repo="inclusionAI/LLaDA-MoE-7B-A1B-Base", mask_id=156895, shifted_logits=False,
+        eos_id=156892, pad_id=156892, architectures=("lladamoe",), mask_style="2d",
+        auto_classes=("AutoModel", "AutoModelForCausalLM"),
+    ),
     "dream": HFFamily(
         name="dream", default_repo="Dream-org/Dream-v0-Base-7B", mask_id=151666, shifted_logits=True,
         eos_id=151643, pad_id=151643, bos_id=151665, model_types=("dream",), architectures=("dream",),
@@ -95,13 +102,16 @@ def get_family(family: str | HFFamily) -> HFFamily:
 
 
 def detect_family(config: Mapping[str, Any]) -> str | None:
-    """The family a config.json belongs to, by `model_type` or by a name in `architectures`; None if neither."""
+    """The family a config.json belongs to: by a name in `architectures` (the longest family key found in one
+    wins, so LLaDA-MoE's "LLaDAMoEModelLM" is not taken for LLaDA), else by `model_type`; None if neither."""
     model_type = str(config.get("model_type", "")).lower()
     architectures = [str(a).lower() for a in config.get("architectures") or []]
+    found = [(len(key), name) for name, family in FAMILIES.items() for key in family.architectures
+             if any(key in arch for arch in architectures)]
+    if found:
+        return max(found)[1]
     for name, family in FAMILIES.items():
         if model_type in family.model_types:
-            return name
-        if any(key in arch for key in family.architectures for arch in architectures):
             return name
     return None
 
@@ -130,6 +140,38 @@ def _first_id(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
+MASK_TOKENS = ("<|mdm_mask|>", "<|mask|>", "<mask>", "[MASK]")
+
+
+def _token_id(tokenizer: Any, token: str) -> int | None:
+    found = getattr(tokenizer, "get_vocab", lambda: {})().get(token)
+    return None if found is None else int(found)
+
+
+def _mask_id(family: HFFamily, tokenizer: Any, config: Any, vocab_size: int) -> int:
+    """The mask id a checkpoint declares (tokenizer, then config), else the id of a mask token its tokenizer holds
+    (LLaDA-MoE declares none), else the family's known id if the tokenizer holds a mask token there; never an
+    ordinary word's id."""
+    for source in (tokenizer, config):
+        found = _first_id(getattr(source, "mask_token_id", None))
+        if found is not None:
+            return found
+    for token in MASK_TOKENS:
+        found = _token_id(tokenizer, token)
+        if found is not None:
+            return found
+    at_known = None
+    if 0 <= family.mask_id < vocab_size:
+        convert = getattr(tokenizer, "convert_ids_to_tokens", None)
+        at_known = convert(family.mask_id) if callable(convert) else None
+    if isinstance(at_known, str) and "mask" in at_known.lower():
+        return family.mask_id
+    held = "nothing" if at_known is None else repr(at_known)
+    raise ValueError(f"the checkpoint declares no mask id (no mask_token in the tokenizer, no mask_token_id in "
+                     f"config.json), and at the {family.name} family's mask id {family.mask_id} its tokenizer holds "
+                     f"{held}: add \"mask_token_id\" to config.json")
+
+
 def resolve_spec(family: HFFamily, tokenizer: Any, config: Any, vocab_size: int) -> FamilySpec:
     """Special ids from the tokenizer, then the model config, then the family's known values."""
 
@@ -140,7 +182,7 @@ def resolve_spec(family: HFFamily, tokenizer: Any, config: Any, vocab_size: int)
                 return found
         return fallback
 
-    mask_id = pick("mask_token_id", family.mask_id)
+    mask_id = _mask_id(family, tokenizer, config, vocab_size)
     if mask_id != family.mask_id:
         warnings.warn(f"the {family.name} family's mask id is {family.mask_id}, but this checkpoint declares "
                       f"{mask_id}; using {mask_id}", stacklevel=3)
@@ -233,6 +275,7 @@ class HFDiffusionModel:
         # Whether a left-padded row computes what the same row alone does; `self_check` measures it. The sampling
         # loop batches prompts by length when it is False, so samples never depend on the batch.
         self.honours_padding = True
+        self._forward_reads: dict[str, bool] = {}
 
     @property
     def device(self) -> torch.device:
@@ -259,13 +302,18 @@ class HFDiffusionModel:
             return inputs
         positions, square = positions_and_mask(attention_mask, tokens.shape, False, tokens.device)
         style = self.family.mask_style
-        if style == "2d":
-            inputs["attention_mask"] = attention_mask
-        else:
-            inputs["attention_mask" if style == "4d" else "attention_bias"] = square
-        if self.family.position_ids:
+        name = "attention_bias" if style == "bias" else "attention_mask"
+        if self._reads(name):  # else padding cannot reach the network: `self_check` finds it ignored
+            inputs[name] = attention_mask if style == "2d" else square
+        if self.family.position_ids and self._reads("position_ids"):
             inputs["position_ids"] = positions
         return inputs
+
+    def _reads(self, argument: str) -> bool:
+        """Whether the model's forward takes this keyword (code that takes no **kwargs would raise TypeError)."""
+        if argument not in self._forward_reads:
+            self._forward_reads[argument] = _accepts(self.model.forward, argument)
+        return self._forward_reads[argument]
 
     def _check_first_token(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         first = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
@@ -508,10 +556,34 @@ def _load_with_info(cls: type, source: str, options: dict[str, Any]) -> tuple[nn
 
 
 def _refill_rotary(model: nn.Module) -> None:
-    """Recompute rotary tables that transformers 5 left uninitialised (buffers not stored in the checkpoint)."""
+    """Recompute rotary tables that transformers 5 left uninitialised (buffers not stored in the checkpoint).
+
+    A model with `reset_rope_parameters()` (LLaDA, Dream) refills its own. transformers 5 refills rotary modules
+    itself only through its own `_init_weights`; remote code that overrides it (LLaDA-MoE) keeps transformers 4's
+    module, whose `rope_init_fn(config, device)` computed the buffer at construction: it is called again for every
+    `inv_freq` that does not hold rotary frequencies. What is still wrong afterwards, `self_check` refuses.
+    """
     reset = getattr(model, "reset_rope_parameters", None)
     if callable(reset):
         reset()
+    for module in model.modules():
+        inv_freq = getattr(module, "inv_freq", None)
+        init = getattr(module, "rope_init_fn", None)
+        config = getattr(module, "config", None)
+        if (not isinstance(inv_freq, torch.Tensor) or _looks_like_rotary(inv_freq) or not callable(init)
+                or config is None):
+            continue
+        try:
+            with _default_rope_available():
+                values, scaling = init(config, inv_freq.device, **(getattr(module, "rope_kwargs", None) or {}))
+        except Exception:  # noqa: BLE001 - the checkpoint's own code; self_check reports the buffer
+            continue
+        with torch.no_grad():
+            inv_freq.copy_(values.to(inv_freq.dtype))
+        if hasattr(module, "original_inv_freq"):
+            module.original_inv_freq = module.inv_freq
+        if hasattr(module, "attention_scaling"):
+            module.attention_scaling = scaling
 
 
 def _load_failure(what: str, err: Exception) -> ValueError:
@@ -521,6 +593,27 @@ def _load_failure(what: str, err: Exception) -> ValueError:
     first = (str(err).splitlines() or [""])[0]
     return ValueError(f"{what} failed to load under transformers {transformers.__version__}: "
                       f"{type(err).__name__}: {first}")
+
+
+def _own_config(source: str) -> Any:
+    """The checkpoint's config read by its own class (`auto_map`), or None if it names none.
+
+    transformers 5's AutoConfig prefers a class that remote code registered for the same model_type when it was
+    imported (released LLaDA registers "llada"), so after a LLaDA checkpoint, LLaDA-MoE's config.json (model_type
+    "llada" too) would be read by LLaDA's class; the tokenizer's loader asks AutoConfig. Handing it this config
+    keeps each checkpoint on its own classes.
+    """
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    reference = (read_config(Path(source) / CONFIG_FILE).get("auto_map") or {}).get("AutoConfig")
+    if reference is None:
+        return None
+    try:
+        config_class = get_class_from_dynamic_module(reference, source, local_files_only=True)
+        with _default_rope_available():
+            return config_class.from_pretrained(source, local_files_only=True)
+    except Exception as err:  # the checkpoint's own code: anything can be raised
+        raise _load_failure(f"{source}'s own config class ({reference})", err) from None
 
 
 def _load_remote(source: str, family: HFFamily, options: dict[str, Any]) -> tuple[nn.Module | None, list[str]]:
@@ -648,8 +741,10 @@ def load_hf_model(path_or_repo: str | Path | None, family: str | HFFamily, devic
         raise ImportError("loading Hugging Face models needs transformers: pip install 'jointdlm[hf]'") from err
     options: dict[str, Any] = {"trust_remote_code": trust_remote_code, "local_files_only": local}
     where = source if local else f"{source} (no such directory, so tried as a Hub repo: cached? network?)"
+    own_config = _own_config(source) if local and trust_remote_code and remote_code_files(source) else None
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source, **options)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            source, **options, **({"config": own_config} if own_config is not None else {}))
     except (OSError, ValueError) as err:
         raise OSError(f"could not load a tokenizer from {where}: {err}") from None
     if dtype is not None:
