@@ -54,7 +54,8 @@ def read_prompts(path: str) -> list[str]:
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model directory (built-in, or a LLaDA / Dream checkpoint)")
     parser.add_argument("--family", default=None,
-                        help="force a Hugging Face family (llada, dream) instead of detecting it from config.json")
+                        help="force a Hugging Face family (llada, lladamoe, dream) instead of detecting it from "
+                             "config.json")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow a checkpoint's own Python files (LLaDA, Dream) to run; off by default because "
                              "a downloaded checkpoint is untrusted code")
