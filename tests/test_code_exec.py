@@ -100,6 +100,21 @@ def test_completion_ends_at_the_next_top_level_statement():
     assert run_program(program).passed
 
 
+def test_a_chat_answer_is_read_from_its_code_block():
+    """Instruct checkpoints (code-eval --chat) answer with the whole function in a fenced block."""
+    problem = {"prompt": 'def f():\n    """One."""\n', "test": "def check(c):\n    assert c() == 1",
+               "entry_point": "f", "text": "Return one.", "test_list": ["assert f() == 1"]}
+    answer = "Here it is:\n```python\ndef f():\n    return 1\n```\nDone."
+    assert truncate(answer, chat=True) == "def f():\n    return 1\n"
+    assert truncate("```\ndef f():\n    return 1\n```", chat=True) == "def f():\n    return 1\n"
+    assert truncate("def f():\n    return 1", chat=True) == "def f():\n    return 1"  # no block: as it is
+    assert run_program(program_of("humaneval", problem, truncate(answer, chat=True), chat=True)).passed
+    assert not run_program(program_of("humaneval", problem, "def f():\n    return 2\n", chat=True)).passed
+    assert run_program(program_of("mbpp", problem, truncate(answer, chat=True), chat=True)).passed
+    assert "```python\ndef f():" in prompt_of("humaneval", problem, chat=True)
+    assert "assert f() == 1" in prompt_of("mbpp", problem, chat=True)
+
+
 def test_cli_generates_then_refuses_a_prompt_beyond_the_window(tiny_model_dir, tmp_path, capsys):
     """The whole command up to generation: a model whose window cannot hold the problem says so in one line."""
     data = tmp_path / "mbpp.jsonl"

@@ -329,3 +329,102 @@ def test_clear_errors(tmp_path, tiny_dir, plain):
         load_hf_model(tmp_path, "gpt")
     with pytest.raises(ValueError, match="no output embedding"):
         HFDiffusionModel(plain.model.model, plain.tokenizer.hf, PLAIN)
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<bos>{{ m['role'] }}: {{ m['content'] }}<eos>{% endfor %}"
+                 "{% if add_generation_prompt %}<bos>assistant:{% endif %}")
+
+
+@pytest.fixture()
+def chat_model(tiny_dir, monkeypatch) -> HFDiffusionModel:
+    with pytest.warns(UserWarning, match="mask id"):
+        model = load_model(tiny_dir, family="llada")
+    monkeypatch.setattr(model.tokenizer.hf, "chat_template", CHAT_TEMPLATE, raising=False)
+    return model
+
+
+def test_chat_prompts_are_the_checkpoints_own_template(chat_model, tiny_model_dir):
+    """--chat: each prompt is a user turn in the tokenizer's template, its special tokens parsed, ids as the
+    checkpoint's own `apply_chat_template` gives them (no second BOS); plain prompts keep special-token text as
+    text; a prompt that would bring in the mask id, and a model without a template, are refused."""
+    from jointdlm.sampling.loop import encode_prompts
+
+    hf_tok = chat_model.tokenizer.hf
+    own = hf_tok.apply_chat_template([{"role": "user", "content": "the cat"}], add_generation_prompt=True,
+                                     tokenize=True)
+    own = list(own["input_ids"] if isinstance(own, dict) or hasattr(own, "keys") else own)
+    chat = encode_prompts(chat_model, ["the cat"], chat=True)[0]
+    assert chat == own and chat[0] == BOS_ID and chat.count(BOS_ID) == 2 and EOS_ID in chat
+    plain_ids = encode_prompts(chat_model, ["<eos> the cat"])[0]
+    assert EOS_ID not in plain_ids and plain_ids[0] == BOS_ID
+    with pytest.raises(ValueError, match="contains the mask token"):
+        encode_prompts(chat_model, ["the <mask> sat"], chat=True)
+    config = SamplingConfig(length=4, tokens_per_step=2, chat=True)
+    gen = generate(chat_model, make_sampler("parallel"), config, prompts=["the cat", "a dog ran"])
+    assert all(len(t) == 4 and MASK_ID not in t for t in gen.tokens) and gen.prompts == ["the cat", "a dog ran"]
+    with pytest.raises(ValueError, match="give prompts"):
+        generate(chat_model, make_sampler("parallel"), config, num=2)
+    builtin = load_model(tiny_model_dir)
+    with pytest.raises(ValueError, match="no chat template|has none"):
+        encode_prompts(builtin, ["the cat"], chat=True)
+
+
+def test_chat_trajectories_keep_the_template(chat_model, tmp_path):
+    """Trajectories for an instruct head hold the templated prefix, and the flag is part of the data's identity."""
+    from jointdlm.adjust.trajectories import TrajectoryConfig, collect_trajectories, load_trajectories
+    from jointdlm.sampling.loop import encode_prompts
+
+    cfg = TrajectoryConfig(num=4, length=4, shard_size=4, batch_size=4, progress=False, chat=True)
+    collect_trajectories(chat_model, tmp_path / "t", cfg, prompts=["the cat", "a dog"])
+    data = load_trajectories(tmp_path / "t")
+    want = encode_prompts(chat_model, ["the cat"], chat=True)[0]
+    assert data.config.chat and data.prefix[0, -len(want):].tolist() == want
+    with pytest.raises(ValueError, match="collected differently .*chat=True there, False asked for"):
+        collect_trajectories(chat_model, tmp_path / "t", TrajectoryConfig(num=4, length=4, shard_size=4,
+                                                                          batch_size=4, progress=False),
+                             prompts=["the cat", "a dog"])
+
+
+def test_lm_eval_apply_chat_template(chat_model, tiny_dir, monkeypatch):
+    """lm-eval --apply_chat_template: the model formats the turns with the checkpoint's template, and the contexts
+    it gets back are encoded with their special tokens parsed."""
+    pytest.importorskip("lm_eval")
+    from jointdlm.eval.harness import register
+
+    lm_class = register()
+    with pytest.warns(UserWarning, match="mask id"):
+        lm = lm_class(pretrained=str(tiny_dir), family="llada", sampler="parallel", tokens_per_step=2,
+                      max_gen_toks=4)
+    with pytest.raises(ValueError, match="needs a checkpoint whose tokenizer has a chat template"):
+        lm.apply_chat_template([{"role": "user", "content": "the cat"}])
+    monkeypatch.setattr(lm.model.tokenizer.hf, "chat_template", CHAT_TEMPLATE, raising=False)
+    context = lm.apply_chat_template([{"role": "user", "content": "the cat"}])
+    assert lm.templated and context.startswith("<bos>user: the cat<eos>") and lm.chat_template(True) == CHAT_TEMPLATE
+    assert lm._prefixes([context])[0] == encode_prompts_chat(lm.model, "the cat")
+    assert lm.tokenizer_name
+    out = lm.generate_until([SimpleNamespace(args=(context, {"until": ["zzz"], "max_gen_toks": 4}))])
+    assert len(out) == 1 and isinstance(out[0], str)
+
+
+def encode_prompts_chat(model: HFDiffusionModel, text: str) -> list[int]:
+    from jointdlm.sampling.loop import encode_prompts
+
+    return encode_prompts(model, [text], chat=True)[0]
+
+
+def test_cli_chat_flag_errors_are_one_line(tiny_dir, tiny_model_dir, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the cat\n")
+    base = ["sample", "--sampler", "parallel", "--tokens-per-step", "2", "--length", "4", "--chat",
+            "--out", str(tmp_path / "o.jsonl")]
+    with pytest.warns(UserWarning, match="mask id"):
+        assert cli.main([*base, "--model", str(tiny_dir), "--family", "llada"]) == 2
+    assert "give --prompts" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="mask id"):
+        assert cli.main([*base, "--model", str(tiny_dir), "--family", "llada", "--prompts", str(prompts)]) == 2
+    err = capsys.readouterr().err  # transformers' own weight-loading bar comes first
+    assert "Traceback" not in err and err.strip().splitlines()[-1].endswith("no chat template (a base model?): "
+                                                                            "leave out --chat")
+    assert cli.main([*base, "--model", str(tiny_model_dir), "--prompts", str(prompts)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "chat template" in err and not (tmp_path / "o.jsonl").exists()

@@ -72,9 +72,14 @@ def add_choice_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0)
 
 
+CHAT_HELP = ("put each prompt in the checkpoint's chat template as a user turn (instruct checkpoints), as their "
+             "own samplers do")
+
+
 def add_sampler_args(parser: argparse.ArgumentParser, sampler: str | None, length: int | None,
                      batch_size: int) -> None:
     """The flags of every command that generates with one sampler (`sample`, `code-eval`)."""
+    parser.add_argument("--chat", action="store_true", help=CHAT_HELP)
     parser.add_argument("--sampler", required=sampler is None, default=sampler,
                         help="sequential, parallel, adjust, threshold, eb, punt, edlm, apd; options as "
                              "name:key=value, e.g. punt:epsilon=0.05")
@@ -126,8 +131,8 @@ def sampling_config_from_args(args: argparse.Namespace, length: int) -> Sampling
     k = 1 if args.tokens_per_step is None else args.tokens_per_step
     return SamplingConfig(length=length, tokens_per_step=k, steps=args.steps,
                           block_length=args.block_length, kv_cache=args.kv_cache, choice=choice_from_args(args),
-                          seed=args.seed,
-                          batch_size=args.batch_size, record_history=args.history, progress=True)
+                          seed=args.seed, batch_size=args.batch_size, record_history=args.history, progress=True,
+                          chat=args.chat)
 
 
 def build_sampler(args: argparse.Namespace, model):
@@ -156,10 +161,12 @@ def cmd_trajectories(args: argparse.Namespace) -> None:
     model = load_model(args.model, args.device, family=args.family, trust_remote_code=args.trust_remote_code,
                        dtype=args.dtype)
     prompts = read_prompts(args.prompts) if args.prompts else None
-    length = args.length or fill_length(model, prompts)
+    if args.chat and prompts is None:
+        raise ValueError("--chat puts each prompt in the model's chat template; give --prompts")
+    length = args.length or fill_length(model, prompts, args.chat)
     cfg = TrajectoryConfig(num=args.num, length=length,
                            temperature=args.temperature, rule=args.rule, top_p=args.top_p, top_k=args.top_k,
-                           seed=args.seed, shard_size=args.shard_size, batch_size=args.batch_size)
+                           seed=args.seed, shard_size=args.shard_size, batch_size=args.batch_size, chat=args.chat)
     rank, world = distributed_rank_world()
     stats = collect_trajectories(model, args.out, cfg, prompts=prompts, rank=rank, world_size=world)
     print(f"rank {rank}/{world}: {stats['generated']} trajectories generated, {stats['skipped']} already there, "
@@ -195,7 +202,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
     model = load_model(args.model, args.device, family=args.family, trust_remote_code=args.trust_remote_code,
                        dtype=args.dtype)
     prompts = read_prompts(args.prompts) if args.prompts else None
-    length = args.length or fill_length(model, prompts)
+    if args.chat and prompts is None:
+        raise ValueError("--chat puts each prompt in the model's chat template; give --prompts")
+    length = args.length or fill_length(model, prompts, args.chat)
     config = sampling_config_from_args(args, length)
     sampler = build_sampler(args, model)
     counters, by_length = Counters(), False
@@ -235,12 +244,13 @@ def cmd_code_eval(args: argparse.Namespace) -> None:
                        dtype=args.dtype)
     config = sampling_config_from_args(args, args.length)
     sampler = build_sampler(args, model)
-    prompts = [prompt_of(args.benchmark, p) for p in problems]
+    prompts = [prompt_of(args.benchmark, p, args.chat) for p in problems]
     result = generate(model, sampler, config, prompts=prompts)
-    score, outcomes = score_completions(args.benchmark, problems, result.texts, allow_execution=True,
+    score, outcomes = score_completions(args.benchmark, problems, result.texts, allow_execution=True, chat=args.chat,
                                         timeout=args.timeout)
     c = result.counters
-    rows = [{"task_id": p["task_id"], "completion": truncate(text), "status": o.status, "detail": o.detail}
+    rows = [{"task_id": p["task_id"], "completion": truncate(text, chat=args.chat), "status": o.status,
+             "detail": o.detail}
             for p, text, o in zip(problems, result.texts, outcomes, strict=True)]
     summary = {"command": args.command_line, "benchmark": args.benchmark,
                "sampler": args.sampler, "tokens_per_step": config.tokens_per_step, "pass_at_1": asdict(score),
@@ -377,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under torchrun write --num-trajectories (torchrun reads --num as its --numa-binding)")
     p.add_argument("--length", type=_positive_int, default=None, help="default fills the canvas")
     p.add_argument("--prompts", default=None)
+    p.add_argument("--chat", action="store_true", help=CHAT_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-size", type=_positive_int, default=256)
     p.add_argument("--batch-size", type=_positive_int, default=256, help="speed only: the data is the same")

@@ -983,8 +983,10 @@ def _comparable(config: dict) -> dict:
 
 def _trajectory_identity(data: Trajectories) -> dict:
     """What makes a trajectory collection the same data (its progress flag does not)."""
+    # `chat` joined the config later: off, it is left out, so heads saved before it still match.
     return json.loads(json.dumps({"fingerprint": data.fingerprint, **{k: v for k, v in asdict(data.config).items()
-                                                                      if k not in ("progress", "batch_size")}}))
+                                                                      if k not in ("progress", "batch_size")
+                                                                      and not (k == "chat" and not v)}}))
 
 
 BEFORE_THE_FIELD = {"ema_decay": 0.0}

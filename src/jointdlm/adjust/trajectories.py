@@ -73,6 +73,8 @@ class TrajectoryConfig:
     policy_threshold: float | None = None
     """With a policy head: half of the policy trajectories (picked by their seeds) use `adjust:threshold=` this,
     so that the states where that sampler starts its steps are trained on."""
+    chat: bool = False
+    """Prompts as user turns in the model's chat template (an instruct head); see `encode_prompts`."""
 
     def __post_init__(self) -> None:
         require_positive(self, ("num", "length", "shard_size", "batch_size"))
@@ -93,7 +95,7 @@ class TrajectoryConfig:
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(length=self.length, tokens_per_step=1, choice=self.choice(), seed=self.seed,
-                              batch_size=self.batch_size, record_history=True, progress=False)
+                              batch_size=self.batch_size, record_history=True, progress=False, chat=self.chat)
 
     @property
     def on_policy(self) -> bool:
@@ -257,7 +259,7 @@ def _collect_batch(model: DiffusionLM, cfg: TrajectoryConfig, indices: range, pr
             sampler = make_sampler("adjust", head=head, threshold=cfg.policy_threshold if opens else None)
         config = SamplingConfig(length=length, tokens_per_step=k, choice=cfg.choice(),
                                 seed=cfg.seed + POLICY_SEED_OFFSET, batch_size=cfg.batch_size, record_history=True,
-                                progress=False)
+                                progress=False, chat=cfg.chat)
         gen = generate(model, sampler, config, prompts=None if prompts is None else [prompts[i] for i in rows],
                        num=None if prompts else len(rows), sample_indices=[indices[i] for i in rows.tolist()])
         history = torch.tensor(gen.history, dtype=torch.long).reshape(len(rows), length)
@@ -302,7 +304,9 @@ def collect_trajectories(model: DiffusionLM, out_dir: str | Path, cfg: Trajector
             raise ValueError("prompts is empty; pass None for unconditional trajectories")
     out_dir = check_output_dir(out_dir)
     spec = model.spec
-    prefixes = encode_prompts(model, prompts) if prompts is not None else encode_prompts(model, [""])
+    if prompts is None and cfg.chat:
+        raise ValueError("chat=True (--chat) templates prompts; give prompts")
+    prefixes = encode_prompts(model, prompts if prompts is not None else [""], cfg.chat)
     longest = max(len(p) for p in prefixes)
     if longest + cfg.length > model.max_length:
         raise ValueError(f"a prefix of {longest} tokens + length={cfg.length} exceeds the model's maximum of "

@@ -170,39 +170,56 @@ def load_problems(benchmark: str, path: str | Path | None = None) -> list[dict]:
     return problems
 
 
-def prompt_of(benchmark: str, problem: dict) -> str:
+def prompt_of(benchmark: str, problem: dict, chat: bool = False) -> str:
     """What the model continues: HumanEval's signature and docstring; for MBPP the task and its first test as a
-    docstring (the zero-shot form of the MBPP paper), then the code."""
+    docstring (the zero-shot form of the MBPP paper), then the code. `chat`: a request for the same, to be put in
+    an instruct checkpoint's chat template, whose answer `truncate(..., chat=True)` reads."""
+    if chat:
+        if benchmark == "humaneval":
+            return ("Complete this Python function. Answer with the whole function in one ```python code block."
+                    f"\n```python\n{problem['prompt']}```")
+        return (f"{problem['text']}\nYour code must pass this test:\n{problem['test_list'][0]}\nAnswer with the "
+                "code in one ```python code block.")
     if benchmark == "humaneval":
         return problem["prompt"]
     return f'"""\n{problem["text"]}\n{problem["test_list"][0]}\n"""\n'
 
 
-def truncate(completion: str, stops: Sequence[str] = STOP_SEQUENCES) -> str:
-    """The completion up to the first stop sequence."""
+def truncate(completion: str, stops: Sequence[str] = STOP_SEQUENCES, chat: bool = False) -> str:
+    """The code of a completion: up to the first stop sequence; for a chat answer (`chat`), the first fenced
+    block (```python ... ```) if there is one, else the answer as it is."""
+    if chat:
+        _, fence, rest = completion.partition("```")
+        if not fence:
+            return completion
+        first_line, _, body = rest.partition("\n")
+        return (body if first_line.strip().isidentifier() or not first_line.strip() else rest).split("```")[0]
     cut = min((i for i in (completion.find(s) for s in stops) if i >= 0), default=len(completion))
     return completion[:cut]
 
 
-def program_of(benchmark: str, problem: dict, completion: str) -> str:
-    """The program that passes exactly when the completion is correct."""
+def program_of(benchmark: str, problem: dict, completion: str, chat: bool = False) -> str:
+    """The program that passes exactly when the completion is correct. A chat answer holds the whole function:
+    after HumanEval's prompt (a function whose body is its docstring) its own definition replaces the stub."""
     if benchmark == "humaneval":
-        return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+        body = f"\n{completion}" if chat else completion
+        return f"{problem['prompt']}{body}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
     setup = problem.get("test_setup_code") or ""
     return f"{completion}\n\n{setup}\n" + "\n".join(problem["test_list"]) + "\n"
 
 
 def score_completions(benchmark: str, problems: Sequence[dict], completions: Sequence[str], *,
                       allow_execution: bool = False, timeout: float = 10.0, memory_mb: int = 1024,
-                      workers: int = 2) -> tuple[Estimate, list[ExecResult]]:
+                      workers: int = 2, chat: bool = False) -> tuple[Estimate, list[ExecResult]]:
     """pass@1 (one completion per problem) with its interval, and each program's result (programs run `workers`
-    at a time, each in its own sandbox)."""
+    at a time, each in its own sandbox). `chat`: the completions are chat answers (see `truncate`)."""
     if not allow_execution:
         raise PermissionError("scoring HumanEval/MBPP executes model-written code; pass allow_execution=True "
                               "(CLI: --allow-code-execution) to run it in the sandbox")
     if len(problems) != len(completions):
         raise ValueError(f"{len(problems)} problems but {len(completions)} completions")
-    programs = [program_of(benchmark, p, truncate(c)) for p, c in zip(problems, completions, strict=True)]
+    programs = [program_of(benchmark, p, truncate(c, chat=chat), chat) for p, c in zip(problems, completions,
+                                                                                      strict=True)]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = list(pool.map(lambda program: run_program(program, timeout, memory_mb), programs))
     return proportion([r.passed for r in results]), results

@@ -12,6 +12,8 @@ argument, e.g. `pretrained=DIR,sampler=adjust,adjust=HEAD,tokens_per_step=4` or 
   continuation. `loglikelihood_rolling` (perplexity of whole documents) is not defined for this estimate and
   stops with a clear error.
 * After each request type, base passes, head passes and tokens/s go to stderr beside lm-eval's own table.
+* `--apply_chat_template`: lm-eval asks the model to format each request's turns; the checkpoint's own chat
+  template does it, and the contexts that come back are encoded with their special tokens parsed.
 """
 
 from __future__ import annotations
@@ -109,6 +111,34 @@ def _model_class():
             self.batch, self.max_gen_toks, self.seed, self.mc_samples = batch, max_gen_toks, seed, mc_samples
             self.spec_text = str(sampler)
             self._generated = 0
+            self.templated = False  # lm-eval put the contexts in the chat template (--apply_chat_template)
+
+        # -- chat template (--apply_chat_template) -----------------------------------------------------------
+        def _hf_tokenizer(self) -> Any:
+            hf = getattr(self.model.tokenizer, "hf", None)
+            if hf is None or not getattr(hf, "chat_template", None):
+                raise ValueError("--apply_chat_template needs a checkpoint whose tokenizer has a chat template "
+                                 "(an instruct checkpoint)")
+            return hf
+
+        @property
+        def tokenizer_name(self) -> str:
+            hf = getattr(self.model.tokenizer, "hf", None)
+            return str(getattr(hf, "name_or_path", "jointdlm")).replace("/", "__")
+
+        def chat_template(self, chat_template: bool | str = False) -> str | None:
+            return self._hf_tokenizer().chat_template if chat_template else ""
+
+        def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+            self.templated = True
+            return self._hf_tokenizer().apply_chat_template(chat_history, tokenize=False,
+                                                            add_generation_prompt=add_generation_prompt,
+                                                            continue_final_message=not add_generation_prompt)
+
+        def _prefixes(self, contexts: list[str]) -> list[list[int]]:
+            from ..sampling.loop import encode_prompts
+
+            return encode_prompts(self.model, contexts, templated=self.templated)
 
         # -- generation -----------------------------------------------------------------------------------
         def generate_until(self, requests) -> list[str]:
@@ -127,7 +157,7 @@ def _model_class():
                 config = SamplingConfig(length=length, tokens_per_step=self.tokens_per_step, steps=self.steps,
                                         block_length=self.block_length, choice=self.choice, seed=self.seed,
                                         batch_size=self.batch)
-                out = generate(self.model, self.sampler, config, prompts=contexts,
+                out = generate(self.model, self.sampler, config, prompts=contexts, prefixes=self._prefixes(contexts),
                                sample_indices=[self._generated + j for j in range(len(rows))])
                 self._generated += len(rows)
                 for i, text in zip(rows, out.texts, strict=True):
@@ -145,9 +175,7 @@ def _model_class():
             return [o or "" for o in outputs]
 
         def _room(self, contexts: list[str], limit: int) -> int:
-            from ..sampling.loop import encode_prompts
-
-            longest = max(len(p) for p in encode_prompts(self.model, contexts))
+            longest = max(len(p) for p in self._prefixes(contexts))
             room = self.model.max_length - longest
             if room < 1:
                 raise ValueError(f"a context of {longest} tokens leaves no room in the model's window of "
@@ -157,7 +185,7 @@ def _model_class():
         # -- likelihood ------------------------------------------------------------------------------------
         @torch.no_grad()
         def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-            from ..sampling.loop import build_canvas, encode_prompts
+            from ..sampling.loop import build_canvas
 
             results = []
             gen = torch.Generator().manual_seed(self.seed)
@@ -168,7 +196,7 @@ def _model_class():
                 if not target:
                     results.append((0.0, True))
                     continue
-                prefix = encode_prompts(self.model, [context])[0]
+                prefix = self._prefixes([context])[0]
                 tokens, attention, start = build_canvas(self.model, [prefix], len(target))
                 truth = torch.tensor(target, device=tokens.device)
                 n = len(target)

@@ -133,6 +133,20 @@ class HFTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
 
+    def encode_chat(self, text: str) -> list[int]:
+        """`text` as one user turn in the checkpoint's own chat template, with the assistant's turn opened (what
+        instruct checkpoints were trained on). The template's special tokens are parsed; `encode_prompts`
+        refuses a prompt that thereby gains a mask id."""
+        if not getattr(self.hf, "chat_template", None):
+            raise ValueError("this checkpoint's tokenizer has no chat template (a base model?): leave out --chat")
+        templated = self.hf.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                tokenize=False)
+        return self.encode_templated(templated)
+
+    def encode_templated(self, text: str) -> list[int]:
+        """Text already in a chat template (lm-eval applies it itself): special tokens parsed, none added."""
+        return list(self.hf(text, add_special_tokens=False, split_special_tokens=False)["input_ids"])
+
 
 def _first_id(value: Any) -> int | None:
     if isinstance(value, (list, tuple)):

@@ -38,6 +38,8 @@ class SamplingConfig:
     record_history: bool = False
     validate: bool = True
     progress: bool = False
+    chat: bool = False
+    """Each prompt is one user turn in the model's chat template (instruct checkpoints; see `encode_prompts`)."""
 
     def __post_init__(self) -> None:
         if self.length < 1:
@@ -132,14 +134,30 @@ def sample_seed(seed: int, index: int) -> int:
     return (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 1) % (2**63 - 1)
 
 
-def encode_prompts(model: DiffusionLM, prompts: Sequence[str]) -> list[list[int]]:
-    bos = [] if model.spec.bos_id is None else [model.spec.bos_id]
-    return [bos + model.tokenizer.encode(p) for p in prompts]
+def encode_prompts(model: DiffusionLM, prompts: Sequence[str], chat: bool = False,
+                   templated: bool = False) -> list[list[int]]:
+    """Each prompt's prefix ids: BOS (if the model has one) and the prompt's tokens, special-token text kept as
+    text. `chat`: the prompt as one user turn in the model's chat template, whose ids are used as they are (the
+    template says whether BOS comes first, as the checkpoints' own samplers do); `templated`: the prompt is already
+    in that template (lm-eval's --apply_chat_template). Either way a prompt must not bring in the mask id."""
+    if not (chat or templated):
+        bos = [] if model.spec.bos_id is None else [model.spec.bos_id]
+        return [bos + model.tokenizer.encode(p) for p in prompts]
+    encode = getattr(model.tokenizer, "encode_chat" if chat else "encode_templated", None)
+    if encode is None:
+        raise ValueError("chat prompts need a Hugging Face checkpoint's tokenizer with a chat template; this "
+                         "model's tokenizer has none: leave out --chat")
+    rows = [encode(p) for p in prompts]
+    for p, row in zip(prompts, rows, strict=True):
+        if model.spec.mask_id in row or not row:
+            raise ValueError(f"the chat prompt {p[:40]!r} {'is empty' if not row else 'contains the mask token'} "
+                             "once in the template; remove it")
+    return rows
 
 
-def fill_length(model: DiffusionLM, prompts: Sequence[str] | None) -> int:
+def fill_length(model: DiffusionLM, prompts: Sequence[str] | None, chat: bool = False) -> int:
     """How many tokens fill the model's canvas after the longest prompt (with BOS); None = unconditional."""
-    longest = max(len(p) for p in encode_prompts(model, prompts or [""]))
+    longest = max(len(p) for p in encode_prompts(model, prompts or [""], chat))
     if longest >= model.max_length:
         raise ValueError(f"prompts of up to {longest} tokens leave no room to generate in the model's canvas of "
                          f"{model.max_length} tokens")
@@ -172,7 +190,8 @@ def cut_at_eos(ids: Sequence[int], eos_id: int) -> list[int]:
 def generate(model: DiffusionLM, sampler: Sampler, config: SamplingConfig,
              prompts: Sequence[str] | None = None, num: int | None = None,
              index_offset: int = 0, init: torch.Tensor | None = None,
-             sample_indices: Sequence[int] | None = None, progress_bar: tqdm | None = None) -> Generation:
+             sample_indices: Sequence[int] | None = None, progress_bar: tqdm | None = None,
+             prefixes: Sequence[Sequence[int]] | None = None) -> Generation:
     """Generate `num` unconditional samples, or one sample per prompt.
 
     Sample i draws from a generator seeded by (config.seed, index_offset + i), so any slice of a run can be
@@ -180,10 +199,13 @@ def generate(model: DiffusionLM, sampler: Sampler, config: SamplingConfig,
     `progress_bar`, an open bar, is advanced instead of opening one (callers that generate in parts show one bar).
     `init` (one row of `config.length` ids per sample) pre-fills the generated region: only its mask ids are
     generated (infilling, or continuing a partly sampled canvas); the history of pre-filled positions is -1.
+    `prefixes`: the prompts' ids, already encoded (`encode_prompts`), one per prompt.
     """
     if prompts is None:
         if num is None or num < 1:
             raise ValueError("give prompts or a positive number of samples")
+        if config.chat:
+            raise ValueError("chat=True (--chat) templates prompts; give prompts")
         prompts = [""] * num
     prompts = list(prompts)
     indices = list(sample_indices) if sample_indices is not None else \
@@ -192,7 +214,11 @@ def generate(model: DiffusionLM, sampler: Sampler, config: SamplingConfig,
         raise ValueError(f"{len(indices)} sample indices for {len(prompts)} samples")
     if init is not None and tuple(init.shape) != (len(prompts), config.length):
         raise ValueError(f"init must have shape ({len(prompts)}, {config.length}), got {tuple(init.shape)}")
-    prefixes = encode_prompts(model, prompts)
+    if prefixes is None:
+        prefixes = encode_prompts(model, prompts, config.chat)
+    elif len(prefixes) != len(prompts):
+        raise ValueError(f"{len(prefixes)} prefixes for {len(prompts)} prompts")
+    prefixes = [list(p) for p in prefixes]
     counters = Counters(samples=len(prompts))
     all_tokens: list[list[int]] = [[] for _ in prompts]
     history: list[list[int]] = [[] for _ in prompts]
@@ -252,8 +278,10 @@ def generate_parts(model: DiffusionLM, sampler: Sampler, config: SamplingConfig,
         raise ValueError(f"part_size must be >= 1, got {part_size}")
     if prompts is None and (num is None or num < 1):
         raise ValueError("give prompts or a positive number of samples")
+    if prompts is None and config.chat:
+        raise ValueError("chat=True (--chat) templates prompts; give prompts")
     total = len(prompts) if prompts is not None else num
-    _check_run(model, sampler, config, encode_prompts(model, prompts if prompts is not None else [""]))
+    _check_run(model, sampler, config, encode_prompts(model, prompts if prompts is not None else [""], config.chat))
     bar = tqdm(total=total, disable=not config.progress, desc=f"sample {sampler.name}", dynamic_ncols=True)
     with bar:
         for offset in range(0, total, part_size):
