@@ -335,12 +335,21 @@ CHAT_TEMPLATE = ("{% for m in messages %}<bos>{{ m['role'] }}: {{ m['content'] }
                  "{% if add_generation_prompt %}<bos>assistant:{% endif %}")
 
 
-@pytest.fixture()
-def chat_model(tiny_dir, monkeypatch) -> HFDiffusionModel:
+@pytest.fixture(scope="module")
+def chat_dir(tiny_dir, tmp_path_factory) -> Path:
+    """The tiny checkpoint with a chat template saved in its tokenizer files, as instruct checkpoints ship it."""
+    target = tmp_path_factory.mktemp("hf_chat") / "model"
+    shutil.copytree(tiny_dir, target)
+    tok = transformers.AutoTokenizer.from_pretrained(target)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def chat_model(chat_dir) -> HFDiffusionModel:
     with pytest.warns(UserWarning, match="mask id"):
-        model = load_model(tiny_dir, family="llada")
-    monkeypatch.setattr(model.tokenizer.hf, "chat_template", CHAT_TEMPLATE, raising=False)
-    return model
+        return load_model(chat_dir, family="llada")
 
 
 def test_chat_prompts_are_the_checkpoints_own_template(chat_model, tiny_model_dir):
@@ -385,7 +394,7 @@ def test_chat_trajectories_keep_the_template(chat_model, tmp_path):
                              prompts=["the cat", "a dog"])
 
 
-def test_lm_eval_apply_chat_template(chat_model, tiny_dir, monkeypatch):
+def test_lm_eval_apply_chat_template(chat_dir, tiny_dir):
     """lm-eval --apply_chat_template: the model formats the turns with the checkpoint's template, and the contexts
     it gets back are encoded with their special tokens parsed."""
     pytest.importorskip("lm_eval")
@@ -393,11 +402,12 @@ def test_lm_eval_apply_chat_template(chat_model, tiny_dir, monkeypatch):
 
     lm_class = register()
     with pytest.warns(UserWarning, match="mask id"):
-        lm = lm_class(pretrained=str(tiny_dir), family="llada", sampler="parallel", tokens_per_step=2,
-                      max_gen_toks=4)
+        base = lm_class(pretrained=str(tiny_dir), family="llada")
     with pytest.raises(ValueError, match="needs a checkpoint whose tokenizer has a chat template"):
-        lm.apply_chat_template([{"role": "user", "content": "the cat"}])
-    monkeypatch.setattr(lm.model.tokenizer.hf, "chat_template", CHAT_TEMPLATE, raising=False)
+        base.apply_chat_template([{"role": "user", "content": "the cat"}])
+    with pytest.warns(UserWarning, match="mask id"):
+        lm = lm_class(pretrained=str(chat_dir), family="llada", sampler="parallel", tokens_per_step=2,
+                      max_gen_toks=4)
     context = lm.apply_chat_template([{"role": "user", "content": "the cat"}])
     assert lm.templated and context.startswith("<bos>user: the cat<eos>") and lm.chat_template(True) == CHAT_TEMPLATE
     assert lm._prefixes([context])[0] == encode_prompts_chat(lm.model, "the cat")
@@ -412,7 +422,7 @@ def encode_prompts_chat(model: HFDiffusionModel, text: str) -> list[int]:
     return encode_prompts(model, [text], chat=True)[0]
 
 
-def test_cli_chat_flag_errors_are_one_line(tiny_dir, tiny_model_dir, tmp_path, capsys):
+def test_cli_chat_flag_errors_are_one_line(tiny_dir, tiny_model_dir, chat_dir, tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("the cat\n")
     base = ["sample", "--sampler", "parallel", "--tokens-per-step", "2", "--length", "4", "--chat",
@@ -428,3 +438,7 @@ def test_cli_chat_flag_errors_are_one_line(tiny_dir, tiny_model_dir, tmp_path, c
     assert cli.main([*base, "--model", str(tiny_model_dir), "--prompts", str(prompts)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "chat template" in err and not (tmp_path / "o.jsonl").exists()
+    with pytest.warns(UserWarning, match="mask id"):
+        assert cli.main([*base, "--model", str(chat_dir), "--family", "llada", "--prompts", str(prompts)]) == 0
+    row = json.loads((tmp_path / "o.jsonl").read_text().splitlines()[0])
+    assert row["prompt"] == "the cat" and len(row["tokens"]) == 4
