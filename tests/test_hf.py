@@ -442,3 +442,21 @@ def test_cli_chat_flag_errors_are_one_line(tiny_dir, tiny_model_dir, chat_dir, t
         assert cli.main([*base, "--model", str(chat_dir), "--family", "llada", "--prompts", str(prompts)]) == 0
     row = json.loads((tmp_path / "o.jsonl").read_text().splitlines()[0])
     assert row["prompt"] == "the cat" and len(row["tokens"]) == 4
+
+
+def test_code_that_returns_no_hidden_states(tiny_dir, plain):
+    """Some released code (RND1-style) drops output_hidden_states: the LM head's input is the last hidden state."""
+    from transformers.modeling_outputs import MaskedLMOutput
+
+    class NoHiddenStates(transformers.LlamaForCausalLM):
+        def forward(self, **kwargs):
+            return MaskedLMOutput(logits=super().forward(**kwargs).logits)
+
+    inner = NoHiddenStates.from_pretrained(tiny_dir).eval()
+    model = HFDiffusionModel(inner, transformers.AutoTokenizer.from_pretrained(tiny_dir), PLAIN)
+    model.self_check()
+    model.check_head()
+    tokens = canvas(model)
+    with torch.no_grad():
+        ours, reference = model.forward(tokens), plain.forward(tokens)
+    assert torch.equal(ours.logits, reference.logits) and torch.equal(ours.hidden, reference.hidden)

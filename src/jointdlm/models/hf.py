@@ -290,6 +290,7 @@ class HFDiffusionModel:
         # loop batches prompts by length when it is False, so samples never depend on the batch.
         self.honours_padding = True
         self._forward_reads: dict[str, bool] = {}
+        self._states_missing: bool | None = None  # the model's output lacks hidden states (None: not seen yet)
 
     @property
     def device(self) -> torch.device:
@@ -344,8 +345,24 @@ class HFDiffusionModel:
             raise ValueError(f"sequence of {tokens.shape[1]} tokens exceeds max_length={self.max_length}")
         if self.family.shifted_logits:
             self._check_first_token(tokens, attention_mask)
-        out = self.model(**self._inputs(tokens, attention_mask))
-        logits, hidden = out.logits, out.hidden_states[-1]
+        captured: list[torch.Tensor] = []
+        head = self.model.get_output_embeddings()
+        # Code whose output carries no hidden states (it drops output_hidden_states): the LM head's input is the
+        # last hidden state. Not for a tied nn.Embedding head, whose forward sees the input ids. Once a pass has
+        # returned hidden states, no hook is placed again.
+        hook = head.register_forward_pre_hook(lambda module, args: captured.append(args[0])) \
+            if self._states_missing is not False and isinstance(head, nn.Linear) else None
+        try:
+            out = self.model(**self._inputs(tokens, attention_mask))
+        finally:
+            if hook is not None:
+                hook.remove()
+        states = getattr(out, "hidden_states", None)
+        self._states_missing = states is None
+        if states is None and not captured:
+            raise ValueError(f"{type(self.model).__name__} returns no hidden states and its LM head is not a "
+                             "linear layer: its last hidden state cannot be read")
+        logits, hidden = out.logits, states[-1] if states is not None else captured[-1]
         if self.family.shifted_logits:
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
             hidden = torch.cat([hidden[:, :1], hidden[:, :-1]], dim=1)
