@@ -6,7 +6,16 @@ import pytest
 import torch
 
 from jointdlm.sampling.base import NonFiniteLogitsError, StepContext, StepResult, TokenChoice, check_step
-from jointdlm.sampling.loop import Counters, SamplingConfig, build_canvas, encode_prompts, generate, generate_parts
+from jointdlm.sampling.loop import (
+    MAX_FILL,
+    Counters,
+    SamplingConfig,
+    build_canvas,
+    encode_prompts,
+    fill_length,
+    generate,
+    generate_parts,
+)
 from jointdlm.sampling.parallel import ParallelSampler
 from jointdlm.sampling.registry import make_from_spec, make_sampler
 from jointdlm.sampling.rules import RULES, Marginals
@@ -536,3 +545,17 @@ def test_non_finite_logits_fail_and_huge_finite_ones_do_not(tiny_model):
     for poison in (float("nan"), float("inf"), -float("inf")):
         with pytest.raises(NonFiniteLogitsError, match="NaN/Inf logits at step 0"):
             generate(ShiftedModel(tiny_model, poison=poison), make_sampler("parallel"), config, num=2)
+
+
+def test_the_default_length_fills_a_canvas_but_not_a_checkpoints_whole_window():
+    """A released checkpoint's window (LLaDA 4,096 positions, Dream 131,072) is no canvas to fill by default."""
+    from types import SimpleNamespace
+
+    def model(max_length: int) -> SimpleNamespace:
+        return SimpleNamespace(spec=SimpleNamespace(bos_id=1), max_length=max_length,
+                               tokenizer=SimpleNamespace(encode=lambda text: [5] * len(text.split())))
+
+    assert fill_length(model(24), ["a b"]) == 21 and fill_length(model(24), None) == 23
+    assert fill_length(model(4096), ["a b"]) == fill_length(model(131072), None) == MAX_FILL == 256
+    with pytest.raises(ValueError, match="leave no room"):
+        fill_length(model(3), ["a b"])

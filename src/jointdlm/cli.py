@@ -91,7 +91,8 @@ def add_sampler_args(parser: argparse.ArgumentParser, sampler: str | None, lengt
                              "current block only, reusing keys and values recorded at the block's first step "
                              "(approximate, faster; built-in models)")
     parser.add_argument("--length", type=_positive_int, default=length,
-                        help="tokens to generate" + ("; default fills the canvas" if length is None else ""))
+                        help="tokens to generate" + ("; default fills the canvas, at most 256 tokens"
+                                                     if length is None else ""))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=_positive_int, default=batch_size)
     parser.add_argument("--adjust", default=None, help="ADJUST head directory (for --sampler adjust)")
@@ -385,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--num", "--num-trajectories", dest="num", type=_positive_int, default=4000,
                    help="under torchrun write --num-trajectories (torchrun reads --num as its --numa-binding)")
-    p.add_argument("--length", type=_positive_int, default=None, help="default fills the canvas")
+    p.add_argument("--length", type=_positive_int, default=None,
+                   help="default fills the canvas, at most 256 tokens")
     p.add_argument("--prompts", default=None)
     p.add_argument("--chat", action="store_true", help=CHAT_HELP)
     p.add_argument("--seed", type=int, default=0)

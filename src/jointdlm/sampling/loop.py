@@ -155,13 +155,20 @@ def encode_prompts(model: DiffusionLM, prompts: Sequence[str], chat: bool = Fals
     return rows
 
 
+MAX_FILL = 256
+"""The most tokens a default length generates: a built-in model's canvas is what it was trained on (tens to
+hundreds of tokens), but a released checkpoint's window runs to 4,096 (LLaDA) or 131,072 (Dream) positions, and
+filling it would make every pass of every sample that long. Pass a length for more."""
+
+
 def fill_length(model: DiffusionLM, prompts: Sequence[str] | None, chat: bool = False) -> int:
-    """How many tokens fill the model's canvas after the longest prompt (with BOS); None = unconditional."""
+    """How many tokens fill the model's canvas after the longest prompt (with BOS), at most MAX_FILL; None =
+    unconditional."""
     longest = max(len(p) for p in encode_prompts(model, prompts or [""], chat))
     if longest >= model.max_length:
         raise ValueError(f"prompts of up to {longest} tokens leave no room to generate in the model's canvas of "
                          f"{model.max_length} tokens")
-    return model.max_length - longest
+    return min(model.max_length - longest, MAX_FILL)
 
 
 def build_canvas(model: DiffusionLM, prefixes: Sequence[Sequence[int]],
