@@ -286,6 +286,8 @@ def test_an_undeclared_mask_id_comes_from_the_vocabulary_or_is_refused():
         resolve_spec(moe, word_tokenizer(["<eos>", "the", "cat"]), config, 3)
     at_known = replace(FAMILIES["llada"], mask_id=2)  # a mask token where the family expects it: taken
     assert resolve_spec(at_known, word_tokenizer(["<eos>", "the", "<mask_0>"]), config, 3).mask_id == 2
+    # ... before any other mask token the tokenizer holds
+    assert resolve_spec(at_known, word_tokenizer(["<eos>", "<mask>", "<|mask|>"]), config, 3).mask_id == 2
     # A declared id always wins, with a warning.
     declared = SimpleNamespace(eos_token_id=0, pad_token_id=0, bos_token_id=0, mask_token_id=1)
     with pytest.warns(UserWarning, match="lladamoe family's mask id is 156895"):

@@ -163,15 +163,11 @@ def _token_id(tokenizer: Any, token: str) -> int | None:
 
 
 def _mask_id(family: HFFamily, tokenizer: Any, config: Any, vocab_size: int) -> int:
-    """The mask id a checkpoint declares (tokenizer, then config), else the id of a mask token its tokenizer holds
-    (LLaDA-MoE declares none), else the family's known id if the tokenizer holds a mask token there; never an
+    """The mask id a checkpoint declares (tokenizer, then config); else the family's known id where the tokenizer
+    holds a mask token; else the id of a mask token the tokenizer holds (LLaDA-MoE declares none); never an
     ordinary word's id."""
     for source in (tokenizer, config):
         found = _first_id(getattr(source, "mask_token_id", None))
-        if found is not None:
-            return found
-    for token in MASK_TOKENS:
-        found = _token_id(tokenizer, token)
         if found is not None:
             return found
     at_known = None
@@ -180,6 +176,10 @@ def _mask_id(family: HFFamily, tokenizer: Any, config: Any, vocab_size: int) -> 
         at_known = convert(family.mask_id) if callable(convert) else None
     if isinstance(at_known, str) and "mask" in at_known.lower():
         return family.mask_id
+    for token in MASK_TOKENS:
+        found = _token_id(tokenizer, token)
+        if found is not None:
+            return found
     held = "nothing" if at_known is None else repr(at_known)
     raise ValueError(f"the checkpoint declares no mask id (no mask_token in the tokenizer, no mask_token_id in "
                      f"config.json), and at the {family.name} family's mask id {family.mask_id} its tokenizer holds "
