@@ -245,6 +245,24 @@ def test_remote_code_runs_only_when_trusted(remote_dir, tmp_path, capsys):
     assert marker.read_text() == "ran"
 
 
+def test_tokenizer_code_also_needs_the_opt_in(tiny_dir, tmp_path):
+    """A tokenizer can ship its own Python (tokenizer_config.json's auto_map, as Dream's does): same opt-in."""
+    marked = tmp_path / "tok_code"
+    shutil.copytree(tiny_dir, marked)
+    marker = tmp_path / "imported.txt"
+    (marked / "tokenization_tiny.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\nfrom transformers import PreTrainedTokenizerFast as TinyTokenizer\n")
+    settings = json.loads((marked / "tokenizer_config.json").read_text())
+    settings["auto_map"] = {"AutoTokenizer": [None, "tokenization_tiny.TinyTokenizer"]}
+    (marked / "tokenizer_config.json").write_text(json.dumps(settings))
+    with pytest.raises(ValueError, match=r"ships its own Python code \(tokenization_tiny.py\).*--trust-remote-code"):
+        load_model(marked, family="dream")
+    assert not marker.exists()
+    with pytest.warns(UserWarning, match="mask id is 151666"):
+        model = load_model(marked, family="dream", trust_remote_code=True)
+    assert marker.read_text() == "ran" and model.tokenizer.encode("the cat")
+
+
 def test_load_model_detects_remote_code_family(remote_dir, shifted):
     with pytest.warns(UserWarning, match="mask id is 151666"):
         model = load_model(remote_dir, trust_remote_code=True)

@@ -713,6 +713,9 @@ def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | str | None:
     return dtype
 
 
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+
+
 def _locate(path_or_repo: str | Path) -> tuple[str, bool]:
     """(what to hand transformers, whether it is a local directory); a clear error for a missing directory."""
     path = Path(path_or_repo).expanduser()
@@ -728,11 +731,14 @@ def _locate(path_or_repo: str | Path) -> tuple[str, bool]:
 
 
 def remote_code_files(directory: str | Path) -> list[str]:
-    """The Python files a checkpoint's config.json asks transformers to import (its `auto_map`)."""
+    """The Python files a checkpoint asks transformers to import: the `auto_map` of its config.json and of its
+    tokenizer_config.json (a tokenizer can ship its own code too: Dream's does)."""
     directory = Path(directory)
-    config = read_config(directory / CONFIG_FILE)
+    auto_maps = [read_config(directory / CONFIG_FILE).get("auto_map") or {}]
+    if (directory / TOKENIZER_CONFIG_FILE).is_file():
+        auto_maps.append(read_config(directory / TOKENIZER_CONFIG_FILE).get("auto_map") or {})
     modules = set()
-    for target in (config.get("auto_map") or {}).values():
+    for target in (t for auto_map in auto_maps if isinstance(auto_map, dict) for t in auto_map.values()):
         for ref in (target if isinstance(target, list) else [target]):
             if isinstance(ref, str) and "." in ref:
                 modules.add(ref.split("--")[-1].rsplit(".", 1)[0] + ".py")
