@@ -295,6 +295,37 @@ def test_pretrain_loss_decreases(small_corpus, tmp_path):
     assert not model.net.training and (tmp_path / "m" / "training_done.json").exists()
     config = json.loads((tmp_path / "m" / CONFIG_FILE).read_text())
     assert config["pretrain"]["max_steps"] == 100 and config["causal"] is False
+    moved = json.loads((tmp_path / "m" / "training_done.json").read_text())["heldout"]
+    assert (moved["from_step"], moved["to_step"]) == (75, 100)
+    assert moved["drop"] == pytest.approx((held[2] - held[3]) / held[2], abs=1e-4)
+
+
+def test_a_base_still_learning_is_named(tmp_path, small_corpus, capsys):
+    """The held-out loss of the run's last quarter: falling by more than 5% means the base has not converged
+    (a 2,000-step binding base fell 19% there; bases that had learned their language 1-3%)."""
+    from jointdlm.cli import main
+    from jointdlm.models.train import convergence, format_convergence
+
+    def log(values: list[float]):
+        path = tmp_path / f"log{len(values)}_{values[-1]}.jsonl"
+        path.write_text("".join(json.dumps({"step": 250 * (i + 1), "heldout_loss": v}) + "\n"
+                                for i, v in enumerate(values)))
+        return path
+
+    falling = convergence(log([0.93, 0.91, 0.90, 0.90, 0.84, 0.75, 0.68, 0.61]))
+    assert falling["still_falling"] and (falling["from_step"], falling["to_step"]) == (1500, 2000)
+    assert falling["drop"] == pytest.approx(0.19, abs=0.005)
+    assert "(e.g. 4000)" in format_convergence({"step": 2000, "heldout": falling})
+    flat = convergence(log([0.55, 0.46, 0.451, 0.450, 0.448, 0.446, 0.446, 0.445]))
+    assert not flat["still_falling"] and format_convergence({"step": 2000, "heldout": flat}) is None
+    assert convergence(log([0.9, 0.5, 0.4])) is None and convergence(tmp_path / "none.jsonl") is None
+    # The CLI prints the warning exactly when the run's own record says so.
+    out = tmp_path / "cli_base"
+    assert main(["pretrain", "--corpus", str(small_corpus), "--out", str(out), "--preset", "tiny", "--max-steps", "40",
+                 "--eval-every", "10", "--batch-size", "16", "--vocab-size", "300"]) == 0
+    still = json.loads((out / "training_done.json").read_text())["heldout"]["still_falling"]
+    assert still  # 40 steps of a tiny base: far from converged (-10% over the last 10 steps in this run)
+    assert "warning: held-out loss still falling" in capsys.readouterr().err
 
 
 def test_pretrain_ar_objective_is_causal(small_corpus, tmp_path):

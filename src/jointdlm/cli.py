@@ -115,7 +115,8 @@ def cmd_corpus(args: argparse.Namespace) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
-    from .models.train import PretrainConfig, pretrain
+    from .models.mdlm import read_config
+    from .models.train import PretrainConfig, format_convergence, pretrain
 
     cfg = PretrainConfig(preset=args.preset, objective=args.objective, max_steps=args.max_steps,
                          batch_size=args.batch_size, lr=args.lr, seq_len=args.seq_len, vocab_size=args.vocab_size,
@@ -124,6 +125,9 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
                          random_canvas=args.random_canvas)
     model = pretrain(args.corpus, args.out, cfg)
     print(f"saved {model.net.num_parameters():,}-parameter model to {args.out}", file=sys.stderr)
+    warning = format_convergence(read_config(Path(args.out) / "training_done.json"))
+    if warning:
+        print(warning, file=sys.stderr)
 
 
 def sampling_config_from_args(args: argparse.Namespace, length: int) -> SamplingConfig:

@@ -210,6 +210,39 @@ def _resume_problems(out: Path, cfg: PretrainConfig, step: int) -> list[str]:
     return problems
 
 
+STILL_FALLING = 0.05
+"""A held-out loss that fell by more than this share over a run's last quarter says the base has not converged:
+the binding base at 2,000 steps with the rate before §10 fell 19% there (K=1 validity 0.74 until pre-trained
+longer); bases that had learned their language 0.8-2.8% (docs/results.md §10)."""
+
+
+def convergence(log_path: str | Path) -> dict | None:
+    """How the held-out loss moved over the last quarter of the steps logged (all runs into one --out); None with
+    fewer than four evaluations."""
+    path = Path(log_path)
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    rows = [r for r in rows if r.get("heldout_loss") is not None]
+    if len(rows) < 4:
+        return None
+    last = rows[-1]
+    before = [r for r in rows if r["step"] <= 0.75 * last["step"]] or rows[:1]
+    first = before[-1]
+    drop = (first["heldout_loss"] - last["heldout_loss"]) / max(abs(first["heldout_loss"]), 1e-12)
+    return {"from_step": first["step"], "to_step": last["step"], "heldout_from": first["heldout_loss"],
+            "heldout_to": last["heldout_loss"], "drop": round(drop, 4), "still_falling": drop > STILL_FALLING}
+
+
+def format_convergence(done: dict) -> str | None:
+    """The warning `jointdlm pretrain` prints for a base whose held-out loss was still falling, or None."""
+    moved = done.get("heldout")
+    if not moved or not moved["still_falling"]:
+        return None
+    return (f"warning: held-out loss still falling ({moved['heldout_from']:.3f} -> {moved['heldout_to']:.3f}, "
+            f"-{moved['drop']:.0%} over steps {moved['from_step']}-{moved['to_step']}): the base has not "
+            f"converged, so its K=1 samples, which heads are trained to match, are not yet what it can do; run "
+            f"the same command with a larger --max-steps (e.g. {2 * done['step']}) to continue this one")
+
+
 def pretrain(corpus: str | Path, out: str | Path, cfg: PretrainConfig) -> BuiltinModel:
     """Train (or resume training of) a built-in model on a one-document-per-line corpus."""
     from .loading import resolve_device
@@ -310,5 +343,6 @@ def pretrain(corpus: str | Path, out: str | Path, cfg: PretrainConfig) -> Builti
     if step == 0 or not (out / "model.safetensors").exists():
         checkpoint(step)
     net.eval().requires_grad_(False)
-    atomic_write_json(out / "training_done.json", {"step": step, "max_steps": cfg.max_steps})
+    atomic_write_json(out / "training_done.json", {"step": step, "max_steps": cfg.max_steps,
+                                                   "heldout": convergence(out / LOG_FILE)})
     return model
