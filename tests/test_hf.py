@@ -251,7 +251,9 @@ def test_tokenizer_code_also_needs_the_opt_in(tiny_dir, tmp_path):
     shutil.copytree(tiny_dir, marked)
     marker = tmp_path / "imported.txt"
     (marked / "tokenization_tiny.py").write_text(
-        f"open({str(marker)!r}, 'w').write('ran')\nfrom transformers import PreTrainedTokenizerFast as TinyTokenizer\n")
+        f"open({str(marker)!r}, 'w').write('ran')\nfrom transformers import PreTrainedTokenizerFast\n\n\n"
+        "class TinyTokenizer(PreTrainedTokenizerFast):  # its own class: loading registers it for the Auto class\n"
+        "    pass\n")
     settings = json.loads((marked / "tokenizer_config.json").read_text())
     settings["auto_map"] = {"AutoTokenizer": [None, "tokenization_tiny.TinyTokenizer"]}
     (marked / "tokenizer_config.json").write_text(json.dumps(settings))
@@ -465,18 +467,26 @@ def test_cli_chat_flag_errors_are_one_line(tiny_dir, tiny_model_dir, chat_dir, t
 
 
 def test_code_that_returns_no_hidden_states(tiny_dir, plain):
-    """Some released code (RND1-style) drops output_hidden_states: the LM head's input is the last hidden state."""
+    """Some released code (RND1-style) drops output_hidden_states, or hands back a bare tuple: the LM head's input
+    is the last hidden state."""
     from transformers.modeling_outputs import MaskedLMOutput
 
     class NoHiddenStates(transformers.LlamaForCausalLM):
         def forward(self, **kwargs):
             return MaskedLMOutput(logits=super().forward(**kwargs).logits)
 
-    inner = NoHiddenStates.from_pretrained(tiny_dir).eval()
-    model = HFDiffusionModel(inner, transformers.AutoTokenizer.from_pretrained(tiny_dir), PLAIN)
-    model.self_check()
-    model.check_head()
-    tokens = canvas(model)
-    with torch.no_grad():
-        ours, reference = model.forward(tokens), plain.forward(tokens)
-    assert torch.equal(ours.logits, reference.logits) and torch.equal(ours.hidden, reference.hidden)
+    class TupleOnly(transformers.LlamaForCausalLM):  # ignores return_dict: a bare (logits,) tuple
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, use_cache=None,
+                    output_hidden_states=None):
+            return (super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                    use_cache=use_cache).logits,)
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_dir)
+    for code in (NoHiddenStates, TupleOnly):
+        model = HFDiffusionModel(code.from_pretrained(tiny_dir).eval(), tokenizer, PLAIN)
+        model.self_check()
+        model.check_head()
+        tokens = canvas(model)
+        with torch.no_grad():
+            ours, reference = model.forward(tokens), plain.forward(tokens)
+        assert torch.equal(ours.logits, reference.logits) and torch.equal(ours.hidden, reference.hidden)

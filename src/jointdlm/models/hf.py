@@ -313,6 +313,8 @@ class HFDiffusionModel:
 
     def _inputs(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None) -> dict[str, Any]:
         inputs: dict[str, Any] = {"input_ids": tokens, "output_hidden_states": True, "use_cache": False}
+        if self._reads("return_dict"):  # code whose config says return_dict=False would hand back a tuple
+            inputs["return_dict"] = True
         if attention_mask is None or bool(attention_mask.all()):
             return inputs
         positions, square = positions_and_mask(attention_mask, tokens.shape, False, tokens.device)
@@ -357,12 +359,15 @@ class HFDiffusionModel:
         finally:
             if hook is not None:
                 hook.remove()
-        states = getattr(out, "hidden_states", None)
+        if isinstance(out, (tuple, list)):  # (logits, ...) from code that ignores return_dict
+            logits_only, states = out[0], None
+        else:
+            logits_only, states = out.logits, getattr(out, "hidden_states", None)
         self._states_missing = states is None
         if states is None and not captured:
             raise ValueError(f"{type(self.model).__name__} returns no hidden states and its LM head is not a "
                              "linear layer: its last hidden state cannot be read")
-        logits, hidden = out.logits, states[-1] if states is not None else captured[-1]
+        logits, hidden = logits_only, states[-1] if states is not None else captured[-1]
         if self.family.shifted_logits:
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
             hidden = torch.cat([hidden[:, :1], hidden[:, :-1]], dim=1)
