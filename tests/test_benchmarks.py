@@ -168,3 +168,19 @@ def test_binding_errors_names_each_broken_constraint():
     assert broken(good.replace("then kappa", "then rho").replace("not alpha", "not gamma")) == "a copy+c in {a,b}"
     assert broken(good.replace("be one", "be rho")) == "wrong word class"
     assert broken(good[:-2]) == "length"
+
+
+def test_user_corpus_checker_accepts_exactly_the_balanced_words():
+    import random
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from user_corpus import dyck_word, is_valid
+    finally:
+        sys.path.pop(0)
+    rng = random.Random(3)
+    words = {dyck_word(rng, 6) for _ in range(2000)}
+    assert len(words) > 500 and all(is_valid(w, 6) and len(w.split()) == 12 for w in words)
+    for bad in ("( [ ) ] ( ) ( ) ( ) ( )", "( ( ( ( ( ( ) ) ) ) ) ]", ") ( ( ) ( ) ( ) ( ) ( )", "( ) ( ) ( ) ( ) ( )",
+                "( ) ( ) ( ) ( ) ( ) ( ) ( )", "( ) ( ) ( ) ( ) ( ) ( ("):
+        assert not is_valid(bad, 6), bad
