@@ -2,8 +2,8 @@
 
 tests/remote_code holds tiny stand-ins written for these tests that reproduce the released files' quirks (see its
 README): LLaDA-style code never calls `post_init`, takes no arguments in `tie_weights` and ignores padding;
-Dream-style code asks transformers for a "default" rotary init and leaves its rotary buffer for
-`reset_rope_parameters()` to fill, and swallows unknown keyword arguments; LLaDA-MoE-style code says model_type
+Dream-style code asks transformers for a "default" rotary init and leaves its rotary buffer unfilled
+under transformers 5, and swallows unknown keyword arguments; LLaDA-MoE-style code says model_type
 "llada", declares no mask id, keeps transformers 4's rotary module with nothing to refill it, routes tokens to
 experts and takes no keyword it does not list. The checkpoints are written here (code,
 config with `auto_map`, safetensors weights, tokenizer) and go through `trust_remote_code=True`.
@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -72,40 +73,47 @@ def llada_weights(vocab: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
     return state
 
 
-def dream_weights(vocab: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+def llama_frame(vocab: int, gen: torch.Generator, layer: Callable[[str], dict[str, torch.Tensor]]
+                ) -> dict[str, torch.Tensor]:
+    """Weights laid out as Dream and LLaDA-MoE name them: embedding, final norm, LM head, and per layer its two
+    norms plus what `layer(prefix)` adds."""
     state = {"model.embed_tokens.weight": torch.randn(vocab, D, generator=gen), "model.norm.weight": torch.ones(D),
              "lm_head.weight": linear(vocab, D, gen)}
     for i in range(LAYERS):
-        layer = f"model.layers.{i}."
-        state.update({layer + "input_layernorm.weight": torch.ones(D),
-                      layer + "post_attention_layernorm.weight": torch.ones(D),
-                      layer + "self_attn.o_proj.weight": linear(D, D, gen),
-                      layer + "gate_proj.weight": linear(MLP, D, gen), layer + "up_proj.weight": linear(MLP, D, gen),
-                      layer + "down_proj.weight": linear(D, MLP, gen)})
-        for name in ("q_proj", "k_proj", "v_proj"):
-            state[layer + f"self_attn.{name}.weight"] = linear(D, D, gen)
-            state[layer + f"self_attn.{name}.bias"] = 0.1 * torch.randn(D, generator=gen)
+        prefix = f"model.layers.{i}."
+        state.update({prefix + "input_layernorm.weight": torch.ones(D),
+                      prefix + "post_attention_layernorm.weight": torch.ones(D), **layer(prefix)})
     return state
+
+
+def dream_weights(vocab: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def layer(prefix: str) -> dict[str, torch.Tensor]:
+        state = {prefix + "self_attn.o_proj.weight": linear(D, D, gen),
+                 prefix + "gate_proj.weight": linear(MLP, D, gen), prefix + "up_proj.weight": linear(MLP, D, gen),
+                 prefix + "down_proj.weight": linear(D, MLP, gen)}
+        for name in ("q_proj", "k_proj", "v_proj"):
+            state[prefix + f"self_attn.{name}.weight"] = linear(D, D, gen)
+            state[prefix + f"self_attn.{name}.bias"] = 0.1 * torch.randn(D, generator=gen)
+        return state
+
+    return llama_frame(vocab, gen, layer)
 
 
 def lladamoe_weights(vocab: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    state = {"model.embed_tokens.weight": torch.randn(vocab, D, generator=gen), "model.norm.weight": torch.ones(D),
-             "lm_head.weight": linear(vocab, D, gen)}
-    for i in range(LAYERS):
-        layer = f"model.layers.{i}."
-        state.update({layer + "input_layernorm.weight": torch.ones(D),
-                      layer + "post_attention_layernorm.weight": torch.ones(D),
-                      layer + "self_attn.q_norm.weight": torch.ones(D // HEADS),
-                      layer + "self_attn.k_norm.weight": torch.ones(D // HEADS),
-                      layer + "mlp.gate.weight": linear(EXPERTS, D, gen)})
+    def layer(prefix: str) -> dict[str, torch.Tensor]:
+        state = {prefix + "self_attn.q_norm.weight": torch.ones(D // HEADS),
+                 prefix + "self_attn.k_norm.weight": torch.ones(D // HEADS),
+                 prefix + "mlp.gate.weight": linear(EXPERTS, D, gen)}
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            state[layer + f"self_attn.{name}.weight"] = linear(D, D, gen)
+            state[prefix + f"self_attn.{name}.weight"] = linear(D, D, gen)
         for e in range(EXPERTS):
-            expert = layer + f"mlp.experts.{e}."
+            expert = prefix + f"mlp.experts.{e}."
             state.update({expert + "gate_proj.weight": linear(MLP // 2, D, gen),
                           expert + "up_proj.weight": linear(MLP // 2, D, gen),
                           expert + "down_proj.weight": linear(D, MLP // 2, gen)})
-    return state
+        return state
+
+    return llama_frame(vocab, gen, layer)
 
 
 def write_checkpoint(kind: str, target: Path, seed: int = 0, code_note: str | None = None) -> Path:

@@ -157,11 +157,6 @@ def _first_id(value: Any) -> int | None:
 MASK_TOKENS = ("<|mdm_mask|>", "<|mask|>", "<mask>", "[MASK]")
 
 
-def _token_id(tokenizer: Any, token: str) -> int | None:
-    found = getattr(tokenizer, "get_vocab", lambda: {})().get(token)
-    return None if found is None else int(found)
-
-
 def _mask_id(family: HFFamily, tokenizer: Any, config: Any, vocab_size: int) -> int:
     """The mask id a checkpoint declares (tokenizer, then config); else the family's known id where the tokenizer
     holds a mask token; else the id of a mask token the tokenizer holds (LLaDA-MoE declares none); never an
@@ -176,10 +171,10 @@ def _mask_id(family: HFFamily, tokenizer: Any, config: Any, vocab_size: int) -> 
         at_known = convert(family.mask_id) if callable(convert) else None
     if isinstance(at_known, str) and "mask" in at_known.lower():
         return family.mask_id
+    vocabulary = getattr(tokenizer, "get_vocab", dict)()  # built once: 150k entries for the real families
     for token in MASK_TOKENS:
-        found = _token_id(tokenizer, token)
-        if found is not None:
-            return found
+        if token in vocabulary:
+            return int(vocabulary[token])
     held = "nothing" if at_known is None else repr(at_known)
     raise ValueError(f"the checkpoint declares no mask id (no mask_token in the tokenizer, no mask_token_id in "
                      f"config.json), and at the {family.name} family's mask id {family.mask_id} its tokenizer holds "
@@ -594,14 +589,12 @@ def _load_with_info(cls: type, source: str, options: dict[str, Any]) -> tuple[nn
 def _refill_rotary(model: nn.Module) -> None:
     """Recompute rotary tables that transformers 5 left uninitialised (buffers not stored in the checkpoint).
 
-    A model with `reset_rope_parameters()` (LLaDA, Dream) refills its own. transformers 5 refills rotary modules
-    itself only through its own `_init_weights`; remote code that overrides it (LLaDA-MoE) keeps transformers 4's
-    module, whose `rope_init_fn(config, device)` computed the buffer at construction: it is called again for every
-    `inv_freq` that does not hold rotary frequencies. What is still wrong afterwards, `self_check` refuses.
+    transformers 5 refills rotary modules itself only through its own `_init_weights`; remote code that overrides
+    it (Dream, LLaDA-MoE) keeps transformers 4's module, whose `rope_init_fn(config, device, **rope_kwargs)` computed
+    the buffer at construction: it is called again for every `inv_freq` that does not hold rotary frequencies (what
+    Dream's own `reset_rope_parameters()` does for its modules). What is still wrong afterwards, `self_check`
+    refuses.
     """
-    reset = getattr(model, "reset_rope_parameters", None)
-    if callable(reset):
-        reset()
     for module in model.modules():
         inv_freq = getattr(module, "inv_freq", None)
         init = getattr(module, "rope_init_fn", None)

@@ -212,8 +212,8 @@ def _resume_problems(out: Path, cfg: PretrainConfig, step: int) -> list[str]:
 
 STILL_FALLING = 0.05
 """A held-out loss that fell by more than this share over a run's last quarter says the base has not converged:
-the binding base at 2,000 steps with the rate before §10 fell 19% there (K=1 validity 0.74 until pre-trained
-longer); bases that had learned their language 0.8-2.8% (docs/results.md §10)."""
+the binding base at 2,000 steps with the rate before §10 fell 19% there (K=1 validity 0.070; 0.744 once pre-trained 4x
+longer); bases that had learned their language 0.8-2.3% (docs/results.md §10)."""
 
 
 def convergence(log_path: str | Path) -> dict | None:
