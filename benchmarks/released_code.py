@@ -37,7 +37,17 @@ LINES = ["the cat sat on the mat", "a dog ran to the park", "birds sing in the m
 PROMPTS = ["the cat", "a", "birds sing in the", "the dog ran", "a cat", "the", "sing in", "a dog ran to"]
 FILES = {"llada": ("modeling_llada.py", "configuration_llada.py"),
          "lladamoe": ("modeling_lladamoe.py", "configuration_lladamoe.py"),
-         "dream": ("modeling_dream.py", "configuration_dream.py", "generation_utils.py")}
+         "dream": ("modeling_dream.py", "configuration_dream.py", "generation_utils.py"),
+         "rnd1": ("modeling_rnd.py", "configuration_rnd.py", "generation_utils.py", "generation_config.py",
+                  "sampling.py", "terminal_visualizer.py")}
+MODULES = {"llada": "llada", "lladamoe": "lladamoe", "dream": "dream", "rnd1": "rnd"}
+# RND1's configuration writes the released 30B shape over every config it builds (`set_config_defaults`, from
+# its CONFIG_DEFAULTS table): the one change made to a released file is a line appended to the copy that shrinks
+# that table's sizes (and its out-of-vocabulary special ids) to the tiny checkpoint's.
+RND1_TINY = {"hidden_size": WIDTH, "num_attention_heads": HEADS, "num_key_value_heads": HEADS // 2,
+             "head_dim": WIDTH // HEADS, "num_hidden_layers": LAYERS, "max_window_layers": LAYERS,
+             "intermediate_size": MLP, "moe_intermediate_size": MLP // 2, "num_experts": 4, "num_experts_per_tok": 2,
+             "max_position_embeddings": LENGTH}
 
 
 def family_config(family: str, vocab: int) -> dict:
@@ -66,6 +76,10 @@ def family_config(family: str, vocab: int) -> dict:
                 "auto_map": {"AutoConfig": "configuration_lladamoe.LLaDAConfig",
                              "AutoModel": "modeling_lladamoe.LLaDAMoEModelLM",
                              "AutoModelForCausalLM": "modeling_lladamoe.LLaDAMoEModelLM"}}
+    if family == "rnd1":
+        return {"model_type": "rnd1", "architectures": ["RND1LM"], "vocab_size": vocab, "moe_backend": "hf",
+                "auto_map": {"AutoConfig": "configuration_rnd.RND1Config", "AutoModel": "modeling_rnd.RND1Model",
+                             "AutoModelForMaskedLM": "modeling_rnd.RND1LM"}}
     return {"model_type": "Dream", "architectures": ["DreamModel"], "hidden_size": WIDTH,
             "num_attention_heads": HEADS, "num_key_value_heads": HEADS, "num_hidden_layers": LAYERS,
             "intermediate_size": MLP, "vocab_size": vocab, "max_position_embeddings": LENGTH, "rope_theta": 10000.0,
@@ -74,18 +88,31 @@ def family_config(family: str, vocab: int) -> dict:
             "auto_map": {"AutoConfig": "configuration_dream.DreamConfig", "AutoModel": "modeling_dream.DreamModel"}}
 
 
-def weight_shapes(family: str, code: Path, config: dict) -> dict[str, torch.Size]:
-    """Names and shapes of the weights, from the released classes themselves (imported as a package)."""
-    from jointdlm.models.hf import _default_rope_available
+def copy_code(family: str, code: Path, target: Path, ids: dict[str, int], vocab: int) -> None:
+    """The family's released files into `target`, RND1's configuration with its size table shrunk."""
+    for name in FILES[family]:
+        shutil.copy(code / name, target / name)
+    if family == "rnd1":
+        tiny = {**RND1_TINY, "vocab_size": vocab, "eos_token_id": ids["eos_token_id"],
+                "pad_token_id": ids["pad_token_id"]}
+        with open(target / "configuration_rnd.py", "a") as file:
+            file.write(f"\nCONFIG_DEFAULTS.update({tiny!r})  # released_code.py: the tiny checkpoint's shape\n")
 
+
+def weight_shapes(family: str, code: Path, config: dict, ids: dict[str, int]) -> dict[str, torch.Size]:
+    """Names and shapes of the weights, from the released classes themselves (imported as a package)."""
+    from jointdlm.models.hf import _default_rope_available, legacy_rope
+
+    module = MODULES[family]
     with tempfile.TemporaryDirectory() as tmp:
         package = Path(tmp) / f"released_{family}"
-        shutil.copytree(code, package)
+        package.mkdir()
+        copy_code(family, code, package, ids, config["vocab_size"])
         (package / "__init__.py").write_text("")
         sys.path.insert(0, tmp)
         try:
-            configuration = importlib.import_module(f"released_{family}.configuration_{family}")
-            modeling = importlib.import_module(f"released_{family}.modeling_{family}")
+            configuration = importlib.import_module(f"released_{family}.configuration_{module}")
+            modeling = importlib.import_module(f"released_{family}.modeling_{module}")
             fields = {k: v for k, v in config.items() if k not in ("auto_map", "model_type")}
             if family == "llada":
                 inner = modeling.LLaDAModel(modeling.create_model_config_from_pretrained_config(
@@ -94,6 +121,10 @@ def weight_shapes(family: str, code: Path, config: dict) -> dict[str, torch.Size
             with _default_rope_available():
                 if family == "lladamoe":
                     model = modeling.LLaDAMoEModelLM(configuration.LLaDAConfig(**fields))
+                elif family == "rnd1":
+                    rnd1_config = configuration.RND1Config(**fields)
+                    legacy_rope(rnd1_config)  # as the loader does: 5.x needs rope_parameters
+                    model = modeling.RND1LM(rnd1_config)
                 else:
                     model = modeling.DreamModel(configuration.DreamConfig(**fields))
             return {k: v.shape for k, v in model.state_dict().items() if "inv_freq" not in k}
@@ -114,16 +145,15 @@ def write_checkpoint(family: str, code: Path, target: Path) -> Path:
         tokenizer_file=str(bpe / "tokenizer.json"), pad_token="<pad>", bos_token="<bos>",
         eos_token="<eos>", mask_token="<mask>")
     tokenizer.save_pretrained(target)
-    for name in FILES[family]:
-        shutil.copy(code / name, target / name)
     ids = {"mask_token_id": tokenizer.mask_token_id, "pad_token_id": tokenizer.pad_token_id,
            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    copy_code(family, code, target, ids, len(tokenizer))
     config = {**family_config(family, len(tokenizer)), **ids}
     (target / "config.json").write_text(json.dumps(config, indent=2))
     (target / "generation_config.json").write_text(json.dumps(ids, indent=2))
     generator = torch.Generator().manual_seed(0)
     state = {}
-    for name, shape in weight_shapes(family, code, config).items():
+    for name, shape in weight_shapes(family, code, config, ids).items():
         if name.endswith("norm.weight") or ".ln_f." in name:
             state[name] = torch.ones(shape)
         elif len(shape) == 2:
@@ -155,7 +185,9 @@ def main() -> None:
     print(f"checkpoint: {model} (transformers {transformers.__version__})", flush=True)
     prompts = work / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    common = ["--model", model, "--trust-remote-code"]
+    # float32 whatever the config says: RND1's forces bfloat16, in which a left-padded row rounds differently from
+    # the same row alone on a CPU, so batch 1 against batch 8 would test rounding, not the code.
+    common = ["--model", model, "--trust-remote-code", "--dtype", "float32"]
     shape = ["--length", "12", "--prompts", str(prompts)]
     for spec, k in (("sequential", 1), ("parallel", 4), ("threshold", 4), ("eb", 4), ("punt", 4)):
         run(f"sample {spec}", ["sample", *common, "--sampler", spec, "--tokens-per-step", str(k), *shape,

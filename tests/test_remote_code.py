@@ -1,16 +1,19 @@
-"""Checkpoints that ship their own code, loaded exactly as the released LLaDA-8B, LLaDA-MoE and Dream-7B load.
+"""Checkpoints that ship their own code, loaded exactly as the released LLaDA-8B, LLaDA-MoE, Dream-7B and RND1 load.
 
 tests/remote_code holds tiny stand-ins written for these tests that reproduce the released files' quirks (see its
 README): LLaDA-style code never calls `post_init`, takes no arguments in `tie_weights` and ignores padding;
 Dream-style code asks transformers for a "default" rotary init and leaves its rotary buffer unfilled
 under transformers 5, and swallows unknown keyword arguments; LLaDA-MoE-style code says model_type
 "llada", declares no mask id, keeps transformers 4's rotary module with nothing to refill it, routes tokens to
-experts and takes no keyword it does not list. The checkpoints are written here (code,
+experts and takes no keyword it does not list; RND1-style code builds transformers 5's Qwen3 rotary module
+from a config whose `rope_scaling` is False, has no BOS token, shifts its logits, adds its attention mask to the
+scores and keeps its LM under `AutoModelForMaskedLM`. The checkpoints are written here (code,
 config with `auto_map`, safetensors weights, tokenizer) and go through `trust_remote_code=True`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -35,25 +38,33 @@ from jointdlm.models.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, BPETokeni
 from jointdlm.sampling.loop import SamplingConfig, generate
 from jointdlm.sampling.registry import make_sampler
 
-pytestmark = [pytest.mark.filterwarnings("ignore:the (llada|lladamoe|dream) family's mask id"),
-              pytest.mark.filterwarnings("ignore:.*ignores padding")]
+pytestmark = [pytest.mark.filterwarnings("ignore:the (llada|lladamoe|dream|rnd1) family's mask id"),
+              pytest.mark.filterwarnings("ignore:.*ignores padding"),
+              pytest.mark.filterwarnings("ignore:`rope_scaling` is deprecated")]
 
 CODE = Path(__file__).parent / "remote_code"
+MODULES = {"rnd1": "rnd"}  # a kind whose files are not named after it
 LINES = ["the cat sat on the mat", "a dog ran to the park", "birds sing in the morning"] * 20
 PROMPTS = ["the cat", "a", "birds sing in the", "", "the dog ran", "a cat", "the", "sing in"]
 D, HEADS, LAYERS, MLP, LENGTH, EXPERTS = 32, 4, 2, 64, 64, 4
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
-KINDS = ("llada", "lladamoe", "dream")
+# RND1's code imports transformers' Qwen3-MoE modules (transformers >= 4.51): not in the oldest version we support.
+QWEN3_MOE = importlib.util.find_spec("transformers.models.qwen3_moe") is not None
+KINDS = ("llada", "lladamoe", "dream") + (("rnd1",) if QWEN3_MOE else ())
 
 
-def tokenizer_files(root: Path, declare_mask: bool = True) -> transformers.PreTrainedTokenizerFast:
+def tokenizer_files(root: Path, declare_mask: bool = True, declare_bos: bool = True
+                    ) -> transformers.PreTrainedTokenizerFast:
     """Our BPE tokenizer as a transformers one; with `declare_mask=False` its "<mask>" token is in the vocabulary
-    but not declared as the mask token (as LLaDA-MoE's tokenizer and config declare none)."""
+    but not declared as the mask token (as LLaDA-MoE's tokenizer and config declare none); with
+    `declare_bos=False` it declares no BOS (as Qwen's tokenizers, RND1's)."""
     root.mkdir(parents=True, exist_ok=True)
     BPETokenizer.train(LINES, vocab_size=300).save(root)
-    mask = {"mask_token": "<mask>"} if declare_mask else {}
+    special = {"mask_token": "<mask>"} if declare_mask else {}
+    if declare_bos:
+        special["bos_token"] = "<bos>"
     return transformers.PreTrainedTokenizerFast(tokenizer_file=str(root / "tokenizer.json"), pad_token="<pad>",
-                                                bos_token="<bos>", eos_token="<eos>", **mask)
+                                                eos_token="<eos>", **special)
 
 
 def linear(out_features: int, in_features: int, gen: torch.Generator) -> torch.Tensor:
@@ -116,17 +127,40 @@ def lladamoe_weights(vocab: int, gen: torch.Generator) -> dict[str, torch.Tensor
     return llama_frame(vocab, gen, layer)
 
 
+RND1_HEAD, RND1_KV = D // HEADS, 2
+
+
+def rnd1_weights(vocab: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def layer(prefix: str) -> dict[str, torch.Tensor]:
+        state = {prefix + "self_attn.q_proj.weight": linear(D, D, gen),
+                 prefix + "self_attn.k_proj.weight": linear(RND1_KV * RND1_HEAD, D, gen),
+                 prefix + "self_attn.v_proj.weight": linear(RND1_KV * RND1_HEAD, D, gen),
+                 prefix + "self_attn.o_proj.weight": linear(D, D, gen),
+                 prefix + "self_attn.q_norm.weight": torch.ones(RND1_HEAD),
+                 prefix + "self_attn.k_norm.weight": torch.ones(RND1_HEAD),
+                 prefix + "mlp.gate.weight": linear(EXPERTS, D, gen)}
+        for e in range(EXPERTS):
+            expert = prefix + f"mlp.experts.{e}."
+            state.update({expert + "gate_proj.weight": linear(MLP // 2, D, gen),
+                          expert + "up_proj.weight": linear(MLP // 2, D, gen),
+                          expert + "down_proj.weight": linear(D, MLP // 2, gen)})
+        return state
+
+    return llama_frame(vocab, gen, layer)
+
+
 def write_checkpoint(kind: str, target: Path, seed: int = 0, code_note: str | None = None) -> Path:
     """A `kind` (one of KINDS) checkpoint as released: code files, config.json with auto_map, weights, tokenizer.
     `code_note` appends a line to the modeling file (another checkpoint's code, same file names)."""
     target.mkdir(parents=True)
-    tokenizer = tokenizer_files(target.parent / f"{target.name}_tokenizer", declare_mask=kind != "lladamoe")
+    tokenizer = tokenizer_files(target.parent / f"{target.name}_tokenizer", declare_mask=kind != "lladamoe",
+                                declare_bos=kind != "rnd1")
     tokenizer.save_pretrained(target)
     vocab = len(tokenizer)
     for source in (CODE / kind).glob("*.py"):
         shutil.copy(source, target / source.name)
     if code_note is not None:
-        with open(target / f"modeling_{kind}.py", "a") as f:
+        with open(target / f"modeling_{MODULES.get(kind, kind)}.py", "a") as f:
             f.write(f"\nCODE_NOTE = {code_note!r}\n")
     ids = {"mask_token_id": MASK_ID, "pad_token_id": PAD_ID, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID}
     gen = torch.Generator().manual_seed(seed)
@@ -148,6 +182,15 @@ def write_checkpoint(kind: str, target: Path, seed: int = 0, code_note: str | No
                                "AutoModelForCausalLM": "modeling_lladamoe.LLaDAMoEModelLM"}}
         ids.pop("mask_token_id")
         state = lladamoe_weights(vocab, gen)
+    elif kind == "rnd1":  # as Qwen's config.json: BOS is <|endoftext|>, the pad token
+        config = {"model_type": "rnd1", "architectures": ["RND1LM"], "hidden_size": D, "head_dim": RND1_HEAD,
+                  "num_attention_heads": HEADS, "num_key_value_heads": RND1_KV, "num_hidden_layers": LAYERS,
+                  "moe_intermediate_size": MLP // 2, "num_experts": EXPERTS, "num_experts_per_tok": 2,
+                  "vocab_size": vocab, "max_position_embeddings": LENGTH, "tie_word_embeddings": False,
+                  "auto_map": {"AutoConfig": "configuration_rnd.RND1Config", "AutoModel": "modeling_rnd.RND1Model",
+                               "AutoModelForMaskedLM": "modeling_rnd.RND1LM"}}
+        ids["bos_token_id"] = PAD_ID
+        state = rnd1_weights(vocab, gen)
     else:
         config = {"model_type": "Dream", "architectures": ["DreamModel"], "hidden_size": D,
                   "num_attention_heads": HEADS, "num_hidden_layers": LAYERS, "intermediate_size": MLP,
@@ -157,7 +200,7 @@ def write_checkpoint(kind: str, target: Path, seed: int = 0, code_note: str | No
                                "AutoModel": "modeling_dream.DreamModel"}}
         state = dream_weights(vocab, gen)
     (target / "config.json").write_text(json.dumps({**config, **ids}, indent=2))
-    if kind == "dream":  # released Dream reads it in its own from_pretrained
+    if kind in ("dream", "rnd1"):  # both read it in their own from_pretrained
         (target / "generation_config.json").write_text(json.dumps({**ids, "steps": 512}, indent=2))
     save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
     return target
@@ -182,6 +225,13 @@ def lladamoe(checkpoints) -> hf.HFDiffusionModel:
 @pytest.fixture(scope="module")
 def dream(checkpoints) -> hf.HFDiffusionModel:
     return load_model(checkpoints["dream"], trust_remote_code=True)
+
+
+@pytest.fixture(scope="module")
+def rnd1(checkpoints) -> hf.HFDiffusionModel:
+    if "rnd1" not in checkpoints:
+        pytest.skip(f"RND1's code needs transformers' Qwen3-MoE modules (>= 4.51), not {transformers.__version__}")
+    return load_model(checkpoints["rnd1"], trust_remote_code=True)
 
 
 def sample_argv(checkpoint: Path, prompts: Path, batch: int, out: Path) -> list[str]:
@@ -218,6 +268,7 @@ def test_released_style_code_does_not_load_with_transformers_alone(fresh_process
     errors, _ = fresh_process
     assert errors["llada"].startswith("AttributeError") and "all_tied_weights_keys" in errors["llada"]
     assert errors["dream"] == "KeyError 'default'"
+    assert errors["rnd1"] == "TypeError 'bool' object is not subscriptable"  # rope_parameters is False
 
 
 def test_every_family_loads_with_its_own_code(llada, lladamoe, dream):
@@ -238,21 +289,63 @@ def test_every_family_loads_with_its_own_code(llada, lladamoe, dream):
             torch.testing.assert_close(rotary.inv_freq, expected)
 
 
+def test_rnd1_loads_with_its_own_code(rnd1):
+    """Its LM is the auto_map's AutoModelForMaskedLM (its AutoModel has no LM head); the rotary tables of
+    transformers 5's Qwen3 module are filled although its config set `rope_scaling` False; with no BOS in the
+    tokenizer, canvases start with the config's (Qwen's <|endoftext|>, the pad token), and logits are shifted."""
+    assert type(rnd1.model).__name__ == "RND1LM" and rnd1.family is hf.FAMILIES["rnd1"]
+    assert rnd1.tokenizer.hf.bos_token_id is None
+    assert (rnd1.spec.bos_id, rnd1.spec.mask_id, rnd1.spec.shifted_logits) == (PAD_ID, MASK_ID, True)
+    rotaries = [m for m in rnd1.model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
+    assert len(rotaries) == LAYERS + 1
+    expected = 1.0 / 1e6 ** (torch.arange(0, RND1_HEAD, 2).float() / RND1_HEAD)
+    for rotary in rotaries:
+        torch.testing.assert_close(rotary.inv_freq, expected)
+    gen = generate(rnd1, make_sampler("parallel"), SamplingConfig(length=6, tokens_per_step=2), prompts=["", "a"])
+    assert all(len(row) == 6 and MASK_ID not in row for row in gen.tokens)  # the empty prompt too
+
+
+def test_rnd1_padding_reaches_sdpa_and_eager_attention(rnd1):
+    """RND1's attention hands the mask to SDPA, or adds it to the scores under eager attention: an additive mask
+    is right for both (a boolean one would add 0/1 to the scores)."""
+    assert rnd1.honours_padding
+    tokens = torch.tensor([[PAD_ID, 200, 201, MASK_ID, MASK_ID]])
+    padded = torch.cat([torch.full((1, 2), PAD_ID), tokens], dim=1)
+    attention = torch.ones_like(padded)
+    attention[:, :2] = 0
+    config = rnd1.model.config
+    implementation = config._attn_implementation
+    try:
+        for name in ("sdpa", "eager"):
+            config._attn_implementation = name
+            with torch.no_grad():
+                alone = rnd1.forward(tokens).logits[:, 1:]
+                batched = rnd1.forward(padded, attention).logits[:, 3:]
+            torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-4)
+    finally:
+        config._attn_implementation = implementation
+
+
 def test_loads_are_bit_identical(checkpoints, llada, lladamoe, dream):
     """A second load (fresh uninitialised memory for anything not in the checkpoint) computes the same logits."""
-    for kind, first in (("llada", llada), ("lladamoe", lladamoe), ("dream", dream)):
+    loaded = {"llada": llada, "lladamoe": lladamoe, "dream": dream}
+    if "rnd1" in checkpoints:
+        loaded["rnd1"] = load_model(checkpoints["rnd1"], trust_remote_code=True)
+    for kind, first in loaded.items():
         again = load_model(checkpoints[kind], trust_remote_code=True)
         tokens = torch.tensor([[BOS_ID, *first.tokenizer.encode("the cat"), MASK_ID, MASK_ID]])
         with torch.no_grad():
             assert torch.equal(again.forward(tokens).logits, first.forward(tokens).logits)
 
 
-@pytest.mark.parametrize("kind", ["dream", "lladamoe"])
+@pytest.mark.parametrize("kind", ["dream", "lladamoe", "rnd1"])
 def test_an_unfilled_rotary_buffer_is_refused(kind, checkpoints, monkeypatch):
-    """Without the refill, transformers 5 leaves Dream's and LLaDA-MoE's inv_freq uninitialised (LLaDA-MoE then
-    loads without an error): the self-check says so."""
+    """Without the refill, transformers 5 leaves Dream's, LLaDA-MoE's and RND1's inv_freq uninitialised (LLaDA-MoE
+    then loads without an error): the self-check says so."""
     if not TRANSFORMERS_5:
         pytest.skip("transformers 4 computes the buffer at construction")
+    if kind not in checkpoints:
+        pytest.skip("RND1's code needs transformers' Qwen3-MoE modules")
     monkeypatch.setattr(hf, "_refill_rotary", lambda model: None)
     with pytest.raises(ValueError, match="rotary buffer .*inv_freq holds no rotary frequencies"):
         load_model(checkpoints[kind], trust_remote_code=True)
@@ -279,8 +372,8 @@ def test_prompts_of_unequal_length_do_not_depend_on_the_batch(kind, request):
 
     together, alone = run(8), run(1)
     assert together.tokens == alone.tokens
-    assert together.batched_by_length == (kind != "dream")
-    if kind != "dream":  # the grouping is what keeps it invariant: padded batches change LLaDA-style samples
+    assert together.batched_by_length == (kind not in ("dream", "rnd1"))
+    if together.batched_by_length:  # the grouping is what keeps it invariant: padded batches change LLaDA-style samples
         model.honours_padding = True
         try:
             assert run(8).tokens != alone.tokens
@@ -395,11 +488,20 @@ def test_logits_agree_bit_for_bit_across_transformers_versions(tmp_path):
                          env={**os.environ, "PYTHONPATH": OTHER})
     assert run.returncode == 0, run.stderr[-2000:]
     theirs = json.loads(run.stdout.strip().splitlines()[-1])
-    for kind in KINDS:
+    assert set(theirs) == {"llada", "lladamoe", "dream"}  # RND1's code does not load under 4.46 (below)
+    for kind in theirs:
         model = load_model(tmp_path / kind, trust_remote_code=True)
         with torch.no_grad():
             ours = model.forward(torch.tensor([tokens])).logits
         assert torch.equal(ours, torch.tensor(theirs[kind], dtype=ours.dtype)), kind
+
+
+@pytest.mark.skipif(QWEN3_MOE, reason="this transformers has the Qwen3-MoE modules RND1's code imports")
+def test_rnd1_under_an_older_transformers_is_one_line(tmp_path):
+    checkpoint = write_checkpoint("rnd1", tmp_path / "rnd1")
+    with pytest.raises(ValueError, match=f"failed to load under transformers {transformers.__version__}: "
+                                         "ModuleNotFoundError"):
+        load_model(checkpoint, trust_remote_code=True)
 
 
 def test_bfloat16_weights_with_float32_sampling(checkpoints, tmp_path, tiny_model_dir, capsys):

@@ -33,7 +33,7 @@ from torch import nn
 from .mdlm import CONFIG_FILE, positions_and_mask, read_config
 from .protocol import FamilySpec, ModelOutput
 
-MASK_STYLES = ("2d", "4d", "bias")
+MASK_STYLES = ("2d", "4d", "additive", "bias")
 FULL_HASH_ELEMENTS = 50_000_000
 SAMPLED_ELEMENTS = 4096
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -44,12 +44,15 @@ class HFFamily:
     """What differs between diffusion-LM families behind the same transformers interface.
 
     mask_style says how padding reaches the network (only when a batch has padding; otherwise nothing is
-    passed, as both families' own samplers do): "2d" the usual (B, T) `attention_mask`; "4d" a boolean
-    (B, 1, T, T) `attention_mask` (Dream's remote code hands it straight to SDPA); "bias" a boolean (B, 1, T, T)
-    `attention_bias`. LLaDA's file as released with the Base checkpoint builds a bias from either argument but
-    calls SDPA without it, so padding is ignored whatever is passed; a later revision of the file (Instruct,
-    October 2025) hands the bias to SDPA, and then "bias" masks padding. `HFDiffusionModel.self_check` measures
-    which is the case at load time, and the sampling loop batches prompts by length when padding is ignored.
+    passed, as the families' own samplers do): "2d" the usual (B, T) `attention_mask`; "4d" a boolean
+    (B, 1, T, T) `attention_mask` (Dream's remote code hands it straight to SDPA); "additive" a (B, 1, T, T)
+    `attention_mask` of zeros and the dtype's most negative number (RND1's code hands it to SDPA, or adds it to
+    the attention scores when the model runs eager attention, which would read a boolean mask as 0/1 scores);
+    "bias" a boolean (B, 1, T, T) `attention_bias`. LLaDA's file as released with the Base checkpoint builds a
+    bias from either argument but calls SDPA without it, so padding is ignored whatever is passed; a later
+    revision of the file (Instruct, October 2025) hands the bias to SDPA, and then "bias" masks padding.
+    `HFDiffusionModel.self_check` measures which is the case at load time, and the sampling loop batches prompts
+    by length when padding is ignored.
     position_ids=True passes positions that count real tokens only, as Dream's own sampler does; with rotary
     positions and padding masked out this changes nothing but rounding.
     """
@@ -89,6 +92,15 @@ FAMILIES: dict[str, HFFamily] = {
         name="dream", default_repo="Dream-org/Dream-v0-Base-7B", mask_id=151666, shifted_logits=True,
         eos_id=151643, pad_id=151643, bos_id=151665, model_types=("dream",), architectures=("dream",),
         mask_style="4d", position_ids=True, auto_classes=("AutoModel", "AutoModelForCausalLM"),
+    ),
+    # RND1 (Radical Numerics, from Qwen3-30B-A3B): shifted like Dream but with no BOS token; its own sampler
+    # leaves position 0 out. A canvas here starts with Qwen's document separator <|endoftext|>, which precedes
+    # every document in Qwen's packed pre-training, so position 0 is never masked. Its auto_map's AutoModel is
+    # the trunk without an LM head; the LM is AutoModelForMaskedLM.
+    "rnd1": HFFamily(
+        name="rnd1", default_repo="radicalnumerics/RND1-Base-0910", mask_id=151669, shifted_logits=True,
+        eos_id=151643, pad_id=151643, bos_id=151643, model_types=("rnd1",), architectures=("rnd1",),
+        mask_style="additive", auto_classes=("AutoModelForMaskedLM", "AutoModel"),
     ),
 }
 
@@ -315,6 +327,10 @@ class HFDiffusionModel:
         positions, square = positions_and_mask(attention_mask, tokens.shape, False, tokens.device)
         style = self.family.mask_style
         name = "attention_bias" if style == "bias" else "attention_mask"
+        if style == "additive":
+            dtype = self.model.get_input_embeddings().weight.dtype
+            square = torch.zeros(square.shape, dtype=dtype, device=square.device).masked_fill(
+                ~square, torch.finfo(dtype).min)
         if self._reads(name):  # else padding cannot reach the network: `self_check` finds it ignored
             inputs[name] = attention_mask if style == "2d" else square
         if self.family.position_ids and self._reads("position_ids"):
@@ -590,26 +606,41 @@ def _refill_rotary(model: nn.Module) -> None:
     """Recompute rotary tables that transformers 5 left uninitialised (buffers not stored in the checkpoint).
 
     transformers 5 refills rotary modules itself only through its own `_init_weights`; remote code that overrides
-    it (Dream, LLaDA-MoE) keeps transformers 4's module, whose `rope_init_fn(config, device, **rope_kwargs)` computed
-    the buffer at construction: it is called again for every `inv_freq` that does not hold rotary frequencies (what
-    Dream's own `reset_rope_parameters()` does for its modules). What is still wrong afterwards, `self_check`
-    refuses.
+    it leaves them as allocated. Each `inv_freq` that does not hold rotary frequencies is computed again by its
+    module's own function: a transformers 4 module's `rope_init_fn(config, device, **rope_kwargs)` (Dream and
+    LLaDA-MoE keep their own copy; Dream's `reset_rope_parameters()` calls the same), else a transformers 5 module's
+    function for its `rope_type` (`compute_default_rope_parameters(config)` for "default"; RND1 builds 5.x's Qwen3
+    rotary module). What is still wrong afterwards, `self_check` refuses.
     """
+    from transformers import modeling_rope_utils
+
     for module in model.modules():
         inv_freq = getattr(module, "inv_freq", None)
-        init = getattr(module, "rope_init_fn", None)
         config = getattr(module, "config", None)
-        if (not isinstance(inv_freq, torch.Tensor) or _looks_like_rotary(inv_freq) or not callable(init)
-                or config is None):
+        if not isinstance(inv_freq, torch.Tensor) or _looks_like_rotary(inv_freq) or config is None:
             continue
+        init = getattr(module, "rope_init_fn", None)
+        arguments: tuple[Any, ...] = (config, inv_freq.device)  # transformers 4's signature
+        kwargs = dict(getattr(module, "rope_kwargs", None) or {})
+        if not callable(init):
+            rope_type = getattr(module, "rope_type", "default")
+            init = getattr(module, "compute_default_rope_parameters", None) if rope_type == "default" else \
+                modeling_rope_utils.ROPE_INIT_FUNCTIONS.get(rope_type)
+            arguments, kwargs = (config,), {}  # transformers 5's, as its own `_init_weights` calls it
+            if not callable(init):
+                continue
         try:
             with _default_rope_available():
-                values, scaling = init(config, inv_freq.device, **(getattr(module, "rope_kwargs", None) or {}))
+                values, scaling = init(*arguments, **kwargs)
         except Exception:  # noqa: BLE001 - the checkpoint's own code; self_check reports the buffer
             continue
         with torch.no_grad():
-            inv_freq.copy_(values.to(inv_freq.dtype))
-        if hasattr(module, "original_inv_freq"):
+            inv_freq.copy_(values.to(inv_freq.device, inv_freq.dtype))
+        original = getattr(module, "original_inv_freq", None)
+        if isinstance(original, torch.Tensor) and original.shape == inv_freq.shape:
+            with torch.no_grad():
+                original.copy_(inv_freq)
+        elif hasattr(module, "original_inv_freq"):
             module.original_inv_freq = module.inv_freq
         if hasattr(module, "attention_scaling"):
             module.attention_scaling = scaling
@@ -640,9 +671,25 @@ def _own_config(source: str) -> Any:
     try:
         config_class = get_class_from_dynamic_module(reference, source, local_files_only=True)
         with _default_rope_available():
-            return config_class.from_pretrained(source, local_files_only=True)
+            config = config_class.from_pretrained(source, local_files_only=True)
     except Exception as err:  # the checkpoint's own code: anything can be raised
         raise _load_failure(f"{source}'s own config class ({reference})", err) from None
+    legacy_rope(config)
+    return config
+
+
+def legacy_rope(config: Any) -> None:
+    """Give a config written for transformers 4.x the rotary settings 5.x reads, in place.
+
+    5.x's rotary modules read `config.rope_parameters` (a dict with `rope_type` and `rope_theta`); a 4.x config
+    class that sets `rope_scaling = False` (RND1's, on every config it builds) leaves `rope_parameters` False, and
+    the model fails while it is built. In 4.x a false `rope_scaling` meant plain rotary positions at `rope_theta`:
+    that is what such a config gets."""
+    if _transformers_major() < 5 or isinstance(getattr(config, "rope_parameters", None), dict):
+        return
+    theta = getattr(config, "rope_theta", None)
+    if isinstance(theta, (int, float)) and not isinstance(theta, bool):
+        config.rope_parameters = {"rope_type": "default", "rope_theta": float(theta)}
 
 
 def _load_remote(source: str, family: HFFamily, options: dict[str, Any]) -> tuple[nn.Module | None, list[str]]:
@@ -787,7 +834,8 @@ def load_hf_model(path_or_repo: str | Path | None, family: str | HFFamily, devic
         options["dtype" if major_minor >= (4, 56) else "torch_dtype"] = _dtype(dtype)
     model, tried = None, []
     if local and trust_remote_code and remote_code_files(source):
-        model, tried = _load_remote(source, family, options)
+        model, tried = _load_remote(source, family,
+                                    {**options, **({"config": own_config} if own_config is not None else {})})
     if model is None:
         model, more = _load_auto(source, family, options, where)
         tried += more
