@@ -111,8 +111,12 @@ def weight_shapes(family: str, code: Path, config: dict, ids: dict[str, int]) ->
         (package / "__init__.py").write_text("")
         sys.path.insert(0, tmp)
         try:
-            configuration = importlib.import_module(f"released_{family}.configuration_{module}")
-            modeling = importlib.import_module(f"released_{family}.modeling_{module}")
+            try:
+                configuration = importlib.import_module(f"released_{family}.configuration_{module}")
+                modeling = importlib.import_module(f"released_{family}.modeling_{module}")
+            except ImportError as err:  # RND1's code needs transformers' Qwen3-MoE modules (4.51 and later)
+                raise SystemExit(f"released_code: the {family} code does not import under transformers "
+                                 f"{transformers.__version__}: {err}") from None
             fields = {k: v for k, v in config.items() if k not in ("auto_map", "model_type")}
             if family == "llada":
                 inner = modeling.LLaDAModel(modeling.create_model_config_from_pretrained_config(

@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -413,6 +414,18 @@ def test_code_that_fails_is_one_line(tmp_path, capsys):
     save_file(state, str(missing / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="lacks 1 of the model's weights \\(model.norm.weight\\)"):
         load_model(missing, trust_remote_code=True)
+
+
+def test_code_imported_two_levels_down_loads(tmp_path):
+    """transformers 4.x copies only a module's direct relative imports from a local folder into its module cache;
+    RND1's modeling file imports generation_utils, which imports two more files. Here Dream's does the same."""
+    # transformers caches a local folder's code under the folder's name: a fresh name, so no earlier copy helps
+    checkpoint = write_checkpoint("dream", tmp_path / f"nested_{uuid.uuid4().hex[:12]}")
+    (checkpoint / "dream_helpers.py").write_text("HELPER = 'two levels down'\n")
+    with open(checkpoint / "generation_utils.py", "a") as f:
+        f.write("\nfrom .dream_helpers import HELPER  # noqa: E402\n")
+    model = load_model(checkpoint, trust_remote_code=True)
+    assert sys.modules[type(model.model).__module__.rsplit(".", 1)[0] + ".dream_helpers"].HELPER == "two levels down"
 
 
 def samples(path: Path) -> list[list[int]]:

@@ -655,6 +655,24 @@ def _load_failure(what: str, err: Exception) -> ValueError:
                       f"{type(err).__name__}: {first}")
 
 
+def _cache_remote_code(source: str) -> None:
+    """Copy every Python file the checkpoint's `auto_map` modules import, however deep, into transformers' module
+    cache before any class is loaded from a local folder.
+
+    transformers 4.x (4.57 included) copies only a module's direct relative imports from a local folder: RND1's
+    `modeling_rnd` imports `generation_utils`, which imports `generation_config` and `sampling`, and the load then
+    fails on a file missing from the cache (a Hub repo id takes another path, which follows every level)."""
+    from transformers.dynamic_module_utils import get_cached_module_file, get_relative_import_files
+
+    directory = Path(source)
+    auto_map = read_config(directory / CONFIG_FILE).get("auto_map") or {}
+    for reference in (r for r in auto_map.values() if isinstance(r, str) and "." in r and "--" not in r):
+        module = directory / (reference.rsplit(".", 1)[0] + ".py")
+        if module.is_file():
+            for imported in get_relative_import_files(str(module)):
+                get_cached_module_file(source, Path(imported).name, local_files_only=True)
+
+
 def _own_config(source: str) -> Any:
     """The checkpoint's config read by its own class (`auto_map`), or None if it names none.
 
@@ -823,7 +841,13 @@ def load_hf_model(path_or_repo: str | Path | None, family: str | HFFamily, devic
         raise ImportError("loading Hugging Face models needs transformers: pip install 'jointdlm[hf]'") from err
     options: dict[str, Any] = {"trust_remote_code": trust_remote_code, "local_files_only": local}
     where = source if local else f"{source} (no such directory, so tried as a Hub repo: cached? network?)"
-    own_config = _own_config(source) if local and trust_remote_code and remote_code_files(source) else None
+    remote = local and trust_remote_code and bool(remote_code_files(source))
+    if remote:
+        try:
+            _cache_remote_code(source)
+        except Exception as err:  # noqa: BLE001 - a missing file or a package the code imports
+            raise _load_failure(f"{source}'s own code", err) from None
+    own_config = _own_config(source) if remote else None
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(
             source, **options, **({"config": own_config} if own_config is not None else {}))
@@ -833,7 +857,7 @@ def load_hf_model(path_or_repo: str | Path | None, family: str | HFFamily, devic
         major_minor = tuple(int(p) for p in re.findall(r"\d+", transformers.__version__)[:2])
         options["dtype" if major_minor >= (4, 56) else "torch_dtype"] = _dtype(dtype)
     model, tried = None, []
-    if local and trust_remote_code and remote_code_files(source):
+    if remote:
         model, tried = _load_remote(source, family,
                                     {**options, **({"config": own_config} if own_config is not None else {})})
     if model is None:
