@@ -40,6 +40,7 @@ FILES = {"llada": ("modeling_llada.py", "configuration_llada.py"),
          "dream": ("modeling_dream.py", "configuration_dream.py", "generation_utils.py"),
          "rnd1": ("modeling_rnd.py", "configuration_rnd.py", "generation_utils.py", "generation_config.py",
                   "sampling.py", "terminal_visualizer.py")}
+SHARPEN = 8.0  # own_sampler_agreement's LM-head scale
 MODULES = {"llada": "llada", "lladamoe": "lladamoe", "dream": "dream", "rnd1": "rnd"}
 # RND1's configuration writes the released 30B shape over every config it builds (`set_config_defaults`, from
 # its CONFIG_DEFAULTS table): the one change made to a released file is a line appended to the copy that shrinks
@@ -178,6 +179,38 @@ def run(stage: str, argv: list[str]) -> str:
     return summary
 
 
+def own_sampler_agreement(model_dir: str, prompts: list[str], length: int = 16) -> None:
+    """RND1 ships its own sampler (`sampling.diffusion_sample`). At one token per step, greedy, lowest entropy
+    first, it must write what jointdlm's sequential sampler writes with that rule on the same canvas (the prompt
+    after the start token jointdlm puts first, as RND1 has no BOS)."""
+    from jointdlm.models.loading import load_model
+    from jointdlm.sampling.base import TokenChoice
+    from jointdlm.sampling.loop import SamplingConfig, encode_prompts, generate
+    from jointdlm.sampling.registry import make_sampler
+
+    model = load_model(model_dir, trust_remote_code=True, dtype="float32")
+    # At random weights every entropy is within a hair of log V, and jointdlm takes the mask and BOS ids out of the
+    # distribution (RND1's sampler keeps them): the order turns on that (5 of 8 prompts identical; 8 of 8 with
+    # nothing taken out, 2026-12-05). A sharper LM head, as a trained model's, gives each position an entropy of
+    # its own.
+    with torch.no_grad():
+        model.model.get_output_embeddings().weight.mul_(SHARPEN)
+    own = importlib.import_module(type(model.model).__module__.rsplit(".", 1)[0] + ".sampling").diffusion_sample
+    prefixes = encode_prompts(model, prompts)
+    config = SamplingConfig(length=length, choice=TokenChoice(rule="entropy", temperature=0.0), progress=False)
+    ours = generate(model, make_sampler("sequential"), config, prompts=prompts, prefixes=prefixes).tokens
+    same = 0
+    for prefix, row in zip(prefixes, ours, strict=True):
+        theirs = own(model.model, seq_len=len(prefix) + length, num_steps=length, greedy=True, temperature=1.0,
+                     mask_token_id=model.spec.mask_id, prefix_ids=torch.tensor([prefix]), eos_token_id=None,
+                     pad_token_id=model.spec.pad_id)
+        same += theirs[0, len(prefix):].tolist() == row
+    print(f"RND1's own sampler (greedy, lowest entropy first, one token per step) against `sequential` with that "
+          f"rule: {same}/{len(prompts)} prompts identical", flush=True)
+    if same != len(prompts):
+        raise SystemExit("released_code: jointdlm and RND1's own sampler disagree")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", choices=sorted(FILES), required=True)
@@ -211,6 +244,8 @@ def main() -> None:
                  "--tokens-per-step", "1,4", "--num", "16", "--length", "12", "--out", str(work / "eval")])
     if not same:
         raise SystemExit("released_code: samples depend on the batch size")
+    if args.family == "rnd1":
+        own_sampler_agreement(model, PROMPTS)
 
 
 if __name__ == "__main__":
