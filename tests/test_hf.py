@@ -400,6 +400,27 @@ def test_chat_prompts_are_the_checkpoints_own_template(chat_model, tiny_model_di
         encode_prompts(builtin, ["the cat"], chat=True)
 
 
+@pytest.mark.filterwarnings("ignore:the llada family's mask id")
+def test_text_ends_at_the_templates_end_of_turn(chat_model):
+    """An instruct model closes its answer with the template's end-of-turn token (LLaDA-Instruct's <|eot_id|>,
+    Qwen's <|im_end|>); decoding drops special tokens, so without a cut there what follows would be glued onto
+    the answer. Here a template whose turns close with <pad> (the tiny vocabulary has no spare special token)."""
+    hf_tok = chat_model.tokenizer.hf
+    assert chat_model.tokenizer.end_of_turn_ids() == [EOS_ID]  # the fixture's template closes turns with <eos>
+    tok = transformers.AutoTokenizer.from_pretrained(chat_model.tokenizer.hf.name_or_path)
+    tok.chat_template = CHAT_TEMPLATE.replace("}}<eos>", "}}<pad>")
+    model = HFDiffusionModel(chat_model.model, tok, chat_model.family)
+    assert model.tokenizer.end_of_turn_ids() == [PAD_ID]
+    words = model.tokenizer.encode("the cat sat")
+    init = torch.tensor([[words[0], words[1], PAD_ID, words[2]]])
+    gen = generate(model, make_sampler("parallel"), SamplingConfig(length=4, progress=False), num=1, init=init)
+    assert gen.tokens[0] == init[0].tolist()
+    assert gen.texts[0] == hf_tok.decode(words[:2]) != hf_tok.decode(words)
+    plain = transformers.AutoTokenizer.from_pretrained(chat_model.tokenizer.hf.name_or_path)
+    plain.chat_template = None
+    assert HFDiffusionModel(chat_model.model, plain, chat_model.family).tokenizer.end_of_turn_ids() == []
+
+
 def test_chat_trajectories_keep_the_template(chat_model, tmp_path):
     """Trajectories for an instruct head hold the templated prefix, and the flag is part of the data's identity."""
     from jointdlm.adjust.trajectories import TrajectoryConfig, collect_trajectories, load_trajectories

@@ -52,13 +52,14 @@ def read_prompts(path: str) -> list[str]:
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model directory (built-in, or a LLaDA / LLaDA-MoE / Dream / RND1 checkpoint)")
+    parser.add_argument("--model", required=True,
+                        help="model directory (built-in, or a LLaDA / LLaDA-MoE / Dream / RND1 checkpoint)")
     parser.add_argument("--family", default=None,
                         help="force a Hugging Face family (llada, lladamoe, dream, rnd1) instead of detecting it from "
                              "config.json")
     parser.add_argument("--trust-remote-code", action="store_true",
-                        help="allow a checkpoint's own Python files (LLaDA, LLaDA-MoE, Dream, RND1) to run; off by default because "
-                             "a downloaded checkpoint is untrusted code")
+                        help="allow a checkpoint's own Python files (LLaDA, LLaDA-MoE, Dream, RND1) to run; off by "
+                             "default because a downloaded checkpoint is untrusted code")
     parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="weights of a Hugging Face checkpoint (auto = as stored, bf16 for LLaDA / Dream); "
                              "sampling math is float32 either way")

@@ -138,6 +138,7 @@ class HFTokenizer:
     def __init__(self, tokenizer: Any) -> None:
         self.hf = tokenizer
         self.vocab_size = len(tokenizer)
+        self._end_of_turn: list[int] | None = None
 
     def encode(self, text: str) -> list[int]:
         return list(self.hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
@@ -158,6 +159,30 @@ class HFTokenizer:
     def encode_templated(self, text: str) -> list[int]:
         """Text already in a chat template (lm-eval applies it itself): special tokens parsed, none added."""
         return list(self.hf(text, add_special_tokens=False, split_special_tokens=False)["input_ids"])
+
+    def end_of_turn_ids(self) -> list[int]:
+        """The special token the checkpoint's chat template closes an assistant's turn with (LLaDA-Instruct's
+        <|eot_id|>, Qwen-style <|im_end|>), found by rendering one turn; none without a template. What follows it
+        is not part of the answer, and decoding, which drops special tokens, would glue it onto the answer."""
+        if self._end_of_turn is None:
+            self._end_of_turn = self._find_end_of_turn()
+        return self._end_of_turn
+
+    def _find_end_of_turn(self) -> list[int]:
+        if not getattr(self.hf, "chat_template", None):
+            return []
+        probe = "jointdlm end-of-turn probe"
+        try:
+            text = self.hf.apply_chat_template([{"role": "user", "content": "a"},
+                                                {"role": "assistant", "content": probe}], tokenize=False)
+        except Exception:  # noqa: BLE001 - a template that needs other roles or arguments: no end-of-turn known
+            return []
+        at = text.rfind(probe)
+        after = self.encode_templated(text[at + len(probe):]) if at >= 0 else []
+        special = set(getattr(self.hf, "all_special_ids", []))
+        special |= {int(i) for i, token in (getattr(self.hf, "added_tokens_decoder", None) or {}).items()
+                    if getattr(token, "special", False)}
+        return [after[0]] if after and after[0] in special else []
 
 
 def _first_id(value: Any) -> int | None:

@@ -11,7 +11,7 @@ import contextlib
 import itertools
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -189,9 +189,17 @@ def build_canvas(model: DiffusionLM, prefixes: Sequence[Sequence[int]],
     return tokens.to(model.device), attention.to(model.device), longest
 
 
-def cut_at_eos(ids: Sequence[int], eos_id: int) -> list[int]:
+def cut_at_stop(ids: Sequence[int], stops: Collection[int]) -> list[int]:
+    """`ids` up to the first stop id (EOS, and the chat template's end-of-turn token where there is one)."""
     ids = list(ids)
-    return ids[: ids.index(eos_id)] if eos_id in ids else ids
+    return ids[: next((i for i, t in enumerate(ids) if t in stops), len(ids))]
+
+
+def stop_ids(model: DiffusionLM) -> set[int]:
+    """Where a sample's text ends: EOS, and the token the checkpoint's chat template closes an assistant's turn
+    with (an instruct model writes it after its answer; decoding drops it, so what follows would be glued on)."""
+    end_of_turn = getattr(model.tokenizer, "end_of_turn_ids", None)
+    return {model.spec.eos_id, *(end_of_turn() if callable(end_of_turn) else [])}
 
 
 def generate(model: DiffusionLM, sampler: Sampler, config: SamplingConfig,
@@ -256,7 +264,8 @@ def generate(model: DiffusionLM, sampler: Sampler, config: SamplingConfig,
     counters.generated_tokens = config.length * len(prompts)
     if init is not None:
         counters.generated_tokens -= int((init != model.spec.mask_id).sum())
-    texts = [model.tokenizer.decode(cut_at_eos(t, model.spec.eos_id)) for t in all_tokens]
+    stops = stop_ids(model)
+    texts = [model.tokenizer.decode(cut_at_stop(t, stops)) for t in all_tokens]
     return Generation(prompts=prompts, texts=texts, tokens=all_tokens,
                       history=history if config.record_history else None, counters=counters,
                       batched_by_length=by_length)
