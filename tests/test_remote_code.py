@@ -416,6 +416,25 @@ def test_code_that_fails_is_one_line(tmp_path, capsys):
         load_model(missing, trust_remote_code=True)
 
 
+def test_block_diffusion_checkpoints_are_refused(tmp_path, capsys):
+    """LLaDA2.0's architecture name contains "llada": before this check it loaded as LLaDA and sampled over the
+    whole canvas, which its block-causal training never saw (and with LLaDA's mask id unless its tokenizer
+    declared one). Refused in one line, detected or forced, as are SDAR and BD3-LM."""
+    checkpoint = write_checkpoint("llada", tmp_path / "llada2")
+    config = json.loads((checkpoint / "config.json").read_text())
+    for model_type, architecture, name in (("llada2_moe", "LLaDA2MoeModelLM", "LLaDA2.x"),
+                                           ("sdar", "SDARForCausalLM", "SDAR"), ("bd3lm", "BD3LM", "BD3-LM")):
+        (checkpoint / "config.json").write_text(json.dumps({**config, "model_type": model_type,
+                                                            "architectures": [architecture]}))
+        for family in (None, "llada"):
+            with pytest.raises(ValueError, match=f"is a {name} checkpoint, a block-diffusion model"):
+                load_model(checkpoint, family=family, trust_remote_code=True)
+    code = cli.main(["sample", "--model", str(checkpoint), "--trust-remote-code", "--sampler", "parallel", "--num", "1",
+                     "--out", str(tmp_path / "o.jsonl")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "block-diffusion" in err
+
+
 def test_code_imported_two_levels_down_loads(tmp_path):
     """transformers 4.x copies only a module's direct relative imports from a local folder into its module cache;
     RND1's modeling file imports generation_utils, which imports two more files. Here Dream's does the same."""

@@ -113,6 +113,23 @@ def get_family(family: str | HFFamily) -> HFFamily:
     return FAMILIES[family.lower()]
 
 
+# Block-diffusion models: each block of tokens attends only to itself and the blocks before it, and is decoded
+# with the earlier blocks fixed. jointdlm's samplers, ADJUST and the adapter give every pass the whole canvas,
+# and a block-causal model given that computes without an error: silent garbage. Keyed by what a config's
+# model_type or an architecture name contains (LLaDA2.0's "LLaDA2MoeModelLM" also contains "llada").
+BLOCK_DIFFUSION = {"llada2": "LLaDA2.x", "sdar": "SDAR", "bd3lm": "BD3-LM"}
+
+
+def refuse_block_diffusion(config: Mapping[str, Any], source: str | Path) -> None:
+    """A one-line error for a block-diffusion checkpoint (`BLOCK_DIFFUSION`), whatever family was asked for."""
+    names = [str(config.get("model_type", "")).lower()] + [str(a).lower() for a in config.get("architectures") or []]
+    for key, model in BLOCK_DIFFUSION.items():
+        if any(key in name for name in names):
+            raise ValueError(f"{source} is a {model} checkpoint, a block-diffusion model (each block attends only to "
+                             "itself and earlier blocks); jointdlm samples masked diffusion models that attend over "
+                             "the whole canvas, and would compute garbage with it: not supported")
+
+
 def detect_family(config: Mapping[str, Any]) -> str | None:
     """The family a config.json belongs to: by a name in `architectures` (the longest family key found in one
     wins, so LLaDA-MoE's "LLaDAMoEModelLM" is not taken for LLaDA), else by `model_type`; None if neither."""
@@ -855,6 +872,8 @@ def load_hf_model(path_or_repo: str | Path | None, family: str | HFFamily, devic
             raise ValueError(f"the {family.name} family has no default repo; give a path")
         path_or_repo = family.default_repo
     source, local = _locate(path_or_repo)
+    if local:
+        refuse_block_diffusion(read_config(Path(source) / CONFIG_FILE), source)
     if local and not trust_remote_code:
         code = remote_code_files(source)
         if code:

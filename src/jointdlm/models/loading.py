@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .hf import FAMILIES, HFFamily, detect_family, load_hf_model
+from .hf import FAMILIES, HFFamily, detect_family, load_hf_model, refuse_block_diffusion
 from .mdlm import CONFIG_FILE, MODEL_TYPE, BuiltinModel, read_config
 from .protocol import DiffusionLM
 
@@ -47,6 +47,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu",
             raise ValueError(f"{directory} is a causal scorer (pretrain --objective ar), not a diffusion model: its "
                              "logits predict the next token, not a masked one; give it as --scorer")
         return BuiltinModel.load(directory, device)
+    refuse_block_diffusion(raw, directory)
     detected = detect_family(raw)
     if detected is not None and raw.get("auto_map"):
         return load_hf_model(directory, detected, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
