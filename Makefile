@@ -25,14 +25,20 @@ demo-quick: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# The oldest transformers we support (Dream's pin), beside the one the set-up installs: the Hugging Face tests again.
+# The oldest transformers we support (Dream's pin) and the last 4.x (RND1's base, the first with the Qwen3-MoE
+# modules its code imports), beside the 5.x the set-up installs: the Hugging Face tests again under each.
 COMPAT := .compat/transformers-4.46
+COMPAT_457 := .compat/transformers-4.57
 test-compat: $(STAMP)
 	test -d $(COMPAT)/transformers || $(PY) -m pip install -q --no-deps --target $(COMPAT) \
 		transformers==4.46.2 tokenizers==0.20.3 huggingface_hub==0.26.2
-	PYTHONPATH=$(COMPAT) $(PY) -m pytest -q -p no:cacheprovider tests/test_hf.py tests/test_remote_code.py
-	JOINTDLM_OTHER_TRANSFORMERS=$(CURDIR)/$(COMPAT) $(PY) -m pytest -q -p no:cacheprovider tests/test_remote_code.py \
-		-k across_transformers_versions
+	test -d $(COMPAT_457)/transformers || $(PY) -m pip install -q --no-deps --target $(COMPAT_457) \
+		transformers==4.57.1 tokenizers==0.22.1 huggingface_hub==0.35.3
+	for dir in $(COMPAT) $(COMPAT_457); do \
+		PYTHONPATH=$$dir $(PY) -m pytest -q -p no:cacheprovider tests/test_hf.py tests/test_remote_code.py || exit 1; \
+		JOINTDLM_OTHER_TRANSFORMERS=$(CURDIR)/$$dir $(PY) -m pytest -q -p no:cacheprovider \
+			tests/test_remote_code.py -k across_transformers_versions || exit 1; \
+	done
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -520,7 +520,7 @@ def test_logits_agree_bit_for_bit_across_transformers_versions(tmp_path):
                          env={**os.environ, "PYTHONPATH": OTHER})
     assert run.returncode == 0, run.stderr[-2000:]
     theirs = json.loads(run.stdout.strip().splitlines()[-1])
-    assert set(theirs) == {"llada", "lladamoe", "dream"}  # RND1's code does not load under 4.46 (below)
+    assert {"llada", "lladamoe", "dream"} <= set(theirs)  # and RND1 from 4.51 on (its code does not import before)
     for kind in theirs:
         model = load_model(tmp_path / kind, trust_remote_code=True)
         with torch.no_grad():

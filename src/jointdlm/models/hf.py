@@ -912,7 +912,7 @@ def load_hf_model(path_or_repo: str | Path | None, family: str | HFFamily, devic
                          + "; ".join(tried))
     model.requires_grad_(False)
     adapter = HFDiffusionModel(model.eval(), tokenizer, family, max_length=max_length).to(device)
-    if check:
-        adapter.check_head()
+    if check:  # the self-check first: uninitialised rotary buffers can hold NaN, which check_head would misname
         adapter.self_check()
+        adapter.check_head()
     return adapter
