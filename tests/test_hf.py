@@ -416,6 +416,18 @@ def test_text_ends_at_the_templates_end_of_turn(chat_model):
     gen = generate(model, make_sampler("parallel"), SamplingConfig(length=4, progress=False), num=1, init=init)
     assert gen.tokens[0] == init[0].tolist()
     assert gen.texts[0] == hf_tok.decode(words[:2]) != hf_tok.decode(words)
+    # generation_config.json's eos_token_id (an id or a list, as transformers' generate reads it) ends text too
+    generation = Path(chat_model.tokenizer.hf.name_or_path) / "generation_config.json"
+    saved = generation.read_text()  # as transformers saved it: the model config's EOS
+    assert load_model(generation.parent, family="llada").generation_stops == (EOS_ID,)
+    generation.write_text(json.dumps({"eos_token_id": [EOS_ID, words[1], 10**9]}))
+    try:
+        stopping = load_model(generation.parent, family="llada")
+    finally:
+        generation.write_text(saved)
+    assert stopping.generation_stops == tuple(sorted((EOS_ID, words[1])))
+    gen = generate(stopping, make_sampler("parallel"), SamplingConfig(length=4, progress=False), num=1, init=init)
+    assert gen.texts[0] == hf_tok.decode(words[:1])
     plain = transformers.AutoTokenizer.from_pretrained(chat_model.tokenizer.hf.name_or_path)
     plain.chat_template = None
     assert HFDiffusionModel(chat_model.model, plain, chat_model.family).tokenizer.end_of_turn_ids() == []

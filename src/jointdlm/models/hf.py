@@ -340,6 +340,9 @@ class HFDiffusionModel:
         self.honours_padding = True
         self._forward_reads: dict[str, bool] = {}
         self._states_missing: bool | None = None  # the model's output lacks hidden states (None: not seen yet)
+        self.generation_stops: tuple[int, ...] = ()
+        """Ids the checkpoint's generation_config.json ends generation at (`eos_token_id`, an id or a list, as
+        transformers' `generate` reads it), besides the spec's EOS; `load_hf_model` fills it."""
 
     @property
     def device(self) -> torch.device:
@@ -819,6 +822,7 @@ def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | str | None:
 
 
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 
 
 def _locate(path_or_repo: str | Path) -> tuple[str, bool]:
@@ -912,6 +916,12 @@ def load_hf_model(path_or_repo: str | Path | None, family: str | HFFamily, devic
                          + "; ".join(tried))
     model.requires_grad_(False)
     adapter = HFDiffusionModel(model.eval(), tokenizer, family, max_length=max_length).to(device)
+    generation = Path(source) / GENERATION_CONFIG_FILE
+    if local and generation.is_file():
+        ids = read_config(generation).get("eos_token_id")
+        ids = ids if isinstance(ids, list) else [ids]
+        adapter.generation_stops = tuple(sorted({int(i) for i in ids if isinstance(i, int) and not isinstance(i, bool)
+                                                 and 0 <= i < adapter.spec.vocab_size}))
     if check:  # the self-check first: uninitialised rotary buffers can hold NaN, which check_head would misname
         adapter.self_check()
         adapter.check_head()

@@ -196,10 +196,12 @@ def cut_at_stop(ids: Sequence[int], stops: Collection[int]) -> list[int]:
 
 
 def stop_ids(model: DiffusionLM) -> set[int]:
-    """Where a sample's text ends: EOS, and the token the checkpoint's chat template closes an assistant's turn
-    with (an instruct model writes it after its answer; decoding drops it, so what follows would be glued on)."""
+    """Where a sample's text ends: EOS, the ids a checkpoint's generation_config.json ends generation at, and the
+    token its chat template closes an assistant's turn with (an instruct model writes it after its answer;
+    decoding drops it, so what follows would be glued on)."""
     end_of_turn = getattr(model.tokenizer, "end_of_turn_ids", None)
-    return {model.spec.eos_id, *(end_of_turn() if callable(end_of_turn) else [])}
+    return {model.spec.eos_id, *getattr(model, "generation_stops", ()),
+            *(end_of_turn() if callable(end_of_turn) else [])}
 
 
 def generate(model: DiffusionLM, sampler: Sampler, config: SamplingConfig,
