@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -179,10 +180,13 @@ def run(stage: str, argv: list[str]) -> str:
     return summary
 
 
-def own_sampler_agreement(model_dir: str, prompts: list[str], length: int = 16) -> None:
-    """RND1 ships its own sampler (`sampling.diffusion_sample`). At one token per step, greedy, lowest entropy
-    first, it must write what jointdlm's sequential sampler writes with that rule on the same canvas (the prompt
-    after the start token jointdlm puts first, as RND1 has no BOS)."""
+def own_sampler_agreement(family: str, model_dir: str, prompts: list[str], generate_file: Path | None,
+                          length: int = 16) -> None:
+    """The family's own sampler against jointdlm's, greedy, token for token on the same canvases (the prompt after
+    the start token jointdlm puts first): RND1's `sampling.diffusion_sample` (shipped with its code; one token per
+    step, lowest entropy first) against `sequential --rule entropy`; LLaDA's `generate.py` (from its GitHub
+    repository, `--generate-file`; lowest confidence remasked) against `sequential`, `parallel` at K=2 and
+    `sequential` in semi-autoregressive blocks of 8."""
     from jointdlm.models.loading import load_model
     from jointdlm.sampling.base import TokenChoice
     from jointdlm.sampling.loop import SamplingConfig, encode_prompts, generate
@@ -190,25 +194,48 @@ def own_sampler_agreement(model_dir: str, prompts: list[str], length: int = 16) 
 
     model = load_model(model_dir, trust_remote_code=True, dtype="float32")
     # At random weights every entropy is within a hair of log V, and jointdlm takes the mask and BOS ids out of the
-    # distribution (RND1's sampler keeps them): the order turns on that (5 of 8 prompts identical; 8 of 8 with
-    # nothing taken out, 2026-12-05). A sharper LM head, as a trained model's, gives each position an entropy of
-    # its own.
+    # distribution (the released samplers keep them): the order turns on that (RND1: 5 of 8 prompts identical,
+    # LLaDA at K=2: 7 of 8; 8 of 8 for both with nothing taken out, 2026-12-05). A sharper LM head, as a trained
+    # model's, gives each position an entropy and a confidence of its own.
     with torch.no_grad():
         model.model.get_output_embeddings().weight.mul_(SHARPEN)
-    own = importlib.import_module(type(model.model).__module__.rsplit(".", 1)[0] + ".sampling").diffusion_sample
     prefixes = encode_prompts(model, prompts)
-    config = SamplingConfig(length=length, choice=TokenChoice(rule="entropy", temperature=0.0), progress=False)
-    ours = generate(model, make_sampler("sequential"), config, prompts=prompts, prefixes=prefixes).tokens
-    same = 0
-    for prefix, row in zip(prefixes, ours, strict=True):
-        theirs = own(model.model, seq_len=len(prefix) + length, num_steps=length, greedy=True, temperature=1.0,
-                     mask_token_id=model.spec.mask_id, prefix_ids=torch.tensor([prefix]), eos_token_id=None,
-                     pad_token_id=model.spec.pad_id)
-        same += theirs[0, len(prefix):].tolist() == row
-    print(f"RND1's own sampler (greedy, lowest entropy first, one token per step) against `sequential` with that "
-          f"rule: {same}/{len(prompts)} prompts identical", flush=True)
-    if same != len(prompts):
-        raise SystemExit("released_code: jointdlm and RND1's own sampler disagree")
+    spec = model.spec
+    if family == "rnd1":
+        own = importlib.import_module(type(model.model).__module__.rsplit(".", 1)[0] + ".sampling").diffusion_sample
+        cases = [("sequential", 1, None, "entropy",
+                  lambda prefix: own(model.model, seq_len=len(prefix) + length, num_steps=length, greedy=True,
+                                     temperature=1.0, mask_token_id=spec.mask_id, prefix_ids=torch.tensor([prefix]),
+                                     eos_token_id=None, pad_token_id=spec.pad_id))]
+        name = "RND1's own sampler (sampling.diffusion_sample)"
+    else:
+        # Its forward reads config.use_cache when not given it (jointdlm passes it); transformers 5 drops that key
+        # from a config as a generation setting, and LLaDA's generate.py then fails: give it back.
+        if not hasattr(model.model.config, "use_cache"):
+            model.model.config.use_cache = False
+        spec_ = importlib.util.spec_from_file_location("released_generate", generate_file)
+        module = importlib.util.module_from_spec(spec_)
+        spec_.loader.exec_module(module)
+
+        def theirs(steps: int, block: int):
+            return lambda prefix: module.generate(model.model, torch.tensor([prefix]), steps=steps, gen_length=length,
+                                                  block_length=block, temperature=0.0, remasking="low_confidence",
+                                                  mask_id=spec.mask_id)
+
+        cases = [("sequential", 1, None, "confidence", theirs(length, length)),
+                 ("parallel", 2, None, "confidence", theirs(length // 2, length)),
+                 ("sequential", 1, length // 2, "confidence", theirs(length, length // 2))]
+        name = f"LLaDA's generate.py ({generate_file.name})"
+    for sampler, k, block, rule, run_theirs in cases:
+        config = SamplingConfig(length=length, tokens_per_step=k, block_length=block, progress=False,
+                                choice=TokenChoice(rule=rule, temperature=0.0))
+        ours = generate(model, make_sampler(sampler), config, prompts=prompts, prefixes=prefixes).tokens
+        same = sum(run_theirs(prefix)[0, len(prefix):].tolist() == row
+                   for prefix, row in zip(prefixes, ours, strict=True))
+        setting = f"`{sampler}` K={k}{f', blocks of {block}' if block else ''}, greedy, --rule {rule}"
+        print(f"{name} against {setting}: {same}/{len(prompts)} prompts identical", flush=True)
+        if same != len(prompts):
+            raise SystemExit("released_code: jointdlm and the family's own sampler disagree")
 
 
 def main() -> None:
@@ -216,6 +243,8 @@ def main() -> None:
     parser.add_argument("--family", choices=sorted(FILES), required=True)
     parser.add_argument("--code", type=Path, required=True, help="folder with the family's released .py files")
     parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--generate-file", type=Path, default=None,
+                        help="LLaDA: the generate.py of its GitHub repository, to compare its sampler with ours")
     args = parser.parse_args()
     work = args.workdir
     model = str(write_checkpoint(args.family, args.code, work / "checkpoint"))
@@ -244,8 +273,8 @@ def main() -> None:
                  "--tokens-per-step", "1,4", "--num", "16", "--length", "12", "--out", str(work / "eval")])
     if not same:
         raise SystemExit("released_code: samples depend on the batch size")
-    if args.family == "rnd1":
-        own_sampler_agreement(model, PROMPTS)
+    if args.family == "rnd1" or (args.family == "llada" and args.generate_file is not None):
+        own_sampler_agreement(args.family, model, PROMPTS, args.generate_file)
 
 
 if __name__ == "__main__":
