@@ -1,13 +1,16 @@
 """Run the whole pipeline on a model family's own released code, at a tiny width with random weights.
 
-The released LLaDA / LLaDA-MoE / Dream checkpoints cannot be downloaded here, and their code is not ours to ship;
-tests use stand-ins (tests/remote_code). Given a folder holding a family's released Python files (LLaDA:
+The released LLaDA / LLaDA-MoE / Dream / RND1 checkpoints cannot be downloaded here, and their code is not ours to
+ship; tests use stand-ins (tests/remote_code). Given a folder holding a family's released Python files (LLaDA:
 modeling_llada.py, configuration_llada.py; LLaDA-MoE: modeling_lladamoe.py, configuration_lladamoe.py; Dream:
-modeling_dream.py, configuration_dream.py, generation_utils.py; for instance copied from a hub snapshot), this
-writes a checkpoint of two layers of width 32 around those files (config.json with `auto_map`,
+modeling_dream.py, configuration_dream.py, generation_utils.py; RND1: modeling_rnd.py, configuration_rnd.py,
+generation_utils.py, generation_config.py, sampling.py, terminal_visualizer.py; for instance copied from a hub
+snapshot), this writes a checkpoint of two layers of width 32 around those files (config.json with `auto_map`,
 generation_config.json, random weights named as the code names them, a tokenizer), then runs what a user runs
 through the CLI: `sample` with each sampler, batch 1 against batch 8, `trajectories`, `train-adjust`, `sample`
-with the head, and `eval`. It prints one line per stage and stops at the first failure.
+with the head, and `eval`. For RND1, and for LLaDA given its GitHub repository's generate.py (`--generate-file`),
+the family's own sampler is then run against jointdlm's, greedy, token for token. It prints one line per stage and
+stops at the first failure.
 
     python benchmarks/released_code.py --family dream --code DIR --workdir runs/released/dream
 
