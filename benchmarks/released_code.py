@@ -196,12 +196,16 @@ def own_sampler_agreement(family: str, model_dir: str, prompts: list[str], gener
     from jointdlm.sampling.registry import make_sampler
 
     model = load_model(model_dir, trust_remote_code=True, dtype="float32")
-    # At random weights every entropy is within a hair of log V, and jointdlm takes the mask and BOS ids out of the
-    # distribution (the released samplers keep them): the order turns on that (RND1: 5 of 8 prompts identical,
-    # LLaDA at K=2: 7 of 8; 8 of 8 for both with nothing taken out, 2026-12-05). A sharper LM head, as a trained
-    # model's, gives each position an entropy and a confidence of its own.
+    # jointdlm never writes the mask id (nor a BOS that is not EOS) and takes them out of the distribution; the
+    # released samplers keep them, and LLaDA's writes the mask id when it is the argmax, which at random weights
+    # it sometimes is. At random weights every entropy and confidence is also within a hair of the others, so the
+    # order turns on those two ids (RND1: 5 of 8 prompts identical, LLaDA at K=2: 7 of 8; 8 of 8 for both with
+    # nothing taken out, 2026-12-05). So, as in a trained model: a sharper LM head (each position an entropy and a
+    # confidence of its own), and no mass on those ids (their rows zeroed: logit 0 among logits of scale ~20).
     with torch.no_grad():
-        model.model.get_output_embeddings().weight.mul_(SHARPEN)
+        weight = model.model.get_output_embeddings().weight
+        weight.mul_(SHARPEN)
+        weight[model.spec.never_sampled()] = 0.0
     prefixes = encode_prompts(model, prompts)
     spec = model.spec
     if family == "rnd1":
@@ -228,7 +232,7 @@ def own_sampler_agreement(family: str, model_dir: str, prompts: list[str], gener
         cases = [("sequential", 1, None, "confidence", theirs(length, length)),
                  ("parallel", 2, None, "confidence", theirs(length // 2, length)),
                  ("sequential", 1, length // 2, "confidence", theirs(length, length // 2))]
-        name = f"LLaDA's generate.py ({generate_file.name})"
+        name = f"LLaDA's generate.py ({generate_file.name}, on {family})"
     for sampler, k, block, rule, run_theirs in cases:
         config = SamplingConfig(length=length, tokens_per_step=k, block_length=block, progress=False,
                                 choice=TokenChoice(rule=rule, temperature=0.0))
@@ -247,7 +251,8 @@ def main() -> None:
     parser.add_argument("--code", type=Path, required=True, help="folder with the family's released .py files")
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--generate-file", type=Path, default=None,
-                        help="LLaDA: the generate.py of its GitHub repository, to compare its sampler with ours")
+                        help="LLaDA, LLaDA-MoE: the generate.py of LLaDA's GitHub repository (its `generate` takes the "
+                             "mask id as an argument), to compare its sampler with ours")
     args = parser.parse_args()
     work = args.workdir
     model = str(write_checkpoint(args.family, args.code, work / "checkpoint"))
@@ -276,7 +281,7 @@ def main() -> None:
                  "--tokens-per-step", "1,4", "--num", "16", "--length", "12", "--out", str(work / "eval")])
     if not same:
         raise SystemExit("released_code: samples depend on the batch size")
-    if args.family == "rnd1" or (args.family == "llada" and args.generate_file is not None):
+    if args.family == "rnd1" or (args.family in ("llada", "lladamoe") and args.generate_file is not None):
         own_sampler_agreement(args.family, model, PROMPTS, args.generate_file)
 
 
