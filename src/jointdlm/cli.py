@@ -233,7 +233,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def _padding_note(batched_by_length: bool) -> str:
-    return "; prompts batched by length (this model's code ignores padding)" if batched_by_length else ""
+    return ("; prompts batched by length (this model's code ignores padding, or rounds padded rows differently in "
+            "bfloat16 on a CPU)") if batched_by_length else ""
 
 
 def cmd_code_eval(args: argparse.Namespace) -> None:

@@ -348,6 +348,16 @@ class HFDiffusionModel:
     def device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
 
+    @property
+    def pads_exactly(self) -> bool:
+        """Whether a left-padded row computes bit for bit what the row alone does: the code reads the padding
+        (`honours_padding`) and the weights are float32, or on a GPU (where a bfloat16 product depends on the
+        batch anyway, docs/results.md §6). In bfloat16 on a CPU a padded row rounds differently from the row
+        alone (RND1, whose config asks for bfloat16: 4 of 8 prompts of unequal length kept their sample at batch
+        1 and 8, §8), so the sampling loop then batches prompts by length, as for code that ignores padding."""
+        reduced = self.model.get_input_embeddings().weight.dtype in (torch.bfloat16, torch.float16)
+        return self.honours_padding and not (reduced and self.device.type == "cpu")
+
     def block_shape(self) -> tuple[int, int, int, float]:
         """(d_model, n_heads, mlp_hidden, rope_theta) of one block, for an ADJUST head of the same shape."""
         c = self.config

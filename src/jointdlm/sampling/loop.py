@@ -126,7 +126,7 @@ class Generation:
     tokens: list[list[int]]
     history: list[list[int]] | None
     counters: Counters
-    batched_by_length: bool = False  # the model ignores padding, so no batch mixed prompt lengths
+    batched_by_length: bool = False  # padding would change rows (ignored, or rounded in bf16 on a CPU)
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -239,7 +239,7 @@ def generate(model: DiffusionLM, sampler: Sampler, config: SamplingConfig,
     counters = Counters(samples=len(prompts))
     all_tokens: list[list[int]] = [[] for _ in prompts]
     history: list[list[int]] = [[] for _ in prompts]
-    by_length = not getattr(model, "honours_padding", True) and len({len(p) for p in prefixes}) > 1
+    by_length = not getattr(model, "pads_exactly", True) and len({len(p) for p in prefixes}) > 1
     _check_run(model, sampler, config, prefixes)  # fail before the progress bar starts
     own_bar = progress_bar is None
     bar = tqdm(total=len(prompts), disable=not config.progress, desc=f"sample {sampler.name}", dynamic_ncols=True) \
