@@ -141,7 +141,7 @@ def weight_shapes(family: str, code: Path, config: dict, ids: dict[str, int]) ->
             sys.path.remove(tmp)
 
 
-def write_checkpoint(family: str, code: Path, target: Path) -> Path:
+def write_checkpoint(family: str, code: Path, target: Path, overrides: dict | None = None) -> Path:
     missing = [name for name in FILES[family] if not (code / name).is_file()]
     if missing:
         raise SystemExit(f"released_code: {code} lacks {', '.join(missing)}")
@@ -157,7 +157,7 @@ def write_checkpoint(family: str, code: Path, target: Path) -> Path:
     ids = {"mask_token_id": tokenizer.mask_token_id, "pad_token_id": tokenizer.pad_token_id,
            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
     copy_code(family, code, target, ids, len(tokenizer))
-    config = {**family_config(family, len(tokenizer)), **ids}
+    config = {**family_config(family, len(tokenizer)), **ids, **(overrides or {})}
     (target / "config.json").write_text(json.dumps(config, indent=2))
     (target / "generation_config.json").write_text(json.dumps(ids, indent=2))
     generator = torch.Generator().manual_seed(0)
@@ -250,12 +250,18 @@ def main() -> None:
     parser.add_argument("--family", choices=sorted(FILES), required=True)
     parser.add_argument("--code", type=Path, required=True, help="folder with the family's released .py files")
     parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--config-set", action="append", default=[], metavar="KEY=JSON",
+                        help="one more config.json entry (e.g. moe_router_enable_expert_bias=true); repeatable")
     parser.add_argument("--generate-file", type=Path, default=None,
                         help="LLaDA, LLaDA-MoE: the generate.py of LLaDA's GitHub repository (its `generate` takes the "
                              "mask id as an argument), to compare its sampler with ours")
     args = parser.parse_args()
     work = args.workdir
-    model = str(write_checkpoint(args.family, args.code, work / "checkpoint"))
+    overrides = {}
+    for item in args.config_set:
+        key, _, value = item.partition("=")
+        overrides[key] = json.loads(value)
+    model = str(write_checkpoint(args.family, args.code, work / "checkpoint", overrides))
     print(f"checkpoint: {model} (transformers {transformers.__version__})", flush=True)
     prompts = work / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
