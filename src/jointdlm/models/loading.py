@@ -16,10 +16,10 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 def load_model(directory: str | Path, device: str | torch.device = "cpu",
                family: str | HFFamily | None = None, trust_remote_code: bool = False,
                dtype: str = "auto") -> DiffusionLM:
-    """The built-in model, or a Hugging Face one (LLaDA / Dream) recognised by its config.json.
+    """The built-in model, or a Hugging Face one (LLaDA, LLaDA-MoE, Dream, RND1) recognised by its config.json.
 
-    A config naming LLaDA or Dream is taken to the Hugging Face path only with an `auto_map`: neither family has
-    a native transformers class, so without remote code transformers could not build it. `family` forces the
+    A config naming one of those families is taken to the Hugging Face path only with an `auto_map`: none has a
+    native transformers class, so without remote code transformers could not build it. `family` forces the
     Hugging Face path with that family's spec (it also accepts a Hub repo id in place of a directory). Remote
     code runs only with `trust_remote_code=True`. `dtype` sets a Hugging Face checkpoint's weights ("auto": as
     stored); logits reach the samplers' float32 math either way. The built-in model runs in float32.
