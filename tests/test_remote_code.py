@@ -435,6 +435,48 @@ def test_block_diffusion_checkpoints_are_refused(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and "block-diffusion" in err
 
 
+def hub_cache(root: Path, repo_id: str, checkpoint: Path) -> Path:
+    """A Hugging Face Hub cache holding `checkpoint` as the snapshot of `repo_id`, as a download leaves it."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(checkpoint, repo / "snapshots" / commit)
+    return root
+
+
+def test_a_hub_repo_id_loads_like_its_directory(checkpoints, tmp_path):
+    """`--model org/name` (no such directory): the snapshot in the Hub cache (offline here) is loaded through the
+    checkpoint's own classes and shims, family detected, remote code behind the opt-in. Before, a repo id went to
+    transformers' Auto classes alone, which cannot build released LLaDA, Dream or RND1 under transformers 5."""
+    cache = hub_cache(tmp_path / "hub", "example-org/dream-tiny", checkpoints["dream"])
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the cat\na\n")
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+
+    def sample(*extra: str) -> subprocess.CompletedProcess:
+        argv = ["sample", "--model", "example-org/dream-tiny", "--sampler", "parallel", "--tokens-per-step", "2",
+                "--length", "6", "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl"), *extra]
+        return subprocess.run([sys.executable, "-m", "jointdlm.cli", *argv], capture_output=True, text=True,
+                              timeout=300, env=env, cwd=tmp_path)
+
+    refused = sample()
+    assert refused.returncode == 2 and "--trust-remote-code" in refused.stderr and "Traceback" not in refused.stderr
+    done = sample("--trust-remote-code")
+    assert done.returncode == 0, done.stderr[-2000:]
+    local = tmp_path / "local.jsonl"
+    assert cli.main(["sample", "--model", str(checkpoints["dream"]), "--trust-remote-code", "--sampler", "parallel",
+                     "--tokens-per-step", "2", "--length", "6", "--prompts", str(prompts), "--out", str(local)]) == 0
+    assert samples(tmp_path / "o.jsonl") == samples(local)
+    forced = sample("--trust-remote-code", "--family", "dream")
+    missing_repo = subprocess.run([sys.executable, "-m", "jointdlm.cli", "sample", "--model", "example-org/absent",
+                                   "--sampler", "parallel", "--out", str(tmp_path / "x.jsonl")],
+                                  capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    assert missing_repo.returncode == 2 and "could not fetch example-org/absent from the Hugging Face Hub" in \
+        missing_repo.stderr and missing_repo.stderr.count("\n") == 1
+
+
 def test_code_imported_two_levels_down_loads(tmp_path):
     """transformers 4.x copies only a module's direct relative imports from a local folder into its module cache;
     RND1's modeling file imports generation_utils, which imports two more files. Here Dream's does the same."""

@@ -835,7 +835,7 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 
 
-def _locate(path_or_repo: str | Path) -> tuple[str, bool]:
+def locate(path_or_repo: str | Path) -> tuple[str, bool]:
     """(what to hand transformers, whether it is a local directory); a clear error for a missing directory."""
     path = Path(path_or_repo).expanduser()
     if path.is_dir():
@@ -847,6 +847,30 @@ def _locate(path_or_repo: str | Path) -> tuple[str, bool]:
         raise FileNotFoundError(f"model directory {text} does not exist (nor is it a Hub repo id like "
                                 "GSAI-ML/LLaDA-8B-Base)")
     return text, False
+
+
+# What a checkpoint needs from the Hub: configs, code, tokenizer files and safetensors weights (not every weight
+# format a repository may hold besides them).
+SNAPSHOT_FILES = ("*.json", "*.py", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "tokenizer*")
+
+
+def snapshot(repo_id: str) -> str:
+    """A Hub repo id as a local snapshot folder (downloaded, or the cached one when offline), so that it loads
+    exactly as a local checkpoint does: through its own classes with the shims (transformers' Auto classes alone
+    cannot build the released LLaDA, Dream or RND1 under transformers 5) and behind the remote-code opt-in."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=list(SNAPSHOT_FILES)))
+        if not any(folder.glob("*.safetensors")):  # weights only as pytorch_model*.bin
+            folder = Path(snapshot_download(repo_id, allow_patterns=[*SNAPSHOT_FILES, "*.bin"]))
+    except Exception as err:  # noqa: BLE001 - network, authentication, a missing repository: one line
+        first = (str(err).splitlines() or [""])[0]
+        raise OSError(f"could not fetch {repo_id} from the Hugging Face Hub (no such directory here, and not in "
+                      f"the cache or not reachable): {type(err).__name__}: {first}") from None
+    if not (folder / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"the Hub repo {repo_id} has no {CONFIG_FILE}; is it a model repository?")
+    return str(folder)
 
 
 def remote_code_files(directory: str | Path) -> list[str]:
@@ -870,12 +894,14 @@ def remote_code_files(directory: str | Path) -> list[str]:
 def load_hf_model(path_or_repo: str | Path | None, family: str | HFFamily, device: str | torch.device = "cpu",
                   dtype: torch.dtype | str | None = None, trust_remote_code: bool = False,
                   max_length: int | None = None, check: bool = True) -> HFDiffusionModel:
-    """Load model + tokenizer from a local directory (never touching the network) or a Hub repo id.
+    """Load model + tokenizer from a local directory (never touching the network) or a Hub repo id (its config,
+    code, tokenizer and safetensors weights fetched into the Hub cache first, or read from it offline, then loaded
+    as a local directory).
 
     `path_or_repo=None` uses the family's default repo. The family's auto classes are tried in order; a class
     the checkpoint does not register, or one that comes without an LM head, is skipped. A checkpoint whose
     config.json names its own Python code (`auto_map`) is refused unless `trust_remote_code=True`: that code runs
-    with the user's rights when it is imported. Trusted local remote code is loaded through its own classes,
+    with the user's rights when it is imported. Trusted remote code is loaded through its own classes,
     with the shims that let code released for transformers 4.x load under 5.x (`_compatible`, `_refill_rotary`,
     `_lenient_generation_configs`) and its own `from_pretrained` unchanged (`_load_with_info`).
     `check` runs `check_head` and `self_check` once on a few tokens.
@@ -885,10 +911,11 @@ def load_hf_model(path_or_repo: str | Path | None, family: str | HFFamily, devic
         if family.default_repo is None:
             raise ValueError(f"the {family.name} family has no default repo; give a path")
         path_or_repo = family.default_repo
-    source, local = _locate(path_or_repo)
-    if local:
-        refuse_block_diffusion(read_config(Path(source) / CONFIG_FILE), source)
-    if local and not trust_remote_code:
+    source, local = locate(path_or_repo)
+    if not local:
+        source = snapshot(source)
+    refuse_block_diffusion(read_config(Path(source) / CONFIG_FILE), source)
+    if not trust_remote_code:
         code = remote_code_files(source)
         if code:
             raise ValueError(f"{source} ships its own Python code ({', '.join(code)}), which would run on loading; "
@@ -897,9 +924,8 @@ def load_hf_model(path_or_repo: str | Path | None, family: str | HFFamily, devic
         import transformers
     except ImportError as err:
         raise ImportError("loading Hugging Face models needs transformers: pip install 'jointdlm[hf]'") from err
-    options: dict[str, Any] = {"trust_remote_code": trust_remote_code, "local_files_only": local}
-    where = source if local else f"{source} (no such directory, so tried as a Hub repo: cached? network?)"
-    remote = local and trust_remote_code and bool(remote_code_files(source))
+    options: dict[str, Any] = {"trust_remote_code": trust_remote_code, "local_files_only": True}
+    remote = trust_remote_code and bool(remote_code_files(source))
     if remote:
         try:
             _cache_remote_code(source)
@@ -910,7 +936,7 @@ def load_hf_model(path_or_repo: str | Path | None, family: str | HFFamily, devic
         tokenizer = transformers.AutoTokenizer.from_pretrained(
             source, **options, **({"config": own_config} if own_config is not None else {}))
     except (OSError, ValueError) as err:
-        raise OSError(f"could not load a tokenizer from {where}: {err}") from None
+        raise OSError(f"could not load a tokenizer from {source}: {err}") from None
     if dtype is not None:
         major_minor = tuple(int(p) for p in re.findall(r"\d+", transformers.__version__)[:2])
         options["dtype" if major_minor >= (4, 56) else "torch_dtype"] = _dtype(dtype)
@@ -919,7 +945,7 @@ def load_hf_model(path_or_repo: str | Path | None, family: str | HFFamily, devic
         model, tried = _load_remote(source, family,
                                     {**options, **({"config": own_config} if own_config is not None else {})})
     if model is None:
-        model, more = _load_auto(source, family, options, where)
+        model, more = _load_auto(source, family, options, source)
         tried += more
     if model is None:
         raise ValueError(f"no auto class loads {source} as a {family.name} model with an LM head; "
@@ -927,7 +953,7 @@ def load_hf_model(path_or_repo: str | Path | None, family: str | HFFamily, devic
     model.requires_grad_(False)
     adapter = HFDiffusionModel(model.eval(), tokenizer, family, max_length=max_length).to(device)
     generation = Path(source) / GENERATION_CONFIG_FILE
-    if local and generation.is_file():
+    if generation.is_file():
         ids = read_config(generation).get("eos_token_id")
         ids = ids if isinstance(ids, list) else [ids]
         adapter.generation_stops = tuple(sorted({int(i) for i in ids if isinstance(i, int) and not isinstance(i, bool)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .hf import FAMILIES, HFFamily, detect_family, load_hf_model, refuse_block_diffusion
+from .hf import FAMILIES, HFFamily, detect_family, load_hf_model, locate, refuse_block_diffusion, snapshot
 from .mdlm import CONFIG_FILE, MODEL_TYPE, BuiltinModel, read_config
 from .protocol import DiffusionLM
 
@@ -34,8 +34,9 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu",
                              "Face checkpoints: leave it out")
         return load_hf_model(directory, family, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"model directory {directory} does not exist")
+    if not directory.is_dir():  # a Hub repo id: its snapshot (fetched, or cached), detected like a directory
+        directory = Path(snapshot(locate(directory)[0]))
+        config = directory / CONFIG_FILE
     if not config.exists():
         raise FileNotFoundError(f"{directory} has no {CONFIG_FILE}; is it a model directory?")
     raw = read_config(config)
