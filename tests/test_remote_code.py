@@ -473,8 +473,8 @@ def test_a_hub_repo_id_loads_like_its_directory(checkpoints, tmp_path):
                                    "--sampler", "parallel", "--out", str(tmp_path / "x.jsonl")],
                                   capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert forced.returncode == 0, forced.stderr[-2000:]
-    assert missing_repo.returncode == 2 and "could not fetch example-org/absent from the Hugging Face Hub" in \
-        missing_repo.stderr and missing_repo.stderr.count("\n") == 1
+    assert missing_repo.returncode == 2 and "example-org/absent is no directory here, and as a Hugging Face Hub " \
+        "repo id it could not be fetched" in missing_repo.stderr and missing_repo.stderr.count("\n") == 1
 
 
 def test_code_imported_two_levels_down_loads(tmp_path):

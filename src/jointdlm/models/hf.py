@@ -866,8 +866,8 @@ def snapshot(repo_id: str) -> str:
             folder = Path(snapshot_download(repo_id, allow_patterns=[*SNAPSHOT_FILES, "*.bin"]))
     except Exception as err:  # noqa: BLE001 - network, authentication, a missing repository: one line
         first = (str(err).splitlines() or [""])[0]
-        raise OSError(f"could not fetch {repo_id} from the Hugging Face Hub (no such directory here, and not in "
-                      f"the cache or not reachable): {type(err).__name__}: {first}") from None
+        raise OSError(f"{repo_id} is no directory here, and as a Hugging Face Hub repo id it could not be fetched "
+                      f"(not in the Hub cache, or the Hub not reachable): {type(err).__name__}: {first}") from None
     if not (folder / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"the Hub repo {repo_id} has no {CONFIG_FILE}; is it a model repository?")
     return str(folder)
