@@ -184,7 +184,7 @@ def run(stage: str, argv: list[str]) -> str:
 
 
 def own_sampler_agreement(family: str, model_dir: str, prompts: list[str], generate_file: Path | None,
-                          length: int = 16) -> None:
+                          length: int = 16, head_as_is: bool = False) -> None:
     """The family's own sampler against jointdlm's, greedy, token for token on the same canvases (the prompt after
     the start token jointdlm puts first): RND1's `sampling.diffusion_sample` (shipped with its code; one token per
     step, lowest entropy first) against `sequential --rule entropy`; LLaDA's `generate.py` (from its GitHub
@@ -199,13 +199,14 @@ def own_sampler_agreement(family: str, model_dir: str, prompts: list[str], gener
     # jointdlm never writes the mask id (nor a BOS that is not EOS) and takes them out of the distribution; the
     # released samplers keep them, and LLaDA's writes the mask id when it is the argmax, which at random weights
     # it sometimes is. At random weights every entropy and confidence is also within a hair of the others, so the
-    # order turns on those two ids (RND1: 5 of 8 prompts identical, LLaDA at K=2: 7 of 8; 8 of 8 for both with
-    # nothing taken out, 2026-12-05). So, as in a trained model: a sharper LM head (each position an entropy and a
+    # order turns on those two ids (`--head-as-is`: RND1 5 of 8 prompts identical, LLaDA at K=2 7 of 8, LLaDA-MoE
+    # 7 of 8; docs/results.md §8). So, as in a trained model: a sharper LM head (each position an entropy and a
     # confidence of its own), and no mass on those ids (their rows zeroed: logit 0 among logits of scale ~20).
-    with torch.no_grad():
-        weight = model.model.get_output_embeddings().weight
-        weight.mul_(SHARPEN)
-        weight[model.spec.never_sampled()] = 0.0
+    if not head_as_is:  # `--head-as-is` measures what the sentence above says
+        with torch.no_grad():
+            weight = model.model.get_output_embeddings().weight
+            weight.mul_(SHARPEN)
+            weight[model.spec.never_sampled()] = 0.0
     prefixes = encode_prompts(model, prompts)
     spec = model.spec
     if family == "rnd1":
@@ -220,9 +221,9 @@ def own_sampler_agreement(family: str, model_dir: str, prompts: list[str], gener
         # from a config as a generation setting, and LLaDA's generate.py then fails: give it back.
         if not hasattr(model.model.config, "use_cache"):
             model.model.config.use_cache = False
-        spec_ = importlib.util.spec_from_file_location("released_generate", generate_file)
-        module = importlib.util.module_from_spec(spec_)
-        spec_.loader.exec_module(module)
+        found = importlib.util.spec_from_file_location("released_generate", generate_file)
+        module = importlib.util.module_from_spec(found)
+        found.loader.exec_module(module)
 
         def theirs(steps: int, block: int):
             return lambda prefix: module.generate(model.model, torch.tensor([prefix]), steps=steps, gen_length=length,
@@ -252,6 +253,9 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--config-set", action="append", default=[], metavar="KEY=JSON",
                         help="one more config.json entry (e.g. moe_router_enable_expert_bias=true); repeatable")
+    parser.add_argument("--head-as-is", action="store_true",
+                        help="the own-sampler check on the random LM head as written (not sharpened, banned ids "
+                             "not zeroed): a diagnostic, expected to disagree on some prompts")
     parser.add_argument("--generate-file", type=Path, default=None,
                         help="LLaDA, LLaDA-MoE: the generate.py of LLaDA's GitHub repository (its `generate` takes the "
                              "mask id as an argument), to compare its sampler with ours")
@@ -288,7 +292,7 @@ def main() -> None:
     if not same:
         raise SystemExit("released_code: samples depend on the batch size")
     if args.family == "rnd1" or (args.family in ("llada", "lladamoe") and args.generate_file is not None):
-        own_sampler_agreement(args.family, model, PROMPTS, args.generate_file)
+        own_sampler_agreement(args.family, model, PROMPTS, args.generate_file, head_as_is=args.head_as_is)
 
 
 if __name__ == "__main__":

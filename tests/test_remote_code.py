@@ -111,6 +111,17 @@ def dream_weights(vocab: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
     return llama_frame(vocab, gen, layer)
 
 
+def expert_weights(prefix: str, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """One MoE layer's experts, as LLaDA-MoE and RND1 name them (their router, `mlp.gate`, stays with the layer)."""
+    state = {}
+    for e in range(EXPERTS):
+        expert = prefix + f"mlp.experts.{e}."
+        state.update({expert + "gate_proj.weight": linear(MLP // 2, D, gen),
+                      expert + "up_proj.weight": linear(MLP // 2, D, gen),
+                      expert + "down_proj.weight": linear(D, MLP // 2, gen)})
+    return state
+
+
 def lladamoe_weights(vocab: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
     def layer(prefix: str) -> dict[str, torch.Tensor]:
         state = {prefix + "self_attn.q_norm.weight": torch.ones(D // HEADS),
@@ -118,12 +129,7 @@ def lladamoe_weights(vocab: int, gen: torch.Generator) -> dict[str, torch.Tensor
                  prefix + "mlp.gate.weight": linear(EXPERTS, D, gen)}
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             state[prefix + f"self_attn.{name}.weight"] = linear(D, D, gen)
-        for e in range(EXPERTS):
-            expert = prefix + f"mlp.experts.{e}."
-            state.update({expert + "gate_proj.weight": linear(MLP // 2, D, gen),
-                          expert + "up_proj.weight": linear(MLP // 2, D, gen),
-                          expert + "down_proj.weight": linear(D, MLP // 2, gen)})
-        return state
+        return {**state, **expert_weights(prefix, gen)}
 
     return llama_frame(vocab, gen, layer)
 
@@ -140,12 +146,7 @@ def rnd1_weights(vocab: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
                  prefix + "self_attn.q_norm.weight": torch.ones(RND1_HEAD),
                  prefix + "self_attn.k_norm.weight": torch.ones(RND1_HEAD),
                  prefix + "mlp.gate.weight": linear(EXPERTS, D, gen)}
-        for e in range(EXPERTS):
-            expert = prefix + f"mlp.experts.{e}."
-            state.update({expert + "gate_proj.weight": linear(MLP // 2, D, gen),
-                          expert + "up_proj.weight": linear(MLP // 2, D, gen),
-                          expert + "down_proj.weight": linear(D, MLP // 2, gen)})
-        return state
+        return {**state, **expert_weights(prefix, gen)}
 
     return llama_frame(vocab, gen, layer)
 

@@ -711,8 +711,8 @@ def _load_failure(what: str, err: Exception) -> ValueError:
 
 
 def _cache_remote_code(source: str) -> None:
-    """Copy every Python file the checkpoint's `auto_map` modules import, however deep, into transformers' module
-    cache before any class is loaded from a local folder.
+    """Copy every Python file the checkpoint's `auto_map` modules (model and tokenizer) import, however deep, into
+    transformers' module cache before any class is loaded from a local folder.
 
     transformers 4.x (4.57 included) copies only a module's direct relative imports from a local folder: RND1's
     `modeling_rnd` imports `generation_utils`, which imports `generation_config` and `sampling`, and the load then
@@ -720,10 +720,8 @@ def _cache_remote_code(source: str) -> None:
     from transformers.dynamic_module_utils import get_cached_module_file, get_relative_import_files
 
     directory = Path(source)
-    auto_map = read_config(directory / CONFIG_FILE).get("auto_map") or {}
-    for reference in (r for r in auto_map.values() if isinstance(r, str) and "." in r and "--" not in r):
-        module = directory / (reference.rsplit(".", 1)[0] + ".py")
-        if module.is_file():
+    for module in (directory / name for name in sorted(_auto_map_modules(directory))):
+        if module.is_file():  # else another repository's code ("repo--module.Class"): transformers fetches it
             for imported in get_relative_import_files(str(module)):
                 get_cached_module_file(source, Path(imported).name, local_files_only=True)
 
@@ -873,10 +871,9 @@ def snapshot(repo_id: str) -> str:
     return str(folder)
 
 
-def remote_code_files(directory: str | Path) -> list[str]:
-    """The Python files a checkpoint asks transformers to import: the `auto_map` of its config.json and of its
-    tokenizer_config.json (a tokenizer can ship its own code too: Dream's does)."""
-    directory = Path(directory)
+def _auto_map_modules(directory: Path) -> set[str]:
+    """The module files the `auto_map` of a checkpoint's config.json and of its tokenizer_config.json name (a
+    tokenizer can ship its own code too: Dream's does)."""
     auto_maps = [read_config(directory / CONFIG_FILE).get("auto_map") or {}]
     if (directory / TOKENIZER_CONFIG_FILE).is_file():
         auto_maps.append(read_config(directory / TOKENIZER_CONFIG_FILE).get("auto_map") or {})
@@ -885,6 +882,14 @@ def remote_code_files(directory: str | Path) -> list[str]:
         for ref in (target if isinstance(target, list) else [target]):
             if isinstance(ref, str) and "." in ref:
                 modules.add(ref.split("--")[-1].rsplit(".", 1)[0] + ".py")
+    return modules
+
+
+def remote_code_files(directory: str | Path) -> list[str]:
+    """The Python files a checkpoint asks transformers to import (`_auto_map_modules`), and every other .py beside
+    them; none when its auto_maps name no code."""
+    directory = Path(directory)
+    modules = _auto_map_modules(directory)
     if not modules:
         return []
     present = sorted(p.name for p in directory.glob("*.py"))
