@@ -420,11 +420,12 @@ def test_code_that_fails_is_one_line(tmp_path, capsys):
 def test_block_diffusion_checkpoints_are_refused(tmp_path, capsys):
     """LLaDA2.0's architecture name contains "llada": before this check it loaded as LLaDA and sampled over the
     whole canvas, which its block-causal training never saw (and with LLaDA's mask id unless its tokenizer
-    declared one). Refused in one line, detected or forced, as are SDAR and BD3-LM."""
+    declared one). Refused in one line, detected or forced, as are SDAR, BD3-LM and Fast-dLLM v2."""
     checkpoint = write_checkpoint("llada", tmp_path / "llada2")
     config = json.loads((checkpoint / "config.json").read_text())
     for model_type, architecture, name in (("llada2_moe", "LLaDA2MoeModelLM", "LLaDA2.x"),
-                                           ("sdar", "SDARForCausalLM", "SDAR"), ("bd3lm", "BD3LM", "BD3-LM")):
+                                           ("sdar", "SDARForCausalLM", "SDAR"), ("bd3lm", "BD3LM", "BD3-LM"),
+                                           ("Fast_dLLM_Qwen", "Fast_dLLM_QwenForCausalLM", "Fast-dLLM v2")):
         (checkpoint / "config.json").write_text(json.dumps({**config, "model_type": model_type,
                                                             "architectures": [architecture]}))
         for family in (None, "llada"):

@@ -116,8 +116,9 @@ def get_family(family: str | HFFamily) -> HFFamily:
 # Block-diffusion models: each block of tokens attends only to itself and the blocks before it, and is decoded
 # with the earlier blocks fixed. jointdlm's samplers, ADJUST and the adapter give every pass the whole canvas,
 # and a block-causal model given that computes without an error: silent garbage. Keyed by what a config's
-# model_type or an architecture name contains (LLaDA2.0's "LLaDA2MoeModelLM" also contains "llada").
-BLOCK_DIFFUSION = {"llada2": "LLaDA2.x", "sdar": "SDAR", "bd3lm": "BD3-LM"}
+# model_type or an architecture name contains (LLaDA2.0's "LLaDA2MoeModelLM" also contains "llada"; SDAR's
+# model_type also covers TraDo; Fast-dLLM v2 is "Fast_dLLM_Qwen", Qwen2.5 fine-tuned to blocks of `bd_size`).
+BLOCK_DIFFUSION = {"llada2": "LLaDA2.x", "sdar": "SDAR", "bd3lm": "BD3-LM", "fast_dllm": "Fast-dLLM v2"}
 
 
 def refuse_block_diffusion(config: Mapping[str, Any], source: str | Path) -> None:
