@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from .adjust.train import AdjustTrainConfig
 from .models.loading import DTYPES
 from .models.mdlm import PRESETS
-from .models.train import PRESET_LR
+from .models.train import DEFAULT_STEPS, PRESET_LR
 from .outputs import atomic_write_text, atomic_writer, check_output_dir, check_output_file
 from .sampling.base import TokenChoice
 from .sampling.loop import KV_CACHES, SamplingConfig
@@ -344,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--preset", default="small", help=", ".join(PRESETS))
     p.add_argument("--objective", default="mdlm", help="mdlm (diffusion) or ar (causal scorer)")
-    p.add_argument("--max-steps", type=_positive_int, default=2000)
+    p.add_argument("--max-steps", type=_positive_int, default=None,
+                   help="default: " + ", ".join(f"{n:,} ({objective})" for objective, n in DEFAULT_STEPS.items()))
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate; default: the preset's ("
