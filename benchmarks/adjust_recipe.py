@@ -1,6 +1,7 @@
 """The ADJUST training recipe measured on toy languages with exact validity, across head seeds.
 
-For each language: a `small` base with the CLI's pre-training defaults, 4,000 K=1 trajectories with the CLI's
+For each language: a `small` base of 2,000 steps (the CLI's pre-training defaults when these runs were recorded;
+`--pretrain-steps 6000` for today's), 4,000 K=1 trajectories with the CLI's
 defaults, then one head per seed with `AdjustTrainConfig` defaults (or the overrides given with --set), and
 validity of K=1, naive parallel and ADJUST at K=4 and K=8 (500 samples, sampling seed 1). Everything is cached
 under --workdir, so a second variant reuses the base and trajectories.

@@ -43,7 +43,7 @@ DEFAULT_STEPS = {"mdlm": 6000, "ar": 2000}
 """Training steps unless told. A diffusion base at `small`'s rate samples markedly better at 6,000 steps than at
 2,000 on every toy language and the bracket corpus measured (K=1 validity 0.956 -> 0.988 choice, 0.860 -> 0.980
 binding, 0.946 -> 0.980 seating, 0.988 -> 0.996 permutation, 0.58 -> 0.81 brackets), while its held-out loss moved
-by 0.3-2% and no convergence warning fired (docs/results.md §10, `benchmarks/convergence_study.py`): 4-5 minutes
+by 0.2-4% and no convergence warning fired (docs/results.md §10, `benchmarks/convergence_study.py`): 4-5 minutes
 on 2 CPU cores at these canvases. The causal scorer keeps 2,000 (not measured; a small corpus it memorises)."""
 
 
@@ -225,7 +225,7 @@ STILL_FALLING = 0.05
 """A held-out loss that fell by more than this share over a run's last quarter says the base has not converged:
 the binding base at 2,000 steps with the rate before §10 fell 19% there (K=1 validity 0.070; 0.744 once pre-trained 4x
 longer); bases that had learned their language 0.8-2.3% (docs/results.md §10). It says a base is still learning,
-not that it has learned: 2,000-step bases that sampled far worse than at 6,000 had losses within 2% of those
+not that it has learned: 2,000-step bases that sampled far worse than at 6,000 had losses within 4% of those
 (`DEFAULT_STEPS`)."""
 
 
