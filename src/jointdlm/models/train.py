@@ -44,7 +44,7 @@ DEFAULT_STEPS = {"mdlm": 6000, "ar": 2000}
 """Training steps unless told. A diffusion base at `small`'s rate samples markedly better at 6,000 steps than at
 2,000 on every toy language and the bracket corpus measured (K=1 validity 0.956 -> 0.988 choice, 0.860 -> 0.980
 binding, 0.946 -> 0.980 seating, 0.988 -> 0.996 permutation, 0.58 -> 0.81 brackets), while its held-out loss moved
-by 0.2-4% and no convergence warning fired (docs/results.md §10, `benchmarks/convergence_study.py`): 4-5 minutes
+by 0.2-4% and no convergence warning fired (docs/results.md §10, `benchmarks/convergence_study.py`): 3.5-5.5 min
 on 2 CPU cores at these canvases. The causal scorer keeps 2,000 (not measured; a small corpus it memorises)."""
 
 
