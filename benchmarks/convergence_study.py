@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,19 +20,9 @@ from jointdlm.data.toy import get_language
 from jointdlm.eval.metrics import proportion
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from user_corpus import dyck_word, is_valid  # noqa: E402
+from user_corpus import is_valid, run, write_bracket_corpus  # noqa: E402
 
 BRACKET_PAIRS = 6
-
-
-def cli(argv: list[str]) -> list[str]:
-    """Run one CLI command; its stderr lines (progress bars split), or exit with the last one."""
-    print("$ jointdlm " + " ".join(argv), flush=True)
-    done = subprocess.run([sys.executable, "-m", "jointdlm.cli", *argv], stderr=subprocess.PIPE, text=True)
-    lines = [line for line in done.stderr.replace("\r", "\n").splitlines() if line.strip()]
-    if done.returncode != 0:
-        raise SystemExit(lines[-1] if lines else f"exit code {done.returncode}")
-    return lines
 
 
 def write_corpus(name: str, path: Path) -> None:
@@ -42,10 +30,9 @@ def write_corpus(name: str, path: Path) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     if name == "brackets":  # as user_corpus.py writes it
-        rng = random.Random(0)
-        path.write_text("\n".join(dyck_word(rng, BRACKET_PAIRS) for _ in range(20000)) + "\n")
+        write_bracket_corpus(path, BRACKET_PAIRS)
     else:
-        cli(["corpus", name, "--out", str(path)])
+        run(["corpus", name, "--out", str(path)])
 
 
 def validity(name: str, samples: Path) -> list[bool]:
@@ -75,14 +62,14 @@ def main() -> None:
         corpus = work / name / "corpus.txt"
         write_corpus(name, corpus)
         for steps in (int(s) for s in args.steps.split(",")):
-            run = f"s{steps}" + (f"_seed{args.seed}" if args.seed else "")
-            model = work / name / run
-            lines = cli(["pretrain", "--corpus", str(corpus), "--out", str(model), "--max-steps", str(steps),
-                         "--seed", str(args.seed)])
-            warning = next((line for line in lines if line.startswith("warning: held-out loss")), None)
-            samples = work / name / f"{run}_k1.jsonl"
+            tag = f"s{steps}" + (f"_seed{args.seed}" if args.seed else "")
+            model = work / name / tag
+            said = run(["pretrain", "--corpus", str(corpus), "--out", str(model), "--max-steps", str(steps),
+                        "--seed", str(args.seed)])  # the warning line, if pretrain printed one
+            warning = said if said.startswith("warning: held-out loss") else None
+            samples = work / name / f"{tag}_k1.jsonl"
             if not samples.is_file():
-                cli(["sample", "--model", str(model), "--sampler", "sequential", "--num", str(args.num),
+                run(["sample", "--model", str(model), "--sampler", "sequential", "--num", str(args.num),
                      "--seed", "1", "--out", str(samples)])
             rate = proportion(validity(name, samples))
             log = [json.loads(line) for line in (model / "train_log.jsonl").read_text().splitlines() if line.strip()]

@@ -51,6 +51,12 @@ def is_valid(text: str, pairs: int) -> bool:
     return not stack
 
 
+def write_bracket_corpus(path: Path, pairs: int = 6, docs: int = 20000) -> None:
+    """One document per line: `docs` words of `pairs` bracket pairs from one seeded walk."""
+    rng = random.Random(0)
+    path.write_text("".join(dyck_word(rng, pairs) + "\n" for _ in range(docs)))
+
+
 def run(argv: list[str]) -> str:
     """Run one CLI command; its last stderr line (the summary), or exit with it."""
     print("$ jointdlm " + " ".join(argv), flush=True)
@@ -74,8 +80,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     corpus = work / "corpus.txt"
     if not corpus.exists():
-        rng = random.Random(0)
-        corpus.write_text("".join(dyck_word(rng, args.pairs) + "\n" for _ in range(args.docs)))
+        write_bracket_corpus(corpus, args.pairs, args.docs)
     model, traj, head = work / "model", work / "trajectories", work / f"head-seed{args.head_seed}"
     if not (model / "training_done.json").exists():
         steps = [] if args.pretrain_steps is None else ["--max-steps", str(args.pretrain_steps)]
