@@ -3,6 +3,7 @@
 import json
 import math
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -31,6 +32,7 @@ from jointdlm.models.train import (
     pretrain,
     random_cut,
     split_prompt,
+    target_steps,
 )
 
 TEXTS = [
@@ -258,7 +260,7 @@ def log_steps(directory) -> list[int]:
     return [json.loads(line)["step"] for line in (directory / LOG_FILE).read_text().splitlines()]
 
 
-def test_pretrain_resume_continues_and_matches_uninterrupted(small_corpus, tmp_path):
+def test_pretrain_resume_continues_and_matches_uninterrupted(small_corpus, tmp_path, capsys):
     resumed = tmp_path / "resumed"
     pretrain(small_corpus, resumed, quick_cfg(max_steps=20))
     assert torch.load(resumed / STATE_FILE, weights_only=False)["step"] == 20
@@ -276,10 +278,15 @@ def test_pretrain_resume_continues_and_matches_uninterrupted(small_corpus, tmp_p
     assert diff == 0.0, f"resumed weights differ from an uninterrupted run by {diff}"
     assert BuiltinModel.load(resumed).fingerprint() == BuiltinModel.load(straight).fingerprint()
 
-    # a run that is already done is a no-op
+    # a run that is already done is a no-op, also when max_steps is left to the default (6,000 now): a resumed
+    # run keeps its own target, so re-running a command from before the default changed trains nothing
     before = (resumed / WEIGHTS_FILE).read_bytes()
     pretrain(small_corpus, resumed, quick_cfg(max_steps=40))
     assert (resumed / WEIGHTS_FILE).read_bytes() == before and log_steps(resumed) == [10, 20, 30, 40]
+    capsys.readouterr()
+    pretrain(small_corpus, resumed, replace(quick_cfg(max_steps=40), max_steps=None, progress=True))
+    assert (resumed / WEIGHTS_FILE).read_bytes() == before and log_steps(resumed) == [10, 20, 30, 40]
+    assert "finished 40-step pre-training run: nothing to train" in capsys.readouterr().err
 
 
 def test_pretrain_loss_decreases(small_corpus, tmp_path):
@@ -346,8 +353,10 @@ def test_pretrain_learning_rate_follows_the_preset():
     """Unless given, the peak rate is the preset's: `small` stalls on copy and exclusion languages at the narrow
     presets' 3e-3 (docs/results.md §10). The step count is the objective's: a diffusion base samples better at
     6,000 than at 2,000 on every language measured, at held-out losses within 4%."""
-    assert PretrainConfig().max_steps == 6000 and PretrainConfig(objective="ar").max_steps == 2000
-    assert PretrainConfig(max_steps=5).max_steps == 5
+    assert target_steps(PretrainConfig()) == 6000 and target_steps(PretrainConfig(objective="ar")) == 2000
+    assert target_steps(PretrainConfig(max_steps=5)) == 5
+    assert target_steps(PretrainConfig(), saved=2000) == 2000, "a resumed run keeps its own target unless told"
+    assert target_steps(PretrainConfig(max_steps=8000), saved=2000) == 8000
     assert set(PRESET_LR) == set(PRESETS)
     assert PretrainConfig().lr == PRESET_LR["small"] == 5e-4
     assert PretrainConfig(preset="tiny").lr == 3e-3

@@ -345,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="small", help=", ".join(PRESETS))
     p.add_argument("--objective", default="mdlm", help="mdlm (diffusion) or ar (causal scorer)")
     p.add_argument("--max-steps", type=_positive_int, default=None,
-                   help="default: " + ", ".join(f"{n:,} ({objective})" for objective, n in DEFAULT_STEPS.items()))
+                   help="default: " + ", ".join(f"{n:,} ({objective})" for objective, n in DEFAULT_STEPS.items())
+                        + "; a run resumed in --out keeps its own target")
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate; default: the preset's ("

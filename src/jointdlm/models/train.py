@@ -13,7 +13,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -53,7 +53,8 @@ class PretrainConfig:
     preset: str = "small"
     objective: str = "mdlm"
     max_steps: int | None = None
-    """None: `DEFAULT_STEPS` for the objective."""
+    """None: the run's own target when `pretrain` resumes one (so re-running a command that finished does nothing,
+    whatever the default has since become), else `DEFAULT_STEPS` for the objective (`target_steps`)."""
     batch_size: int = 64
     lr: float | None = None
     """Peak learning rate; None: the preset's (`PRESET_LR`)."""
@@ -82,11 +83,10 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         require_choice("preset", self.preset, PRESETS)
         require_choice("objective", self.objective, ("mdlm", "ar"))
-        if self.max_steps is None:
-            self.max_steps = DEFAULT_STEPS[self.objective]
         if self.lr is None:
             self.lr = PRESET_LR[self.preset]
-        require_positive(self, ("max_steps", "batch_size", "eval_every", "save_every"))
+        require_positive(self, ("batch_size", "eval_every", "save_every")
+                         + (("max_steps",) if self.max_steps is not None else ()))
         require_finite(self, ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "heldout_fraction"))
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
@@ -212,6 +212,15 @@ RESUME_FIELDS = ("preset", "objective", "vocab_size", "seq_len", "tokenizer_from
 """Settings a resumed run cannot change: the saved network and tokenizer are used whatever they say."""
 
 
+def target_steps(cfg: PretrainConfig, saved: int | None = None) -> int:
+    """How many steps `cfg` trains to: its max_steps; unless given, the target of the run being resumed (`saved`,
+    from its config.json), else `DEFAULT_STEPS`. A run started under an older default is continued to that
+    target, not silently to today's."""
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return saved if saved is not None else DEFAULT_STEPS[cfg.objective]
+
+
 def _resume_problems(out: Path, cfg: PretrainConfig, step: int) -> list[str]:
     """Why the run saved in `out` cannot be continued by `cfg` (empty when it can)."""
     saved = read_config(out / "config.json").get("pretrain") or {}  # absent in models saved without one
@@ -270,6 +279,8 @@ def pretrain(corpus: str | Path, out: str | Path, cfg: PretrainConfig) -> Builti
     torch.manual_seed(cfg.seed)
     state_path = out / STATE_FILE
     resume = state_path.exists()
+    saved_target = (read_config(out / "config.json").get("pretrain") or {}).get("max_steps") if resume else None
+    cfg = replace(cfg, max_steps=target_steps(cfg, saved_target))
     if resume:
         state = torch.load(state_path, map_location=cfg.device, weights_only=True)  # tensors only: no pickle code
         problems = _resume_problems(out, cfg, state["step"])
@@ -320,6 +331,9 @@ def pretrain(corpus: str | Path, out: str | Path, cfg: PretrainConfig) -> Builti
         torch.save({"optimizer": optimizer.state_dict(), "generator": batch_gen.get_state(), "step": step}, tmp)
         os.replace(tmp, state_path)
 
+    if resume and step >= cfg.max_steps and cfg.progress:
+        print(f"{out} holds a finished {step:,}-step pre-training run: nothing to train (a larger max_steps "
+              f"continues it)", file=sys.stderr)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not cfg.progress, desc=f"pretrain {cfg.objective}",
                dynamic_ncols=True)
     try:
