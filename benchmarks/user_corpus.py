@@ -1,13 +1,21 @@
-"""The recipe on a corpus file no part of jointdlm knows: balanced brackets (Dyck words), through the CLI's defaults.
+"""The recipe on a corpus file no part of jointdlm knows, through the CLI's defaults.
 
 A user brings a text file, one document per line, and a way to tell good output from bad; nothing in jointdlm
-(no toy-language class, no tuned setting) knows the data. Here the documents are balanced sequences of two
-bracket kinds, 6 pairs (12 symbols, 8,448 strings): every closing bracket must match the kind of the latest open
-one, a constraint that positions filled independently break. The script writes the corpus, then runs
-`jointdlm pretrain`, `trajectories`, `train-adjust` and `sample` with their defaults (only --out and the samplers
-chosen), and scores each sample set with its own checker (validity with a 95% Wilson interval).
+(no toy-language class, no tuned setting) knows the data. Two kinds of corpus:
+
+* `--kind brackets` (default): balanced sequences of two bracket kinds, 6 pairs (12 symbols, 8,448 strings):
+  every closing bracket must match the kind of the latest open one, a constraint that positions filled
+  independently break.
+* `--kind permutation`: the same ten words in a random order, comma-separated (`--size` words, 19 words at 10):
+  every word excludes itself from every other slot, a chain of dependence as long as the list, so a sampler
+  that fills several uncertain slots from one pass repeats a word.
+
+The script writes the corpus, then runs `jointdlm pretrain`, `trajectories`, `train-adjust` and `sample` with
+their defaults (only --out and the samplers chosen), and scores each sample set with its own checker (validity
+with a 95% Wilson interval) beside its base passes per sample.
 
     python benchmarks/user_corpus.py --workdir runs/dyck [--head-seed 0] [--num 1000] [--pretrain-steps N]
+    python benchmarks/user_corpus.py --workdir runs/perm10 --kind permutation
 """
 
 from __future__ import annotations
@@ -51,6 +59,25 @@ def is_valid(text: str, pairs: int) -> bool:
     return not stack
 
 
+PERMUTATION_WORDS = ("ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen", "ibis", "jay", "kiwi", "lynx")
+
+
+def is_permutation(text: str, size: int) -> bool:
+    """Whether `text` lists the first `size` words of PERMUTATION_WORDS, each once, comma-separated."""
+    words = text.split()
+    return words[1::2] == [","] * (size - 1) and sorted(words[::2]) == sorted(PERMUTATION_WORDS[:size])
+
+
+def write_permutation_corpus(path: Path, size: int = 10, docs: int = 20000) -> None:
+    """One document per line: the first `size` words in a random order, from one seeded generator."""
+    rng, words = random.Random(0), list(PERMUTATION_WORDS[:size])
+    lines = []
+    for _ in range(docs):
+        rng.shuffle(words)
+        lines.append(" , ".join(words) + "\n")
+    path.write_text("".join(lines))
+
+
 def write_bracket_corpus(path: Path, pairs: int = 6, docs: int = 20000) -> None:
     """One document per line: `docs` words of `pairs` bracket pairs from one seeded walk."""
     rng = random.Random(0)
@@ -70,17 +97,24 @@ def run(argv: list[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, required=True)
-    parser.add_argument("--pairs", type=int, default=6)
+    parser.add_argument("--kind", choices=("brackets", "permutation"), default="brackets")
+    parser.add_argument("--size", "--pairs", dest="size", type=int, default=None,
+                        help="bracket pairs (default 6) or words in the permutation (default 10, at most "
+                             f"{len(PERMUTATION_WORDS)})")
     parser.add_argument("--docs", type=int, default=20000)
     parser.add_argument("--head-seed", type=int, default=0)
     parser.add_argument("--num", type=int, default=1000)
     parser.add_argument("--pretrain-steps", type=int, default=None, help="default: pretrain's own")
     args = parser.parse_args()
+    size = args.size or (6 if args.kind == "brackets" else 10)
+    if not 2 <= size <= (len(PERMUTATION_WORDS) if args.kind == "permutation" else 64):
+        parser.error(f"--size {size} is out of range for --kind {args.kind}")
+    valid = (lambda t: is_valid(t, size)) if args.kind == "brackets" else (lambda t: is_permutation(t, size))
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     corpus = work / "corpus.txt"
     if not corpus.exists():
-        write_bracket_corpus(corpus, args.pairs, args.docs)
+        (write_bracket_corpus if args.kind == "brackets" else write_permutation_corpus)(corpus, size, args.docs)
     model, traj, head = work / "model", work / "trajectories", work / f"head-seed{args.head_seed}"
     if not (model / "training_done.json").exists():
         steps = [] if args.pretrain_steps is None else ["--max-steps", str(args.pretrain_steps)]
@@ -92,7 +126,9 @@ def main() -> None:
              "--seed", str(args.head_seed)])
     rows = []
     for spec, k in (("sequential", 1), ("parallel", 4), ("parallel", 8), ("adjust", 4), ("adjust", 8),
-                    ("adjust:threshold=0.9", 12), ("threshold:tau=0.5:extra=1", 12), ("eb:gamma=1", 12)):
+                    ("adjust:threshold=0.9", 12), ("threshold:tau=0.5:extra=1", 12), ("eb:gamma=1", 12),
+                    ("threshold:tau=0.9:extra=1", 12), ("threshold:tau=0.3", 12), ("eb:gamma=2", 12),
+                    ("eb:gamma=4", 12)):
         out = work / f"samples-{spec.replace(':', '_')}-k{k}-seed{args.head_seed}.jsonl"
         argv = ["sample", "--model", str(model), "--sampler", spec, "--tokens-per-step", str(k), "--num",
                 str(args.num), "--seed", "1", "--out", str(out)]
@@ -100,7 +136,7 @@ def main() -> None:
             argv += ["--adjust", str(head)]
         summary = run(argv)
         texts = [json.loads(line)["text"] for line in out.read_text().splitlines()]
-        est = proportion([is_valid(t, args.pairs) for t in texts])
+        est = proportion([valid(t) for t in texts])
         passes = float(summary.split("NFE ")[1].split("/")[0]) if "NFE " in summary else None
         rows.append({"sampler": spec, "K": k, "valid": est.value, "low": est.low, "high": est.high,
                      "base_passes": passes, "summary": summary})

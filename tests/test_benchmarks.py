@@ -184,3 +184,19 @@ def test_user_corpus_checker_accepts_exactly_the_balanced_words():
     for bad in ("( [ ) ] ( ) ( ) ( ) ( )", "( ( ( ( ( ( ) ) ) ) ) ]", ") ( ( ) ( ) ( ) ( ) ( )", "( ) ( ) ( ) ( ) ( )",
                 "( ) ( ) ( ) ( ) ( ) ( ) ( )", "( ) ( ) ( ) ( ) ( ) ( ("):
         assert not is_valid(bad, 6), bad
+
+
+def test_user_corpus_permutation_checker(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from user_corpus import is_permutation, write_permutation_corpus
+    finally:
+        sys.path.pop(0)
+    corpus = tmp_path / "perm.txt"
+    write_permutation_corpus(corpus, 10, docs=500)
+    lines = corpus.read_text().splitlines()
+    assert len(lines) == 500 and len(set(lines)) > 450 and all(is_permutation(line, 10) for line in lines)
+    good = lines[0].split()
+    for bad in (good[:-2], good + [",", good[0]], [good[2]] + good[1:], [w if w != "," else ";" for w in good]):
+        assert not is_permutation(" ".join(bad), 10), bad
+    assert not is_permutation(lines[0], 9) and not is_permutation("", 10)

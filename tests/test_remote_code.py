@@ -456,9 +456,9 @@ def test_a_hub_repo_id_loads_like_its_directory(checkpoints, tmp_path):
     prompts.write_text("the cat\na\n")
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
 
-    def sample(*extra: str) -> subprocess.CompletedProcess:
+    def sample(*extra: str, out: str = "o.jsonl") -> subprocess.CompletedProcess:
         argv = ["sample", "--model", "example-org/dream-tiny", "--sampler", "parallel", "--tokens-per-step", "2",
-                "--length", "6", "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl"), *extra]
+                "--length", "6", "--prompts", str(prompts), "--out", str(tmp_path / out), *extra]
         return subprocess.run([sys.executable, "-m", "jointdlm.cli", *argv], capture_output=True, text=True,
                               timeout=300, env=env, cwd=tmp_path)
 
@@ -470,11 +470,12 @@ def test_a_hub_repo_id_loads_like_its_directory(checkpoints, tmp_path):
     assert cli.main(["sample", "--model", str(checkpoints["dream"]), "--trust-remote-code", "--sampler", "parallel",
                      "--tokens-per-step", "2", "--length", "6", "--prompts", str(prompts), "--out", str(local)]) == 0
     assert samples(tmp_path / "o.jsonl") == samples(local)
-    forced = sample("--trust-remote-code", "--family", "dream")
+    forced = sample("--trust-remote-code", "--family", "dream", out="forced.jsonl")
     missing_repo = subprocess.run([sys.executable, "-m", "jointdlm.cli", "sample", "--model", "example-org/absent",
                                    "--sampler", "parallel", "--out", str(tmp_path / "x.jsonl")],
                                   capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert forced.returncode == 0, forced.stderr[-2000:]
+    assert samples(tmp_path / "forced.jsonl") == samples(local), "a forced family must load the same model"
     assert missing_repo.returncode == 2 and "example-org/absent is no directory here, and as a Hugging Face Hub " \
         "repo id it could not be fetched" in missing_repo.stderr and missing_repo.stderr.count("\n") == 1
 
