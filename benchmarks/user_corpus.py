@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=1000)
     parser.add_argument("--pretrain-steps", type=int, default=None, help="default: pretrain's own")
     args = parser.parse_args()
-    size = args.size or (6 if args.kind == "brackets" else 10)
+    size = args.size if args.size is not None else (6 if args.kind == "brackets" else 10)
     if not 2 <= size <= (len(PERMUTATION_WORDS) if args.kind == "permutation" else 64):
         parser.error(f"--size {size} is out of range for --kind {args.kind}")
     valid = (lambda t: is_valid(t, size)) if args.kind == "brackets" else (lambda t: is_permutation(t, size))
@@ -115,6 +115,9 @@ def main() -> None:
     corpus = work / "corpus.txt"
     if not corpus.exists():
         (write_bracket_corpus if args.kind == "brackets" else write_permutation_corpus)(corpus, size, args.docs)
+    with open(corpus) as f:
+        if not valid(f.readline().strip()):  # a workdir of another kind or size: its samples would be misjudged
+            parser.error(f"{corpus} is not a --kind {args.kind} corpus of size {size}; use a new --workdir")
     model, traj, head = work / "model", work / "trajectories", work / f"head-seed{args.head_seed}"
     if not (model / "training_done.json").exists():
         steps = [] if args.pretrain_steps is None else ["--max-steps", str(args.pretrain_steps)]
