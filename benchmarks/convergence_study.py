@@ -18,6 +18,7 @@ from pathlib import Path
 
 from jointdlm.data.toy import get_language
 from jointdlm.eval.metrics import proportion
+from jointdlm.models.train import last_quarter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from user_corpus import is_valid, run, write_bracket_corpus  # noqa: E402
@@ -90,13 +91,11 @@ def report(results: list[dict]) -> None:
     print("| corpus | seed | steps | K=1 validity [95%] | held-out loss | over the last quarter | warned |")
     print("|---|---|---|---|---|---|---|")
     for r in sorted(results, key=lambda r: (r["language"], r.get("seed", 0), r["steps"])):
-        curve = r["heldout"]
-        last = curve[-1][0]
-        before = [loss for step, loss in curve if step <= 0.75 * last][-1]
+        (_, before), (_, last) = last_quarter([tuple(point) for point in r["heldout"]])
         low, high = r["interval"]
-        moved = (curve[-1][1] - before) / before
+        moved = (last - before) / before
         print(f"| {r['language']} | {r.get('seed', 0)} | {r['steps']:,} | {r['k1_validity']:.3f} "
-              f"[{low:.3f}, {high:.3f}] | {curve[-1][1]:.4f} | {moved:+.1%} | {'yes' if r['warning'] else 'no'} |")
+              f"[{low:.3f}, {high:.3f}] | {last:.4f} | {moved:+.1%} | {'yes' if r['warning'] else 'no'} |")
 
 
 if __name__ == "__main__":

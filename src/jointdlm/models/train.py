@@ -221,9 +221,8 @@ def target_steps(cfg: PretrainConfig, saved: int | None = None) -> int:
     return saved if saved is not None else DEFAULT_STEPS[cfg.objective]
 
 
-def _resume_problems(out: Path, cfg: PretrainConfig, step: int) -> list[str]:
-    """Why the run saved in `out` cannot be continued by `cfg` (empty when it can)."""
-    saved = read_config(out / "config.json").get("pretrain") or {}  # absent in models saved without one
+def _resume_problems(saved: dict, cfg: PretrainConfig, step: int) -> list[str]:
+    """Why the run saved with pre-training settings `saved` cannot be continued by `cfg` (empty when it can)."""
     problems = [f"{key}={saved[key]!r} there, {getattr(cfg, key)!r} now" for key in RESUME_FIELDS
                 if key in saved and saved[key] != getattr(cfg, key)]
     if step > cfg.max_steps:
@@ -244,15 +243,20 @@ def convergence(log_path: str | Path) -> dict | None:
     fewer than four evaluations."""
     path = Path(log_path)
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    rows = [r for r in rows if r.get("heldout_loss") is not None]
-    if len(rows) < 4:
+    curve = [(r["step"], r["heldout_loss"]) for r in rows if r.get("heldout_loss") is not None]
+    if len(curve) < 4:
         return None
-    last = rows[-1]
-    before = [r for r in rows if r["step"] <= 0.75 * last["step"]] or rows[:1]
-    first = before[-1]
-    drop = (first["heldout_loss"] - last["heldout_loss"]) / max(abs(first["heldout_loss"]), 1e-12)
-    return {"from_step": first["step"], "to_step": last["step"], "heldout_from": first["heldout_loss"],
-            "heldout_to": last["heldout_loss"], "drop": round(drop, 4), "still_falling": drop > STILL_FALLING}
+    (from_step, first), (to_step, last) = last_quarter(curve)
+    drop = (first - last) / max(abs(first), 1e-12)
+    return {"from_step": from_step, "to_step": to_step, "heldout_from": first, "heldout_to": last,
+            "drop": round(drop, 4), "still_falling": drop > STILL_FALLING}
+
+
+def last_quarter(curve: list[tuple[int, float]]) -> tuple[tuple[int, float], tuple[int, float]]:
+    """The two (step, held-out loss) evaluations `convergence` compares: the last at or before three quarters of
+    the last step (the first evaluation if none is), and the last."""
+    before = [point for point in curve if point[0] <= 0.75 * curve[-1][0]] or curve[:1]
+    return before[-1], curve[-1]
 
 
 def format_convergence(done: dict) -> str | None:
@@ -279,11 +283,12 @@ def pretrain(corpus: str | Path, out: str | Path, cfg: PretrainConfig) -> Builti
     torch.manual_seed(cfg.seed)
     state_path = out / STATE_FILE
     resume = state_path.exists()
-    saved_target = (read_config(out / "config.json").get("pretrain") or {}).get("max_steps") if resume else None
-    cfg = replace(cfg, max_steps=target_steps(cfg, saved_target))
+    # The saved run's settings (absent in models saved without them); its step target unless max_steps is given.
+    saved = (read_config(out / "config.json").get("pretrain") or {}) if resume else {}
+    cfg = replace(cfg, max_steps=target_steps(cfg, saved.get("max_steps")))
     if resume:
         state = torch.load(state_path, map_location=cfg.device, weights_only=True)  # tensors only: no pickle code
-        problems = _resume_problems(out, cfg, state["step"])
+        problems = _resume_problems(saved, cfg, state["step"])
         if problems:
             raise ValueError(f"--out {out} holds a pre-training run that cannot be resumed with these settings "
                              f"({'; '.join(problems)}); use a new --out, or the flags it was trained with")
