@@ -58,8 +58,8 @@ class AdjustConfig:
             raise ValueError(f"candidates must be an integer, got {self.candidates!r}")
         if self.candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {self.candidates}")
-        if self.tau is not None and self.gamma is not None:
-            raise ValueError("give one test: tau (confidence) or gamma (entropy), not both")
+        if sum(v is not None for v in (self.tau, self.gamma, self.threshold)) > 1:
+            raise ValueError("give one of tau (confidence test), gamma (entropy test) or threshold (opening round)")
         if self.threshold is not None and not (0 < self.threshold <= 1):
             raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
         if self.tau is not None and not (0 <= self.tau <= 1):
@@ -108,7 +108,7 @@ class AdjustSampler:
             fill = select_top(confidence, sure_count(confidence, self.config.threshold).clamp(min=1) * writing)
         else:
             fill = select_top(scores, writing.long())
-        if self.config.tested and self.config.threshold is None:
+        if self.config.tested:
             first = scores.argmax(-1)
             writing &= self._passes(logprobs.rows_at(first), writing, entropy_sum, entropy_max, first=True)
         tokens = torch.where(fill, ctx.sample(logprobs, fill), tokens)
