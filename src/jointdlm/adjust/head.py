@@ -282,7 +282,7 @@ class StepPasses:
             # A candidate is a real token, so it sees every non-padding position (itself among them).
             self.mask = None if self.attention_mask is None else self.attention_mask.bool()[:, None, None, :]
         else:
-            at = written if written.dim() == 2 else written[:, None]
+            at = written[:, None]
             z = head._block_input(self.base, take_positions(tokens, at), take_positions(self.base_hidden, at))
             k, v = head.block.keys_values(z, *rotary_tables(take_positions(self.positions, at), head_dim,
                                                             head.config.rope_theta))

@@ -46,7 +46,6 @@ class AdjustConfig:
     tau: float | None = None
     gamma: float | None = None
     threshold: float | None = None
-    head_tau: float | None = None
     candidates: int = 8
     """After the step's first token(s), the head's passes compute and choose among only this many positions: the
     best-ranked by the base pass (at least K-1). Quality measured the same as choosing among every masked
@@ -54,9 +53,7 @@ class AdjustConfig:
     candidates instead of the canvas. Set it to the canvas length to let the head choose anywhere."""
 
     def __post_init__(self) -> None:
-        require_finite(self, ("tau", "gamma", "threshold", "head_tau"))
-        if self.head_tau is not None and (self.threshold is None or not 0 < self.head_tau <= 1):
-            raise ValueError("head_tau needs threshold, and must be in (0, 1]")
+        require_finite(self, ("tau", "gamma", "threshold"))
         if isinstance(self.candidates, bool) or not isinstance(self.candidates, int):
             raise ValueError(f"candidates must be an integer, got {self.candidates!r}")
         if self.candidates < 1:
@@ -152,19 +149,11 @@ class AdjustSampler:
         seeds, shift = rules.row_keys(ctx.step_seeds, ctx.offsets, tokens.device)
         c = ctx.choice
         written = None
-        count = torch.ones_like(budget)
         for r in range(1, rounds):
             with torch.no_grad():
                 logprobs = rules.model_logprobs(passes.logits(tokens, written), banned, overwrite=True)
             head_passes += writing
             scores = rules.marginal_scores(logprobs, c.rule) if positional is None else positional
-            if self.config.head_tau is not None:
-                done = self._many(ctx, passes, logprobs, scores, tokens, fill, open_, writing, budget, count,
-                                  seeds, shift)
-                if done:
-                    break
-                written = passes.index
-                continue
             pick = scores.double().masked_fill(~open_, -torch.inf).argmax(-1)
             at = logprobs.gather(1, pick[:, None, None].expand(-1, 1, logprobs.shape[-1])).squeeze(1)
             if self.config.tested:
@@ -184,22 +173,6 @@ class AdjustSampler:
                 break
             passes.keep(keep)
             positional = None if positional is None else positional.gather(1, keep)
-
-    def _many(self, ctx, passes, logprobs, scores, tokens, fill, open_, writing, budget, count, seeds, shift) -> bool:
-        c = ctx.choice
-        scores = scores.double().masked_fill(~open_, -torch.inf)
-        confidence = logprobs.max(-1).values.exp().masked_fill(~open_, 0.0)
-        n = torch.minimum(sure_count(confidence, self.config.head_tau).clamp(min=1), budget - count)
-        chosen = select_top(scores, n * writing)
-        rows, cols = chosen.nonzero(as_tuple=True)
-        at = passes.index[rows, cols]
-        drawn = rules.draw(logprobs[rows, cols], seeds[rows], at - shift[rows], c.temperature, c.top_k, c.top_p)
-        tokens[rows, at] = drawn.to(tokens.device)
-        fill.scatter_(1, passes.index, fill.gather(1, passes.index) | chosen)
-        open_ &= ~chosen
-        count += chosen.sum(-1)
-        writing &= (budget > count) & open_.any(-1)
-        return not bool(writing.any())
 
     def _passes(self, at: torch.Tensor, rows: torch.Tensor, entropy_sum: torch.Tensor,
                 entropy_max: torch.Tensor, first: bool) -> torch.Tensor:
