@@ -22,8 +22,9 @@ have been trained on such steps (`train-adjust --threshold-share 0.5`, the defau
 the sampler lost 0.09-0.19 validity for one head seed in two on binding and one in three on choice, and collapsed
 on 2 of 4 chained heads, and it warns for such heads (docs/results.md §2, §5). At the training-free threshold's own
 setting, `adjust:threshold=0.5` K=2 is `threshold:tau=0.5:extra=1` with its unsure token from the head: on template
-it matched that sampler's 0.980 at 2.1 base passes on three heads, and on choice it was level with 0.9 or better at
-fewer passes (docs/results.md §5)."""
+it matched that sampler's 0.980 at 2.1 base passes on three heads, and on choice's 2,000-step base it was level with
+0.9 or better at fewer passes, but on choice's 6,000-step base 0.5 and 0.7 kept the threshold's own errors at that
+tau (0.54 and 0.82 against 0.99 at 0.9; docs/results.md §5): 0.9 is the setting that held everywhere measured."""
 
 from __future__ import annotations
 
