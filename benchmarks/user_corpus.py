@@ -15,7 +15,7 @@ their defaults (only --out and the samplers chosen), and scores each sample set 
 with a 95% Wilson interval) beside its base passes per sample.
 
     python benchmarks/user_corpus.py --workdir runs/dyck [--head-seed 0] [--num 1000] [--pretrain-steps N]
-    python benchmarks/user_corpus.py --workdir runs/perm10 --kind permutation
+    python benchmarks/user_corpus.py --workdir runs/perm10 --kind permutation [--base-seed 1]
 """
 
 from __future__ import annotations
@@ -105,6 +105,7 @@ def main() -> None:
     parser.add_argument("--head-seed", type=int, default=0)
     parser.add_argument("--num", type=int, default=1000)
     parser.add_argument("--pretrain-steps", type=int, default=None, help="default: pretrain's own")
+    parser.add_argument("--base-seed", type=int, default=0, help="pretrain's --seed (a second base: a new --workdir)")
     args = parser.parse_args()
     size = args.size if args.size is not None else (6 if args.kind == "brackets" else 10)
     if not 2 <= size <= (len(PERMUTATION_WORDS) if args.kind == "permutation" else 64):
@@ -119,9 +120,14 @@ def main() -> None:
         if not valid(f.readline().strip()):  # a workdir of another kind or size: its samples would be misjudged
             parser.error(f"{corpus} is not a --kind {args.kind} corpus of size {size}; use a new --workdir")
     model, traj, head = work / "model", work / "trajectories", work / f"head-seed{args.head_seed}"
+    if (model / "config.json").exists():
+        seed = json.loads((model / "config.json").read_text()).get("pretrain", {}).get("seed")
+        if seed != args.base_seed:
+            parser.error(f"{model} was pre-trained with seed {seed}, not --base-seed {args.base_seed}; use a new "
+                         "--workdir")
     if not (model / "training_done.json").exists():
         steps = [] if args.pretrain_steps is None else ["--max-steps", str(args.pretrain_steps)]
-        run(["pretrain", "--corpus", str(corpus), "--out", str(model), *steps])
+        run(["pretrain", "--corpus", str(corpus), "--out", str(model), *steps, "--seed", str(args.base_seed)])
     if not (traj / "manifest.json").exists() or len(list(traj.glob("shard-*.safetensors"))) < 16:
         run(["trajectories", "--model", str(model), "--out", str(traj)])
     if not (head / "adjust_verdict.json").exists():

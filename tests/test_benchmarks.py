@@ -200,3 +200,16 @@ def test_user_corpus_permutation_checker(tmp_path):
     for bad in (good[:-2], good + [",", good[0]], [good[2]] + good[1:], [w if w != "," else ";" for w in good]):
         assert not is_permutation(" ".join(bad), 10), bad
     assert not is_permutation(lines[0], 9) and not is_permutation("", 10)
+
+
+def test_user_corpus_refuses_a_base_of_another_seed(tmp_path):
+    """A second pre-training seed needs its own workdir: samples of the first base must not be scored as the
+    second's."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "jointdlm-mdlm", "pretrain": {"seed": 0}}))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "user_corpus.py"), "--workdir", str(tmp_path),
+                           "--kind", "permutation", "--base-seed", "1", "--docs", "50"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "pre-trained with seed 0, not --base-seed 1" in proc.stderr, proc.stderr
+    assert not (model / "training_done.json").exists()
