@@ -11,8 +11,8 @@ A user brings a text file, one document per line, and a way to tell good output 
   that fills several uncertain slots from one pass repeats a word.
 
 The script writes the corpus, then runs `jointdlm pretrain`, `trajectories`, `train-adjust` and `sample` with
-their defaults (only --out, the seeds and the samplers chosen), and scores each sample set with its own checker (validity
-with a 95% Wilson interval) beside its base passes per sample.
+their defaults (only --out, the seeds and the samplers chosen), and scores each sample set with its own checker
+(validity with a 95% Wilson interval) beside its base passes per sample.
 
     python benchmarks/user_corpus.py --workdir runs/dyck [--head-seed 0] [--num 1000] [--pretrain-steps N]
     python benchmarks/user_corpus.py --workdir runs/perm10 --kind permutation [--base-seed 1]
