@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from jointdlm.eval.metrics import proportion
+from jointdlm.models.mdlm import read_config
 
 PAIRS = {"(": ")", "[": "]"}
 
@@ -112,6 +113,12 @@ def main() -> None:
         parser.error(f"--size {size} is out of range for --kind {args.kind}")
     valid = (lambda t: is_valid(t, size)) if args.kind == "brackets" else (lambda t: is_permutation(t, size))
     work = args.workdir
+    model, traj, head = work / "model", work / "trajectories", work / f"head-seed{args.head_seed}"
+    if (model / "config.json").exists():  # checked before anything is written into the workdir
+        seed = (read_config(model / "config.json").get("pretrain") or {}).get("seed")
+        if seed != args.base_seed:
+            parser.error(f"{model} was pre-trained with seed {seed}, not --base-seed {args.base_seed}; use a new "
+                         "--workdir")
     work.mkdir(parents=True, exist_ok=True)
     corpus = work / "corpus.txt"
     if not corpus.exists():
@@ -119,12 +126,6 @@ def main() -> None:
     with open(corpus) as f:
         if not valid(f.readline().strip()):  # a workdir of another kind or size: its samples would be misjudged
             parser.error(f"{corpus} is not a --kind {args.kind} corpus of size {size}; use a new --workdir")
-    model, traj, head = work / "model", work / "trajectories", work / f"head-seed{args.head_seed}"
-    if (model / "config.json").exists():
-        seed = json.loads((model / "config.json").read_text()).get("pretrain", {}).get("seed")
-        if seed != args.base_seed:
-            parser.error(f"{model} was pre-trained with seed {seed}, not --base-seed {args.base_seed}; use a new "
-                         "--workdir")
     if not (model / "training_done.json").exists():
         steps = [] if args.pretrain_steps is None else ["--max-steps", str(args.pretrain_steps)]
         run(["pretrain", "--corpus", str(corpus), "--out", str(model), *steps, "--seed", str(args.base_seed)])

@@ -212,4 +212,4 @@ def test_user_corpus_refuses_a_base_of_another_seed(tmp_path):
                            "--kind", "permutation", "--base-seed", "1", "--docs", "50"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "pre-trained with seed 0, not --base-seed 1" in proc.stderr, proc.stderr
-    assert not (model / "training_done.json").exists()
+    assert not (model / "training_done.json").exists() and not (tmp_path / "corpus.txt").exists()
