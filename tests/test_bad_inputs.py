@@ -178,6 +178,8 @@ MATRIX = [
      "focus"),
     (["train-adjust", "--model", "{model}", "--trajectories", "{traj}", "--out", "{out}", "--onpolicy-rounds",
       "-1"], "onpolicy_rounds"),
+    (["train-adjust", "--model", "{model}", "--trajectories", "{traj}", "--out", "{out}", "--heldout-examples",
+      "0"], "argument --heldout-examples"),
     # eval
     (["eval", "--model", "{model}", "--samplers", "bogus", "--out", "{out}"], "unknown sampler"),
     (["eval", "--model", "{model}", "--tokens-per-step", "0", "--samplers", "parallel", "--out", "{out}"],

@@ -190,7 +190,7 @@ def cmd_train_adjust(args: argparse.Namespace) -> None:
                             threshold_share=args.threshold_share, own_share=args.own_share,
                             patience=args.patience, ema_decay=args.ema_decay,
                             eval_every=args.eval_every, save_every=args.save_every,
-                            seed=args.seed, device=args.device)
+                            heldout_examples=args.heldout_examples, seed=args.seed, device=args.device)
     head = train_adjust(model, args.trajectories, args.out, cfg)
     verdict = read_verdict(args.out)
     print(f"saved {head.num_parameters():,}-parameter ADJUST head to {args.out}", file=sys.stderr)
@@ -431,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out KL and the saved head use a moving average of the weights (0 = raw weights)")
     p.add_argument("--eval-every", type=_positive_int, default=recipe.eval_every)
     p.add_argument("--save-every", type=_positive_int, default=recipe.save_every)
+    p.add_argument("--heldout-examples", type=_positive_int, default=recipe.heldout_examples,
+                   help="held-out states scored per kind and depth at each evaluation (fewer: cheaper, noisier "
+                        "plateau test)")
     p.add_argument("--seed", type=int, default=recipe.seed)
     p.add_argument("--device", default=recipe.device)
     p.set_defaults(func=cmd_train_adjust)

@@ -53,6 +53,7 @@ class DemoStage:
     seq_len: int = 0
     lr: float = 3e-3
     prompt_separator: str | None = None
+    heldout_examples: int = AdjustTrainConfig.heldout_examples
 
 
 FULL = (
@@ -66,8 +67,10 @@ EXTRA = (
               prompt_separator="="),
 )
 QUICK = (
-    DemoStage("template", 3000, "tiny", 1024, 150, 0, 200, 60, 100, language="template", tokens_per_step=(1, 2, 4)),
-    DemoStage("english", 1500, "tiny", 1024, 60, 40, 40, 20, 24, tokens_per_step=(1, 4), seq_len=32),
+    DemoStage("template", 3000, "tiny", 1024, 150, 0, 200, 60, 100, language="template", tokens_per_step=(1, 2, 4),
+              heldout_examples=32),
+    DemoStage("english", 1500, "tiny", 1024, 60, 40, 40, 20, 24, tokens_per_step=(1, 4), seq_len=32,
+              heldout_examples=32),
 )
 
 
@@ -138,7 +141,8 @@ def prepare_stage(stage: DemoStage, root: Path, seed: int) -> tuple[BuiltinModel
                                           batch_size=256, shard_size=500), prompts=prompts)
     _say(f"[{stage.corpus}] training the ADJUST head (at most {stage.head_steps} steps)")
     every = min(250, max(20, stage.head_steps // 4))
-    head_cfg = AdjustTrainConfig(max_steps=stage.head_steps, seed=seed, eval_every=every, save_every=every)
+    head_cfg = AdjustTrainConfig(max_steps=stage.head_steps, seed=seed, eval_every=every, save_every=every,
+                                 heldout_examples=stage.heldout_examples)
     try:
         head = train_adjust(model, root / "trajectories", root / "adjust", head_cfg)
     except MismatchedRunError as err:

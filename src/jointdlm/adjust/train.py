@@ -136,6 +136,9 @@ class AdjustTrainConfig:
     eval_every: int = 250
     save_every: int = 250
     heldout: int = 64
+    heldout_examples: int = 256
+    """Held-out states scored per kind of state and depth at each evaluation (drawn from the `heldout` trajectories
+    with a fixed seed): the evaluations' cost. Fewer make them cheaper and the plateau test noisier."""
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
@@ -143,7 +146,7 @@ class AdjustTrainConfig:
     def __post_init__(self) -> None:
         if self.rollout is not None and self.rollout < 2:
             raise ValueError(f"rollout must be >= 2 (depths 1..rollout-1), got {self.rollout}")
-        require_positive(self, ("max_steps", "batch_size", "eval_every", "save_every"))
+        require_positive(self, ("max_steps", "batch_size", "eval_every", "save_every", "heldout_examples"))
         require_finite(self, ("lr", "grad_clip", "onpolicy_fraction", "focus", "weight_decay", "threshold_share",
                               "own_share"))
         if not (0.0 <= self.threshold_share and 0.0 <= self.own_share and self.threshold_share + self.own_share <= 1.0):
@@ -816,7 +819,8 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
                 bar.update(1)
                 bar.set_postfix(round=current.index, kl=f"{running[0]:.4f}", stale_kl=f"{running[1]:.4f}")
                 if progress["step"] % cfg.eval_every == 0:
-                    scores = {kind: evaluate(averaged_loss, base, sampler, device, threshold=_kind_threshold(kind))
+                    scores = {kind: evaluate(averaged_loss, base, sampler, device, cfg.heldout_examples,
+                                              threshold=_kind_threshold(kind))
                               for kind, sampler in current.heldout.items()}
                     score = _ratio_score(scores)
                     improved = progress["best"] is None or score < progress["best"] * (1 - MIN_GAIN)
@@ -872,9 +876,11 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
     checkpoint()
     k1_held = current.heldout["k1"].data
     deep = StateSampler([k1_held], [example_table(k1_held, 2 * cfg.rollout)], 2 * cfg.rollout, 0.0)
-    final = {kind: evaluate(RolloutLoss(head), base, sampler, device, threshold=_kind_threshold(kind))
+    final = {kind: evaluate(RolloutLoss(head), base, sampler, device, cfg.heldout_examples,
+                            threshold=_kind_threshold(kind))
              for kind, sampler in {**current.heldout, "own": current.heldout["k1"]}.items()}
-    final["k1-deep"] = evaluate(RolloutLoss(head), base, deep, device, min_depth=cfg.rollout)  # the rest is "k1"
+    final["k1-deep"] = evaluate(RolloutLoss(head), base, deep, device, cfg.heldout_examples,
+                                min_depth=cfg.rollout)  # the rest is "k1"
     verdict = make_verdict(final, time.time() - started, progress["step"])
     if log is not None:
         log.write(json.dumps({"step": progress["step"], "round": current.index, "heldout": final, "final": True,
