@@ -660,7 +660,7 @@ def test_run_saved_before_a_config_field_existed_still_resumes(base, traj_dir, t
 # 8. Distributed: two CPU processes over gloo, launched by torchrun.
 
 CLI_UNDER_TORCHRUN = """
-import os, sys
+import json, os, sys
 import torch
 torch.set_num_threads(1)
 import jointdlm.adjust.train as train
@@ -678,9 +678,28 @@ def recording(*args, **kwargs):
     return head
 
 train.train_adjust = recording
+
+# Each held-out evaluation is also run by this process alone: the shared one must give exactly its numbers, from
+# a share of the batches.
+evaluate, make_batch, batches, checked = train.evaluate, train.make_batch, [0], []
+
+def counting(*args, **kwargs):
+    batches[0] += 1
+    return make_batch(*args, **kwargs)
+
+def checking(*args, accelerator=None, **kwargs):
+    batches[0] = 0
+    shared = evaluate(*args, accelerator=accelerator, **kwargs)
+    shared_batches, batches[0] = batches[0], 0
+    alone = evaluate(*args, **kwargs)
+    checked.append([shared == alone, shared_batches, batches[0]])
+    with open(os.path.join(dump, f"evaluations_rank{rank}.json"), "w") as f:
+        json.dump(checked, f)
+    return shared
+
+train.make_batch, train.evaluate = counting, checking
 # torchrun's own parser rejects flags after the script such as --num (an abbreviation of --numa-binding),
 # so each jointdlm command arrives as one JSON argument.
-import json
 for argv in json.loads(sys.argv[1]):
     code = cli.main(argv)
     if code:
@@ -741,6 +760,13 @@ def test_distributed_training(base, base_dir, traj_dir, tmp_path):
         assert same_state(heads[c, 0], heads[c, 1]), f"ranks disagree after call {c}"
     assert same_state(heads[2, 0], heads[3, 0])
     assert not same_state(heads[1, 0], heads[2, 0])
+    # Every held-out evaluation's batches were scored once, split between the processes, and each process got
+    # the numbers it gets alone.
+    checked = [json.loads((dump / f"evaluations_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert checked[0] and len(checked[0]) == len(checked[1])
+    for (same0, shared0, alone), (same1, shared1, _) in zip(*checked, strict=True):
+        assert same0 and same1 and shared0 + shared1 == alone, checked
+    assert all(sum(shared for _, shared, _ in rank) > 0 for rank in checked), checked
     # Evaluations run at every eval_every; rank 1 writes no log lines.
     assert log_steps(resumed) == [40] and log_steps(straight) == [40]
     for out in (resumed, straight):

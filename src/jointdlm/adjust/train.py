@@ -523,40 +523,54 @@ def step_positions(kind: str, size: int, depth: int,
     return threshold, explored_ranks(size, depth, gen)
 
 
+EVAL_BATCH = 64
+
+
 @torch.no_grad()
 def evaluate(loss_module: RolloutLoss, base: DiffusionLM, sampler: StateSampler, device: str,
              examples: int = 256, seed: int = 4321, threshold: float | None = None,
-             min_depth: int = 1) -> dict[int, dict[str, float]]:
+             min_depth: int = 1, accelerator: Accelerator | None = None) -> dict[int, dict[str, float]]:
     """Held-out KL(teacher || head) and KL(teacher || stale marginals) at every depth from `min_depth`, fixed
     uniform draws; with `threshold`, on the passes of `adjust:threshold` from those states. Without it, one
     rollout per state scores every depth: the states are drawn for the shallowest depth, and a deeper depth
     averages over those that still have a masked position there (uniform draws of that depth's examples, as
-    before); 7 depths cost 7 head passes instead of 28."""
+    before); 7 depths cost 7 head passes instead of 28.
+
+    With an `accelerator` of several processes, each scores its share of the batches (of EVAL_BATCH states) and
+    the batches' sums are added in the order one process adds them: every process gets one process's numbers,
+    at 1/world of its cost (each process once scored every batch)."""
     depths = [d for d in sampler.depths if d >= min_depth]
-    if threshold is None and depths:
-        rows, states, _ = _heldout_examples(sampler, depths[0], examples, seed)
-        totals = {d: [0.0, 0.0, 0.0] for d in depths}
-        for part in range(0, examples, 64):
-            sl = slice(part, part + 64)
+    rollout = threshold is None
+    parts = range(0, examples, EVAL_BATCH)
+    # A unit of work: one batch of one depth (with `threshold`), or one batch scored at every depth (without).
+    units = [(None, part) for part in parts] if rollout else [(d, part) for d in depths for part in parts]
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    sums = torch.zeros(len(units), len(depths) if rollout else 1, 3, dtype=torch.float64, device=device)
+    draws = {}
+    for u, (depth, part) in enumerate(units):
+        if u % world != rank or not depths:
+            continue
+        if depth not in draws:
+            draws[depth] = _heldout_examples(sampler, depths[0] if depth is None else depth, examples, seed)
+        rows, states, _ = draws[depth]
+        sl = slice(part, part + EVAL_BATCH)
+        if rollout:
             batch = make_batch(sampler.data, rows[sl], states[sl], depths[-1], base.spec.mask_id, device)
-            for depth, sums in zip(depths, loss_module.per_depth(base, batch, depths), strict=True):
-                totals[depth] = [t + float(v.sum()) for t, v in zip(totals[depth], sums, strict=True)]
-        return {d: {"head_kl": h / max(c, 1), "stale_kl": st / max(c, 1)} for d, (h, st, c) in totals.items()}
-    results = {}
-    for depth in depths:
-        rows, states, _ = _heldout_examples(sampler, depth, examples, seed)
-        head_kl = stale_kl = count = 0.0
-        for part in range(0, examples, 64):
-            sl = slice(part, part + 64)
-            size = len(rows[sl])
+            scored = loss_module.per_depth(base, batch, depths)
+        else:
             batch = make_batch(sampler.data, rows[sl], states[sl], depth, base.spec.mask_id, device,
-                               threshold=None if threshold is None else torch.full((size,), threshold))
-            _, _, h, s, c = loss_module(base, batch)
-            head_kl += float(h.sum())
-            stale_kl += float(s.sum())
-            count += float(c.sum())
-        results[depth] = {"head_kl": head_kl / max(count, 1), "stale_kl": stale_kl / max(count, 1)}
-    return results
+                               threshold=torch.full((len(rows[sl]),), threshold))
+            scored = [loss_module(base, batch)[2:]]
+        for j, triple in enumerate(scored):
+            sums[u, j] = torch.tensor([float(v.sum()) for v in triple], dtype=torch.float64)
+    if world > 1:  # exact: each unit's numbers are non-zero on one process only
+        sums = accelerator.reduce(sums, "sum")
+    sums = sums.cpu().tolist()
+    totals: dict[int, list[float]] = {d: [0.0, 0.0, 0.0] for d in depths}
+    for u, (depth, _) in enumerate(units):
+        for j, d in enumerate(depths if rollout else [depth]):
+            totals[d] = [t + v for t, v in zip(totals[d], sums[u][j], strict=True)]
+    return {d: {"head_kl": h / max(c, 1), "stale_kl": st / max(c, 1)} for d, (h, st, c) in totals.items()}
 
 
 def _ratio_score(heldout: dict[str, dict[int, dict[str, float]]]) -> float:
@@ -820,7 +834,7 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
                 bar.set_postfix(round=current.index, kl=f"{running[0]:.4f}", stale_kl=f"{running[1]:.4f}")
                 if progress["step"] % cfg.eval_every == 0:
                     scores = {kind: evaluate(averaged_loss, base, sampler, device, cfg.heldout_examples,
-                                              threshold=_kind_threshold(kind))
+                                              threshold=_kind_threshold(kind), accelerator=accelerator)
                               for kind, sampler in current.heldout.items()}
                     score = _ratio_score(scores)
                     improved = progress["best"] is None or score < progress["best"] * (1 - MIN_GAIN)
@@ -877,10 +891,10 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
     k1_held = current.heldout["k1"].data
     deep = StateSampler([k1_held], [example_table(k1_held, 2 * cfg.rollout)], 2 * cfg.rollout, 0.0)
     final = {kind: evaluate(RolloutLoss(head), base, sampler, device, cfg.heldout_examples,
-                            threshold=_kind_threshold(kind))
+                            threshold=_kind_threshold(kind), accelerator=accelerator)
              for kind, sampler in {**current.heldout, "own": current.heldout["k1"]}.items()}
     final["k1-deep"] = evaluate(RolloutLoss(head), base, deep, device, cfg.heldout_examples,
-                                min_depth=cfg.rollout)  # the rest is "k1"
+                                min_depth=cfg.rollout, accelerator=accelerator)  # the rest is "k1"
     verdict = make_verdict(final, time.time() - started, progress["step"])
     if log is not None:
         log.write(json.dumps({"step": progress["step"], "round": current.index, "heldout": final, "final": True,
