@@ -190,8 +190,7 @@ def cmd_train_adjust(args: argparse.Namespace) -> None:
                             threshold_share=args.threshold_share, own_share=args.own_share,
                             patience=args.patience, ema_decay=args.ema_decay,
                             eval_every=args.eval_every, save_every=args.save_every,
-                            heldout_examples=args.heldout_examples, reverse_kl=args.reverse_kl, seed=args.seed,
-                            device=args.device)
+                            heldout_examples=args.heldout_examples, seed=args.seed, device=args.device)
     head = train_adjust(model, args.trajectories, args.out, cfg)
     verdict = read_verdict(args.out)
     print(f"saved {head.num_parameters():,}-parameter ADJUST head to {args.out}", file=sys.stderr)
@@ -435,7 +434,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout-examples", type=_positive_int, default=recipe.heldout_examples,
                    help="held-out states scored per kind and depth at each evaluation (fewer: cheaper, noisier "
                         "plateau test)")
-    p.add_argument("--reverse-kl", type=float, default=recipe.reverse_kl)
     p.add_argument("--seed", type=int, default=recipe.seed)
     p.add_argument("--device", default=recipe.device)
     p.set_defaults(func=cmd_train_adjust)

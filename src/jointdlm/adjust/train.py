@@ -136,8 +136,6 @@ class AdjustTrainConfig:
     eval_every: int = 250
     save_every: int = 250
     heldout: int = 64
-    reverse_kl: float = 0.0
-    """Weight of KL(head || base) added to the loss (held-out KL stays KL(base || head))."""
     heldout_examples: int = 256
     """Held-out states scored per kind of state and depth at each evaluation (drawn from the `heldout` trajectories
     with a fixed seed): the evaluations' cost. Fewer make them cheaper and the plateau test noisier."""
@@ -238,10 +236,9 @@ def make_batch(data: Trajectories, rows: torch.Tensor, states: torch.Tensor, dep
 class RolloutLoss(nn.Module):
     """The whole teacher-forced rollout as one module call, so DDP sees one forward per step."""
 
-    def __init__(self, head: AdjustHead, reverse: float = 0.0) -> None:
+    def __init__(self, head: AdjustHead) -> None:
         super().__init__()
         self.head = head
-        self.reverse = reverse
 
     def forward(self, base: DiffusionLM, batch: Batch) -> tuple[torch.Tensor, ...]:
         """(weighted KL of the head, weighted KL of the stale marginals, per-row head KL sums, per-row stale KL
@@ -254,11 +251,9 @@ class RolloutLoss(nn.Module):
             # Logits only where the loss reads them: the positions still masked after the last pass.
             *_, (start, final, hidden) = self._teacher_forced(base, batch, at=final == base.spec.mask_id)
             stale_logits = start.logits
-        head_sum, stale_sum, count, reverse_sum = self._scores(base, batch, final, hidden, stale_logits, banned,
-                                                               self.reverse > 0)
+        head_sum, stale_sum, count = self._scores(base, batch, final, hidden, stale_logits, banned)
         norm = (batch.weights * count).sum().clamp(min=1)
-        trained_sum = head_sum if reverse_sum is None else head_sum + self.reverse * reverse_sum
-        head_loss = (batch.weights * trained_sum).sum() / norm
+        head_loss = (batch.weights * head_sum).sum() / norm
         if torch.is_grad_enabled() and not head_loss.requires_grad:
             # Nothing left masked in the whole batch (a threshold round wrote every position): a zero loss that
             # still reaches every weight, so backward, and DDP's gradient sync, run as on any other step.
@@ -277,7 +272,7 @@ class RolloutLoss(nn.Module):
         for n, (start, tokens, hidden) in enumerate(self._teacher_forced(base, batch, at=masked), start=1):
             if n in depths:
                 stale_logits = start.logits[(tokens == base.spec.mask_id)[masked]]
-                out.append(self._scores(base, batch, tokens, hidden, stale_logits, banned)[:3])
+                out.append(self._scores(base, batch, tokens, hidden, stale_logits, banned))
             if n == deepest:
                 break
         return out
@@ -296,18 +291,15 @@ class RolloutLoss(nn.Module):
 
     @staticmethod
     def _scores(base: DiffusionLM, batch: Batch, canvas: torch.Tensor, hidden: torch.Tensor,
-                stale_logits: torch.Tensor, banned: list[int], reverse: bool = False) -> tuple[torch.Tensor, ...]:
-        """Per row on `canvas`'s masked positions: (head KL sums, stale KL sums, counts, reverse KL(head || base)
-        sums or None), against the base's distributions on that canvas; only the head's KLs carry a gradient.
-        `stale_logits` are read there."""
+                stale_logits: torch.Tensor, banned: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per row on `canvas`'s masked positions: (head KL sums, stale KL sums, counts), both against the base's
+        distributions on that canvas; only the head's KL carries a gradient. `stale_logits` are read there."""
         still_masked = canvas == base.spec.mask_id
         with torch.no_grad():
             teacher = base.forward(canvas, batch.attention, at=still_masked).logits
             stale_sum, _ = row_kl(teacher, stale_logits, still_masked, banned)
-        student = base.lm_head(hidden[still_masked])
-        head_sum, count = row_kl(teacher, student, still_masked, banned)
-        reverse_sum = row_kl(student, teacher, still_masked, banned)[0] if reverse else None
-        return head_sum, stale_sum, count, reverse_sum
+        head_sum, count = row_kl(teacher, base.lm_head(hidden[still_masked]), still_masked, banned)
+        return head_sum, stale_sum, count
 
     def _own_positions(self, base: DiffusionLM, batch: Batch,
                        banned: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -685,7 +677,7 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
         progress = json.loads(state["progress"])
         best_state = state.get("best_head")
         averaged.load_state_dict(state.get("averaged_head", state["head"]))
-    loss_module, optimizer = accelerator.prepare(RolloutLoss(head, cfg.reverse_kl), optimizer)
+    loss_module, optimizer = accelerator.prepare(RolloutLoss(head), optimizer)
     unwrapped = accelerator.unwrap_model(loss_module).head
     averaged = averaged.to(device).requires_grad_(False)
     averaged_loss = RolloutLoss(averaged)
