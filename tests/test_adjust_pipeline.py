@@ -28,6 +28,7 @@ from jointdlm.adjust.train import (
     AdjustTrainConfig,
     final_heldout,
     read_verdict,
+    stale_table,
     train_adjust,
 )
 from jointdlm.adjust.trajectories import TrajectoryConfig, collect_trajectories, load_trajectories
@@ -698,6 +699,17 @@ def checking(*args, accelerator=None, **kwargs):
     return shared
 
 train.make_batch, train.evaluate = counting, checking
+
+# The rows of each stale-KL sweep this process computed itself.
+share_rows, swept = train._share_rows, []
+
+def sharing(table, own, accelerator, *args, **kwargs):
+    swept.append([len(table), sum(len(rows) for rows in own)])
+    with open(os.path.join(dump, f"sweeps_rank{rank}.json"), "w") as f:
+        json.dump(swept, f)
+    return share_rows(table, own, accelerator, *args, **kwargs)
+
+train._share_rows = sharing
 # torchrun's own parser rejects flags after the script such as --num (an abbreviation of --numa-binding),
 # so each jointdlm command arrives as one JSON argument.
 for argv in json.loads(sys.argv[1]):
@@ -760,6 +772,19 @@ def test_distributed_training(base, base_dir, traj_dir, tmp_path):
         assert same_state(heads[c, 0], heads[c, 1]), f"ranks disagree after call {c}"
     assert same_state(heads[2, 0], heads[3, 0])
     assert not same_state(heads[1, 0], heads[2, 0])
+    # Each stale-KL sweep was split between the processes (rows once each) and gave the table one process sweeps.
+    sweeps = [json.loads((dump / f"sweeps_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert sweeps[0] and all(n0 == n1 == own0 + own1 and own0 > 0 and own1 > 0
+                             for (n0, own0), (n1, own1) in zip(*sweeps, strict=True)), sweeps
+    k1_train, _ = load_trajectories(traj_dir).split(min(AdjustTrainConfig.heldout, 200 // 5))
+    saved = torch.load(straight / "stale" / "k1-train.pt", weights_only=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun process
+    try:
+        alone = stale_table(base, k1_train, saved.shape[2] + 1, "cpu")
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(saved.isnan(), alone.isnan()) and torch.equal(saved.nan_to_num(), alone.nan_to_num())
     # Every held-out evaluation's batches were scored once, split between the processes, and each process got
     # the numbers it gets alone.
     checked = [json.loads((dump / f"evaluations_rank{rank}.json").read_text()) for rank in (0, 1)]

@@ -352,19 +352,24 @@ def example_table(data: Trajectories, rollout: int) -> torch.Tensor:
 
 @torch.no_grad()
 def stale_table(base: DiffusionLM, data: Trajectories, rollout: int, device: str, batch_size: int = 64,
-                progress: bool = False) -> torch.Tensor:
+                progress: bool = False, accelerator: Accelerator | None = None) -> torch.Tensor:
     """(N, L, rollout-1): KL(p(. | state j+n) || p(. | state j)) averaged over the positions still masked at
     j+n, for every trajectory, state j and depth n; NaN where (j, n) is not a training example (j before the
     trajectory's start, or no mask left). One no-grad base pass per state, keeping a window of `rollout`
-    states' log-probabilities."""
+    states' log-probabilities. With an `accelerator` of several processes each sweeps its share of the batches
+    and every process gets the whole table, the numbers one process computes (each process once swept them all:
+    as many base passes as collecting the trajectories, on every process)."""
     n_rows, length = data.tokens.shape
     table = torch.full((n_rows, length, rollout - 1), float("nan"))
     banned = base.spec.never_sampled()
     mask_id = base.spec.mask_id
     width = data.prefix.shape[1]
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    firsts = range(rank * batch_size, n_rows, world * batch_size)
     # As a context, the bar's line ends even when a batch fails (an error then starts its own line).
-    with tqdm(total=n_rows, desc="stale KL sweep", disable=not progress, dynamic_ncols=True, leave=False) as bar:
-        for first in range(0, n_rows, batch_size):
+    with tqdm(total=sum(min(batch_size, n_rows - f) for f in firsts), desc="stale KL sweep", disable=not progress,
+              dynamic_ncols=True, leave=False) as bar:
+        for first in firsts:
             rows = torch.arange(first, min(first + batch_size, n_rows))
             order, start = data.order[rows], data.start[rows]
             window: list[torch.Tensor] = []
@@ -387,6 +392,24 @@ def stale_table(base: DiffusionLM, data: Trajectories, rollout: int, device: str
                     ok = (j - n >= start) & has_mask
                     table[rows[ok], j - n, n - 1] = value[ok]
             bar.update(len(rows))
+    if world > 1:
+        return _share_rows(table, [range(f, min(f + batch_size, n_rows)) for f in firsts], accelerator)
+    return table
+
+
+def _share_rows(table: torch.Tensor, own: list[range], accelerator: Accelerator,
+                chunk: int = 4096) -> torch.Tensor:
+    """Every process's rows of `table` (its `own` ones, the rest unset) on every process, exactly: a sum in
+    which each element is non-zero on one process only (NaN + 0 stays NaN), in chunks of rows so that a large
+    table never sits on a device whole."""
+    mine = torch.zeros(len(table), dtype=torch.bool)
+    for rows in own:
+        mine[rows.start:rows.stop] = True
+    table = torch.where(mine[:, None, None], table, torch.zeros(()))
+    device = accelerator.device
+    for first in range(0, len(table), chunk):
+        part = slice(first, first + chunk)
+        table[part] = accelerator.reduce(table[part].to(device), "sum").cpu()
     return table
 
 
@@ -739,7 +762,8 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
             table = torch.load(path, map_location="cpu", weights_only=True)
             if table.shape == (len(part), part.length, cfg.rollout - 1):
                 return table
-        table = stale_table(base, part, cfg.rollout, device, progress=cfg.progress and accelerator.is_main_process)
+        table = stale_table(base, part, cfg.rollout, device, progress=cfg.progress and accelerator.is_main_process,
+                            accelerator=accelerator)
         if accelerator.is_main_process:
             tables_dir.mkdir(parents=True, exist_ok=True)
             torch.save(table, path.with_suffix(".tmp"))
