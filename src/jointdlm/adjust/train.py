@@ -879,11 +879,13 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
                     if log is not None:
                         log.write(json.dumps(entry) + "\n")
                         log.flush()
-                        summary = "  ".join(f"{kind} d{d}: {v['head_kl']:.4f}/{v['stale_kl']:.4f}"
-                                            for kind, s in scores.items() for d, v in s.items())
+                        # Ratios only (the KLs are in the log): one short line per evaluation.
+                        summary = "; ".join(f"{kind} " + " ".join(f"{v['head_kl'] / v['stale_kl']:.3f}"
+                                                                  if v["stale_kl"] > 0 else "-" for v in s.values())
+                                            for kind, s in scores.items())
                         if cfg.progress:
-                            bar.write(f"step {progress['step']} held-out KL head/stale  {summary}  (score {score:.3f})",
-                                      file=sys.stderr)
+                            bar.write(f"step {progress['step']}: held-out KL head/stale at depths 1, 2, ...: "
+                                      f"{summary} (score {score:.3f})", file=sys.stderr)
                 if progress["step"] % cfg.save_every == 0 or progress["step"] == cfg.max_steps or round_over():
                     checkpoint()
             # A finished round goes on from its best weights, which collect the next round's states.
