@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -55,13 +56,15 @@ def worker(args: argparse.Namespace) -> None:
     }
     rows = []
     for name, run in work.items():
-        times = {}
+        times: dict[str, list[float]] = {"alone": [], "shared": []}
         results = {}
-        for mode, acc in (("alone", None), ("shared", accelerator)):
-            accelerator.wait_for_everyone()
-            start = time.perf_counter()
-            results[mode] = run(acc)
-            times[mode] = time.perf_counter() - start
+        for _ in range(args.repeats):  # alternating, median: the first call of a kind pays for warming up
+            for mode, acc in (("alone", None), ("shared", accelerator)):
+                accelerator.wait_for_everyone()
+                start = time.perf_counter()
+                results[mode] = run(acc)
+                times[mode].append(time.perf_counter() - start)
+        times = {mode: statistics.median(t) for mode, t in times.items()}
         a, b = results["alone"], results["shared"]
         same = a == b if isinstance(a, dict) else bool(torch.equal(a.isnan(), b.isnan())
                                                        and torch.equal(a.nan_to_num(), b.nan_to_num()))
@@ -77,6 +80,7 @@ def main() -> None:
     parser.add_argument("--adjust", required=True)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--sweep-rows", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=3, help="timings per mode (the median is reported)")
     parser.add_argument("--out", default="split_work.json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -86,10 +90,10 @@ def main() -> None:
     torchrun = Path(sys.executable).parent / "torchrun"
     argv = [str(torchrun), "--standalone", "--nproc_per_node", str(args.processes), __file__, "--worker",
             "--model", args.model, "--trajectories", args.trajectories, "--adjust", args.adjust,
-            "--sweep-rows", str(args.sweep_rows), "--out", args.out]
+            "--sweep-rows", str(args.sweep_rows), "--repeats", str(args.repeats), "--out", args.out]
     subprocess.run(argv, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     rows = json.loads(Path(args.out).read_text())
-    print(f"{args.processes} processes, one thread each; `{' '.join(sys.argv)}`\n")
+    print(f"{args.processes} processes, one thread each, median of {args.repeats}; `{' '.join(sys.argv)}`\n")
     print("| work | alone (s) | split (s) | alone / split | same numbers |")
     print("|---|---|---|---|---|")
     for r in rows:

@@ -700,16 +700,17 @@ def checking(*args, accelerator=None, **kwargs):
 
 train.make_batch, train.evaluate = counting, checking
 
-# The rows of each stale-KL sweep this process computed itself.
-share_rows, swept = train._share_rows, []
+# Each exchange of work split between the processes (evaluations, stale-KL sweeps): its rows, and how many of
+# them this process computed.
+exchange_rows, exchanged = train._exchange_rows, []
 
-def sharing(table, own, accelerator, *args, **kwargs):
-    swept.append([len(table), sum(len(rows) for rows in own)])
-    with open(os.path.join(dump, f"sweeps_rank{rank}.json"), "w") as f:
-        json.dump(swept, f)
-    return share_rows(table, own, accelerator, *args, **kwargs)
+def recording_exchange(values, mine, accelerator, *args, **kwargs):
+    exchanged.append([len(values), int(mine.sum())])
+    with open(os.path.join(dump, f"exchanges_rank{rank}.json"), "w") as f:
+        json.dump(exchanged, f)
+    return exchange_rows(values, mine, accelerator, *args, **kwargs)
 
-train._share_rows = sharing
+train._exchange_rows = recording_exchange
 # torchrun's own parser rejects flags after the script such as --num (an abbreviation of --numa-binding),
 # so each jointdlm command arrives as one JSON argument.
 for argv in json.loads(sys.argv[1]):
@@ -772,10 +773,15 @@ def test_distributed_training(base, base_dir, traj_dir, tmp_path):
         assert same_state(heads[c, 0], heads[c, 1]), f"ranks disagree after call {c}"
     assert same_state(heads[2, 0], heads[3, 0])
     assert not same_state(heads[1, 0], heads[2, 0])
-    # Each stale-KL sweep was split between the processes (rows once each) and gave the table one process sweeps.
-    sweeps = [json.loads((dump / f"sweeps_rank{rank}.json").read_text()) for rank in (0, 1)]
-    assert sweeps[0] and all(n0 == n1 == own0 + own1 and own0 > 0 and own1 > 0
-                             for (n0, own0), (n1, own1) in zip(*sweeps, strict=True)), sweeps
+    # Every exchange (evaluations, stale-KL sweeps) had each row computed by one process, both processes working;
+    # the sweep gave the table one process sweeps.
+    exchanges = [json.loads((dump / f"exchanges_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert exchanges[0] and all(n0 == n1 == own0 + own1
+                                for (n0, own0), (n1, own1) in zip(*exchanges, strict=True)), exchanges
+    assert all(sum(own for _, own in rank) > 0 for rank in exchanges), exchanges
+    # (more rows than one batch of 64: the sweeps, not the evaluations, whose rows are their few batches)
+    sweeps = [(n0, own0, own1) for (n0, own0), (_, own1) in zip(*exchanges, strict=True) if n0 > 64]
+    assert sweeps and all(own0 > 0 and own1 > 0 for _, own0, own1 in sweeps), sweeps
     k1_train, _ = load_trajectories(traj_dir).split(min(AdjustTrainConfig.heldout, 200 // 5))
     saved = torch.load(straight / "stale" / "k1-train.pt", weights_only=True)
     before = torch.get_num_threads()

@@ -393,24 +393,20 @@ def stale_table(base: DiffusionLM, data: Trajectories, rollout: int, device: str
                     table[rows[ok], j - n, n - 1] = value[ok]
             bar.update(len(rows))
     if world > 1:
-        return _share_rows(table, [range(f, min(f + batch_size, n_rows)) for f in firsts], accelerator)
+        return _exchange_rows(table, torch.arange(n_rows) // batch_size % world == rank, accelerator)
     return table
 
 
-def _share_rows(table: torch.Tensor, own: list[range], accelerator: Accelerator,
-                chunk: int = 4096) -> torch.Tensor:
-    """Every process's rows of `table` (its `own` ones, the rest unset) on every process, exactly: a sum in
-    which each element is non-zero on one process only (NaN + 0 stays NaN), in chunks of rows so that a large
-    table never sits on a device whole."""
-    mine = torch.zeros(len(table), dtype=torch.bool)
-    for rows in own:
-        mine[rows.start:rows.stop] = True
-    table = torch.where(mine[:, None, None], table, torch.zeros(()))
-    device = accelerator.device
-    for first in range(0, len(table), chunk):
+def _exchange_rows(values: torch.Tensor, mine: torch.Tensor, accelerator: Accelerator,
+                   chunk: int = 4096) -> torch.Tensor:
+    """(CPU) `values` with every process's rows (`mine`, (N,) bool: the rows this process computed; the rest are
+    ignored) on every process, exactly: a sum in which each element is non-zero on one process only (NaN + 0
+    stays NaN), in chunks of rows so that a large table never sits on a device whole."""
+    values = torch.where(mine.view(-1, *[1] * (values.dim() - 1)), values, torch.zeros((), dtype=values.dtype))
+    for first in range(0, len(values), chunk):
         part = slice(first, first + chunk)
-        table[part] = accelerator.reduce(table[part].to(device), "sum").cpu()
-    return table
+        values[part] = accelerator.reduce(values[part].to(accelerator.device), "sum").cpu()
+    return values
 
 
 def _merge(collections: list[Trajectories]) -> tuple[Trajectories, torch.Tensor]:
@@ -564,14 +560,15 @@ def evaluate(loss_module: RolloutLoss, base: DiffusionLM, sampler: StateSampler,
     at 1/world of its cost (each process once scored every batch)."""
     depths = [d for d in sampler.depths if d >= min_depth]
     rollout = threshold is None
-    parts = range(0, examples, EVAL_BATCH)
+    parts = range(0, examples, EVAL_BATCH) if depths else range(0)
     # A unit of work: one batch of one depth (with `threshold`), or one batch scored at every depth (without).
     units = [(None, part) for part in parts] if rollout else [(d, part) for d in depths for part in parts]
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
-    sums = torch.zeros(len(units), len(depths) if rollout else 1, 3, dtype=torch.float64, device=device)
+    mine = torch.arange(len(units)) % world == rank
+    sums = torch.zeros(len(units), len(depths) if rollout else 1, 3, dtype=torch.float64)
     draws = {}
     for u, (depth, part) in enumerate(units):
-        if u % world != rank or not depths:
+        if not mine[u]:
             continue
         if depth not in draws:
             draws[depth] = _heldout_examples(sampler, depths[0] if depth is None else depth, examples, seed)
@@ -586,9 +583,9 @@ def evaluate(loss_module: RolloutLoss, base: DiffusionLM, sampler: StateSampler,
             scored = [loss_module(base, batch)[2:]]
         for j, triple in enumerate(scored):
             sums[u, j] = torch.tensor([float(v.sum()) for v in triple], dtype=torch.float64)
-    if world > 1:  # exact: each unit's numbers are non-zero on one process only
-        sums = accelerator.reduce(sums, "sum")
-    sums = sums.cpu().tolist()
+    if world > 1:
+        sums = _exchange_rows(sums, mine, accelerator)
+    sums = sums.tolist()
     totals: dict[int, list[float]] = {d: [0.0, 0.0, 0.0] for d in depths}
     for u, (depth, _) in enumerate(units):
         for j, d in enumerate(depths if rollout else [depth]):
