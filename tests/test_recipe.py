@@ -172,6 +172,43 @@ def test_one_rollout_scores_every_depth_as_one_rollout_per_depth(base, k1):
         assert torch.equal(count, want[2]) and (head_sum - stale_sum).abs().max() > 1e-3
 
 
+def test_a_deep_example_trains_its_last_pass_alone(base, k1):
+    """A head whose passes start from the base's hidden states is trained on the last pass of a depth-n example
+    alone (the n-1 before it cannot reach the loss): the loss and every gradient are those of the whole
+    teacher-forced rollout."""
+    head = AdjustHead(AdjustHeadConfig.for_base(base))
+    assert head.config.from_base_hidden
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    loss = RolloutLoss(head)
+    rows = torch.arange(16)
+    states = torch.randint(0, k1.length - ROLLOUT, (16,), generator=gen)
+    batch = make_batch(k1, rows, states, ROLLOUT - 1, base.spec.mask_id, "cpu")
+    calls = []
+    update = head.update
+    head.update = lambda *args, **kwargs: calls.append(1) or update(*args, **kwargs)
+    fast = loss(base, batch)[0]
+    del head.update
+    assert len(calls) == 1  # one head pass for a depth-3 example
+    fast_grads = torch.autograd.grad(fast, list(head.parameters()))
+    *_, (start, canvas, hidden) = loss._teacher_forced(base, batch, at=canvas_masked(base, batch))
+    head_sum, _, count = loss._scores(base, batch, canvas, hidden, start.logits, base.spec.never_sampled())
+    chained = (batch.weights * head_sum).sum() / (batch.weights * count).sum()
+    chained_grads = torch.autograd.grad(chained, list(head.parameters()))
+    assert torch.allclose(fast, chained, rtol=1e-6) and float(fast.detach()) > 1e-3
+    for a, b in zip(fast_grads, chained_grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-9)
+    assert max(float(g.abs().max()) for g in fast_grads) > 0
+
+
+def canvas_masked(base, batch) -> torch.Tensor:
+    """Where the canvas is still masked after all of the batch's teacher-forced steps."""
+    final = torch.where(torch.stack(batch.steps).any(0), batch.targets, batch.tokens)
+    return final == base.spec.mask_id
+
+
 def test_weighted_draws_keep_the_uniform_objective(base, k1):
     table = stale_table(base, k1, ROLLOUT, "cpu")
     sampler = StateSampler([k1], [table], ROLLOUT, focus=0.5)

@@ -249,7 +249,15 @@ class RolloutLoss(nn.Module):
         else:
             final = torch.where(torch.stack(batch.steps).any(0), batch.targets, batch.tokens)
             # Logits only where the loss reads them: the positions still masked after the last pass.
-            *_, (start, final, hidden) = self._teacher_forced(base, batch, at=final == base.spec.mask_id)
+            at = final == base.spec.mask_id
+            if self.head.config.from_base_hidden:
+                # Every pass starts from the base pass's hidden states, so the last one depends only on the
+                # canvas after the n tokens: the n-1 passes before it would be computed for nothing.
+                with torch.no_grad():
+                    start = base.forward(batch.tokens, batch.attention, at=at)
+                hidden = self.head.update(base, final, batch.attention, start.hidden)
+            else:
+                *_, (start, final, hidden) = self._teacher_forced(base, batch, at=at)
             stale_logits = start.logits
         head_sum, stale_sum, count = self._scores(base, batch, final, hidden, stale_logits, banned)
         norm = (batch.weights * count).sum().clamp(min=1)
@@ -315,9 +323,13 @@ class RolloutLoss(nn.Module):
             confidence = _confidence(start.logits, masked, banned)
             chosen = select_top(confidence, sure_count(confidence, batch.threshold[:, None]).clamp(min=1))
         tokens, hidden = torch.where(chosen, batch.targets, batch.tokens), start.hidden
+        last, chained = len(batch.steps) - 1, not self.head.config.from_base_hidden
         for m in range(len(batch.steps)):
-            hidden = self.head.update(base, tokens, batch.attention, self.head.pass_input(start.hidden, hidden))
-            if m == len(batch.steps) - 1:
+            # A pass before the last only picks the next position; with passes that start from the base's hidden
+            # states no gradient reaches the loss through it.
+            with torch.set_grad_enabled(torch.is_grad_enabled() and (m == last or chained)):
+                hidden = self.head.update(base, tokens, batch.attention, self.head.pass_input(start.hidden, hidden))
+            if m == last:
                 break
             with torch.no_grad():
                 masked_now = tokens == mask_id
