@@ -169,7 +169,7 @@ class AdjustTrainConfig:
 
 
 def depth_probabilities(rollout: int) -> torch.Tensor:
-    weights = torch.tensor([0.75 ** (n - 1) for n in range(1, rollout)])
+    weights = torch.tensor([0.5 ** (n - 1) for n in range(1, rollout)])
     return weights / weights.sum()
 
 
@@ -644,7 +644,7 @@ class _Round:
 
 def _onpolicy_config(base_cfg: TrajectoryConfig, cfg: AdjustTrainConfig, n: int, round_index: int,
                      head: AdjustHead | None) -> TrajectoryConfig:
-    ks = tuple(sorted({2, min(cfg.rollout, 8), 2 * min(cfg.rollout, 8)}))
+    ks = tuple(sorted({2, cfg.rollout, 2 * cfg.rollout}))
     return replace(base_cfg, num=n, seed=base_cfg.seed + 7919 * (round_index + 1), policy_tokens_per_step=ks,
                    policy_head=None if head is None else head.fingerprint(), progress=cfg.progress,
                    shard_size=max(64, min(base_cfg.shard_size, n)),
