@@ -3,7 +3,10 @@
 A template sample is invalid when its content words belong to two subjects (`mixN`: N words of a subject other
 than the majority's), when a content word of the right subject sits in the wrong slot (`mix0`), when a frame word
 is wrong (`frame`), when a word is no template word (`nonword`) or when the sentence has the wrong length. Each
-sampler writes `--num` samples per seed; the summary pools the seeds, with a Wilson 95% interval.
+sampler writes `--num` samples per seed; the summary pools the seeds, with a Wilson 95% interval. For the samples
+with one stray word (`mix1`) it also gives when that word was written: how many content words were written before
+it (read off the canvases the base's and the head's passes see), so that K=1's errors and ADJUST's can be compared
+by depth.
 
     python benchmarks/template_errors.py --model runs/demo/template/model --adjust runs/tpl6k/s0 \
         --samplers sequential:1,threshold:tau=0.5:extra=1:2,adjust:threshold=0.9:16 --seeds 1,2,3
@@ -14,10 +17,11 @@ from __future__ import annotations
 import argparse
 import math
 from collections import Counter
+from itertools import pairwise
 
 import torch
 
-from jointdlm.adjust.head import AdjustHead
+from jointdlm.adjust.head import AdjustHead, StepPasses
 from jointdlm.data.toy import TEMPLATE_FRAME, get_language, normalize
 from jointdlm.models.mdlm import BuiltinModel
 from jointdlm.sampling.loop import SamplingConfig, fill_length, generate
@@ -31,14 +35,58 @@ def error_kind(text: str, owner: dict[str, str], frame: list[str]) -> str | None
     words = normalize(text).split()
     if len(words) != len(frame):
         return "length"
-    if any(w != f for w, f in zip(words, frame) if not f.startswith("{")):
+    if any(w != f for w, f in zip(words, frame, strict=True) if not f.startswith("{")):
         return "frame"
-    content = [w for w, f in zip(words, frame) if f.startswith("{")]
+    content = [w for w, f in zip(words, frame, strict=True) if f.startswith("{")]
     if any(w not in owner for w in content):
         return "nonword"
     subjects = Counter(owner[w] for w in content)
     majority = subjects.most_common(1)[0][0]
     return f"mix{sum(owner[w] != majority for w in content)}"
+
+
+class Canvases:
+    """Every canvas a base pass or a head pass sees during sampling (the write order is read off them)."""
+
+    def __init__(self, model: BuiltinModel) -> None:
+        self.seen: list[torch.Tensor] = []
+        forward, logits = model.forward, StepPasses.logits
+
+        def base_pass(tokens, *args, **kwargs):
+            self.seen.append(tokens.clone())
+            return forward(tokens, *args, **kwargs)
+
+        def head_pass(passes, tokens, written=None):
+            self.seen.append(tokens.clone())
+            return logits(passes, tokens, written)
+
+        model.forward = base_pass
+        StepPasses.logits = head_pass
+
+    def stray_ranks(self, tokens: list[list[int]], length: int, mask_id: int, batch_size: int,
+                    owner_of_id: dict[int, str]) -> Counter[int]:
+        """For each sample with exactly one stray content word: how many content words were written before it."""
+        ranks: Counter[int] = Counter()
+        # A batch's first pass sees every generated position masked: that is where the next batch's canvases start.
+        starts = [i for i, c in enumerate(self.seen) if bool(((c == mask_id).sum(-1) == length).all())]
+        starts.append(len(self.seen))
+        for b, (first, end) in enumerate(pairwise(starts)):
+            canvases = torch.stack(self.seen[first:end])  # (passes, rows, T)
+            written_at = torch.where((canvases != mask_id).any(0), (canvases != mask_id).float().argmax(0),
+                                     len(canvases))  # (rows, T): the pass that first saw the position written
+            for row in range(canvases.shape[1]):
+                final = tokens[b * batch_size + row]
+                offset = canvases.shape[2] - length  # a prefix (BOS) before the generated tokens
+                content = [(int(written_at[row, offset + p]), owner_of_id[t]) for p, t in enumerate(final)
+                           if t in owner_of_id]
+                subjects = Counter(s for _, s in content)
+                if len(content) != 10 or len(subjects) != 2 or min(subjects.values()) != 1:
+                    continue
+                stray = min(subjects, key=subjects.get)
+                when = next(w for w, s in content if s == stray)
+                ranks[sum(w < when for w, _ in content)] += 1
+        self.seen.clear()
+        return ranks
 
 
 def wilson(k: int, n: int) -> tuple[float, float]:
@@ -67,29 +115,41 @@ def main() -> None:
         rows = [(spec.rpartition(":")[0], int(spec.rpartition(":")[2])) for spec in args.samplers.split(",")]
         seeds = [int(s) for s in args.seeds.split(",")]
         model = BuiltinModel.load(args.model)
+        owner_of_id = {}
+        for word, subject in owner.items():
+            ids = model.tokenizer.encode(" " + word)  # content words never open a sentence
+            if len(ids) != 1:
+                raise ValueError(f"template word {word!r} is {len(ids)} tokens; this check needs one per word")
+            owner_of_id[ids[0]] = subject
+        canvases = Canvases(model)
         head = AdjustHead.from_pretrained(args.adjust, model) if args.adjust else None
         samplers = [make_from_spec(spec, head=head) if spec.startswith("adjust") else make_from_spec(spec)
                     for spec, _ in rows]
     except (OSError, ValueError) as err:
         parser.exit(2, f"template_errors.py: error: {err}\n")
-    print("| sampler | K | seed | samples | invalid | validity [95% interval] | errors by kind |")
-    print("|---|---|---|---|---|---|---|")
-    for (spec, k), sampler in zip(rows, samplers):
+    print("| sampler | K | seed | samples | invalid | validity [95% interval] | errors by kind | one stray word: "
+          "content words written before it |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (spec, k), sampler in zip(rows, samplers, strict=True):
         pooled: Counter[str] = Counter()
+        pooled_ranks: Counter[int] = Counter()
         for seed in seeds:
             config = SamplingConfig(length=fill_length(model, None), tokens_per_step=k, seed=seed, batch_size=500)
             with torch.no_grad():
-                texts = generate(model, sampler, config, num=args.num).texts
+                out = generate(model, sampler, config, num=args.num)
+            texts = out.texts
+            ranks = canvases.stray_ranks(out.tokens, config.length, model.spec.mask_id, config.batch_size, owner_of_id)
+            pooled_ranks += ranks
             kinds = Counter(kind for kind in (error_kind(t, owner, frame) for t in texts) if kind is not None)
             pooled += kinds
             bad = sum(kinds.values())
             low, high = wilson(args.num - bad, args.num)
             print(f"| {spec} | {k} | {seed} | {args.num} | {bad} | {1 - bad / args.num:.4f} [{low:.3f}, {high:.3f}] "
-                  f"| {dict(sorted(kinds.items()))} |", flush=True)
+                  f"| {dict(sorted(kinds.items()))} | {dict(sorted(ranks.items()))} |", flush=True)
         n, bad = args.num * len(seeds), sum(pooled.values())
         low, high = wilson(n - bad, n)
         print(f"| **{spec}** | {k} | pooled | {n} | {bad} | **{1 - bad / n:.4f} [{low:.3f}, {high:.3f}]** "
-              f"| {dict(sorted(pooled.items()))} |", flush=True)
+              f"| {dict(sorted(pooled.items()))} | {dict(sorted(pooled_ranks.items()))} |", flush=True)
 
 
 if __name__ == "__main__":
