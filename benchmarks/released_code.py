@@ -273,8 +273,9 @@ def main() -> None:
     # the same row alone on a CPU, so batch 1 against batch 8 would test rounding, not the code.
     common = ["--model", model, "--trust-remote-code", "--dtype", "float32"]
     shape = ["--length", "12", "--prompts", str(prompts)]
-    for spec, k in (("sequential", 1), ("parallel", 4), ("threshold", 4), ("eb", 4), ("punt", 4)):
-        run(f"sample {spec}", ["sample", *common, "--sampler", spec, "--tokens-per-step", str(k), *shape,
+    for spec, k in (("sequential", 1), ("parallel", 4), ("threshold", None), ("eb", None), ("punt", None)):
+        schedule = [] if k is None else ["--tokens-per-step", str(k)]  # None: the sampler sizes its own steps
+        run(f"sample {spec}", ["sample", *common, "--sampler", spec, *schedule, *shape,
                                "--batch-size", "8", "--out", str(work / f"{spec}.jsonl")])
     run("sample parallel, batch 1", ["sample", *common, "--sampler", "parallel", "--tokens-per-step", "4", *shape,
                                      "--batch-size", "1", "--out", str(work / "parallel_b1.jsonl")])

@@ -64,8 +64,12 @@ class Canvases:
         StepPasses.logits = head_pass
 
     def stray_ranks(self, tokens: list[list[int]], length: int, mask_id: int, batch_size: int,
-                    owner_of_id: dict[int, str]) -> Counter[int]:
-        """For each sample with exactly one stray content word: how many content words were written before it."""
+                    owner_of_id: dict[int, str]) -> Counter[int] | None:
+        """For each sample with exactly one stray content word: how many content words were written before it.
+        None for a sampler whose passes leave out rows that are done (adaptive steps): rows cannot be told apart."""
+        if len({c.shape for c in self.seen}) > 1:
+            self.seen.clear()
+            return None
         ranks: Counter[int] = Counter()
         # A batch's first pass sees every generated position masked: that is where the next batch's canvases start.
         starts = [i for i, c in enumerate(self.seen) if bool(((c == mask_id).sum(-1) == length).all())]
@@ -87,6 +91,10 @@ class Canvases:
                 ranks[sum(w < when for w, _ in content)] += 1
         self.seen.clear()
         return ranks
+
+
+def _ranks(ranks: Counter[int] | None) -> str:
+    return "–" if ranks is None else str(dict(sorted(ranks.items())))
 
 
 def wilson(k: int, n: int) -> tuple[float, float]:
@@ -132,24 +140,24 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for (spec, k), sampler in zip(rows, samplers, strict=True):
         pooled: Counter[str] = Counter()
-        pooled_ranks: Counter[int] = Counter()
+        pooled_ranks: Counter[int] | None = Counter()
         for seed in seeds:
             config = SamplingConfig(length=fill_length(model, None), tokens_per_step=k, seed=seed, batch_size=500)
             with torch.no_grad():
                 out = generate(model, sampler, config, num=args.num)
             texts = out.texts
             ranks = canvases.stray_ranks(out.tokens, config.length, model.spec.mask_id, config.batch_size, owner_of_id)
-            pooled_ranks += ranks
+            pooled_ranks = None if ranks is None or pooled_ranks is None else pooled_ranks + ranks
             kinds = Counter(kind for kind in (error_kind(t, owner, frame) for t in texts) if kind is not None)
             pooled += kinds
             bad = sum(kinds.values())
             low, high = wilson(args.num - bad, args.num)
             print(f"| {spec} | {k} | {seed} | {args.num} | {bad} | {1 - bad / args.num:.4f} [{low:.3f}, {high:.3f}] "
-                  f"| {dict(sorted(kinds.items()))} | {dict(sorted(ranks.items()))} |", flush=True)
+                  f"| {dict(sorted(kinds.items()))} | {_ranks(ranks)} |", flush=True)
         n, bad = args.num * len(seeds), sum(pooled.values())
         low, high = wilson(n - bad, n)
         print(f"| **{spec}** | {k} | pooled | {n} | {bad} | **{1 - bad / n:.4f} [{low:.3f}, {high:.3f}]** "
-              f"| {dict(sorted(pooled.items()))} | {dict(sorted(pooled_ranks.items()))} |", flush=True)
+              f"| {dict(sorted(pooled.items()))} | {_ranks(pooled_ranks)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -136,11 +136,12 @@ def main() -> None:
              "--seed", str(args.head_seed)])
     rows = []
     for spec, k in (("sequential", 1), ("parallel", 4), ("parallel", 8), ("adjust", 4), ("adjust", 8),
-                    ("adjust:threshold=0.9", 12), ("threshold:tau=0.5:extra=1", 12), ("eb:gamma=1", 12),
-                    ("threshold:tau=0.9:extra=1", 12), ("threshold:tau=0.3", 12), ("eb:gamma=2", 12),
-                    ("eb:gamma=4", 12)):
-        out = work / f"samples-{spec.replace(':', '_')}-k{k}-seed{args.head_seed}.jsonl"
-        argv = ["sample", "--model", str(model), "--sampler", spec, "--tokens-per-step", str(k), "--num",
+                    ("adjust:threshold=0.9", 12), ("threshold:tau=0.5:extra=1", None), ("eb:gamma=1", None),
+                    ("threshold:tau=0.9:extra=1", None), ("threshold:tau=0.3", None), ("eb:gamma=2", None),
+                    ("eb:gamma=4", None)):  # None: the sampler sizes its own steps
+        schedule = [] if k is None else ["--tokens-per-step", str(k)]
+        out = work / f"samples-{spec.replace(':', '_')}{'' if k is None else f'-k{k}'}-seed{args.head_seed}.jsonl"
+        argv = ["sample", "--model", str(model), "--sampler", spec, *schedule, "--num",
                 str(args.num), "--seed", "1", "--out", str(out)]
         if spec.startswith("adjust"):
             argv += ["--adjust", str(head)]
@@ -150,7 +151,8 @@ def main() -> None:
         passes = float(summary.split("NFE ")[1].split("/")[0]) if "NFE " in summary else None
         rows.append({"sampler": spec, "K": k, "valid": est.value, "low": est.low, "high": est.high,
                      "base_passes": passes, "summary": summary})
-        print(f"{spec} K={k}: {est.value:.3f} [{est.low:.3f}, {est.high:.3f}], {passes} base passes", flush=True)
+        size = "adaptive" if k is None else f"K={k}"
+        print(f"{spec} {size}: {est.value:.3f} [{est.low:.3f}, {est.high:.3f}], {passes} base passes", flush=True)
     (work / f"validity-seed{args.head_seed}.json").write_text(json.dumps(rows, indent=2))
 
 

@@ -56,6 +56,27 @@ def test_sample_with_prompts_and_sequential(tiny_model_dir, tmp_path, capsys):
     assert "NFE 6.0/sample" in err
 
 
+def test_sample_says_when_a_sampler_sizes_its_own_steps(tiny_model_dir, tmp_path, capsys):
+    """The training-free adaptive samplers ignore K: the summary says "adaptive", and a K given to one is named as
+    having no effect (the samples are those without it)."""
+    def run(*extra: str) -> tuple[str, list[dict]]:
+        out = tmp_path / f"s{len(list(tmp_path.iterdir()))}.jsonl"
+        rc = main(["sample", "--model", str(tiny_model_dir), "--num", "3", "--seed", "2", "--out", str(out), *extra])
+        err = capsys.readouterr().err
+        assert rc == 0, err
+        return err, read_jsonl(out)
+
+    plain, rows = run("--sampler", "threshold")
+    given, rows_given = run("--sampler", "threshold", "--tokens-per-step", "4")
+    assert "threshold adaptive:" in plain and "warning" not in plain
+    assert "warning: the threshold sampler decides how many tokens each step writes; --tokens-per-step has no effect" \
+        in given and "threshold adaptive:" in given
+    assert [r["tokens"] for r in rows] == [r["tokens"] for r in rows_given]
+    assert "--steps has no effect" in run("--sampler", "eb", "--steps", "4")[0]
+    fixed, _ = run("--sampler", "parallel", "--tokens-per-step", "4")
+    assert "warning" not in fixed and "parallel K=4:" in fixed
+
+
 def run_bad(args: list[str], capsys, out: Path | None = None) -> str:
     rc = main(args)
     captured = capsys.readouterr()

@@ -141,6 +141,20 @@ def sampling_config_from_args(args: argparse.Namespace, length: int) -> Sampling
                           chat=args.chat)
 
 
+def _schedule(args: argparse.Namespace, config: SamplingConfig) -> str:
+    """How the run's steps are sized, for its summary line; a warning when --tokens-per-step or --steps was given to a
+    sampler that decides each step's size itself (the training-free adaptive ones: K would read as if it mattered)."""
+    from .eval.runner import follows_budget
+
+    if not follows_budget(args.sampler):
+        if args.tokens_per_step is not None or args.steps is not None:
+            flag = "--tokens-per-step" if args.tokens_per_step is not None else "--steps"
+            print(f"jointdlm: warning: the {args.sampler} sampler decides how many tokens each step writes; "
+                  f"{flag} has no effect on it", file=sys.stderr)
+        return "adaptive"
+    return f"steps={args.steps}" if args.steps is not None else f"K={config.tokens_per_step}"
+
+
 def build_sampler(args: argparse.Namespace, model):
     from .sampling.registry import make_from_spec, parse_spec
 
@@ -213,6 +227,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     length = args.length or fill_length(model, prompts, args.chat)
     config = sampling_config_from_args(args, length)
     sampler = build_sampler(args, model)
+    schedule = _schedule(args, config)
     counters, by_length = Counters(), False
     with atomic_writer(args.out) as f:  # rows stream out part by part: a large --num never sits in memory whole
         for offset, part in generate_parts(model, sampler, config, prompts=prompts,
@@ -225,7 +240,6 @@ def cmd_sample(args: argparse.Namespace) -> None:
             counters.add(part.counters)
             by_length = by_length or part.batched_by_length
     c = counters
-    schedule = f"steps={args.steps}" if args.steps is not None else f"K={config.tokens_per_step}"
     print(f"{args.sampler} {schedule}: {c.samples} samples x {length} tokens, "
           f"NFE {c.base_passes:.1f}/sample, extra passes {c.extra_passes:.1f}/sample, "
           f"{c.tokens_per_base_pass:.2f} tokens/pass, {c.tokens_per_second:.1f} tokens/s, "
@@ -251,6 +265,7 @@ def cmd_code_eval(args: argparse.Namespace) -> None:
                        dtype=args.dtype)
     config = sampling_config_from_args(args, args.length)
     sampler = build_sampler(args, model)
+    schedule = _schedule(args, config)
     prompts = [prompt_of(args.benchmark, p, args.chat) for p in problems]
     result = generate(model, sampler, config, prompts=prompts)
     score, outcomes = score_completions(args.benchmark, problems, result.texts, allow_execution=True, chat=args.chat,
@@ -260,11 +275,12 @@ def cmd_code_eval(args: argparse.Namespace) -> None:
              "detail": o.detail}
             for p, text, o in zip(problems, result.texts, outcomes, strict=True)]
     summary = {"command": args.command_line, "benchmark": args.benchmark,
-               "sampler": args.sampler, "tokens_per_step": config.tokens_per_step, "pass_at_1": asdict(score),
+               "sampler": args.sampler, "tokens_per_step": None if schedule == "adaptive" else config.tokens_per_step,
+               "pass_at_1": asdict(score),
                "speed": c.as_dict()}
     atomic_write_text(out / "results.json", json.dumps({**summary, "problems": rows}, indent=2))
     print(f"{args.benchmark} pass@1 {score.value:.3f} [{score.low:.3f}, {score.high:.3f}] over {score.n} problems; "
-          f"{args.sampler} K={config.tokens_per_step}: NFE {c.base_passes:.1f}/problem, "
+          f"{args.sampler} {schedule}: NFE {c.base_passes:.1f}/problem, "
           f"{c.tokens_per_second:.1f} tokens/s -> {out / 'results.json'}{_padding_note(result.batched_by_length)}",
           file=sys.stderr)
 

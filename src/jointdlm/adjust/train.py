@@ -3,7 +3,9 @@
 One training example: a trajectory, a state x_t on it, a depth n in 1..rollout-1 (P(n) proportional to
 0.5^(n-1)). The head starts from the base's hidden states at x_t, is fed the trajectory's next n true tokens one
 pass at a time (teacher forcing), and after the n-th pass is fitted to the base's own distributions on x_t + those
-n tokens: KL(p_base(. | x_t + n) || p_head), averaged over the positions still masked.
+n tokens: KL(p_base(. | x_t + n) || p_head), averaged over the positions still masked. (A head whose passes all start
+from the base's hidden states, every head since 2026-12-03, reads the n tokens in its last pass alone: only that one
+is computed.)
 
 The recipe (docs/results.md §2 measures each part):
 * **Where the sampler goes.** Besides the user's K=1 trajectories, each round collects on-policy states: the
