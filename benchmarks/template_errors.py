@@ -15,7 +15,6 @@ by depth.
 from __future__ import annotations
 
 import argparse
-import math
 from collections import Counter
 from itertools import pairwise
 
@@ -23,6 +22,7 @@ import torch
 
 from jointdlm.adjust.head import AdjustHead, StepPasses
 from jointdlm.data.toy import TEMPLATE_FRAME, get_language, normalize
+from jointdlm.eval.metrics import proportion
 from jointdlm.models.mdlm import BuiltinModel
 from jointdlm.sampling.loop import SamplingConfig, fill_length, generate
 from jointdlm.sampling.registry import make_from_spec
@@ -97,14 +97,6 @@ def _ranks(ranks: Counter[int] | None) -> str:
     return "–" if ranks is None else str(dict(sorted(ranks.items())))
 
 
-def wilson(k: int, n: int) -> tuple[float, float]:
-    z = 1.96
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a built-in base trained on the template language")
@@ -151,12 +143,12 @@ def main() -> None:
             kinds = Counter(kind for kind in (error_kind(t, owner, frame) for t in texts) if kind is not None)
             pooled += kinds
             bad = sum(kinds.values())
-            low, high = wilson(args.num - bad, args.num)
-            print(f"| {spec} | {k} | {seed} | {args.num} | {bad} | {1 - bad / args.num:.4f} [{low:.3f}, {high:.3f}] "
+            est = proportion([True] * (args.num - bad) + [False] * bad)
+            print(f"| {spec} | {k} | {seed} | {args.num} | {bad} | {est.value:.4f} [{est.low:.3f}, {est.high:.3f}] "
                   f"| {dict(sorted(kinds.items()))} | {_ranks(ranks)} |", flush=True)
         n, bad = args.num * len(seeds), sum(pooled.values())
-        low, high = wilson(n - bad, n)
-        print(f"| **{spec}** | {k} | pooled | {n} | {bad} | **{1 - bad / n:.4f} [{low:.3f}, {high:.3f}]** "
+        est = proportion([True] * (n - bad) + [False] * bad)
+        print(f"| **{spec}** | {k} | pooled | {n} | {bad} | **{est.value:.4f} [{est.low:.3f}, {est.high:.3f}]** "
               f"| {dict(sorted(pooled.items()))} | {_ranks(pooled_ranks)} |", flush=True)
 
 

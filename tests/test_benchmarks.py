@@ -213,3 +213,27 @@ def test_user_corpus_refuses_a_base_of_another_seed(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "pre-trained with seed 0, not --base-seed 1" in proc.stderr, proc.stderr
     assert not (model / "training_done.json").exists() and not (tmp_path / "corpus.txt").exists()
+
+
+def test_template_errors_sorts_invalid_samples_by_what_broke_them():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from template_errors import error_kind
+    finally:
+        sys.path.pop(0)
+    from jointdlm.data.toy import TEMPLATE_FRAME, get_language
+
+    language = get_language("template")
+    owner = {w: s.word for s in language.subjects for w in (s.word, s.home, *(w for p in s.slots for w in p))}
+    frame = TEMPLATE_FRAME.split()
+    good = language.sample(1, seed=0)[0]
+    subject = next(s for s in language.subjects if f" {s.word} " in good)
+    other = next(s for s in language.subjects if s is not subject)
+    assert error_kind(good, owner, frame) is None
+    assert error_kind(good.replace(f" {subject.home} ", f" {other.home} "), owner, frame) == "mix1"
+    words = good.split()
+    swapped = " ".join(words[:1] + [words[4]] + words[2:4] + [words[1]] + words[5:])  # adj1 <-> adv1 of one subject
+    assert error_kind(swapped, owner, frame) == "mix0"
+    assert error_kind(good.replace(" in its ", " on its "), owner, frame) == "frame"
+    assert error_kind(good.replace(f" {subject.home} ", " zebra "), owner, frame) == "nonword"
+    assert error_kind(good[:-2], owner, frame) == "length"
