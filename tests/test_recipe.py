@@ -193,7 +193,7 @@ def test_a_deep_example_trains_its_last_pass_alone(base, k1):
     del head.update
     assert len(calls) == 1  # one head pass for a depth-3 example
     fast_grads = torch.autograd.grad(fast, list(head.parameters()))
-    *_, (start, canvas, hidden) = loss._teacher_forced(base, batch, at=canvas_masked(base, batch))
+    *_, (_, start, canvas, hidden) = loss._teacher_forced(base, batch, at=canvas_masked(base, batch))  # every pass
     head_sum, _, count = loss._scores(base, batch, canvas, hidden, start.logits, base.spec.never_sampled())
     chained = (batch.weights * head_sum).sum() / (batch.weights * count).sum()
     chained_grads = torch.autograd.grad(chained, list(head.parameters()))

@@ -251,15 +251,8 @@ class RolloutLoss(nn.Module):
         else:
             final = torch.where(torch.stack(batch.steps).any(0), batch.targets, batch.tokens)
             # Logits only where the loss reads them: the positions still masked after the last pass.
-            at = final == base.spec.mask_id
-            if self.head.config.from_base_hidden:
-                # Every pass starts from the base pass's hidden states, so the last one depends only on the
-                # canvas after the n tokens: the n-1 passes before it would be computed for nothing.
-                with torch.no_grad():
-                    start = base.forward(batch.tokens, batch.attention, at=at)
-                hidden = self.head.update(base, final, batch.attention, start.hidden)
-            else:
-                *_, (start, final, hidden) = self._teacher_forced(base, batch, at=at)
+            *_, (_, start, final, hidden) = self._teacher_forced(base, batch, at=final == base.spec.mask_id,
+                                                                 read={len(batch.steps)})
             stale_logits = start.logits
         head_sum, stale_sum, count = self._scores(base, batch, final, hidden, stale_logits, banned)
         norm = (batch.weights * count).sum().clamp(min=1)
@@ -279,25 +272,30 @@ class RolloutLoss(nn.Module):
         banned = base.spec.never_sampled()
         masked = batch.tokens == base.spec.mask_id
         out, deepest = [], max(depths)
-        for n, (start, tokens, hidden) in enumerate(self._teacher_forced(base, batch, at=masked), start=1):
-            if n in depths:
-                stale_logits = start.logits[(tokens == base.spec.mask_id)[masked]]
-                out.append(self._scores(base, batch, tokens, hidden, stale_logits, banned))
+        for n, start, tokens, hidden in self._teacher_forced(base, batch, at=masked, read=set(depths)):
+            stale_logits = start.logits[(tokens == base.spec.mask_id)[masked]]
+            out.append(self._scores(base, batch, tokens, hidden, stale_logits, banned))
             if n == deepest:
                 break
         return out
 
-    def _teacher_forced(self, base: DiffusionLM, batch: Batch,
-                        at: torch.Tensor) -> Iterator[tuple[ModelOutput, torch.Tensor, torch.Tensor]]:
+    def _teacher_forced(self, base: DiffusionLM, batch: Batch, at: torch.Tensor,
+                        read: set[int] | None = None) -> Iterator[tuple[int, ModelOutput, torch.Tensor, torch.Tensor]]:
         """The step's base pass (logits at `at`), then one head pass per teacher-forced step of the batch: yields
-        (the base pass, the canvas, the head's hidden states) after each head pass."""
+        (n, the base pass, the canvas, the head's hidden states) after each pass n in `read` (default: every one).
+        A head whose passes all start from the base's hidden states computes only the passes read (its next pass
+        does not start from an unread one): a depth-n training example costs one pass, not n."""
         with torch.no_grad():
             start = base.forward(batch.tokens, batch.attention, at=at)
         hidden, tokens = start.hidden, batch.tokens
-        for written in batch.steps:
+        skip_unread = read is not None and self.head.config.from_base_hidden
+        for n, written in enumerate(batch.steps, start=1):
             tokens = torch.where(written, batch.targets, tokens)
+            if skip_unread and n not in read:
+                continue
             hidden = self.head.update(base, tokens, batch.attention, self.head.pass_input(start.hidden, hidden))
-            yield start, tokens, hidden
+            if read is None or n in read:
+                yield n, start, tokens, hidden
 
     @staticmethod
     def _scores(base: DiffusionLM, batch: Batch, canvas: torch.Tensor, hidden: torch.Tensor,
