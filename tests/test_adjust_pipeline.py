@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from jointdlm import cli
 from jointdlm.adjust.head import AdjustHead, AdjustHeadConfig, HeadCarry
@@ -131,7 +131,8 @@ def test_zero_init_head_is_naive_parallel(base):
         written = tokens.clone()
         written[:, -1] = 300
         hidden, logits = head(base, written, attention, out.hidden)
-    assert torch.equal(hidden, out.hidden) and torch.equal(logits, out.logits)
+    # The states a pass returns are what its logits read: the base's, after its final norm.
+    assert torch.equal(hidden, base.normed(out.hidden)) and torch.equal(logits, out.logits)
 
     length = base.max_length - 1
     # Noise is keyed by (step seed, position), so the samples agree token for token under every rule.
@@ -171,8 +172,9 @@ def test_zero_init_head_is_naive_parallel(base):
 
 def test_head_updates_only_masked_positions_as_the_full_block_would(base):
     """A pass computes queries only at the masked positions, with keys and values over the whole canvas: there
-    it equals the full block's output (left-padded prompts included), and written positions keep their hidden
-    state. Heads saved before (no `masked_only`) still update every position."""
+    it equals the full block's output (left-padded prompts included), and written positions keep their state (the
+    base's, after its final norm: what the logits read). Heads saved before (no `masked_only`) still update every
+    position."""
     torch.manual_seed(12)
     config = AdjustHeadConfig.for_base(base)
     assert config.masked_only
@@ -189,10 +191,11 @@ def test_head_updates_only_masked_positions_as_the_full_block_would(base):
         new = head.update(base, tokens, attention, hidden)
         everywhere = full.update(base, tokens, attention, hidden)
     assert masked.any() and (~masked).any()
-    assert torch.equal(new[~masked], hidden[~masked])
+    normed = base.normed(hidden)
+    assert torch.equal(new[~masked], normed[~masked])
     torch.testing.assert_close(new[masked], everywhere[masked], rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(everywhere[~masked], hidden[~masked])  # the old heads' update, still theirs
-    assert (new[masked] - hidden[masked]).abs().max() > 1e-2  # the test exercises a real update
+    assert not torch.allclose(everywhere[~masked], normed[~masked])  # the old heads' update, still theirs
+    assert (new[masked] - normed[masked]).abs().max() > 1e-2  # the test exercises a real update
 
 
 @pytest.mark.parametrize("from_base_hidden", [True, False])
@@ -203,7 +206,8 @@ def test_carried_keys_and_values_give_the_same_passes(base, from_base_hidden):
     the base's hidden states and for heads that chain them; a hidden state that is not the one the next pass
     starts from, or a different batch, is computed afresh."""
     torch.manual_seed(13)
-    config = replace(AdjustHeadConfig.for_base(base), from_base_hidden=from_base_hidden)
+    config = replace(AdjustHeadConfig.for_base(base), from_base_hidden=from_base_hidden,
+                     after_norm=from_base_hidden)
     head = AdjustHead(config).eval().requires_grad_(False)
     torch.nn.init.normal_(head.out_norm.weight)
     tokens, attention, _ = build_canvas(base, encode_prompts(base, ["", "the cat sat", "a"]), 12)
@@ -230,7 +234,7 @@ def test_carried_keys_and_values_give_the_same_passes(base, from_base_hidden):
         assert carry.fresh(carried[0][:2], carried[1], carried[0][:2] == base.spec.mask_id) is None
 
 
-@pytest.mark.parametrize("legacy", [None, "from_base_hidden", "masked_only"])
+@pytest.mark.parametrize("legacy", [None, "after_norm", "from_base_hidden", "masked_only"])
 def test_step_passes_equal_the_general_pass_at_the_candidates(base, legacy):
     """`StepPasses` (what the sampler runs: fixed shapes, keys and values recomputed only where a row wrote) gives
     the logits of the general pass (`AdjustHead.forward`, every masked candidate queried) at the candidates, over
@@ -240,7 +244,8 @@ def test_step_passes_equal_the_general_pass_at_the_candidates(base, legacy):
     torch.manual_seed(23)
     config = AdjustHeadConfig.for_base(base)
     if legacy:
-        config = replace(config, **{legacy: False})
+        config = replace(config, **{legacy: False}, **({"after_norm": False} if legacy == "from_base_hidden"
+                                                       else {}))
     head = AdjustHead(config).eval().requires_grad_(False)
     torch.nn.init.normal_(head.out_norm.weight)
     tokens, attention, _ = build_canvas(base, encode_prompts(base, ["", "the cat sat", "a"]), 12)
@@ -253,7 +258,7 @@ def test_step_passes_equal_the_general_pass_at_the_candidates(base, legacy):
         for r in range(4):
             query = torch.zeros_like(masked).scatter_(1, passes.index, True)
             previous = head.update(base, tokens, attention, head.pass_input(hidden, previous), carry, query)
-            general = base.lm_head(take_positions(previous, passes.index))
+            general = head.logits(base, take_positions(previous, passes.index))
             fixed = passes.logits(tokens, written)
             still = take_positions(tokens, passes.index) == base.spec.mask_id
             assert still.any()
@@ -286,7 +291,8 @@ def test_a_pass_from_the_base_hidden_depends_on_what_is_written_not_on_the_order
     both[0, first], both[0, second] = 300, 301
     ends = {}
     for from_base_hidden in (True, False):
-        head = AdjustHead(replace(AdjustHeadConfig.for_base(base), from_base_hidden=from_base_hidden)).eval()
+        head = AdjustHead(replace(AdjustHeadConfig.for_base(base), from_base_hidden=from_base_hidden,
+                                  after_norm=from_base_hidden)).eval()
         torch.nn.init.normal_(head.out_norm.weight)
         with torch.no_grad():
             hidden = base.forward(tokens, attention).hidden
@@ -299,7 +305,7 @@ def test_a_pass_from_the_base_hidden_depends_on_what_is_written_not_on_the_order
 
 
 def test_head_pass_updates_only_the_queried_positions(base):
-    """`query` narrows the block's queries: the other positions keep their hidden state (masked ones too), and
+    """`query` narrows the block's queries: the other positions keep their state (masked ones too), and
     querying every masked position is the pass without `query`."""
     torch.manual_seed(17)
     head = AdjustHead(AdjustHeadConfig.for_base(base)).eval().requires_grad_(False)
@@ -313,8 +319,9 @@ def test_head_pass_updates_only_the_queried_positions(base):
         narrowed = head.update(base, tokens, attention, hidden, query=query)
         everywhere = head.update(base, tokens, attention, hidden)
         torch.testing.assert_close(head.update(base, tokens, attention, hidden, query=masked), everywhere)
-    assert torch.equal(narrowed[~query], hidden[~query])
-    assert (narrowed[query] - hidden[query]).abs().amax(-1).gt(0).all()
+    unchanged = base.normed(hidden)  # what the logits read where nothing is updated
+    assert torch.equal(narrowed[~query], unchanged[~query])
+    assert (narrowed[query] - unchanged[query]).abs().amax(-1).gt(0).all()
 
 
 class _CountingHead:
@@ -376,7 +383,7 @@ def test_head_config_defaults_are_todays_recipe_and_old_files_keep_theirs(base, 
     by_hand = AdjustHeadConfig(d_model=today.d_model, n_heads=today.n_heads, mlp_hidden=today.mlp_hidden,
                                base_fingerprint=today.base_fingerprint, rope_theta=today.rope_theta)
     assert by_hand == today and today.from_base_hidden and today.masked_only
-    fields = ("hidden_scale", "qk_norm", "masked_only", "from_base_hidden")
+    fields = ("hidden_scale", "qk_norm", "masked_only", "from_base_hidden", "after_norm")
     old = replace(today, **dict.fromkeys(fields, False))
     AdjustHead(old).save_pretrained(tmp_path / "old")
     path = tmp_path / "old" / "adjust_config.json"
@@ -643,6 +650,10 @@ def test_mismatched_resume_is_refused(base, base_dir, traj_dir, trained, tmp_pat
     torch.save({k: v for k, v in state.items() if k != "objective"}, out / STATE_FILE)
     with pytest.raises(ValueError, match="each kind of step's loss unscaled"):
         train_adjust(base, traj_dir, out, TRAINED)
+    # Nor a run of a head without the update after the base's final norm.
+    torch.save({**state, "objective": "kinds-scaled"}, out / STATE_FILE)
+    with pytest.raises(ValueError, match="without the update after the base's final norm"):
+        train_adjust(base, traj_dir, out, TRAINED)
 
 
 
@@ -886,7 +897,7 @@ def test_adaptive_adjust_survives_rows_that_stop_in_different_ways(base):
     writes in round 2, and the step must end without a head pass, not read stale logits."""
     model = _SureAndUnsure(base)
     head = AdjustHead(AdjustHeadConfig(d_model=8, n_heads=2, mlp_hidden=16, base_fingerprint="stub",
-                                       from_base_hidden=False)).eval()
+                                       from_base_hidden=False, after_norm=False)).eval()
     tokens = torch.full((2, 10), base.spec.mask_id)
     ctx = StepContext(model=model, tokens=tokens, attention_mask=torch.ones_like(tokens),
                       eligible=tokens == base.spec.mask_id, budget=torch.tensor([2, 3]),
@@ -941,7 +952,11 @@ def test_threshold_opening_warns_about_a_head_trained_without_it(base, trained, 
         copy = tmp_path / f"head-{share}-{chained}"
         shutil.copytree(trained.out, copy)
         config = json.loads((copy / "adjust_config.json").read_text())
-        config["from_base_hidden"] = not chained
+        config["from_base_hidden"] = config["after_norm"] = not chained
+        if chained:  # a chained head has no update after the norm
+            weights = load_file(copy / "adjust.safetensors")
+            del weights["after_norm.weight"]
+            save_file(weights, copy / "adjust.safetensors")
         if share is None:
             del config["training"]  # not recorded: nothing to say
         else:

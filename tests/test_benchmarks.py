@@ -237,3 +237,37 @@ def test_template_errors_sorts_invalid_samples_by_what_broke_them():
     assert error_kind(good.replace(" in its ", " on its "), owner, frame) == "frame"
     assert error_kind(good.replace(f" {subject.home} ", " zebra "), owner, frame) == "nonword"
     assert error_kind(good[:-2], owner, frame) == "length"
+
+
+def test_head_precision_base_passes_make_adjust_the_k1_sampler(tiny_model):
+    """With every head pass replaced by a base pass on the same canvas and the head free to choose any position,
+    greedy ADJUST at K=4 is greedy K=1 token for token: the `base` mode measures the sampler with exact
+    distributions. Its head passes still count, and leaving the block restores the head."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from head_precision import ReplacedPasses
+    finally:
+        sys.path.pop(0)
+    import torch
+
+    from jointdlm.adjust.head import AdjustHead, AdjustHeadConfig, StepPasses
+    from jointdlm.sampling.base import TokenChoice
+    from jointdlm.sampling.loop import SamplingConfig, generate
+    from jointdlm.sampling.registry import make_sampler
+
+    head = AdjustHead(AdjustHeadConfig.for_base(tiny_model)).eval()
+    torch.nn.init.normal_(head.out_norm.weight)  # a head that changes the distributions
+    length, greedy = 16, TokenChoice("confidence", temperature=0.0)
+    k1 = generate(tiny_model, make_sampler("sequential"),
+                  SamplingConfig(length=length, tokens_per_step=1, seed=3, batch_size=4, choice=greedy), num=4)
+    adjust = make_sampler("adjust", head=head, candidates=length)
+    config = SamplingConfig(length=length, tokens_per_step=4, seed=3, batch_size=4, choice=greedy)
+    original = StepPasses.logits
+    with torch.no_grad():
+        with ReplacedPasses("base", tiny_model):
+            exact = generate(tiny_model, adjust, config, num=4)
+        assert StepPasses.logits is original
+        own = generate(tiny_model, adjust, config, num=4)
+    assert exact.tokens == k1.tokens
+    assert own.tokens != k1.tokens  # the test's head does move the samples
+    assert exact.counters.extra_passes == own.counters.extra_passes > 0

@@ -5,7 +5,9 @@ after tokens are written, so K tokens per base pass approximately follow the joi
     z  = Block(z)                                     one bidirectional block of the base family, QK-normed
     u  = RMSNorm(z)                                   its gain starts at zero
     h' = h + rms(h) * u                               the update in units of the hidden state's own size
-    logits = base.lm_head(h')                         the frozen base head
+    n  = base.normed(h')                              the base's final norm (identity for LLaDA and Dream)
+    n' = n + rms(n) * RMSNorm'(z)                     a second update after it, its gain zero at start too
+    logits = base.unembed(n')                         the frozen output projection
 
 Every pass of a step starts from the base pass's hidden states h (`from_base_hidden`), the tokens written so far
 coming in through E(x): the published head instead starts each pass from the previous pass's h', so K-1 passes
@@ -23,7 +25,13 @@ Two choices make it learn on any base (docs/results.md §2):
 * Queries and keys are RMS-normalised per attention head. Without it, the head's attention logits grew to the
   hundreds during training and the softmax saturated: the output at a position no longer depended on the token
   just written next to it, which is exactly the dependency the head exists to carry.
-The output factor starts at zero, so an untrained head returns h unchanged: exactly naive parallel.
+* A second update is added after the base's final norm, where the logits are linear in it. The first, before
+  the norm, can turn the prediction but not sharpen it: the norm divides out any change of the state's size, and
+  whatever imprecision the update carries adds size that the norm then divides away, flattening the
+  distribution. On template's one-base-pass canvases heads with the first alone (saved before 2026-12-06) put
+  1.34x the base's probability on another subject's words, rising with depth: 1.4x K=1's invalid samples. The
+  update after the norm alone did not learn on choice; both together learn on each (docs/results.md §2).
+The output gains start at zero, so an untrained head returns the base's logits unchanged: exactly naive parallel.
 """
 
 from __future__ import annotations
@@ -53,7 +61,8 @@ from ..models.protocol import DiffusionLM
 
 HEAD_CONFIG_FILE = "adjust_config.json"
 HEAD_WEIGHTS_FILE = "adjust.safetensors"
-SAVED_BEFORE_FIELDS = {"hidden_scale": False, "qk_norm": False, "masked_only": False, "from_base_hidden": False}
+SAVED_BEFORE_FIELDS = {"after_norm": False, "hidden_scale": False, "qk_norm": False, "masked_only": False,
+                       "from_base_hidden": False}
 """What a saved head's config means by leaving out a field added later: the behaviour of heads saved before it."""
 
 
@@ -77,6 +86,15 @@ class AdjustHeadConfig:
     """Whether every pass of a step starts from the base pass's hidden states (the tokens written so far come in
     through their embeddings), instead of from the previous pass's output. Heads saved before this field existed
     chain their passes."""
+    after_norm: bool = True
+    """Whether a second update is added after the base's final norm (`base.normed`), where the logits are linear
+    in it. Heads saved before this field existed have the first alone. Needs `from_base_hidden`: a chained pass
+    starts from the previous pass's output, which must stay a hidden state of the base."""
+
+    def __post_init__(self) -> None:
+        if self.after_norm and not self.from_base_hidden:
+            raise ValueError("after_norm needs from_base_hidden (a chained pass starts from the previous pass's "
+                             "output, which must stay a hidden state of the base)")
 
     @classmethod
     def for_base(cls, base: DiffusionLM) -> AdjustHeadConfig:
@@ -110,6 +128,10 @@ class AdjustHead(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=0.02)
         nn.init.zeros_(self.out_norm.weight)
+        self.after_norm = None
+        if config.after_norm:
+            self.after_norm = nn.RMSNorm(d, eps=config.norm_eps)
+            nn.init.zeros_(self.after_norm.weight)
 
     def pass_input(self, base_hidden: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
         """The hidden states a pass starts from: the step's base pass's, or the previous pass's output."""
@@ -123,23 +145,41 @@ class AdjustHead(nn.Module):
         narrows the positions updated (default: every masked one). `carry` (one per step) keeps the block's keys
         and values from the step's previous pass (see `HeadCarry`)."""
         new_hidden = self.update(base, tokens, attention_mask, hidden, carry, query)
-        return new_hidden, base.lm_head(new_hidden if at is None else new_hidden[at])
+        return new_hidden, self.logits(base, new_hidden if at is None else new_hidden[at])
+
+    def logits(self, base: DiffusionLM, updated: torch.Tensor) -> torch.Tensor:
+        """The logits of states this head updated (its passes' output at the positions they updated)."""
+        return base.unembed(updated) if self.config.after_norm else base.lm_head(updated)
+
+    def _unchanged(self, base: DiffusionLM, hidden: torch.Tensor) -> torch.Tensor:
+        """What `logits` reads where a pass updates nothing."""
+        return hidden if self.after_norm is None else base.normed(hidden)
+
+    def _updated(self, base: DiffusionLM, old: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The states after a pass from the hidden states `old` and the block's output `out` there: what
+        `logits` reads."""
+        new = old + self._scaled(self.out_norm(out), old)
+        if self.after_norm is None:
+            return new
+        normed = base.normed(new)
+        return normed + self._scaled(self.after_norm(out), normed)
 
     def update(self, base: DiffusionLM, tokens: torch.Tensor, attention_mask: torch.Tensor | None,
                hidden: torch.Tensor, carry: HeadCarry | None = None,
                query: torch.Tensor | None = None) -> torch.Tensor:
-        """The new hidden states alone (passes whose logits nobody reads skip the output projection)."""
+        """The new states alone (passes whose logits nobody reads skip the output projection): what `logits` reads,
+        at every position (with `after_norm`, where nothing was updated, the base's normed states)."""
         positions, mask = positions_and_mask(attention_mask, tokens.shape, False, tokens.device)
         head_dim = self.config.d_model // self.config.n_heads
         if not self.config.masked_only:
             z = self._block_input(base, tokens, hidden)
             rope = rotary_tables(positions, head_dim, self.config.rope_theta)
-            return self._scaled(self.out_norm(self.block(z, rope, mask)), hidden) + hidden
+            return self._updated(base, hidden, self.block(z, rope, mask))
         masked = tokens == base.spec.mask_id
         if query is not None:
             masked = masked & query
         if not masked.any():
-            return hidden
+            return self._unchanged(base, hidden)
         # Keys and values are needed over the whole canvas, but within a step a written position's token and
         # hidden state stay as they were (only masked positions are updated), so its keys and values from the
         # step's previous pass still hold: recompute them at the masked positions and the ones written since.
@@ -163,9 +203,9 @@ class AdjustHead(nn.Module):
             b, t = tokens.shape
             mask = take_positions(mask.expand(b, 1, t, t).transpose(1, 2), index).transpose(1, 2)
         cos, sin = rotary_tables(take_positions(positions, index), head_dim, self.config.rope_theta)
-        old = take_positions(hidden, index)
-        new = old + self._scaled(self.out_norm(self.block.forward_at(z_at, cos, sin, keys, values, mask)), old)
-        new_hidden = hidden.masked_scatter(masked[..., None], new[kept])
+        new = self._updated(base, take_positions(hidden, index),
+                            self.block.forward_at(z_at, cos, sin, keys, values, mask))
+        new_hidden = self._unchanged(base, hidden).masked_scatter(masked[..., None], new[kept])
         if carry is not None:  # the hidden state the next pass will start from
             carry.remember(tokens, hidden if self.config.from_base_hidden else new_hidden, keys, values)
         return new_hidden
@@ -268,7 +308,7 @@ class StepPasses:
             query = torch.zeros_like(tokens, dtype=torch.bool).scatter_(1, index, True)
             self.hidden = head.update(self.base, tokens, self.attention_mask,
                                       head.pass_input(self.base_hidden, self.hidden), self.carry, query)
-            return self.base.lm_head(take_positions(self.hidden, index))
+            return head.logits(self.base, take_positions(self.hidden, index))
         head_dim = head.config.d_model // head.config.n_heads
         if self.keys is None:
             positions = real_positions(self.attention_mask, tokens.shape, tokens.device)
@@ -290,8 +330,7 @@ class StepPasses:
             self.keys.scatter_(2, where, k)
             self.values.scatter_(2, where, v)
         out = head.block.forward_at(self.z_at, *self.rope_at, self.keys, self.values, self.mask)
-        new = self.hidden_at + head._scaled(head.out_norm(out), self.hidden_at)
-        return self.base.lm_head(new)
+        return head.logits(self.base, head._updated(self.base, self.hidden_at, out))
 
 
 def _rows_first(where: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -297,8 +297,7 @@ class RolloutLoss(nn.Module):
             if read is None or n in read:
                 yield n, start, tokens, hidden
 
-    @staticmethod
-    def _scores(base: DiffusionLM, batch: Batch, canvas: torch.Tensor, hidden: torch.Tensor,
+    def _scores(self, base: DiffusionLM, batch: Batch, canvas: torch.Tensor, hidden: torch.Tensor,
                 stale_logits: torch.Tensor, banned: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per row on `canvas`'s masked positions: (head KL sums, stale KL sums, counts), both against the base's
         distributions on that canvas; only the head's KL carries a gradient. `stale_logits` are read there."""
@@ -306,7 +305,7 @@ class RolloutLoss(nn.Module):
         with torch.no_grad():
             teacher = base.forward(canvas, batch.attention, at=still_masked).logits
             stale_sum, _ = row_kl(teacher, stale_logits, still_masked, banned)
-        head_sum, count = row_kl(teacher, base.lm_head(hidden[still_masked]), still_masked, banned)
+        head_sum, count = row_kl(teacher, self.head.logits(base, hidden[still_masked]), still_masked, banned)
         return head_sum, stale_sum, count
 
     def _own_positions(self, base: DiffusionLM, batch: Batch,
@@ -333,7 +332,7 @@ class RolloutLoss(nn.Module):
                 break
             with torch.no_grad():
                 masked_now = tokens == mask_id
-                confidence = _confidence(base.lm_head(hidden[masked_now].detach()), masked_now, banned)
+                confidence = _confidence(self.head.logits(base, hidden[masked_now].detach()), masked_now, banned)
                 left = masked_now.sum(-1)
                 wanted = torch.zeros_like(left) if batch.pick_rank is None else batch.pick_rank[:, m]
                 rank = torch.minimum(wanted, left - 1)  # -1 (nothing) in rows with no mask left
@@ -527,8 +526,13 @@ EXPLORED_RANKS = 3
 KINDS = ("k1", "own", "threshold")
 """The kinds of training step: the K=1 order, fixed-K ADJUST's own passes, `adjust:threshold`'s passes."""
 STALE_MEAN_DECAY = 0.99
-OBJECTIVE = "kinds-scaled"
-"""Saved with a run's state: a run trained before `_kind_scale` is not resumed under it."""
+OBJECTIVE = "kinds-scaled, after-norm"
+"""Saved with a run's state: a run trained before `_kind_scale`, or a head without the update after the base's
+final norm, is not resumed under it."""
+EARLIER_OBJECTIVES = {
+    "unscaled": "trained with each kind of step's loss unscaled (before 2026-12-05: see _kind_scale)",
+    "kinds-scaled": "trained a head without the update after the base's final norm (before 2026-12-06)",
+}
 
 
 def explored_ranks(size: int, depth: int, gen: torch.Generator) -> torch.Tensor:
@@ -623,7 +627,7 @@ def _lr(step: int, lr: float, cfg: AdjustTrainConfig, decays: int = 0) -> float:
 def _diagnostics(head: AdjustHead) -> dict[str, float]:
     """Gradient norms of the head's parts and the size of its output layer (why a head does or does not learn)."""
     parts = {"input": [head.proj, head.embed_norm, head.hidden_norm], "block": [head.block],
-             "output": [head.out_norm]}
+             "output": [head.out_norm] + ([head.after_norm] if head.after_norm is not None else [])}
     out = {}
     for name, modules in parts.items():
         grads = [p.grad for m in modules for p in m.parameters() if p.grad is not None]
@@ -1063,8 +1067,9 @@ def _resume_problems(state: dict, wanted: dict) -> list[str]:
     saved.pop("batch_size", None)  # recorded by earlier versions; it never changed the data
     if saved != wanted["trajectories"]:
         problems.append("trained on a different trajectory collection")
-    if state.get("objective", "unscaled") != wanted["objective"]:
-        problems.append("trained with each kind of step's loss unscaled (before 2026-12-05: see _kind_scale)")
+    objective = state.get("objective", "unscaled")
+    if objective != wanted["objective"]:
+        problems.append(EARLIER_OBJECTIVES.get(objective, f"trained for the objective {objective!r}"))
     saved_procs = state.get("num_processes", len(state["generators"]))
     if saved_procs != wanted["num_processes"]:
         problems.append(f"{saved_procs} training process(es) there, {wanted['num_processes']} now")

@@ -447,12 +447,17 @@ class HFDiffusionModel:
         return embedded if self.hidden_dtype is None else embedded.to(self.hidden_dtype)
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.unembed(self.normed(hidden))
+
+    def normed(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.final_norm is None:
+            return hidden
+        return self.final_norm(hidden.to(self.model.get_output_embeddings().weight.dtype))
+
+    def unembed(self, normed: torch.Tensor) -> torch.Tensor:
         """Applied through the weight, not the module: LLaDA's tied output embedding is an `nn.Embedding`."""
         output = self.model.get_output_embeddings()
-        hidden = hidden.to(output.weight.dtype)
-        if self.final_norm is not None:
-            hidden = self.final_norm(hidden)
-        logits = F.linear(hidden, output.weight, getattr(output, "bias", None))
+        logits = F.linear(normed.to(output.weight.dtype), output.weight, getattr(output, "bias", None))
         return logits * self.logit_scale if self.logit_scale != 1.0 else logits
 
     def fingerprint(self) -> str:

@@ -394,6 +394,12 @@ class BuiltinModel:
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.net.head(hidden)
 
+    def normed(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.net.final_norm(hidden)
+
+    def unembed(self, normed: torch.Tensor) -> torch.Tensor:
+        return self.net.output(normed)
+
     def windowed(self) -> WindowedPasses:
         """A view whose passes compute one window of the canvas, reusing recorded keys and values elsewhere."""
         return WindowedPasses(self)
@@ -511,6 +517,12 @@ class WindowedPasses:
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden)
+
+    def normed(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.normed(hidden)
+
+    def unembed(self, normed: torch.Tensor) -> torch.Tensor:
+        return self.model.unembed(normed)
 
     def block_factory(self) -> Block:
         return self.model.block_factory()

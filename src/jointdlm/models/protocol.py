@@ -78,7 +78,17 @@ class DiffusionLM(Protocol):
         ...
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The frozen output head applied to aligned hidden states, (B, T, d) -> (B, T, V)."""
+        """The frozen output head applied to aligned hidden states, (B, T, d) -> (B, T, V):
+        `unembed(normed(hidden))`."""
+        ...
+
+    def normed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output head's normalisation of hidden states (the final norm; the identity where the hidden states
+        come normalised, as LLaDA's and Dream's do), (B, T, d) -> (B, T, d)."""
+        ...
+
+    def unembed(self, normed: torch.Tensor) -> torch.Tensor:
+        """The output head after its normalisation: logits linear in `normed`, (B, T, d) -> (B, T, V)."""
         ...
 
     def fingerprint(self) -> str:
