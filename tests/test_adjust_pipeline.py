@@ -248,6 +248,8 @@ def test_step_passes_equal_the_general_pass_at_the_candidates(base, legacy):
                                                        else {}))
     head = AdjustHead(config).eval().requires_grad_(False)
     torch.nn.init.normal_(head.out_norm.weight)
+    if head.after_norm is not None:  # the update after the final norm, exercised too
+        torch.nn.init.normal_(head.after_norm.weight)
     tokens, attention, _ = build_canvas(base, encode_prompts(base, ["", "the cat sat", "a"]), 12)
     masked = tokens == base.spec.mask_id
     index = torch.argsort((~masked).to(torch.uint8), dim=-1, stable=True)[:, :6].sort(-1).values
@@ -310,6 +312,7 @@ def test_head_pass_updates_only_the_queried_positions(base):
     torch.manual_seed(17)
     head = AdjustHead(AdjustHeadConfig.for_base(base)).eval().requires_grad_(False)
     torch.nn.init.normal_(head.out_norm.weight)
+    torch.nn.init.normal_(head.after_norm.weight)
     tokens, attention, _ = build_canvas(base, encode_prompts(base, ["", "the cat"]), 12)
     masked = tokens == base.spec.mask_id
     query = masked & (torch.rand(masked.shape, generator=torch.Generator().manual_seed(0)) < 0.4)
@@ -374,6 +377,14 @@ def test_head_with_removed_output_layer_is_refused(base, tmp_path):
     AdjustHead(AdjustHeadConfig.for_base(base)).save_pretrained(tmp_path / "old", extra={"output_layer": "linear"})
     with pytest.raises(ValueError, match="removed output layer 'linear'"):
         AdjustHead.from_pretrained(tmp_path / "old", base)
+
+
+def test_update_after_the_norm_needs_passes_from_the_base_hidden_states(base):
+    """A chained pass starts from the previous pass's output, which after the final norm is no hidden state of the
+    base: the config refuses the pair instead of normalising twice."""
+    with pytest.raises(ValueError, match="after_norm needs from_base_hidden"):
+        replace(AdjustHeadConfig.for_base(base), from_base_hidden=False)
+    assert not replace(AdjustHeadConfig.for_base(base), from_base_hidden=False, after_norm=False).after_norm
 
 
 def test_head_config_defaults_are_todays_recipe_and_old_files_keep_theirs(base, tmp_path):
