@@ -31,9 +31,9 @@ from jointdlm.sampling.loop import SamplingConfig, fill_length, generate
 from jointdlm.sampling.registry import make_from_spec
 
 try:
-    from template_errors import error_kind
+    from template_errors import error_kind, template_owner
 except ImportError:  # run from elsewhere than benchmarks/
-    from benchmarks.template_errors import error_kind
+    from benchmarks.template_errors import error_kind, template_owner
 
 
 class ReplacedPasses:
@@ -108,7 +108,7 @@ def main() -> None:
         parser.exit(2, f"head_precision.py: error: {err}\n")
     kinds_of = None
     if args.language == "template":
-        owner = {w: s.word for s in language.subjects for w in (s.word, s.home, *(w for p in s.slots for w in p))}
+        owner = template_owner()
         frame = TEMPLATE_FRAME.split()
 
         def kinds_of(texts: list[str]) -> Counter[str]:

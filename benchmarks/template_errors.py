@@ -28,6 +28,12 @@ from jointdlm.sampling.loop import SamplingConfig, fill_length, generate
 from jointdlm.sampling.registry import make_from_spec
 
 
+def template_owner() -> dict[str, str]:
+    """Each template word of a subject (its name, home and slot words) -> that subject's name."""
+    return {w: s.word for s in get_language("template").subjects
+            for w in (s.word, s.home, *(w for p in s.slots for w in p))}
+
+
 def error_kind(text: str, owner: dict[str, str], frame: list[str]) -> str | None:
     """None for a valid sample, else the kind of its first error (see the module's docstring)."""
     if get_language("template").is_valid(text):
@@ -108,8 +114,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    language = get_language("template")
-    owner = {w: s.word for s in language.subjects for w in (s.word, s.home, *(w for p in s.slots for w in p))}
+    owner = template_owner()
     frame = TEMPLATE_FRAME.split()
     try:
         rows = [(spec.rpartition(":")[0], int(spec.rpartition(":")[2])) for spec in args.samplers.split(",")]

@@ -29,7 +29,7 @@ Two choices make it learn on any base (docs/results.md §2):
   the norm, can turn the prediction but not sharpen it: the norm divides out any change of the state's size, and
   whatever imprecision the update carries adds size that the norm then divides away, flattening the
   distribution. On template's one-base-pass canvases heads with the first alone (saved before 2026-12-06) put
-  1.34x the base's probability on another subject's words, rising with depth: 1.4x K=1's invalid samples. The
+  1.1-1.5x the base's probability on another subject's words, more with depth: 1.4x K=1's invalid samples. The
   update after the norm alone did not learn on choice; both together learn on each (docs/results.md §2).
 The output gains start at zero, so an untrained head returns the base's logits unchanged: exactly naive parallel.
 """
