@@ -25,6 +25,7 @@ import json
 import random
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from jointdlm.eval.metrics import proportion
@@ -58,6 +59,11 @@ def is_valid(text: str, pairs: int) -> bool:
         elif not stack or PAIRS[stack.pop()] != s:
             return False
     return not stack
+
+
+def checker(kind: str, size: int) -> Callable[[str], bool]:
+    """The validity test of a corpus kind, bound to its size here, so nothing later in `main` can change it."""
+    return (lambda text: is_valid(text, size)) if kind == "brackets" else (lambda text: is_permutation(text, size))
 
 
 PERMUTATION_WORDS = ("ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen", "ibis", "jay", "kiwi", "lynx")
@@ -111,7 +117,7 @@ def main() -> None:
     size = args.size if args.size is not None else (6 if args.kind == "brackets" else 10)
     if not 2 <= size <= (len(PERMUTATION_WORDS) if args.kind == "permutation" else 64):
         parser.error(f"--size {size} is out of range for --kind {args.kind}")
-    valid = (lambda t: is_valid(t, size)) if args.kind == "brackets" else (lambda t: is_permutation(t, size))
+    valid = checker(args.kind, size)
     work = args.workdir
     model, traj, head = work / "model", work / "trajectories", work / f"head-seed{args.head_seed}"
     if (model / "config.json").exists():  # checked before anything is written into the workdir
@@ -151,8 +157,8 @@ def main() -> None:
         passes = float(summary.split("NFE ")[1].split("/")[0]) if "NFE " in summary else None
         rows.append({"sampler": spec, "K": k, "valid": est.value, "low": est.low, "high": est.high,
                      "base_passes": passes, "summary": summary})
-        size = "adaptive" if k is None else f"K={k}"
-        print(f"{spec} {size}: {est.value:.3f} [{est.low:.3f}, {est.high:.3f}], {passes} base passes", flush=True)
+        label = "adaptive" if k is None else f"K={k}"
+        print(f"{spec} {label}: {est.value:.3f} [{est.low:.3f}, {est.high:.3f}], {passes} base passes", flush=True)
     (work / f"validity-seed{args.head_seed}.json").write_text(json.dumps(rows, indent=2))
 
 

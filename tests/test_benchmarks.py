@@ -202,6 +202,38 @@ def test_user_corpus_permutation_checker(tmp_path):
     assert not is_permutation(lines[0], 9) and not is_permutation("", 10)
 
 
+def test_user_corpus_scores_every_row_with_the_corpus_checker(tmp_path, monkeypatch):
+    """Every sampler's samples are judged by the same checker at the corpus's size (a loop variable once
+    shadowed the size, and every row after the first read 0.000)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import user_corpus
+    finally:
+        sys.path.pop(0)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"pretrain": {"seed": 0}}))
+    (tmp_path / "model" / "training_done.json").write_text("{}")
+    (tmp_path / "trajectories").mkdir()
+    (tmp_path / "trajectories" / "manifest.json").write_text("{}")
+    for i in range(16):
+        (tmp_path / "trajectories" / f"shard-{i:05d}.safetensors").write_text("")
+    (tmp_path / "head-seed0").mkdir()
+    (tmp_path / "head-seed0" / "adjust_verdict.json").write_text("{}")
+
+    def fake_cli(argv: list[str]) -> str:  # naive parallel writes an unbalanced word, every other sampler a good one
+        text = "( [ ) ] ( ) ( ) ( ) ( )" if argv[argv.index("--sampler") + 1] == "parallel" else \
+            "( [ ] ) ( ) ( ) ( ) ( )"
+        Path(argv[argv.index("--out") + 1]).write_text(json.dumps({"text": text}) + "\n")
+        return "NFE 4.0/4.0"
+
+    monkeypatch.setattr(user_corpus, "run", fake_cli)
+    monkeypatch.setattr(sys, "argv", ["user_corpus.py", "--workdir", str(tmp_path), "--num", "1"])
+    user_corpus.main()
+    rows = json.loads((tmp_path / "validity-seed0.json").read_text())
+    assert len(rows) == 12 and all(r["base_passes"] == 4.0 for r in rows)
+    assert [r["valid"] for r in rows] == [0.0 if r["sampler"] == "parallel" else 1.0 for r in rows]
+
+
 def test_user_corpus_refuses_a_base_of_another_seed(tmp_path):
     """A second pre-training seed needs its own workdir: samples of the first base must not be scored as the
     second's."""
