@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from jointdlm import cli
 from jointdlm.adjust.head import AdjustHead, AdjustHeadConfig, HeadCarry
@@ -124,15 +124,18 @@ def run_cli(capsys, argv: list[str]) -> tuple[int, str]:
 
 def test_zero_init_head_is_naive_parallel(base):
     torch.manual_seed(11)
-    head = AdjustHead(AdjustHeadConfig.for_base(base)).eval()
     tokens, attention, _ = build_canvas(base, encode_prompts(base, ["", "the cat"]), 12)
-    with torch.no_grad():
-        out = base.forward(tokens, attention)
-        written = tokens.clone()
-        written[:, -1] = 300
-        hidden, logits = head(base, written, attention, out.hidden)
-    # The states a pass returns are what its logits read: the base's, after its final norm.
-    assert torch.equal(hidden, base.normed(out.hidden)) and torch.equal(logits, out.logits)
+    for after_norm in (False, True):
+        head = AdjustHead(replace(AdjustHeadConfig.for_base(base), after_norm=after_norm)).eval()
+        with torch.no_grad():
+            out = base.forward(tokens, attention)
+            written = tokens.clone()
+            written[:, -1] = 300
+            hidden, logits = head(base, written, attention, out.hidden)
+        # The states a pass returns are what its logits read: the base's (after its final norm, with after_norm).
+        assert torch.equal(hidden, base.normed(out.hidden) if after_norm else out.hidden), after_norm
+        assert torch.equal(logits, out.logits), after_norm
+    head = AdjustHead(AdjustHeadConfig.for_base(base)).eval()
 
     length = base.max_length - 1
     # Noise is keyed by (step seed, position), so the samples agree token for token under every rule.
@@ -170,13 +173,14 @@ def test_zero_init_head_is_naive_parallel(base):
 
 
 
-def test_head_updates_only_masked_positions_as_the_full_block_would(base):
+@pytest.mark.parametrize("after_norm", [False, True])
+def test_head_updates_only_masked_positions_as_the_full_block_would(base, after_norm):
     """A pass computes queries only at the masked positions, with keys and values over the whole canvas: there
     it equals the full block's output (left-padded prompts included), and written positions keep their state (the
-    base's, after its final norm: what the logits read). Heads saved before (no `masked_only`) still update every
-    position."""
+    base's, after its final norm with `after_norm`: what the logits read). Heads saved before (no `masked_only`)
+    still update every position."""
     torch.manual_seed(12)
-    config = AdjustHeadConfig.for_base(base)
+    config = replace(AdjustHeadConfig.for_base(base), after_norm=after_norm)
     assert config.masked_only
     head = AdjustHead(config).eval()
     torch.nn.init.normal_(head.out_norm.weight)
@@ -191,7 +195,7 @@ def test_head_updates_only_masked_positions_as_the_full_block_would(base):
         new = head.update(base, tokens, attention, hidden)
         everywhere = full.update(base, tokens, attention, hidden)
     assert masked.any() and (~masked).any()
-    normed = base.normed(hidden)
+    normed = base.normed(hidden) if after_norm else hidden
     assert torch.equal(new[~masked], normed[~masked])
     torch.testing.assert_close(new[masked], everywhere[masked], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(everywhere[~masked], normed[~masked])  # the old heads' update, still theirs
@@ -310,9 +314,9 @@ def test_head_pass_updates_only_the_queried_positions(base):
     """`query` narrows the block's queries: the other positions keep their state (masked ones too), and
     querying every masked position is the pass without `query`."""
     torch.manual_seed(17)
-    head = AdjustHead(AdjustHeadConfig.for_base(base)).eval().requires_grad_(False)
+    head = AdjustHead(replace(AdjustHeadConfig.for_base(base), after_norm=True)).eval().requires_grad_(False)
     torch.nn.init.normal_(head.out_norm.weight)
-    torch.nn.init.normal_(head.after_norm.weight)
+    torch.nn.init.normal_(head.after_norm.weight)  # the update after the norm (heads saved with it) exercised too
     tokens, attention, _ = build_canvas(base, encode_prompts(base, ["", "the cat"]), 12)
     masked = tokens == base.spec.mask_id
     query = masked & (torch.rand(masked.shape, generator=torch.Generator().manual_seed(0)) < 0.4)
@@ -383,8 +387,8 @@ def test_update_after_the_norm_needs_passes_from_the_base_hidden_states(base):
     """A chained pass starts from the previous pass's output, which after the final norm is no hidden state of the
     base: the config refuses the pair instead of normalising twice."""
     with pytest.raises(ValueError, match="after_norm needs from_base_hidden"):
-        replace(AdjustHeadConfig.for_base(base), from_base_hidden=False)
-    assert not replace(AdjustHeadConfig.for_base(base), from_base_hidden=False, after_norm=False).after_norm
+        replace(AdjustHeadConfig.for_base(base), from_base_hidden=False, after_norm=True)
+    assert not replace(AdjustHeadConfig.for_base(base), from_base_hidden=False).after_norm
 
 
 def test_head_config_defaults_are_todays_recipe_and_old_files_keep_theirs(base, tmp_path):
@@ -661,9 +665,9 @@ def test_mismatched_resume_is_refused(base, base_dir, traj_dir, trained, tmp_pat
     torch.save({k: v for k, v in state.items() if k != "objective"}, out / STATE_FILE)
     with pytest.raises(ValueError, match="each kind of step's loss unscaled"):
         train_adjust(base, traj_dir, out, TRAINED)
-    # Nor a run of a head without the update after the base's final norm.
-    torch.save({**state, "objective": "kinds-scaled"}, out / STATE_FILE)
-    with pytest.raises(ValueError, match="without the update after the base's final norm"):
+    # Nor a run of a head with the update after the base's final norm (the default of 2026-12-06).
+    torch.save({**state, "objective": "kinds-scaled, after-norm"}, out / STATE_FILE)
+    with pytest.raises(ValueError, match="with the update after the base's final norm"):
         train_adjust(base, traj_dir, out, TRAINED)
 
 
@@ -963,11 +967,7 @@ def test_threshold_opening_warns_about_a_head_trained_without_it(base, trained, 
         copy = tmp_path / f"head-{share}-{chained}"
         shutil.copytree(trained.out, copy)
         config = json.loads((copy / "adjust_config.json").read_text())
-        config["from_base_hidden"] = config["after_norm"] = not chained
-        if chained:  # a chained head has no update after the norm
-            weights = load_file(copy / "adjust.safetensors")
-            del weights["after_norm.weight"]
-            save_file(weights, copy / "adjust.safetensors")
+        config["from_base_hidden"] = not chained
         if share is None:
             del config["training"]  # not recorded: nothing to say
         else:

@@ -526,12 +526,13 @@ EXPLORED_RANKS = 3
 KINDS = ("k1", "own", "threshold")
 """The kinds of training step: the K=1 order, fixed-K ADJUST's own passes, `adjust:threshold`'s passes."""
 STALE_MEAN_DECAY = 0.99
-OBJECTIVE = "kinds-scaled, after-norm"
-"""Saved with a run's state: a run trained before `_kind_scale`, or a head without the update after the base's
-final norm, is not resumed under it."""
+OBJECTIVE = "kinds-scaled"
+"""Saved with a run's state: a run trained before `_kind_scale`, or one of a head with the update after the base's
+final norm (the default for one day), is not resumed under it."""
 EARLIER_OBJECTIVES = {
     "unscaled": "trained with each kind of step's loss unscaled (before 2026-12-05: see _kind_scale)",
-    "kinds-scaled": "trained a head without the update after the base's final norm (before 2026-12-06)",
+    "kinds-scaled, after-norm": "trained a head with the update after the base's final norm (2026-12-06; no "
+                                "longer the default: see AdjustHeadConfig.after_norm)",
 }
 
 
