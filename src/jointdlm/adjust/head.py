@@ -86,7 +86,7 @@ class AdjustHeadConfig:
     """Whether every pass of a step starts from the base pass's hidden states (the tokens written so far come in
     through their embeddings), instead of from the previous pass's output. Heads saved before this field existed
     chain their passes."""
-    after_norm: bool = True
+    after_norm: bool = False
     """Whether a second update is added after the base's final norm (`base.normed`), where the logits are linear
     in it. The default for one day (2026-12-06): it sharpened template's one-pass row to K=1's validity, but on
     choice one head seed of two stuck where the default learns (docs/results.md §2), so heads are trained without

@@ -526,7 +526,7 @@ EXPLORED_RANKS = 3
 KINDS = ("k1", "own", "threshold")
 """The kinds of training step: the K=1 order, fixed-K ADJUST's own passes, `adjust:threshold`'s passes."""
 STALE_MEAN_DECAY = 0.99
-OBJECTIVE = "kinds-scaled, after-norm from round 1"
+OBJECTIVE = "kinds-scaled"
 """Saved with a run's state: a run trained before `_kind_scale`, or one of a head with the update after the base's
 final norm (the default for one day), is not resumed under it."""
 EARLIER_OBJECTIVES = {
@@ -860,8 +860,6 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
                 diagnostics = None
                 if (progress["step"] + 1) % cfg.eval_every == 0 and accelerator.is_main_process:
                     diagnostics = _diagnostics(unwrapped)
-                if current.index == 0 and unwrapped.after_norm is not None:  # experiment: frozen in round 0
-                    unwrapped.after_norm.weight.grad = None
                 accelerator.clip_grad_norm_(loss_module.parameters(), cfg.grad_clip)
                 optimizer.step()
                 average_step()
