@@ -5,9 +5,7 @@ after tokens are written, so K tokens per base pass approximately follow the joi
     z  = Block(z)                                     one bidirectional block of the base family, QK-normed
     u  = RMSNorm(z)                                   its gain starts at zero
     h' = h + rms(h) * u                               the update in units of the hidden state's own size
-    n  = base.normed(h')                              the base's final norm (identity for LLaDA and Dream)
-    n' = n + rms(n) * RMSNorm'(z)                     a second update after it, its gain zero at start too
-    logits = base.unembed(n')                         the frozen output projection
+    logits = base.lm_head(h')                         the base's final norm and frozen output projection
 
 Every pass of a step starts from the base pass's hidden states h (`from_base_hidden`), the tokens written so far
 coming in through E(x): the published head instead starts each pass from the previous pass's h', so K-1 passes
@@ -25,12 +23,13 @@ Two choices make it learn on any base (docs/results.md §2):
 * Queries and keys are RMS-normalised per attention head. Without it, the head's attention logits grew to the
   hundreds during training and the softmax saturated: the output at a position no longer depended on the token
   just written next to it, which is exactly the dependency the head exists to carry.
-* A second update is added after the base's final norm, where the logits are linear in it. The first, before
-  the norm, can turn the prediction but not sharpen it: the norm divides out any change of the state's size, and
-  whatever imprecision the update carries adds size that the norm then divides away, flattening the
-  distribution. On template's one-base-pass canvases heads with the first alone (saved before 2026-12-06) put
-  1.1-1.5x the base's probability on another subject's words, more with depth: 1.4x K=1's invalid samples. The
-  update after the norm alone did not learn on choice; both together learn on each (docs/results.md §2).
+
+Heads saved with `after_norm` (the default of 2026-12-06) add a second update after the base's final norm,
+n' = normed(h') + rms * RMSNorm'(z), logits = base.unembed(n'): the norm divides out any change of the state's
+size, so the first update can turn the prediction but not sharpen it: on template's one-base-pass canvases heads
+without the second (the default) put 1.1-1.5x the base's probability on another subject's words, heads with it
+0.8-1.2x. But one choice head seed of two trained with it stuck, so it is off by default (docs/results.md §2,
+"Withdrawn: the update after the final norm").
 The output gains start at zero, so an untrained head returns the base's logits unchanged: exactly naive parallel.
 """
 
