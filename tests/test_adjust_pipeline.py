@@ -24,6 +24,7 @@ from jointdlm import cli
 from jointdlm.adjust.head import AdjustHead, AdjustHeadConfig, HeadCarry
 from jointdlm.adjust.train import (
     LOG_FILE,
+    POLICY_HEAD_FILE,
     STATE_FILE,
     AdjustTrainConfig,
     final_heldout,
@@ -42,10 +43,12 @@ K = 4
 TRAJ = dict(num=200, shard_size=50, progress=False)
 # The shared trained head; lr/warmup/rollout must match the CLI flags in test_mismatched_resume_is_refused. One
 # on-policy round (naive parallel) so the pipeline's collection, sweep and rounds run; patience off, so the run
-# is exactly max_steps long; depths 1-3 keep it cheap; the step shares are spelled out (today's defaults) so that
-# the fixture does not move when a default does (the default recipe is measured in test_quality.py). At 300
-# steps the held-out KL landed in one of two groups depending on float rounding (depth 2: 0.02-0.05 or 0.13-0.26
-# of stale, about half the runs each over 4 seeds x 2 builds); at 600 every seed measured is in the first.
+# is exactly max_steps long, all of it round 0 (so the head has no update after the final norm, which trains from
+# round 1: test_update_after_the_norm_trains_from_round_1); depths 1-3 keep it cheap; the step shares are spelled
+# out (today's defaults) so that the fixture does not move when a default does (the default recipe is measured in
+# test_quality.py). At 300 steps the held-out KL landed in one of two groups depending on float rounding (depth 2:
+# 0.02-0.05 or 0.13-0.26 of stale, about half the runs each over 4 seeds x 2 builds); at 600 every seed measured
+# is in the first.
 TRAINED = AdjustTrainConfig(max_steps=600, lr=3e-3, warmup_steps=20, eval_every=600, save_every=600, progress=False,
                             onpolicy_rounds=1, patience=0, rollout=4, threshold_share=0.5, own_share=0.25)
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -387,8 +390,8 @@ def test_update_after_the_norm_needs_passes_from_the_base_hidden_states(base):
     """A chained pass starts from the previous pass's output, which after the final norm is no hidden state of the
     base: the config refuses the pair instead of normalising twice."""
     with pytest.raises(ValueError, match="after_norm needs from_base_hidden"):
-        replace(AdjustHeadConfig.for_base(base), from_base_hidden=False, after_norm=True)
-    assert not replace(AdjustHeadConfig.for_base(base), from_base_hidden=False).after_norm
+        replace(AdjustHeadConfig.for_base(base), from_base_hidden=False)
+    assert not replace(AdjustHeadConfig.for_base(base), from_base_hidden=False, after_norm=False).after_norm
 
 
 def test_head_config_defaults_are_todays_recipe_and_old_files_keep_theirs(base, tmp_path):
@@ -397,7 +400,7 @@ def test_head_config_defaults_are_todays_recipe_and_old_files_keep_theirs(base, 
     today = AdjustHeadConfig.for_base(base)
     by_hand = AdjustHeadConfig(d_model=today.d_model, n_heads=today.n_heads, mlp_hidden=today.mlp_hidden,
                                base_fingerprint=today.base_fingerprint, rope_theta=today.rope_theta)
-    assert by_hand == today and today.from_base_hidden and today.masked_only
+    assert by_hand == today and today.from_base_hidden and today.masked_only and today.after_norm
     fields = ("hidden_scale", "qk_norm", "masked_only", "from_base_hidden", "after_norm")
     old = replace(today, **dict.fromkeys(fields, False))
     AdjustHead(old).save_pretrained(tmp_path / "old")
@@ -527,6 +530,23 @@ def test_resume_equals_uninterrupted_run(base, traj_dir, tmp_path):
     # A finished run asked again is a no-op that returns the same head.
     again = train_adjust(base, traj_dir, resumed, replace(cfg, max_steps=40))
     assert same_state(again.state_dict(), head_a.state_dict()) and log_steps(resumed) == [20, 40]
+
+
+def test_update_after_the_norm_trains_from_round_1(base, traj_dir, tmp_path):
+    """Round 0 trains the first update alone (trained from the start, the second stuck one choice head seed of two:
+    docs/results.md §2): the head that collects round 1 has the second update's gain at zero, the head after round 1
+    has moved it. A run of one round has no second update at all."""
+    cfg = AdjustTrainConfig(max_steps=20, eval_every=10, save_every=20, batch_size=8, warmup_steps=5, lr=3e-3,
+                            onpolicy_rounds=2, min_round_steps=10, max_round_steps=10, patience=0, progress=False,
+                            heldout_examples=FEW)
+    head = train_adjust(base, traj_dir, tmp_path / "rounds", cfg)
+    policy = load_file(str(tmp_path / "rounds" / "onpolicy-1" / POLICY_HEAD_FILE))
+    assert not policy["after_norm.weight"].any() and policy["out_norm.weight"].abs().sum() > 0
+    assert head.config.after_norm and head.after_norm.weight.abs().sum() > 0
+    assert json.loads(trainer_state(tmp_path / "rounds")["progress"])["round"] == 1
+    alone = train_adjust(base, traj_dir, tmp_path / "alone", replace(cfg, onpolicy_rounds=1))
+    assert not alone.config.after_norm and "after_norm.weight" not in load_file(str(tmp_path / "alone" /
+                                                                                     "adjust.safetensors"))
 
 
 def test_held_out_kl_and_the_saved_head_use_the_moving_average(base, traj_dir, tmp_path):
@@ -665,9 +685,12 @@ def test_mismatched_resume_is_refused(base, base_dir, traj_dir, trained, tmp_pat
     torch.save({k: v for k, v in state.items() if k != "objective"}, out / STATE_FILE)
     with pytest.raises(ValueError, match="each kind of step's loss unscaled"):
         train_adjust(base, traj_dir, out, TRAINED)
-    # Nor a run of a head with the update after the base's final norm (the default of 2026-12-06).
+    # Nor a run that trained the update after the base's final norm from its first step, or a run without it.
     torch.save({**state, "objective": "kinds-scaled, after-norm"}, out / STATE_FILE)
-    with pytest.raises(ValueError, match="with the update after the base's final norm"):
+    with pytest.raises(ValueError, match="after the base's final norm from the first step"):
+        train_adjust(base, traj_dir, out, TRAINED)
+    torch.save({**state, "objective": "kinds-scaled"}, out / STATE_FILE)
+    with pytest.raises(ValueError, match="without the update after the base's final norm"):
         train_adjust(base, traj_dir, out, TRAINED)
 
 
@@ -967,7 +990,7 @@ def test_threshold_opening_warns_about_a_head_trained_without_it(base, trained, 
         copy = tmp_path / f"head-{share}-{chained}"
         shutil.copytree(trained.out, copy)
         config = json.loads((copy / "adjust_config.json").read_text())
-        config["from_base_hidden"] = not chained
+        config["from_base_hidden"] = not chained  # the fixture, one round, has no update after the norm
         if share is None:
             del config["training"]  # not recorded: nothing to say
         else:

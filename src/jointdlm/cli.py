@@ -434,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=recipe.lr, help="default: 3e-3, scaled by 128/d for wider bases")
     p.add_argument("--warmup-steps", type=int, default=recipe.warmup_steps)
     p.add_argument("--onpolicy-rounds", type=int, default=recipe.onpolicy_rounds,
-                   help="rounds of states from the K>1 sampler (naive, then ADJUST); 0 = K=1 trajectories only")
+                   help="rounds of states from the K>1 sampler (naive, then ADJUST); 0 = K=1 trajectories only; "
+                        "below 2 the head has no update after the base's final norm (it trains from round 1)")
     p.add_argument("--focus", type=float, default=recipe.focus,
                    help="share of each batch drawn where the stale marginals are most wrong (importance weighted)")
     p.add_argument("--threshold-share", type=float, default=recipe.threshold_share,

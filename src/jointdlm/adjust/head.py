@@ -3,9 +3,10 @@ after tokens are written, so K tokens per base pass approximately follow the joi
 
     z  = proj(concat(RMSNorm(E(x)), RMSNorm(h)))      E: the base's frozen embedding of the current tokens
     z  = Block(z)                                     one bidirectional block of the base family, QK-normed
-    u  = RMSNorm(z)                                   its gain starts at zero
-    h' = h + rms(h) * u                               the update in units of the hidden state's own size
-    logits = base.lm_head(h')                         the base's final norm and frozen output projection
+    h' = h + rms(h) * RMSNorm(z)                      the update in units of the hidden state's own size
+    n  = normed(h')                                   the base's final norm
+    n' = n + rms(n) * RMSNorm'(z)                     a second update after it, where the logits are linear
+    logits = base.unembed(n')                         the base's frozen output projection
 
 Every pass of a step starts from the base pass's hidden states h (`from_base_hidden`), the tokens written so far
 coming in through E(x): the published head instead starts each pass from the previous pass's h', so K-1 passes
@@ -24,12 +25,14 @@ Two choices make it learn on any base (docs/results.md §2):
   hundreds during training and the softmax saturated: the output at a position no longer depended on the token
   just written next to it, which is exactly the dependency the head exists to carry.
 
-Heads saved with `after_norm` (the default of 2026-12-06) add a second update after the base's final norm,
-n' = normed(h') + rms * RMSNorm'(z), logits = base.unembed(n'): the norm divides out any change of the state's
-size, so the first update can turn the prediction but not sharpen it: on template's one-base-pass canvases heads
-without the second (the default) put 1.1-1.5x the base's probability on another subject's words, heads with it
-0.8-1.2x. But one choice head seed of two trained with it stuck, so it is off by default (docs/results.md §2,
-"Withdrawn: the update after the final norm").
+Why two updates: the final norm divides out any change of the state's size, so the first update can turn the
+prediction but not sharpen it. On template's one-base-pass canvases heads without the second put 1.1-1.5x the base's
+probability on another subject's words, and wrote 0.969 valid strings against K=1's 0.977 (docs/results.md §2).
+The second update's gain gets no gradient until round 1 of `train_adjust` (the first on the head's own rollouts):
+trained from the start, one choice head seed of two stuck (validity 0.64-0.81 where the first update alone keeps
+0.98); frozen through round 0, four head seeds on choice and permutation learned, and template's one-pass row is
+0.974-0.975 (docs/results.md §2, "The update after the final norm from round 1"). Heads saved with only the first
+update (before 2026-12-06, and on its afternoon) load and sample as trained.
 The output gains start at zero, so an untrained head returns the base's logits unchanged: exactly naive parallel.
 """
 
@@ -85,11 +88,9 @@ class AdjustHeadConfig:
     """Whether every pass of a step starts from the base pass's hidden states (the tokens written so far come in
     through their embeddings), instead of from the previous pass's output. Heads saved before this field existed
     chain their passes."""
-    after_norm: bool = False
-    """Whether a second update is added after the base's final norm (`base.normed`), where the logits are linear
-    in it. The default for one day (2026-12-06): it sharpened template's one-pass row to K=1's validity, but on
-    choice one head seed of two stuck where the default learns (docs/results.md §2), so heads are trained without
-    it again; heads saved with it load and sample as trained. Needs `from_base_hidden`: a chained pass starts from
+    after_norm: bool = True
+    """Whether the second update, after the base's final norm (`base.normed`), is there (see the module docstring).
+    Heads saved without the field have only the first update. Needs `from_base_hidden`: a chained pass starts from
     the previous pass's output, which must stay a hidden state of the base."""
 
     def __post_init__(self) -> None:

@@ -102,7 +102,8 @@ class AdjustTrainConfig:
     weight_decay: float = 0.0
     onpolicy_rounds: int = 2
     """Rounds of on-policy states: round 0 from naive parallel (before training), round r from the head
-    trained in the rounds before. 0 trains on the K=1 trajectories alone."""
+    trained in the rounds before. 0 trains on the K=1 trajectories alone. The head's update after the base's final
+    norm trains from round 1, so a run of fewer than 2 rounds has none (`AdjustHeadConfig.after_norm`)."""
     onpolicy_fraction: float = 0.5
     """Trajectories per on-policy round, as a fraction of the K=1 trajectories given."""
     focus: float = 0.5
@@ -526,13 +527,13 @@ EXPLORED_RANKS = 3
 KINDS = ("k1", "own", "threshold")
 """The kinds of training step: the K=1 order, fixed-K ADJUST's own passes, `adjust:threshold`'s passes."""
 STALE_MEAN_DECAY = 0.99
-OBJECTIVE = "kinds-scaled"
-"""Saved with a run's state: a run trained before `_kind_scale`, or one of a head with the update after the base's
-final norm (the default for one day), is not resumed under it."""
+OBJECTIVE = "kinds-scaled, after-norm from round 1"
+"""Saved with a run's state: a run trained for another objective (listed below) is not resumed under it."""
 EARLIER_OBJECTIVES = {
     "unscaled": "trained with each kind of step's loss unscaled (before 2026-12-05: see _kind_scale)",
-    "kinds-scaled, after-norm": "trained a head with the update after the base's final norm (2026-12-06; no "
-                                "longer the default: see AdjustHeadConfig.after_norm)",
+    "kinds-scaled, after-norm": "trained the update after the base's final norm from the first step (2026-12-06; "
+                                "now it starts with round 1: see AdjustHeadConfig.after_norm)",
+    "kinds-scaled": "trained a head without the update after the base's final norm (before 2026-12-06)",
 }
 
 
@@ -683,7 +684,8 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
     device = str(accelerator.device)
     base_fingerprint = base.fingerprint()
     state_path = out / STATE_FILE
-    head_config = AdjustHeadConfig.for_base(base)
+    # The update after the final norm trains from round 1 (see the loop): a run of one round has none.
+    head_config = replace(AdjustHeadConfig.for_base(base), after_norm=cfg.onpolicy_rounds > 1)
     lr = cfg.learning_rate(head_config.d_model)
     torch.manual_seed(cfg.seed)
     head = AdjustHead(head_config)
@@ -860,6 +862,10 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
                 diagnostics = None
                 if (progress["step"] + 1) % cfg.eval_every == 0 and accelerator.is_main_process:
                     diagnostics = _diagnostics(unwrapped)
+                if current.index == 0 and unwrapped.after_norm is not None:
+                    # Round 0 trains the first update alone: with both from the start, one choice head seed of two
+                    # stuck at held-out score 0.034 (validity 0.64-0.81; docs/results.md §2).
+                    unwrapped.after_norm.weight.grad = None
                 accelerator.clip_grad_norm_(loss_module.parameters(), cfg.grad_clip)
                 optimizer.step()
                 average_step()
