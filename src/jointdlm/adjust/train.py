@@ -533,7 +533,8 @@ EARLIER_OBJECTIVES = {
     "unscaled": "trained with each kind of step's loss unscaled (before 2026-12-05: see _kind_scale)",
     "kinds-scaled, after-norm": "trained the update after the base's final norm from the first step (2026-12-06; "
                                 "now it starts with round 1: see AdjustHeadConfig.after_norm)",
-    "kinds-scaled": "trained a head without the update after the base's final norm (before 2026-12-06)",
+    "kinds-scaled": "trained a head without the update after the base's final norm (the default until 2026-12-06, "
+                    "and again that afternoon)",
 }
 
 
