@@ -138,7 +138,7 @@ def test_zero_init_head_is_naive_parallel(base):
         # The states a pass returns are what its logits read: the base's (after its final norm, with after_norm).
         assert torch.equal(hidden, base.normed(out.hidden) if after_norm else out.hidden), after_norm
         assert torch.equal(logits, out.logits), after_norm
-    head = AdjustHead(AdjustHeadConfig.for_base(base)).eval()
+    assert head.config == AdjustHeadConfig.for_base(base)  # the loop's last head is today's default: sampled below
 
     length = base.max_length - 1
     # Noise is keyed by (step seed, position), so the samples agree token for token under every rule.
@@ -317,9 +317,9 @@ def test_head_pass_updates_only_the_queried_positions(base):
     """`query` narrows the block's queries: the other positions keep their state (masked ones too), and
     querying every masked position is the pass without `query`."""
     torch.manual_seed(17)
-    head = AdjustHead(replace(AdjustHeadConfig.for_base(base), after_norm=True)).eval().requires_grad_(False)
+    head = AdjustHead(AdjustHeadConfig.for_base(base)).eval().requires_grad_(False)
     torch.nn.init.normal_(head.out_norm.weight)
-    torch.nn.init.normal_(head.after_norm.weight)  # the update after the norm (heads saved with it) exercised too
+    torch.nn.init.normal_(head.after_norm.weight)  # both updates exercised
     tokens, attention, _ = build_canvas(base, encode_prompts(base, ["", "the cat"]), 12)
     masked = tokens == base.spec.mask_id
     query = masked & (torch.rand(masked.shape, generator=torch.Generator().manual_seed(0)) < 0.4)
