@@ -590,15 +590,15 @@ def test_a_round_starts_at_the_rate_the_last_one_ended_with(base, traj_dir, tmp_
     assert later and all(rate == pytest.approx(0.3 * lr) for rate in later)
 
 
-def test_default_rollout_is_eight_or_the_generated_length(base, traj_dir, tmp_path):
-    """The default trains depths 1-7 (all a K=8 step uses), and on canvases shorter than 8 generated tokens every
-    depth they have instead of refusing; an explicit rollout longer than the canvas is still refused."""
+def test_default_rollout_is_eleven_or_the_generated_length(base, traj_dir, tmp_path):
+    """The default trains depths 1-10, and on canvases shorter than 11 generated tokens every depth they have
+    instead of refusing; an explicit rollout longer than the canvas is still refused."""
     cfg = AdjustTrainConfig(max_steps=2, batch_size=8, eval_every=2, save_every=2, heldout=8, onpolicy_rounds=0,
                             progress=False, heldout_examples=FEW)
     assert cfg.rollout is None
     short = tmp_path / "short"
     collect_trajectories(base, short, TrajectoryConfig(length=5, num=24, shard_size=24, progress=False))
-    for data, want in ((traj_dir, 8), (short, 5)):
+    for data, want in ((traj_dir, 11), (short, 5)):
         out = tmp_path / f"rollout-{want}"
         train_adjust(base, data, out, cfg)
         assert json.loads((out / "adjust_config.json").read_text())["training"]["rollout"] == want
@@ -691,6 +691,10 @@ def test_mismatched_resume_is_refused(base, base_dir, traj_dir, trained, tmp_pat
         train_adjust(base, traj_dir, out, TRAINED)
     torch.save({**state, "objective": "kinds-scaled"}, out / STATE_FILE)
     with pytest.raises(ValueError, match="without the update after the base's final norm"):
+        train_adjust(base, traj_dir, out, TRAINED)
+    # Nor a run whose depths were weighted 0.5^(n-1).
+    torch.save({**state, "objective": "kinds-scaled, after-norm from round 1"}, out / STATE_FILE)
+    with pytest.raises(ValueError, match=r"weighted depth n by 0.5\^\(n-1\)"):
         train_adjust(base, traj_dir, out, TRAINED)
 
 

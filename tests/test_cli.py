@@ -211,7 +211,7 @@ def test_demo_quick_runs_one_stage_end_to_end(tmp_path, capsys):
     assert "the cached head was trained with other settings (rollout=3 there" in err
     assert (work / "template" / "adjust.previous-1" / "adjust.safetensors").exists()
     config = json.loads((work / "template" / "adjust" / "adjust_config.json").read_text())
-    assert config["training"]["rollout"] == 8
+    assert config["training"]["rollout"] == 11
 
 
 def test_demo_rejects_an_unknown_stage(tmp_path, capsys):

@@ -429,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=_positive_int, default=recipe.max_steps,
                    help="upper bound; training stops earlier when held-out KL stops falling")
     p.add_argument("--rollout", type=int, default=recipe.rollout,
-                   help="train depths 1..rollout-1 (default 8, or the generated length when shorter)")
+                   help="train depths 1..rollout-1 (default 11, or the generated length when shorter)")
     p.add_argument("--batch-size", type=_positive_int, default=recipe.batch_size)
     p.add_argument("--lr", type=float, default=recipe.lr, help="default: 3e-3, scaled by 128/d for wider bases")
     p.add_argument("--warmup-steps", type=int, default=recipe.warmup_steps)

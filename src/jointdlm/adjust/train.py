@@ -1,7 +1,7 @@
 """Training the ADJUST head by KL distillation from the frozen base.
 
 One training example: a trajectory, a state x_t on it, a depth n in 1..rollout-1 (P(n) proportional to
-0.5^(n-1)). The head starts from the base's hidden states at x_t, is fed the trajectory's next n true tokens one
+0.75^(n-1)). The head starts from the base's hidden states at x_t, is fed the trajectory's next n true tokens one
 pass at a time (teacher forcing), and after the n-th pass is fitted to the base's own distributions on x_t + those
 n tokens: KL(p_base(. | x_t + n) || p_head), averaged over the positions still masked. (A head whose passes all start
 from the base's hidden states, every head since 2026-12-03, reads the n tokens in its last pass alone: only that one
@@ -65,8 +65,10 @@ LITTLE_TO_LEARN = 0.1
 """A depth whose stale KL is below this share of the largest stale KL of its kind of state has almost nothing to
 learn, and its ratio is noise: the prompted tasks mix's on-policy depth 7 (0.0015 nats against 0.055 at depth 3)
 read 1.84 with an absolute head KL of 0.005 and K=1-level accuracy. It is not counted as "learned little"."""
-DEFAULT_ROLLOUT = 8
-"""`AdjustTrainConfig.rollout=None` trains depths 1..7 (capped by the generated length)."""
+DEFAULT_ROLLOUT = 11
+"""`AdjustTrainConfig.rollout=None` trains depths 1..10 (capped by the generated length)."""
+ONPOLICY_K = 8
+"""On-policy states come from K in {2, k, 2k}, k = min(rollout, ONPOLICY_K): the K a user runs, not the depth."""
 REFERENCE_WIDTH = 128
 REFERENCE_LR = 3e-3
 
@@ -86,12 +88,13 @@ class AdjustTrainConfig:
     max_steps: int = 6000
     """Upper bound on optimizer steps over all rounds; training normally stops earlier, on held-out KL."""
     rollout: int | None = None
-    """Depths 1..rollout-1 are trained; on-policy states come from K in {2, rollout, 2*rollout}. None: 8 (depths
-    up to 7, all a K=8 step uses), or the trajectories' generated length when shorter. Against 4 (depths 1-3), with
-    heads that start every pass from the base: permutation's K=8 0.850 / 0.894 -> 0.966 / 0.970, English K=8 NLL
-    7.83 -> 7.60 (K=1 7.62), worst cell of nine heads at K=3-8 0.850 -> 0.916; template, choice and the prompted
-    mix level within the intervals; 14-25% more time per step (docs/results.md §2, "Rollout 8 as the
-    default")."""
+    """Depths 1..rollout-1 are trained (see depth_probabilities); on-policy states come from K in {2, k, 2k}, k =
+    min(rollout, ONPOLICY_K). None: 11 (depths up to 10: a K=8 step's and most of a one-base-pass step's head
+    passes), or the trajectories' generated length when shorter. Rollout 8 against 4 (depths 1-3): permutation's
+    K=8 0.850 / 0.894 -> 0.966 / 0.970, English K=8 NLL 7.83 -> 7.60 (K=1 7.62), 14-25% more time per step
+    (docs/results.md §2, "Rollout 8 as the default"). 11 against 8: template's one-base-pass row 0.9772 / 0.9756 ->
+    0.9788 / 0.9790 (two seeds, 24,000 samples each; K=1 0.9785), fixed K=4 / 8, choice and permutation level, 11%
+    more time (§2, "Depths 1 to 10")."""
     batch_size: int = 64
     """States per step. On the tiny choice base with steps capped at 1,500, 64 recovered 100% for both head seeds
     where 32 left one at 66%, in the same wall time; on `small` bases quality was equal (docs/results.md §2)."""
@@ -172,7 +175,10 @@ class AdjustTrainConfig:
 
 
 def depth_probabilities(rollout: int) -> torch.Tensor:
-    weights = torch.tensor([0.5 ** (n - 1) for n in range(1, rollout)])
+    """P(depth n) proportional to 0.75^(n-1): the deep depths get enough of each batch to train. At 0.5^(n-1) the
+    one-base-pass sampler's last head passes (depths 8-10 on template) made 1.4-1.7x K=1's errors (docs/results.md
+    §2, "Depths 1 to 10")."""
+    weights = torch.tensor([0.75 ** (n - 1) for n in range(1, rollout)])
     return weights / weights.sum()
 
 
@@ -527,10 +533,12 @@ EXPLORED_RANKS = 3
 KINDS = ("k1", "own", "threshold")
 """The kinds of training step: the K=1 order, fixed-K ADJUST's own passes, `adjust:threshold`'s passes."""
 STALE_MEAN_DECAY = 0.99
-OBJECTIVE = "kinds-scaled, after-norm from round 1"
+OBJECTIVE = "kinds-scaled, after-norm from round 1, depths weighted 0.75"
 """Saved with a run's state: a run trained for another objective (listed below) is not resumed under it."""
 EARLIER_OBJECTIVES = {
     "unscaled": "trained with each kind of step's loss unscaled (before 2026-12-05: see _kind_scale)",
+    "kinds-scaled, after-norm from round 1": "weighted depth n by 0.5^(n-1) (the default until 2026-12-06, sixth "
+                                             "session: see depth_probabilities)",
     "kinds-scaled, after-norm": "trained the update after the base's final norm from the first step (2026-12-06; "
                                 "now it starts with round 1: see AdjustHeadConfig.after_norm)",
     "kinds-scaled": "trained a head without the update after the base's final norm (the default until 2026-12-06, "
@@ -572,7 +580,7 @@ def evaluate(loss_module: RolloutLoss, base: DiffusionLM, sampler: StateSampler,
     uniform draws; with `threshold`, on the passes of `adjust:threshold` from those states. Without it, one
     rollout per state scores every depth: the states are drawn for the shallowest depth, and a deeper depth
     averages over those that still have a masked position there (uniform draws of that depth's examples, as
-    before); 7 depths cost 7 head passes instead of 28.
+    before); 10 depths cost 10 head passes instead of 55.
 
     With an `accelerator` of several processes, each scores its share of the batches (of EVAL_BATCH states) and
     the batches' sums are added in the order one process adds them: every process gets one process's numbers,
@@ -651,7 +659,8 @@ class _Round:
 
 def _onpolicy_config(base_cfg: TrajectoryConfig, cfg: AdjustTrainConfig, n: int, round_index: int,
                      head: AdjustHead | None) -> TrajectoryConfig:
-    ks = tuple(sorted({2, cfg.rollout, 2 * cfg.rollout}))
+    k = min(cfg.rollout, ONPOLICY_K)
+    ks = tuple(sorted({2, k, 2 * k}))
     return replace(base_cfg, num=n, seed=base_cfg.seed + 7919 * (round_index + 1), policy_tokens_per_step=ks,
                    policy_head=None if head is None else head.fingerprint(), progress=cfg.progress,
                    shard_size=max(64, min(base_cfg.shard_size, n)),
