@@ -68,7 +68,8 @@ read 1.84 with an absolute head KL of 0.005 and K=1-level accuracy. It is not co
 DEFAULT_ROLLOUT = 11
 """`AdjustTrainConfig.rollout=None` trains depths 1..10 (capped by the generated length)."""
 ONPOLICY_K = 8
-"""On-policy states come from K in {2, k, 2k}, k = min(rollout, ONPOLICY_K): the K a user runs, not the depth."""
+"""On-policy states come from K in {2, k, 2k}, k = min(rollout, ONPOLICY_K): a rollout above 8 trains deeper passes
+of the same samplers, not other K."""
 REFERENCE_WIDTH = 128
 REFERENCE_LR = 3e-3
 
@@ -175,9 +176,10 @@ class AdjustTrainConfig:
 
 
 def depth_probabilities(rollout: int) -> torch.Tensor:
-    """P(depth n) proportional to 0.75^(n-1): the deep depths get enough of each batch to train. At 0.5^(n-1) the
-    one-base-pass sampler's last head passes (depths 8-10 on template) made 1.4-1.7x K=1's errors (docs/results.md
-    §2, "Depths 1 to 10")."""
+    """P(depth n) proportional to 0.75^(n-1), so the deep depths get a share of each batch: the one-base-pass
+    sampler's last head passes run at depths 8-10 on template, where heads trained on depths 1-7 at 0.5^(n-1) made
+    most of their excess errors (docs/results.md §5, "Where the one-pass template row loses"; §2, "Depths 1 to
+    10")."""
     weights = torch.tensor([0.75 ** (n - 1) for n in range(1, rollout)])
     return weights / weights.sum()
 
