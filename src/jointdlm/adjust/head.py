@@ -30,9 +30,10 @@ prediction but not sharpen it. On template's one-base-pass canvases heads withou
 probability on another subject's words, and wrote 0.969 valid strings against K=1's 0.977 (docs/results.md §2).
 The second update's gain gets no gradient until round 1 of `train_adjust` (the first on the head's own rollouts):
 trained from the start, one choice head seed of two stuck (validity 0.64-0.81 where the first update alone keeps
-0.98); frozen through round 0, four head seeds on choice and permutation learned, and template's one-pass row is
-0.974-0.975 (docs/results.md §2, "The update after the final norm from round 1"). Heads saved with only the first
-update (before 2026-12-06, and on its afternoon) load and sample as trained.
+0.98); frozen through round 0, four head seeds on choice and permutation learned, and template's one-pass row was
+0.974-0.975 at 12,000 samples (docs/results.md §2, "The update after the final norm from round 1"; 0.979 since
+training covers depths 1-10, "Depths 1 to 10"). Heads saved with only the first update (before 2026-12-06, and on
+its afternoon) load and sample as trained.
 The output gains start at zero, so an untrained head returns the base's logits unchanged: exactly naive parallel.
 """
 
