@@ -67,7 +67,9 @@ def main() -> None:
     parser.add_argument("--pretrain-steps", type=int, default=2000)
     parser.add_argument("--pretrain-batch", type=int, default=64)
     parser.add_argument("--trajectories", type=int, default=4000)
-    parser.add_argument("--head-seeds", default="0,1,2")
+    parser.add_argument("--head-seeds", default="0,1,2",
+                        help="comma-separated; empty (--head-seeds '') stops after the base, trajectories and "
+                             "reference rows, e.g. to prepare a base of convergence_study.py copied into --workdir")
     parser.add_argument("--set", nargs="+", action="extend", default=[],
                         help="AdjustTrainConfig overrides, key=value (repeatable)")
     parser.add_argument("--tag", default="default")
@@ -105,7 +107,7 @@ def main() -> None:
     print(f"{args.language}: reference {reference}", flush=True)
     overrides = parse_overrides(args.set)
     rows = []
-    for seed in [int(s) for s in args.head_seeds.split(",")]:
+    for seed in [int(s) for s in args.head_seeds.split(",") if s.strip()]:
         out = work / "heads" / f"{args.tag}-seed{seed}"
         cfg = AdjustTrainConfig(seed=seed, progress=False, **overrides)
         t0 = time.time()
@@ -129,7 +131,7 @@ def main() -> None:
               flush=True)
         with open(Path(args.workdir) / "results.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-    for k in ks:
+    for k in ks if rows else ():
         rec = [r[f"recovered{k}"] for r in rows]
         values = ", ".join(f"{r['adjust' + str(k)]:.3f}" for r in rows)
         print(f"{args.language} {args.tag} K={k}: ADJUST validity {values}; "

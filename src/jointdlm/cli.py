@@ -253,6 +253,7 @@ def _padding_note(batched_by_length: bool) -> str:
 
 def cmd_code_eval(args: argparse.Namespace) -> None:
     from .eval.code_exec import load_problems, prompt_of, score_completions, truncate
+    from .eval.runner import follows_budget
     from .models.loading import load_model
     from .sampling.loop import generate
 
@@ -275,7 +276,8 @@ def cmd_code_eval(args: argparse.Namespace) -> None:
              "detail": o.detail}
             for p, text, o in zip(problems, result.texts, outcomes, strict=True)]
     summary = {"command": args.command_line, "benchmark": args.benchmark,
-               "sampler": args.sampler, "tokens_per_step": None if schedule == "adaptive" else config.tokens_per_step,
+               "sampler": args.sampler,
+               "tokens_per_step": config.tokens_per_step if follows_budget(args.sampler) else None,
                "pass_at_1": asdict(score),
                "speed": c.as_dict()}
     atomic_write_text(out / "results.json", json.dumps({**summary, "problems": rows}, indent=2))
