@@ -131,7 +131,9 @@ def main() -> None:
               flush=True)
         with open(Path(args.workdir) / "results.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-    for k in ks if rows else ():
+    if not rows:  # --head-seeds '': the base, trajectories and reference rows only
+        return
+    for k in ks:
         rec = [r[f"recovered{k}"] for r in rows]
         values = ", ".join(f"{r['adjust' + str(k)]:.3f}" for r in rows)
         print(f"{args.language} {args.tag} K={k}: ADJUST validity {values}; "
