@@ -9,6 +9,10 @@ A user brings a text file, one document per line, and a way to tell good output 
 * `--kind permutation`: the same ten words in a random order, comma-separated (`--size` words, 19 words at 10):
   every word excludes itself from every other slot, a chain of dependence as long as the list, so a sampler
   that fills several uncertain slots from one pass repeats a word.
+* `--kind chain`: a chain of choices, `--size` words (12 by default) of the same twelve, comma-separated: the
+  first any of them, each next one of the two the one before allows (word i: words 2i and 2i + 1, mod 12). A
+  word leaves its neighbours two choices and the words two apart four, so a sampler that fills two nearby open
+  slots from one pass pairs words no rule joins.
 
 The script writes the corpus, then runs `jointdlm pretrain`, `trajectories`, `train-adjust` and `sample` with
 their defaults (only --out, the seeds and the samplers chosen), and scores each sample set with its own checker
@@ -16,6 +20,7 @@ their defaults (only --out, the seeds and the samplers chosen), and scores each 
 
     python benchmarks/user_corpus.py --workdir runs/dyck [--head-seed 0] [--num 1000] [--pretrain-steps N]
     python benchmarks/user_corpus.py --workdir runs/perm10 --kind permutation [--base-seed 1]
+    python benchmarks/user_corpus.py --workdir runs/chain12 --kind chain [--head-seed 1]
 """
 
 from __future__ import annotations
@@ -63,10 +68,15 @@ def is_valid(text: str, pairs: int) -> bool:
 
 def checker(kind: str, size: int) -> Callable[[str], bool]:
     """The validity test of a corpus kind, bound to its size here, so nothing later in `main` can change it."""
-    return (lambda text: is_valid(text, size)) if kind == "brackets" else (lambda text: is_permutation(text, size))
+    test = {"brackets": is_valid, "permutation": is_permutation, "chain": is_chain}[kind]
+    return lambda text: test(text, size)
 
 
 PERMUTATION_WORDS = ("ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen", "ibis", "jay", "kiwi", "lynx")
+CHAIN_NEXT = {w: (PERMUTATION_WORDS[2 * i % 12], PERMUTATION_WORDS[(2 * i + 1) % 12])
+              for i, w in enumerate(PERMUTATION_WORDS)}
+"""The two words that may follow each word of a chain: every word has two successors and two predecessors, so
+every slot of a chain with a uniform first word is uniform over the twelve."""
 
 
 def is_permutation(text: str, size: int) -> bool:
@@ -82,6 +92,26 @@ def write_permutation_corpus(path: Path, size: int = 10, docs: int = 20000) -> N
     for _ in range(docs):
         rng.shuffle(words)
         lines.append(" , ".join(words) + "\n")
+    path.write_text("".join(lines))
+
+
+def is_chain(text: str, size: int) -> bool:
+    """Whether `text` is `size` words of the chain, comma-separated, each one the one before allows."""
+    words = text.split()
+    chain = words[::2]
+    return (words[1::2] == [","] * (size - 1) and len(chain) == size and chain[0] in CHAIN_NEXT
+            and all(b in CHAIN_NEXT.get(a, ()) for a, b in zip(chain[:-1], chain[1:], strict=True)))
+
+
+def write_chain_corpus(path: Path, size: int = 12, docs: int = 20000) -> None:
+    """One document per line: a uniform first word, then each next word uniform over the two allowed."""
+    rng = random.Random(0)
+    lines = []
+    for _ in range(docs):
+        chain = [rng.choice(PERMUTATION_WORDS)]
+        while len(chain) < size:
+            chain.append(rng.choice(CHAIN_NEXT[chain[-1]]))
+        lines.append(" , ".join(chain) + "\n")
     path.write_text("".join(lines))
 
 
@@ -104,17 +134,17 @@ def run(argv: list[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, required=True)
-    parser.add_argument("--kind", choices=("brackets", "permutation"), default="brackets")
+    parser.add_argument("--kind", choices=("brackets", "permutation", "chain"), default="brackets")
     parser.add_argument("--size", "--pairs", dest="size", type=int, default=None,
-                        help="bracket pairs (default 6) or words in the permutation (default 10, at most "
-                             f"{len(PERMUTATION_WORDS)})")
+                        help="bracket pairs (default 6), words in the permutation (default 10, at most "
+                             f"{len(PERMUTATION_WORDS)}) or in the chain (default 12)")
     parser.add_argument("--docs", type=int, default=20000)
     parser.add_argument("--head-seed", type=int, default=0)
     parser.add_argument("--num", type=int, default=1000)
     parser.add_argument("--pretrain-steps", type=int, default=None, help="default: pretrain's own")
     parser.add_argument("--base-seed", type=int, default=0, help="pretrain's --seed (a second base: a new --workdir)")
     args = parser.parse_args()
-    size = args.size if args.size is not None else (6 if args.kind == "brackets" else 10)
+    size = args.size if args.size is not None else {"brackets": 6, "permutation": 10, "chain": 12}[args.kind]
     if not 2 <= size <= (len(PERMUTATION_WORDS) if args.kind == "permutation" else 64):
         parser.error(f"--size {size} is out of range for --kind {args.kind}")
     valid = checker(args.kind, size)
@@ -128,7 +158,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     corpus = work / "corpus.txt"
     if not corpus.exists():
-        (write_bracket_corpus if args.kind == "brackets" else write_permutation_corpus)(corpus, size, args.docs)
+        writers = {"brackets": write_bracket_corpus, "permutation": write_permutation_corpus,
+                   "chain": write_chain_corpus}
+        writers[args.kind](corpus, size, args.docs)
     with open(corpus) as f:
         if not valid(f.readline().strip()):  # a workdir of another kind or size: its samples would be misjudged
             parser.error(f"{corpus} is not a --kind {args.kind} corpus of size {size}; use a new --workdir")
@@ -141,10 +173,11 @@ def main() -> None:
         run(["train-adjust", "--model", str(model), "--trajectories", str(traj), "--out", str(head),
              "--seed", str(args.head_seed)])
     rows = []
-    for spec, k in (("sequential", 1), ("parallel", 4), ("parallel", 8), ("adjust", 4), ("adjust", 8),
-                    ("adjust:threshold=0.9", 12), ("threshold:tau=0.5:extra=1", None), ("eb:gamma=1", None),
-                    ("threshold:tau=0.9:extra=1", None), ("threshold:tau=0.3", None), ("eb:gamma=2", None),
-                    ("eb:gamma=4", None)):  # None: the sampler sizes its own steps
+    # k None: the sampler sizes its own steps
+    for spec, k in (("sequential", 1), ("parallel", 4), ("parallel", 6), ("parallel", 8), ("adjust", 4), ("adjust", 8),
+                    ("adjust:threshold=0.9", 12), ("adjust:threshold=0.9", 16), ("threshold:tau=0.5:extra=1", None),
+                    ("eb:gamma=1", None), ("threshold:tau=0.9:extra=1", None), ("threshold:tau=0.3", None),
+                    ("eb:gamma=2", None), ("eb:gamma=3", None), ("eb:gamma=4", None)):
         schedule = [] if k is None else ["--tokens-per-step", str(k)]
         out = work / f"samples-{spec.replace(':', '_')}{'' if k is None else f'-k{k}'}-seed{args.head_seed}.jsonl"
         argv = ["sample", "--model", str(model), "--sampler", spec, *schedule, "--num",

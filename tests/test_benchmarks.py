@@ -202,6 +202,28 @@ def test_user_corpus_permutation_checker(tmp_path):
     assert not is_permutation(lines[0], 9) and not is_permutation("", 10)
 
 
+def test_user_corpus_chain_checker(tmp_path):
+    """Every document of the chain corpus passes; a pair no rule joins, a word off the list, a wrong length fail."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from user_corpus import CHAIN_NEXT, is_chain, write_chain_corpus
+    finally:
+        sys.path.pop(0)
+    assert all(len(set(nxt)) == 2 for nxt in CHAIN_NEXT.values())
+    assert sorted(w for nxt in CHAIN_NEXT.values() for w in nxt) == sorted(list(CHAIN_NEXT) * 2)  # two in, two out
+    corpus = tmp_path / "chain.txt"
+    write_chain_corpus(corpus, 12, docs=500)
+    lines = corpus.read_text().splitlines()
+    assert len(lines) == 500 and len(set(lines)) > 450 and all(is_chain(line, 12) for line in lines)
+    words = lines[0].split()
+    stray = next(w for w in CHAIN_NEXT if w not in CHAIN_NEXT[words[0]])
+    for bad in (words[:-2], words + [",", CHAIN_NEXT[words[-1]][0]], words[:2] + [stray] + words[3:],
+                ["emu"] + words[1:], [w if w != "," else ";" for w in words]):
+        assert not is_chain(" ".join(bad), 12), bad
+    assert is_chain("ant , bee , cat , fox , lynx , lynx , kiwi", 7) and not is_chain("ant , cat", 2)
+    assert not is_chain(lines[0], 11) and not is_chain("", 12)
+
+
 def test_user_corpus_scores_every_row_with_the_corpus_checker(tmp_path, monkeypatch):
     """Every sampler's samples are judged by the same checker at the corpus's size (a loop variable once
     shadowed the size, and every row after the first read 0.000)."""
@@ -230,7 +252,7 @@ def test_user_corpus_scores_every_row_with_the_corpus_checker(tmp_path, monkeypa
     monkeypatch.setattr(sys, "argv", ["user_corpus.py", "--workdir", str(tmp_path), "--num", "1"])
     user_corpus.main()
     rows = json.loads((tmp_path / "validity-seed0.json").read_text())
-    assert len(rows) == 12 and all(r["base_passes"] == 4.0 for r in rows)
+    assert len(rows) == 15 and all(r["base_passes"] == 4.0 for r in rows)
     assert [r["valid"] for r in rows] == [0.0 if r["sampler"] == "parallel" else 1.0 for r in rows]
 
 
