@@ -32,6 +32,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from jointdlm.eval.metrics import proportion
 from jointdlm.models.mdlm import read_config
@@ -64,12 +65,6 @@ def is_valid(text: str, pairs: int) -> bool:
         elif not stack or PAIRS[stack.pop()] != s:
             return False
     return not stack
-
-
-def checker(kind: str, size: int) -> Callable[[str], bool]:
-    """The validity test of a corpus kind, bound to its size here, so nothing later in `main` can change it."""
-    test = {"brackets": is_valid, "permutation": is_permutation, "chain": is_chain}[kind]
-    return lambda text: test(text, size)
 
 
 PERMUTATION_WORDS = ("ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen", "ibis", "jay", "kiwi", "lynx")
@@ -121,6 +116,24 @@ def write_bracket_corpus(path: Path, pairs: int = 6, docs: int = 20000) -> None:
     path.write_text("".join(dyck_word(rng, pairs) + "\n" for _ in range(docs)))
 
 
+class Kind(NamedTuple):
+    test: Callable[[str, int], bool]
+    write: Callable[[Path, int, int], None]
+    default_size: int
+    max_size: int
+
+
+KINDS = {"brackets": Kind(is_valid, write_bracket_corpus, 6, 64),
+         "permutation": Kind(is_permutation, write_permutation_corpus, 10, len(PERMUTATION_WORDS)),
+         "chain": Kind(is_chain, write_chain_corpus, 12, 64)}
+
+
+def checker(kind: str, size: int) -> Callable[[str], bool]:
+    """The validity test of a corpus kind, bound to its size here, so nothing later in `main` can change it."""
+    test = KINDS[kind].test
+    return lambda text: test(text, size)
+
+
 def run(argv: list[str]) -> str:
     """Run one CLI command; its last stderr line (the summary), or exit with it."""
     print("$ jointdlm " + " ".join(argv), flush=True)
@@ -134,7 +147,7 @@ def run(argv: list[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, required=True)
-    parser.add_argument("--kind", choices=("brackets", "permutation", "chain"), default="brackets")
+    parser.add_argument("--kind", choices=tuple(KINDS), default="brackets")
     parser.add_argument("--size", "--pairs", dest="size", type=int, default=None,
                         help="bracket pairs (default 6), words in the permutation (default 10, at most "
                              f"{len(PERMUTATION_WORDS)}) or in the chain (default 12)")
@@ -144,8 +157,9 @@ def main() -> None:
     parser.add_argument("--pretrain-steps", type=int, default=None, help="default: pretrain's own")
     parser.add_argument("--base-seed", type=int, default=0, help="pretrain's --seed (a second base: a new --workdir)")
     args = parser.parse_args()
-    size = args.size if args.size is not None else {"brackets": 6, "permutation": 10, "chain": 12}[args.kind]
-    if not 2 <= size <= (len(PERMUTATION_WORDS) if args.kind == "permutation" else 64):
+    kind = KINDS[args.kind]
+    size = args.size if args.size is not None else kind.default_size
+    if not 2 <= size <= kind.max_size:
         parser.error(f"--size {size} is out of range for --kind {args.kind}")
     valid = checker(args.kind, size)
     work = args.workdir
@@ -158,9 +172,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     corpus = work / "corpus.txt"
     if not corpus.exists():
-        writers = {"brackets": write_bracket_corpus, "permutation": write_permutation_corpus,
-                   "chain": write_chain_corpus}
-        writers[args.kind](corpus, size, args.docs)
+        kind.write(corpus, size, args.docs)
     with open(corpus) as f:
         if not valid(f.readline().strip()):  # a workdir of another kind or size: its samples would be misjudged
             parser.error(f"{corpus} is not a --kind {args.kind} corpus of size {size}; use a new --workdir")
