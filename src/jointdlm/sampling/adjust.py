@@ -47,9 +47,6 @@ class AdjustConfig:
     tau: float | None = None
     gamma: float | None = None
     threshold: float | None = None
-    order: str = "head"
-    """Which ranking picks the next candidate after each head pass: the head-updated distributions ("head"), or
-    the base pass's own ranking of the candidates ("base"; a pass would then only need the next position)."""
     candidates: int = 8
     """After the step's first token(s), the head's passes compute and choose among only this many positions: the
     best-ranked by the base pass (at least K-1). Quality measured the same as choosing among every masked
@@ -62,8 +59,6 @@ class AdjustConfig:
             raise ValueError(f"candidates must be an integer, got {self.candidates!r}")
         if self.candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {self.candidates}")
-        if self.order not in ("head", "base"):
-            raise ValueError(f"order must be head or base, got {self.order!r}")
         if sum(v is not None for v in (self.tau, self.gamma, self.threshold)) > 1:
             raise ValueError("give one of tau (confidence test), gamma (entropy test) or threshold (opening round)")
         if self.threshold is not None and not (0 < self.threshold <= 1):
@@ -121,7 +116,6 @@ class AdjustSampler:
         head_passes = torch.zeros(len(tokens), dtype=torch.long, device=tokens.device)
         if rounds > 1:
             index, open_ = self._candidates(scores.masked_fill(fill, -torch.inf), budget, rounds)
-            self._base_at = scores.gather(1, index) if self.config.order == "base" else None
             writing &= (budget > 1) & open_.any(-1)
             if index.shape[1]:  # else the first round wrote every eligible position of every row
                 self._head_rounds(ctx, out.hidden, tokens, fill, index, open_, writing, budget, rounds, head_passes,
@@ -153,8 +147,6 @@ class AdjustSampler:
         banned = ctx.model.spec.never_sampled()
         positional = None if ctx.choice.rule not in rules.POSITIONAL_RULES else rules.positional_scores(
             ctx.choice.rule, tokens.shape, ctx.step_seeds, ctx.offsets, tokens.device).gather(1, index)
-        if self.config.order == "base":
-            positional = self._base_at
         seeds, shift = rules.row_keys(ctx.step_seeds, ctx.offsets, tokens.device)
         c = ctx.choice
         written = None
