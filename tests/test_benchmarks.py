@@ -325,3 +325,26 @@ def test_head_precision_base_passes_make_adjust_the_k1_sampler(tiny_model):
     assert exact.tokens == k1.tokens
     assert own.tokens != k1.tokens  # the test's head does move the samples
     assert exact.counters.extra_passes == own.counters.extra_passes > 0
+
+
+def test_step_profile_counts_each_pass_once_and_every_second(tiny_model):
+    """The profile's buckets: one base pass per step and one head pass per head token (calls per batch), nothing
+    counted twice (the parts never exceed the run), and a naive run has no head passes."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from step_profile import PARTS, profile
+    finally:
+        sys.path.pop(0)
+    from jointdlm.adjust.head import AdjustHead, AdjustHeadConfig
+
+    head = AdjustHead(AdjustHeadConfig.for_base(tiny_model)).eval()
+    length, num, batch = 12, 8, 4
+    adjust = profile(tiny_model, "adjust", 4, head, length, num, batch)
+    steps = length // 4 * (num // batch)  # profiled batches x steps per batch
+    assert adjust["base passes calls"] == steps
+    assert adjust["head passes calls"] == 3 * steps
+    assert adjust["head passes per sample"] == 3 * length // 4
+    assert 0 < adjust["of which the output layer"] < adjust["head passes"]
+    assert adjust["the rest"] >= 0 and all(adjust[name] >= 0 for name in PARTS)
+    naive = profile(tiny_model, "parallel", 4, None, length, num, batch)
+    assert naive["head passes calls"] == 0 and naive["base passes calls"] == steps and naive["the rest"] >= 0
