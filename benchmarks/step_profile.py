@@ -37,7 +37,7 @@ PARTS = {"base passes": StepContext.forward, "head passes": StepPasses.logits,
          "of which the output layer": AdjustHead.logits, "log-probabilities": rules.model_logprobs,
          "token draws": rules.draw}
 """Buckets by the function whose cumulative time they are; none is called inside another's call but the output
-layer, inside head passes. Position scores are counted apart (`scores`)."""
+layer, inside head passes. Position scores are counted apart ("position scores" in `profile`)."""
 
 
 def cumulative(stats: pstats.Stats, function: Callable, leave_out: Callable | None = None) -> tuple[float, int]:
