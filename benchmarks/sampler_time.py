@@ -21,6 +21,29 @@ from jointdlm.sampling.loop import SamplingConfig, generate
 from jointdlm.sampling.registry import make_from_spec
 
 
+def require_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, names: tuple[str, ...]) -> None:
+    """A one-line error for a count below 1 (these scripts' counts: length, samples, batch, rounds, threads)."""
+    for name in names:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+
+
+def load_runs(model_dir: str, adjust_dir: str | None,
+              samplers: str) -> tuple[BuiltinModel, AdjustHead | None, list[tuple[str, str, int]]]:
+    """The base, its head (if given) and each `SPEC:K` of the comma-separated `samplers` as (item, spec, K); every
+    spec is built once, so a bad one fails (ValueError) before anything runs."""
+    model = BuiltinModel.load(model_dir)
+    head = AdjustHead.from_pretrained(adjust_dir, model) if adjust_dir else None
+    items = []
+    for item in samplers.split(","):
+        spec, _, k = item.rpartition(":")
+        if not spec or not k.isdigit():
+            raise ValueError(f"each sampler is SPEC:K (K tokens per step), got {item!r}")
+        make_from_spec(spec, head=head, scorer=None)
+        items.append((item, spec, int(k)))
+    return model, head, items
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
@@ -32,22 +55,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    if args.rounds < 1:
-        parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    require_positive(parser, args, ("length", "num", "batch_size", "rounds", "threads"))
     torch.set_num_threads(args.threads)
-    runs = []
     try:
-        model = BuiltinModel.load(args.model)
-        head = AdjustHead.from_pretrained(args.adjust, model) if args.adjust else None
-        for item in args.samplers.split(","):
-            spec, _, k = item.rpartition(":")
-            if not spec or not k.isdigit():
-                raise ValueError(f"each sampler is SPEC:K (K tokens per step), got {item!r}")
-            sampler = make_from_spec(spec, head=head, scorer=None)
-            config = SamplingConfig(length=args.length, tokens_per_step=int(k), seed=1, batch_size=args.batch_size)
-            runs.append((item, sampler, config))
+        model, head, items = load_runs(args.model, args.adjust, args.samplers)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
+    runs = [(item, make_from_spec(spec, head=head, scorer=None),
+             SamplingConfig(length=args.length, tokens_per_step=k, seed=1, batch_size=args.batch_size))
+            for item, spec, k in items]
     times: dict[str, list[float]] = {item: [] for item, _, _ in runs}
     with torch.no_grad():
         for _ in range(args.rounds):

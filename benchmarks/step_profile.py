@@ -18,6 +18,7 @@ import pstats
 from collections.abc import Callable
 
 import torch
+from sampler_time import load_runs, require_positive
 
 from jointdlm.adjust.head import AdjustHead, StepPasses
 from jointdlm.models.mdlm import BuiltinModel
@@ -87,20 +88,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    for flag in ("length", "num", "batch_size", "threads"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    require_positive(parser, args, ("length", "num", "batch_size", "threads"))
     torch.set_num_threads(args.threads)
-    runs = []
     try:
-        model = BuiltinModel.load(args.model)
-        head = AdjustHead.from_pretrained(args.adjust, model) if args.adjust else None
-        for item in args.samplers.split(","):
-            spec, _, k = item.rpartition(":")
-            if not spec or not k.isdigit():
-                raise ValueError(f"each sampler is SPEC:K (K tokens per step), got {item!r}")
-            make_from_spec(spec, head=head, scorer=None)  # a bad spec fails before anything runs
-            runs.append((item, spec, int(k)))
+        model, head, runs = load_runs(args.model, args.adjust, args.samplers)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     names = [*PARTS, "position scores", "the rest"]
