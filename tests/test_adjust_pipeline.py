@@ -259,7 +259,8 @@ def test_step_passes_equal_the_general_pass_at_the_candidates(base, legacy):
         torch.nn.init.normal_(head.after_norm.weight)
     tokens, attention, _ = build_canvas(base, encode_prompts(base, ["", "the cat sat", "a"]), 12)
     masked = tokens == base.spec.mask_id
-    index = torch.argsort((~masked).to(torch.uint8), dim=-1, stable=True)[:, :6].sort(-1).values
+    order = torch.argsort((~masked).to(torch.uint8), dim=-1, stable=True)
+    index, queue = order[:, :6].sort(-1).values, order[:, 6:8]
     with torch.no_grad():
         hidden = base.forward(tokens, attention).hidden
         passes = head.step_passes(base, attention, hidden, index)
@@ -272,17 +273,21 @@ def test_step_passes_equal_the_general_pass_at_the_candidates(base, legacy):
             still = take_positions(tokens, passes.index) == base.spec.mask_id
             assert still.any()
             torch.testing.assert_close(fixed[still], general[still], rtol=1e-5, atol=1e-5)
-            # Each row writes the candidate in column r % 2 of those left (row 2 stops after two passes), and
-            # the written candidate leaves the set.
+            # Each row writes the candidate in column r % 2 of those left (row 2 stops after two passes); the
+            # written candidate leaves the set, in even rounds for the next masked position (`replace`).
             column = torch.full((3,), r % 2)
             written = passes.index.gather(1, column[:, None]).squeeze(1)
             tokens = tokens.clone()
             writes = torch.tensor([True, True, r < 2])
             tokens[writes, written[writes]] = 400 + r
+            if r % 2 == 0:
+                passes.replace(column, queue[:, r // 2])
+                continue
             width = passes.index.shape[1] - 1
             keep = torch.arange(width) + (torch.arange(width) >= column[:, None])
             passes.keep(keep)
-        assert passes.index.shape[1] == 2
+        assert passes.index.shape[1] == 4
+        assert (passes.index == queue[:, 1:]).any(-1).all()  # a position that came in is still there
 
 
 def test_a_pass_from_the_base_hidden_depends_on_what_is_written_not_on_the_order(base):
@@ -357,9 +362,10 @@ class _CountingHead:
 
 @pytest.mark.parametrize("candidates", [1, 3])
 def test_head_passes_choose_among_the_base_passes_best_candidates(base, trained, candidates):
-    """After a step's first token the head computes and chooses among only the `candidates` positions the base
-    pass ranked next (at least K-1): the step writes inside the base's top 1 + max(candidates, K-1), and no head
-    pass computes more positions than that."""
+    """After a step's first token the head computes and chooses among the `candidates` positions the base pass
+    ranked best; while the base's K-1 best are not all in, each written one is replaced by the next in the base's
+    order. So a step writes inside the base's top 1 + max(candidates, K-1), and no head pass computes more than
+    `candidates` positions."""
     spy = _CountingHead(trained.head)
     sampler = make_sampler("adjust", head=spy, candidates=candidates)
     tokens, attention, _ = build_canvas(base, encode_prompts(base, [""] * 4), base.max_length - 1)
@@ -368,13 +374,14 @@ def test_head_passes_choose_among_the_base_passes_best_candidates(base, trained,
                       budget=torch.tensor([K, K, 2, 1]), choice=TokenChoice("confidence", temperature=1.0),
                       generators=[torch.Generator().manual_seed(i) for i in range(4)])
     result = sampler.step(ctx)
-    pool = 1 + max(candidates, K - 1)
+    pool = max(candidates, K - 1)
     best = rules.select_top(ctx.scores(ctx.logprobs(base.forward(tokens, attention).logits)),
-                            torch.full((4,), pool))
+                            torch.full((4,), 1 + pool))
     assert result.fill.sum(-1).tolist() == [K, K, 2, 1]
     assert not (result.fill & ~best).any()
-    assert len(spy.asked) == K - 1
-    assert max(spy.asked) <= pool - 1
+    assert spy.asked == [min(candidates, pool - r) for r in range(K - 1)]
+    if candidates == 1:  # one candidate at a time: the head writes in the base's order
+        assert torch.equal(result.fill[:2], best[:2])
     with pytest.raises(ValueError, match="candidates must be >= 1"):
         make_sampler("adjust", head=trained.head, candidates=0)
 

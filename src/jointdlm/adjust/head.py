@@ -303,6 +303,20 @@ class StepPasses:
             self.rope_at = tuple(t.gather(2, columns[:, None, :, None].expand(-1, 1, -1, t.shape[-1]))
                                  for t in self.rope_at)
 
+    def replace(self, column: torch.Tensor, position: torch.Tensor) -> None:
+        """Puts candidate `position` (B,) in the place of column `column` (B,) of each row (the candidate just
+        written leaves, the next one in the base's ranking comes in): a pass keeps costing the same few candidates.
+        Only after the step's first pass."""
+        self.index = self.index.scatter(1, column[:, None], position[:, None])
+        if self.keys is not None:
+            at, col = position[:, None], column[:, None]
+            for name, full in (("z_at", self.z), ("hidden_at", self.base_hidden)):
+                setattr(self, name, getattr(self, name).scatter(
+                    1, col[..., None].expand(-1, -1, full.shape[-1]), take_positions(full, at)))
+            self.rope_at = tuple(t.scatter(2, col[:, None, :, None].expand(-1, 1, -1, t.shape[-1]),
+                                           f.gather(2, at[:, None, :, None].expand(-1, 1, -1, f.shape[-1])))
+                                 for t, f in zip(self.rope_at, self.rope, strict=True))
+
     def logits(self, tokens: torch.Tensor, written: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C, V) logits at the candidates after one pass over `tokens`; `written` (B,) is a position each row
         wrote since the previous call (any position for a row that wrote nothing): required after the first."""
@@ -316,9 +330,9 @@ class StepPasses:
         if self.keys is None:
             positions = real_positions(self.attention_mask, tokens.shape, tokens.device)
             z = head._block_input(self.base, tokens, self.base_hidden)
-            self.keys, self.values = head.block.keys_values(
-                z, *rotary_tables(positions, head_dim, head.config.rope_theta))
-            self.positions = positions
+            self.rope = rotary_tables(positions, head_dim, head.config.rope_theta)
+            self.keys, self.values = head.block.keys_values(z, *self.rope)
+            self.positions, self.z = positions, z
             self.z_at = take_positions(z, index)
             self.rope_at = rotary_tables(take_positions(positions, index), head_dim, head.config.rope_theta)
             self.hidden_at = take_positions(self.base_hidden, index)

@@ -2,10 +2,12 @@
 
 For each of the step's tokens: pick the position with the unmasking rule on the current (head-updated)
 distributions, sample it, run the head on the updated string. No head pass follows the step's last token. After
-the step's first token the head's passes choose among the `candidates` (8) positions the base pass ranked best:
-a pass then computes queries, MLP and logits at those few positions, not at every masked one (the published
-sampler lets the head choose anywhere; `adjust:candidates=N` with N the canvas length does that). The head's passes
-run at fixed shapes (`AdjustHead.step_passes`): a fixed-K step's head rounds read nothing back from a GPU.
+the step's first token the head's passes choose among the base pass's max(K-1, `candidates`) best positions (8
+candidates by default), holding at most `candidates` of them at once: the best first, and each one written is
+replaced by the next in the base's order until all are in. A pass then computes queries, MLP and logits at those
+few positions whatever K is, not at every masked one (the published sampler lets the head choose anywhere;
+`adjust:candidates=N` with N the canvas length does that). The head's passes run at fixed shapes
+(`AdjustHead.step_passes`): a fixed-K step's head rounds read nothing back from a GPU.
 
 Plain `adjust` writes exactly K tokens per step. With a test it is adaptive: K becomes the most a step may
 write, and after each head pass the step goes on only while the next position passes the test on the
@@ -48,10 +50,11 @@ class AdjustConfig:
     gamma: float | None = None
     threshold: float | None = None
     candidates: int = 8
-    """After the step's first token(s), the head's passes compute and choose among only this many positions: the
-    best-ranked by the base pass (at least K-1). Quality measured the same as choosing among every masked
-    position, at 4 to 8 candidates and at all of them (docs/results.md §6), while a head pass then costs about the
-    candidates instead of the canvas. Set it to the canvas length to let the head choose anywhere."""
+    """After the step's first token(s), the head's passes compute and choose among only this many positions, the
+    best-ranked by the base pass still open; below K-1, a written one is replaced by the next in the base's order
+    until the base's K-1 best have all come in. Quality measured the same as choosing among every masked position,
+    at 4 to 8 candidates and at all of them (docs/results.md §6), while a head pass then costs about the candidates
+    instead of the canvas or K. Set it to the canvas length to let the head choose anywhere."""
 
     def __post_init__(self) -> None:
         require_finite(self, ("tau", "gamma", "threshold"))
@@ -115,38 +118,42 @@ class AdjustSampler:
         tokens = torch.where(fill, ctx.sample(logprobs, fill), tokens)
         head_passes = torch.zeros(len(tokens), dtype=torch.long, device=tokens.device)
         if rounds > 1:
-            index, open_ = self._candidates(scores.masked_fill(fill, -torch.inf), budget, rounds)
+            index, open_, queue, queued = self._candidates(scores.masked_fill(fill, -torch.inf), rounds)
             writing &= (budget > 1) & open_.any(-1)
             if index.shape[1]:  # else the first round wrote every eligible position of every row
-                self._head_rounds(ctx, out.hidden, tokens, fill, index, open_, writing, budget, rounds, head_passes,
-                                  entropy_sum, entropy_max)
+                self._head_rounds(ctx, out.hidden, tokens, fill, index, open_, queue, queued, writing, budget, rounds,
+                                  head_passes, entropy_sum, entropy_max)
         return StepResult(fill=fill, tokens=tokens, base_passes=1, extra_passes=head_passes.cpu())
 
-    def _candidates(self, scores: torch.Tensor, budget: torch.Tensor, rounds: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, C) the positions the head's passes choose among, the base pass's best after the step's first
-        token(s) (`candidates`, at least K-1), in position order so that ties go to the first; and which of
-        them are real (a row with fewer eligible positions repeats its first)."""
+    def _candidates(self, scores: torch.Tensor, rounds: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                      torch.Tensor]:
+        """The positions the head's passes choose among: the base pass's `candidates` best after the step's first
+        token(s), in position order (B, C), and which of them are real (a row with fewer eligible positions
+        repeats its first); then the queue (B, Q) of the next best in the base's order, up to the K-1 best in all,
+        one of which comes in after each of the step's first Q passes, and which of those are real."""
         # At most what any row has left (one read back per step: a step near the canvas's end would otherwise
         # compute padding columns in every round).
-        width = min(max(rounds - 1, self.config.candidates), int(torch.isfinite(scores).sum(-1).max()))
-        order = scores.argsort(dim=-1, descending=True, stable=True)[:, :width]
-        real = (torch.arange(width, device=scores.device) < (budget - 1).clamp(min=self.config.candidates)[:, None]) \
-            & torch.isfinite(scores.gather(1, order))
-        index = torch.where(real, order, scores.shape[1]).sort(dim=-1).values
-        real = index < scores.shape[1]
-        return torch.where(real, index, index[:, :1].clamp(max=scores.shape[1] - 1)), real
+        eligible = int(torch.isfinite(scores).sum(-1).max())
+        width = min(self.config.candidates, eligible)
+        depth = max(0, min(rounds - 1, eligible) - width)
+        order = scores.argsort(dim=-1, descending=True, stable=True)[:, :width + depth]
+        real = torch.isfinite(scores.gather(1, order))
+        index = torch.where(real[:, :width], order[:, :width], scores.shape[1]).sort(dim=-1).values
+        open_ = index < scores.shape[1]
+        index = torch.where(open_, index, index[:, :1].clamp(max=scores.shape[1] - 1))
+        return index, open_, order[:, width:], real[:, width:]
 
     def _head_rounds(self, ctx: StepContext, base_hidden: torch.Tensor, tokens: torch.Tensor, fill: torch.Tensor,
-                     index: torch.Tensor, open_: torch.Tensor, writing: torch.Tensor, budget: torch.Tensor,
-                     rounds: int, head_passes: torch.Tensor, entropy_sum: torch.Tensor,
-                     entropy_max: torch.Tensor) -> None:
+                     index: torch.Tensor, open_: torch.Tensor, queue: torch.Tensor, queued: torch.Tensor,
+                     writing: torch.Tensor, budget: torch.Tensor, rounds: int, head_passes: torch.Tensor,
+                     entropy_sum: torch.Tensor, entropy_max: torch.Tensor) -> None:
         """The step's tokens after the first, one per head pass, written into `tokens` and `fill` in place. Every
         shape is fixed, so on a GPU nothing is read back (but whether any row still writes, for an adaptive
         step)."""
         passes = self.head.step_passes(ctx.model, ctx.attention_mask, base_hidden, index)
         banned = ctx.model.spec.never_sampled()
         positional = None if ctx.choice.rule not in rules.POSITIONAL_RULES else rules.positional_scores(
-            ctx.choice.rule, tokens.shape, ctx.step_seeds, ctx.offsets, tokens.device).gather(1, index)
+            ctx.choice.rule, tokens.shape, ctx.step_seeds, ctx.offsets, tokens.device)
         seeds, shift = rules.row_keys(ctx.step_seeds, ctx.offsets, tokens.device)
         c = ctx.choice
         written = None
@@ -154,8 +161,12 @@ class AdjustSampler:
             with torch.no_grad():
                 logprobs = rules.model_logprobs(passes.logits(tokens, written), banned, overwrite=True)
             head_passes += writing
-            scores = rules.marginal_scores(logprobs, c.rule) if positional is None else positional
-            pick = scores.double().masked_fill(~open_, -torch.inf).argmax(-1)
+            scores = rules.marginal_scores(logprobs, c.rule) if positional is None \
+                else positional.gather(1, passes.index)
+            scores = scores.double().masked_fill(~open_, -torch.inf)
+            # The best candidate, ties to the first position (the pool is not in position order once refilled).
+            top = scores == scores.max(-1, keepdim=True).values
+            pick = torch.where(top, passes.index, tokens.shape[1]).argmin(-1)
             at = logprobs.gather(1, pick[:, None, None].expand(-1, 1, logprobs.shape[-1])).squeeze(1)
             if self.config.tested:
                 writing &= self._passes(at, writing, entropy_sum, entropy_max, first=False)
@@ -164,16 +175,22 @@ class AdjustSampler:
             new = torch.where(writing, drawn.to(tokens.device), tokens.gather(1, written[:, None]).squeeze(1))
             tokens.scatter_(1, written[:, None], new[:, None])
             fill.scatter_(1, written[:, None], (fill.gather(1, written[:, None]).squeeze(1) | writing)[:, None])
-            # The chosen candidate leaves the set (a row that did not write is done for the step: its goes too).
-            # Only rows still writing with budget left write in the next round; an adaptive step ends when
-            # none does (a fixed step's rounds are known: nothing is read back).
-            keep = _without(pick, open_.shape[1])
-            open_ = open_.gather(1, keep)
+            # The chosen candidate leaves the pool and the next in the base's order comes in, while the queue lasts
+            # (a row that did not write is done for the step: its pool closes). Only rows still writing with budget
+            # left write in the next round; an adaptive step ends when none does (a fixed step's rounds are known:
+            # nothing is read back).
+            if r - 1 < queue.shape[1]:
+                open_ = open_.scatter(1, pick[:, None], queued[:, r - 1:r])
+            else:
+                keep = _without(pick, open_.shape[1])
+                open_ = open_.gather(1, keep)
             writing &= (budget > r + 1) & open_.any(-1)
             if r + 1 == rounds or (self.config.adaptive and not writing.any()):
                 break
-            passes.keep(keep)
-            positional = None if positional is None else positional.gather(1, keep)
+            if r - 1 < queue.shape[1]:
+                passes.replace(pick, queue[:, r - 1])
+            else:
+                passes.keep(keep)
 
     def _passes(self, at: torch.Tensor, rows: torch.Tensor, entropy_sum: torch.Tensor,
                 entropy_max: torch.Tensor, first: bool) -> torch.Tensor:
