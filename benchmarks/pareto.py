@@ -4,7 +4,7 @@ Runs one `jointdlm eval` grid (K=1, naive parallel and ADJUST at fixed K, adapti
 threshold, EB and PUNT at several settings), writes results.json / results.md / pareto.png into --out, then
 prints, for each budget of base passes per sample, the best training-free row and the best ADJUST row with
 their 95% intervals, and every training-free row that no adaptive ADJUST row matches at equal or lower cost
-(base passes, and wall time in the same run: each row's median of --timing-repeats runs). Quality is exact
+(base passes, and wall time in the same run: each row's median of --timing-repeats runs, in rounds over the grid). Quality is exact
 validity (--language), task accuracy (--task) or the causal scorer's NLL of the samples (--scorer, lower is
 better; MAUVE is in results.md).
 
@@ -115,7 +115,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budgets", default="3,4,5,6,8")
     parser.add_argument("--timing-repeats", type=int, default=3,
-                        help="wall time of each row: the median of this many runs (same samples)")
+                        help="wall time of each row: the median of this many runs (same samples), in rounds that "
+                             "run every row once")
     args = parser.parse_args()
     if args.timing_repeats < 1:
         parser.error(f"--timing-repeats must be >= 1, got {args.timing_repeats}")

@@ -139,20 +139,26 @@ def test_sequential_in_the_sampler_list_is_the_k1_row(tiny_model, tmp_path):
 
 
 def test_timing_repeats_report_the_median_wall_time_of_the_same_samples(tiny_model, tmp_path, monkeypatch):
+    """Timings are taken in rounds over the grid (a slow spell of the machine falls on every row alike), and each
+    row's wall time and tokens/s are the median of its own."""
     from jointdlm.eval import runner
 
-    real_run, times = runner._run, iter([5.0, 3.0, 9.0, 4.0] + [7.0, 1.0, 2.0] * 2)
+    real_run, times, calls = runner._run, iter([5.0, 3.0, 9.0, 4.0, 7.0, 1.0, 2.0]), []
 
-    def timed(*args, **kwargs):
-        gen = real_run(*args, **kwargs)
+    def timed(model, name, k, *args, **kwargs):
+        gen = real_run(model, name, k, *args, **kwargs)
         gen.counters.wall_time_s = next(times)
+        calls.append((name, k))
         return gen
 
     monkeypatch.setattr(runner, "_run", timed)
     cfg = EvalConfig(samplers=("parallel",), tokens_per_step=(1, 2), num=8, language="template", batch_size=8,
                      timing_repeats=3)
     rows = run_eval(tiny_model, cfg, tmp_path)["rows"]  # the reference takes the first time, 5.0
-    assert [r["speed"]["wall_time_s"] for r in rows] == [4.0, 2.0]
-    assert rows[1]["speed"]["speedup_vs_k1"] == 2.0
+    assert calls[1:] == [("sequential", 1), ("parallel", 2)] * 3
+    assert [r["speed"]["wall_time_s"] for r in rows] == [3.0, 7.0]  # medians of (3, 4, 1) and (9, 7, 2)
+    assert [r["speed"]["tokens_per_second"] for r in rows] == [round(r["speed"]["generated_tokens"] / t, 2)
+                                                             for r, t in zip(rows, (3.0, 7.0), strict=True)]
+    assert rows[1]["speed"]["speedup_vs_k1"] == 3.0 / 7.0
     with pytest.raises(ValueError, match="timing_repeats"):
         EvalConfig(timing_repeats=0)

@@ -478,7 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache", default=None, choices=KV_CACHES,
                    help="as for sample; the K=1 reference stays exact, so the table shows what the cache costs")
     p.add_argument("--timing-repeats", type=_positive_int, default=1,
-                   help="sample each row this many times (same samples) and report the median wall time")
+                   help="sample each row this many times (same samples; in rounds over the grid) and report "
+                        "the median wall time")
     add_choice_args(p)
     p.set_defaults(func=cmd_eval)
 

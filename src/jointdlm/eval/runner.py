@@ -46,8 +46,9 @@ class EvalConfig:
     mauve_seeds: tuple[int, ...] = (0, 1, 2)
     history_examples: int = 4
     timing_repeats: int = 1
-    """Each row is sampled this many times (same seed, so the same samples) and its wall time is the median: rows of
-    0.1-0.2 s on a fast language timed 4.3x and 5.0x K=1's tokens/s for the same samples in one run."""
+    """Each row is sampled this many times (same seed, so the same samples), in rounds that run every row once, and
+    its wall time is the median: rows of 0.1-0.2 s on a fast language timed 4.3x and 5.0x K=1's tokens/s for the
+    same samples in one run."""
 
     def __post_init__(self) -> None:
         for spec in self.samplers:
@@ -167,22 +168,17 @@ def run_eval(model: DiffusionLM, cfg: EvalConfig, out: str | Path, adjust_head=N
             grid += [(spec, k) for k in cfg.tokens_per_step if k > 1]
         else:
             grid.append((spec, 1))
-    rows, histories = [], {}
+    rows, histories, texts = [], {}, []
     for name, k in grid:
         print(f"eval: {name} K={k}", file=sys.stderr)
         gen = _run(model, name, k, cfg, length, prompts, cfg.seed, adjust_head, scorer, cfg.kv_cache)
-        if cfg.timing_repeats > 1:
-            times = [gen.counters.wall_time_s]
-            for _ in range(cfg.timing_repeats - 1):
-                again = _run(model, name, k, cfg, length, prompts, cfg.seed, adjust_head, scorer, cfg.kv_cache)
-                if again.texts != gen.texts:
-                    raise AssertionError(f"{name} K={k} gave other samples for the same seed")
-                times.append(again.counters.wall_time_s)
-            gen.counters.wall_time_s = sorted(times)[len(times) // 2]
         rows.append({"sampler": name, "tokens_per_step": k if follows_budget(name) else None,
                      "quality": _quality(cfg, gen.texts, reference, scorer, examples, model),
                      "speed": gen.counters.as_dict(), "examples": gen.texts[:3]})
         histories[f"{name} K={k}"] = gen.history[: cfg.history_examples]
+        texts.append(gen.texts if cfg.timing_repeats > 1 else None)
+    _time_in_rounds(rows, texts, cfg.timing_repeats, lambda name, k: _run(
+        model, name, k, cfg, length, prompts, cfg.seed, adjust_head, scorer, cfg.kv_cache), grid)
     base_time = next((r["speed"]["wall_time_s"] for r in rows if r["sampler"] == "sequential"), None)
     for row in rows:
         wall = row["speed"]["wall_time_s"]
@@ -201,6 +197,28 @@ def run_eval(model: DiffusionLM, cfg: EvalConfig, out: str | Path, adjust_head=N
 
     plot_all(results, out)
     return results
+
+
+def _time_in_rounds(rows: list[dict], texts: list, repeats: int, run, grid: list[tuple[str, int]]) -> None:
+    """Each row's wall time becomes the median of `repeats` timings, taken in rounds that run every row once (the
+    grid's first run is round 1): a slow spell of the machine then falls on every row alike, not on the few rows
+    timed during it (timed row after row, one row read 4% faster than another that was 5% slower side by side:
+    docs/results.md §5). Every rerun must give the row's samples again."""
+    if repeats < 2:
+        return
+    times = [[row["speed"]["wall_time_s"]] for row in rows]
+    for round_ in range(2, repeats + 1):
+        print(f"eval: timing round {round_} of {repeats}", file=sys.stderr)
+        for (name, k), row_times, row_texts in zip(grid, times, texts, strict=True):
+            again = run(name, k)
+            if again.texts != row_texts:
+                raise AssertionError(f"{name} K={k} gave other samples for the same seed")
+            row_times.append(again.counters.wall_time_s)
+    for row, row_times in zip(rows, times, strict=True):
+        speed = row["speed"]
+        speed["wall_time_s"] = round(sorted(row_times)[len(row_times) // 2], 4)
+        speed["tokens_per_second"] = round(speed["generated_tokens"] / speed["wall_time_s"], 2) \
+            if speed["wall_time_s"] > 0 else 0.0
 
 
 def _fmt(estimate: dict | None) -> str:
