@@ -4,9 +4,9 @@ Runs one `jointdlm eval` grid (K=1, naive parallel and ADJUST at fixed K, adapti
 threshold, EB and PUNT at several settings), writes results.json / results.md / pareto.png into --out, then
 prints, for each budget of base passes per sample, the best training-free row and the best ADJUST row with
 their 95% intervals, and every training-free row that no adaptive ADJUST row matches at equal or lower cost
-(base passes, and wall time in the same run: each row's median of --timing-repeats runs, in rounds over the grid). Quality is exact
-validity (--language), task accuracy (--task) or the causal scorer's NLL of the samples (--scorer, lower is
-better; MAUVE is in results.md).
+(base passes, and wall time in the same run: each row's median of --timing-repeats runs, in rounds over the
+grid). Quality is exact validity (--language), task accuracy (--task) or the causal scorer's NLL of the samples
+(--scorer, lower is better; MAUVE is in results.md).
 
     python benchmarks/pareto.py --model runs/recipe/choice/model --adjust runs/recipe/choice/heads/final-seed0 \
         --language choice --out runs/pareto/choice
@@ -27,7 +27,7 @@ from jointdlm.eval.runner import EvalConfig, run_eval
 from jointdlm.models.causal import CausalScorer
 from jointdlm.models.mdlm import BuiltinModel
 from jointdlm.sampling.adjust import AdjustConfig
-from jointdlm.sampling.registry import parse_spec
+from jointdlm.sampling.registry import make_from_spec, parse_spec
 
 SAMPLERS = ("parallel", "adjust", "adjust:tau=0.9", "adjust:tau=0.7",
             "adjust:gamma=1", "adjust:gamma=4", "adjust:gamma=16", "adjust:gamma=64",
@@ -114,6 +114,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budgets", default="3,4,5,6,8")
+    parser.add_argument("--tokens-per-step", default=",".join(map(str, TOKENS_PER_STEP)),
+                        help="K of every sampler that fills K per step (and the cap of adaptive ADJUST)")
+    parser.add_argument("--more-samplers", default="",
+                        help="comma-separated specs sampled besides the script's own (e.g. adjust:candidates=4)")
     parser.add_argument("--timing-repeats", type=int, default=3,
                         help="wall time of each row: the median of this many runs (same samples), in rounds that "
                              "run every row once")
@@ -122,12 +126,25 @@ def main() -> None:
         parser.error(f"--timing-repeats must be >= 1, got {args.timing_repeats}")
     torch.set_num_threads(args.threads)
 
+    try:
+        tokens_per_step = tuple(int(k) for k in args.tokens_per_step.split(","))
+    except ValueError:
+        parser.error(f"--tokens-per-step must be comma-separated integers, got {args.tokens_per_step!r}")
+    samplers = SAMPLERS + tuple(s for s in args.more_samplers.split(",") if s)
+    try:
+        cfg = EvalConfig(samplers=samplers, tokens_per_step=tokens_per_step, num=args.num, seed=args.seed,
+                         language=args.language, task=args.task, batch_size=500, timing_repeats=args.timing_repeats)
+    except ValueError as err:
+        parser.error(str(err))
     model = BuiltinModel.load(args.model)
     head = AdjustHead.from_pretrained(args.adjust, model)
     scorer = CausalScorer.load(args.scorer) if args.scorer else None
     metric = "validity" if args.language else "accuracy" if args.task else "nll"
-    cfg = EvalConfig(samplers=SAMPLERS, tokens_per_step=TOKENS_PER_STEP, num=args.num, seed=args.seed,
-                     language=args.language, task=args.task, batch_size=500, timing_repeats=args.timing_repeats)
+    for spec in samplers:
+        try:
+            make_from_spec(spec, head=head, scorer=scorer)
+        except ValueError as err:
+            parser.error(f"{spec}: {err}")
     with torch.no_grad():
         results = run_eval(model, cfg, args.out, adjust_head=head, scorer=scorer,
                            command="python " + shlex.join(sys.argv))
