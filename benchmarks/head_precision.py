@@ -37,7 +37,8 @@ except ImportError:  # run from elsewhere than benchmarks/
 
 
 class ReplacedPasses:
-    """Installs `mode` in place of `StepPasses.logits` for the duration of a `with` block."""
+    """Installs `mode` in place of `StepPasses.logits` for the duration of a `with` block (an ensemble's second head
+    follows the candidates the first keeps and takes in)."""
 
     def __init__(self, mode: str, model: BuiltinModel) -> None:
         self.mode, self.model, self.original = mode, model, StepPasses.logits
@@ -69,17 +70,23 @@ class ReplacedPasses:
             if hasattr(passes, "twin"):
                 keep_original(passes.twin, columns)
 
-        keep_original = StepPasses.keep
-        self.keep_original = keep_original
+        def replace(passes: StepPasses, column: torch.Tensor, position: torch.Tensor) -> None:
+            replace_original(passes, column, position)
+            if hasattr(passes, "twin"):
+                replace_original(passes.twin, column, position)
+
+        keep_original, replace_original = StepPasses.keep, StepPasses.replace
+        self.keep_original, self.replace_original = keep_original, replace_original
         if mode == "base":
             StepPasses.logits = base_pass
         elif mode.startswith("ensemble:"):
-            StepPasses.logits, StepPasses.keep = ensemble, keep
+            StepPasses.logits, StepPasses.keep, StepPasses.replace = ensemble, keep, replace
         elif mode.startswith("scale:"):
             StepPasses.logits = scaled
 
     def __exit__(self, *exc: object) -> None:
-        StepPasses.logits, StepPasses.keep = self.original, self.keep_original
+        StepPasses.logits, StepPasses.keep, StepPasses.replace = self.original, self.keep_original, \
+            self.replace_original
 
 
 def main() -> None:
