@@ -11,6 +11,7 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -199,7 +200,8 @@ def run_eval(model: DiffusionLM, cfg: EvalConfig, out: str | Path, adjust_head=N
     return results
 
 
-def _time_in_rounds(rows: list[dict], texts: list, repeats: int, run, grid: list[tuple[str, int]]) -> None:
+def _time_in_rounds(rows: list[dict], texts: list[list[str] | None], repeats: int,
+                    run: Callable[[str, int], Generation], grid: list[tuple[str, int]]) -> None:
     """Each row's wall time becomes the median of `repeats` timings, taken in rounds that run every row once (the
     grid's first run is round 1): a slow spell of the machine then falls on every row alike, not on the few rows
     timed during it (timed row after row, one row read 4% faster than another that was 5% slower side by side:
