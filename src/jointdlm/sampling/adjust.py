@@ -176,8 +176,8 @@ class AdjustSampler:
             tokens.scatter_(1, written[:, None], new[:, None])
             fill.scatter_(1, written[:, None], (fill.gather(1, written[:, None]).squeeze(1) | writing)[:, None])
             # The chosen candidate leaves the pool and the next in the base's order comes in, while the queue lasts
-            # (a row that did not write is done for the step: its pool closes). Only rows still writing with budget
-            # left write in the next round; an adaptive step ends when none does (a fixed step's rounds are known:
+            # (a row that did not write is done for the step either way). Only rows still writing with budget left
+            # write in the next round; an adaptive step ends when none does (a fixed step's rounds are known:
             # nothing is read back).
             if r - 1 < queue.shape[1]:
                 open_ = open_.scatter(1, pick[:, None], queued[:, r - 1:r])
