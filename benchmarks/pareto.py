@@ -27,7 +27,7 @@ from jointdlm.eval.runner import EvalConfig, run_eval
 from jointdlm.models.causal import CausalScorer
 from jointdlm.models.mdlm import BuiltinModel
 from jointdlm.sampling.adjust import AdjustConfig
-from jointdlm.sampling.registry import make_from_spec, parse_spec
+from jointdlm.sampling.registry import parse_spec
 
 SAMPLERS = ("parallel", "adjust", "adjust:tau=0.9", "adjust:tau=0.7",
             "adjust:gamma=1", "adjust:gamma=4", "adjust:gamma=16", "adjust:gamma=64",
@@ -136,18 +136,16 @@ def main() -> None:
                          language=args.language, task=args.task, batch_size=500, timing_repeats=args.timing_repeats)
     except ValueError as err:
         parser.error(str(err))
-    model = BuiltinModel.load(args.model)
-    head = AdjustHead.from_pretrained(args.adjust, model)
-    scorer = CausalScorer.load(args.scorer) if args.scorer else None
     metric = "validity" if args.language else "accuracy" if args.task else "nll"
-    for spec in samplers:
-        try:
-            make_from_spec(spec, head=head, scorer=scorer)
-        except ValueError as err:
-            parser.error(f"{spec}: {err}")
-    with torch.no_grad():
-        results = run_eval(model, cfg, args.out, adjust_head=head, scorer=scorer,
-                           command="python " + shlex.join(sys.argv))
+    try:  # run_eval builds every sampler before it samples or writes anything: a bad spec is one line here
+        model = BuiltinModel.load(args.model)
+        head = AdjustHead.from_pretrained(args.adjust, model)
+        scorer = CausalScorer.load(args.scorer) if args.scorer else None
+        with torch.no_grad():
+            results = run_eval(model, cfg, args.out, adjust_head=head, scorer=scorer,
+                               command="python " + shlex.join(sys.argv))
+    except (ValueError, OSError) as err:
+        parser.error(str(err))
 
     rows = results["rows"]
     k1 = next(r for r in rows if r["sampler"] == "sequential")

@@ -352,14 +352,14 @@ def test_step_profile_counts_each_pass_once_and_every_second(tiny_model):
 
 def test_pareto_refuses_a_bad_grid_in_one_line(tiny_model, tiny_model_dir, tmp_path):
     """`--tokens-per-step` and `--more-samplers` are user input: a bad value is one line on stderr, before anything
-    is sampled (an unknown option only once the head it needs is loaded)."""
+    is sampled or written (an unknown option only once the head it needs is loaded)."""
     from jointdlm.adjust.head import AdjustHead, AdjustHeadConfig
 
     AdjustHead(AdjustHeadConfig.for_base(tiny_model)).save_pretrained(tmp_path / "head")
     script = [sys.executable, str(ROOT / "benchmarks" / "pareto.py"), "--model", str(tiny_model_dir), "--adjust",
               str(tmp_path / "head"), "--language", "template", "--out", str(tmp_path / "out")]
     for extra, message in ((["--tokens-per-step", "1,a"], "--tokens-per-step must be comma-separated integers"),
-                           (["--more-samplers", "adjust:bogus=1"], "adjust:bogus=1: bad options for the adjust")):
+                           (["--more-samplers", "adjust:bogus=1"], "bad options for the adjust sampler")):
         proc = subprocess.run(script + extra, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()

@@ -169,17 +169,19 @@ def run_eval(model: DiffusionLM, cfg: EvalConfig, out: str | Path, adjust_head=N
             grid += [(spec, k) for k in cfg.tokens_per_step if k > 1]
         else:
             grid.append((spec, 1))
+    def run(name: str, k: int) -> Generation:
+        return _run(model, name, k, cfg, length, prompts, cfg.seed, adjust_head, scorer, cfg.kv_cache)
+
     rows, histories, texts = [], {}, []
     for name, k in grid:
         print(f"eval: {name} K={k}", file=sys.stderr)
-        gen = _run(model, name, k, cfg, length, prompts, cfg.seed, adjust_head, scorer, cfg.kv_cache)
+        gen = run(name, k)
         rows.append({"sampler": name, "tokens_per_step": k if follows_budget(name) else None,
                      "quality": _quality(cfg, gen.texts, reference, scorer, examples, model),
                      "speed": gen.counters.as_dict(), "examples": gen.texts[:3]})
         histories[f"{name} K={k}"] = gen.history[: cfg.history_examples]
         texts.append(gen.texts if cfg.timing_repeats > 1 else None)
-    _time_in_rounds(rows, texts, cfg.timing_repeats, lambda name, k: _run(
-        model, name, k, cfg, length, prompts, cfg.seed, adjust_head, scorer, cfg.kv_cache), grid)
+    _time_in_rounds(rows, texts, cfg.timing_repeats, run, grid)
     base_time = next((r["speed"]["wall_time_s"] for r in rows if r["sampler"] == "sequential"), None)
     for row in rows:
         wall = row["speed"]["wall_time_s"]

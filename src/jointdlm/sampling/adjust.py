@@ -179,7 +179,8 @@ class AdjustSampler:
             # (a row that did not write is done for the step either way). Only rows still writing with budget left
             # write in the next round; an adaptive step ends when none does (a fixed step's rounds are known:
             # nothing is read back).
-            if r - 1 < queue.shape[1]:
+            refill = r - 1 < queue.shape[1]
+            if refill:
                 open_ = open_.scatter(1, pick[:, None], queued[:, r - 1:r])
             else:
                 keep = _without(pick, open_.shape[1])
@@ -187,7 +188,7 @@ class AdjustSampler:
             writing &= (budget > r + 1) & open_.any(-1)
             if r + 1 == rounds or (self.config.adaptive and not writing.any()):
                 break
-            if r - 1 < queue.shape[1]:
+            if refill:
                 passes.replace(pick, queue[:, r - 1])
             else:
                 passes.keep(keep)
