@@ -63,9 +63,9 @@ def main() -> int:
             return passes.logits(tokens, written)
 
         def one_round():
-            logprobs = rules.model_logprobs(passes.logits(tokens, written), banned, overwrite=True)
-            pick = rules.marginal_scores(logprobs, "confidence").double().argmax(-1)
-            at = logprobs.gather(1, pick[:, None, None].expand(-1, 1, logprobs.shape[-1])).squeeze(1)
+            logits = rules.without_banned(passes.logits(tokens, written), banned, overwrite=True)
+            pick = rules.top_probability(logits).double().argmax(-1)
+            at = torch.log_softmax(logits.gather(1, pick[:, None, None].expand(-1, 1, logits.shape[-1])).squeeze(1), -1)
             return rules.draw(at, seeds, index.gather(1, pick[:, None]).squeeze(1) - shift, 1.0, 0, 1.0)
 
         for name, fn in (("head pass", one_pass), ("round", one_round)):

@@ -23,6 +23,7 @@ from sampler_time import load_runs, require_positive
 from jointdlm.adjust.head import AdjustHead, StepPasses
 from jointdlm.models.mdlm import BuiltinModel
 from jointdlm.sampling import rules
+from jointdlm.sampling.adjust import AdjustSampler
 from jointdlm.sampling.base import StepContext
 from jointdlm.sampling.loop import SamplingConfig, generate
 from jointdlm.sampling.registry import make_from_spec
@@ -53,6 +54,12 @@ def cumulative(stats: pstats.Stats, function: Callable, leave_out: Callable | No
     return seconds, calls
 
 
+def builtin_from(stats: pstats.Stats, name: str, caller: Callable) -> float:
+    """Seconds spent in built-in functions whose name holds `name` when called directly from `caller`."""
+    return sum(callers[key(caller)][3] for (file, _, function), (*_, callers) in stats.stats.items()
+               if file == "~" and name in function and key(caller) in callers)
+
+
 def profile(model: BuiltinModel, spec: str, k: int, head: AdjustHead | None, length: int, num: int,
             batch_size: int) -> dict[str, float]:
     sampler = make_from_spec(spec, head=head, scorer=None)
@@ -71,6 +78,10 @@ def profile(model: BuiltinModel, spec: str, k: int, head: AdjustHead | None, len
     # called by the head's rounds; inside position_scores it is counted once, there).
     out["position scores"] = (cumulative(stats, rules.position_scores)[0]
                               + cumulative(stats, rules.marginal_scores, leave_out=rules.position_scores)[0])
+    # The head's passes score candidates from their logits (top_probability) and take log-probabilities at the
+    # chosen one only (a torch call from the sampler itself).
+    out["position scores"] += cumulative(stats, rules.top_probability)[0]
+    out["log-probabilities"] += builtin_from(stats, "log_softmax", AdjustSampler._head_rounds)
     counted = sum(out[name] for name in PARTS if name != "of which the output layer") + out["position scores"]
     out["the rest"] = out["total"] - counted
     out["base passes per sample"] = result.counters.base_passes

@@ -496,3 +496,20 @@ def test_gumbel_noise_in_place_is_the_uniforms_transform_in_any_chunking(monkeyp
     assert torch.equal(rules.gumbel_grid(seeds, positions, 97, stream=2), reference)
     assert torch.equal(rules.gumbel_grid(seeds[7:8], positions[7:8], 97, stream=2), reference[7:8])
     assert not torch.equal(rules.gumbel_grid(seeds, positions, 97, stream=3), reference)
+
+
+def test_top_probability_is_the_confidence_score_without_log_probabilities():
+    """The head's passes score candidates with `top_probability` on logits (banned ids at -inf) instead of the
+    confidence of full log-probabilities: the same numbers up to float32 rounding, and the same best candidate,
+    at large and small logits alike."""
+    from jointdlm.sampling import rules
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 8, 300, generator=gen) * torch.tensor([0.1, 1.0, 5.0, 30.0]).repeat(16)[:, None, None]
+    logits = rules.without_banned(logits + 1000 * torch.randn(64, 1, 1, generator=gen), [0, 7])
+    expected = rules.marginal_scores(torch.log_softmax(logits, dim=-1), "confidence")
+    got = rules.top_probability(logits)
+    assert got.shape == (64, 8) and torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    assert (got < 0.01).any() and (got > 0.99).any()  # the spread of logits reaches both ends

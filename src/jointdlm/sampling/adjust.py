@@ -159,15 +159,23 @@ class AdjustSampler:
         written = None
         for r in range(1, rounds):
             with torch.no_grad():
-                logprobs = rules.model_logprobs(passes.logits(tokens, written), banned, overwrite=True)
+                logits = rules.without_banned(passes.logits(tokens, written), banned, overwrite=True)
             head_passes += writing
-            scores = rules.marginal_scores(logprobs, c.rule) if positional is None \
-                else positional.gather(1, passes.index)
+            # Log-probabilities at every candidate only where the rule reads more than the top one; otherwise
+            # at the chosen candidate alone (C x V work per pass is most of a head token on a large vocabulary).
+            logprobs = torch.log_softmax(logits, dim=-1) if c.rule in ("margin", "entropy") else None
+            if positional is not None:
+                scores = positional.gather(1, passes.index)
+            else:
+                scores = rules.top_probability(logits) if logprobs is None else rules.marginal_scores(logprobs, c.rule)
             scores = scores.double().masked_fill(~open_, -torch.inf)
             # The best candidate, ties to the first position (the pool is not in position order once refilled).
             top = scores == scores.max(-1, keepdim=True).values
             pick = torch.where(top, passes.index, tokens.shape[1]).argmin(-1)
-            at = logprobs.gather(1, pick[:, None, None].expand(-1, 1, logprobs.shape[-1])).squeeze(1)
+            rows = logits if logprobs is None else logprobs
+            at = rows.gather(1, pick[:, None, None].expand(-1, 1, rows.shape[-1])).squeeze(1)
+            if logprobs is None:
+                at = torch.log_softmax(at, dim=-1)
             if self.config.tested:
                 writing &= self._passes(at, writing, entropy_sum, entropy_max, first=False)
             written = passes.index.gather(1, pick[:, None]).squeeze(1)

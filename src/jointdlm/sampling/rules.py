@@ -116,9 +116,21 @@ def gumbel_noise(step_seed: int, positions: Sequence[int], size: int, stream: in
 def model_logprobs(logits: torch.Tensor, banned: Sequence[int], overwrite: bool = False) -> torch.Tensor:
     """Log-probabilities with never-sampled ids (mask, BOS) removed. With `overwrite` the banned ids are set in
     `logits` itself (a float32 tensor the caller will not read again), saving a copy of it."""
+    return torch.log_softmax(without_banned(logits, banned, overwrite), dim=-1)
+
+
+def without_banned(logits: torch.Tensor, banned: Sequence[int], overwrite: bool = False) -> torch.Tensor:
+    """float32 logits with never-sampled ids at -inf (in `logits` itself with `overwrite`)."""
     logits = logits.float() if overwrite else logits.float().clone()
-    logits.index_fill_(-1, _id_tensor(tuple(banned), logits.device), -torch.inf)
-    return torch.log_softmax(logits, dim=-1)
+    return logits.index_fill_(-1, _id_tensor(tuple(banned), logits.device), -torch.inf)
+
+
+def top_probability(logits: torch.Tensor) -> torch.Tensor:
+    """(...) the largest probability of softmax(logits) over the last dimension: the confidence rule's score, as
+    `marginal_scores(log_softmax(logits), "confidence")` up to rounding, without writing every log-probability
+    (an ADJUST head pass scores its candidates x vocabulary this way and needs log-probabilities at one)."""
+    top = logits.amax(dim=-1, keepdim=True)
+    return torch.sub(logits, top).exp_().sum(-1).log_().neg_().exp_()
 
 
 @functools.lru_cache(maxsize=64)
