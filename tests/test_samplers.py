@@ -513,3 +513,20 @@ def test_top_probability_is_the_confidence_score_without_log_probabilities():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
     assert (got < 0.01).any() and (got > 0.99).any()  # the spread of logits reaches both ends
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8)])
+def test_draws_are_the_same_in_any_chunking(monkeypatch, temperature, top_k, top_p):
+    """`draw` works a chunk of rows at a time (to stay in the caches): the tokens do not depend on the chunk
+    size, and a row's token not on the rows drawn beside it."""
+    from jointdlm.sampling import rules
+
+    gen = torch.Generator().manual_seed(1)
+    lp = torch.log_softmax(torch.randn(50, 97, generator=gen) * 3, dim=-1)
+    seeds = torch.randint(-2**62, 2**62, (50,), generator=gen)
+    positions = torch.randint(0, 64, (50,), generator=gen)
+    whole = rules.draw(lp, seeds, positions, temperature, top_k, top_p)
+    assert len(set(whole.tolist())) > 10  # real draws, not one token everywhere
+    monkeypatch.setattr(rules, "NOISE_CHUNK", 300)  # 3 rows per chunk, the last chunk shorter
+    assert torch.equal(rules.draw(lp, seeds, positions, temperature, top_k, top_p), whole)
+    assert torch.equal(rules.draw(lp[7:9], seeds[7:9], positions[7:9], temperature, top_k, top_p), whole[7:9])
