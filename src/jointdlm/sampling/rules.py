@@ -129,8 +129,12 @@ def top_probability(logits: torch.Tensor) -> torch.Tensor:
     """(...) the largest probability of softmax(logits) over the last dimension: the confidence rule's score, as
     `marginal_scores(log_softmax(logits), "confidence")` up to rounding, without writing every log-probability
     (an ADJUST head pass scores its candidates x vocabulary this way and needs log-probabilities at one)."""
-    top = logits.amax(dim=-1, keepdim=True)
-    return torch.sub(logits, top).exp_().sum(-1).log_().neg_().exp_()
+    rows = logits.reshape(-1, logits.shape[-1])
+    # A chunk of rows at a time: a fresh (candidates x vocabulary) temporary per pass cost 2-3 ms on a CPU (memory
+    # handed back and faulted in again each time), a chunk's stays in the caches.
+    size = max(1, (NOISE_CHUNK if rows.device.type == "cpu" else NOISE_CHUNK_ACCELERATOR) // rows.shape[-1])
+    sums = [torch.sub(part, part.amax(dim=-1, keepdim=True)).exp_().sum(-1) for part in rows.split(size)]
+    return (sums[0] if len(sums) == 1 else torch.cat(sums)).log_().neg_().exp_().view(logits.shape[:-1])
 
 
 @functools.lru_cache(maxsize=64)
