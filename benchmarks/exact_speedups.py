@@ -23,6 +23,12 @@
    sizes 16, 24 and 64 (where `mdlm.attention` keeps the fused kernel); and whole naive K=4 generations with
    `mdlm.attention` as it dispatches against the fused kernel everywhere, as in part 3 (median of --repeats,
    interleaved). Generated tokens are compared (float rounding differs, so a near-tie may fall the other way).
+5. Work over the vocabulary (2026-12-07): `rules.draw` a chunk of rows at a time against every row at once, and
+   ADJUST's head passes scoring candidates with `rules.top_probability` against full log-probabilities, both
+   forms before, draws alone, and now: whole generations of 200 samples (naive K=16 and 48, ADJUST K=48 and
+   `adjust:threshold=0.9` K <= 48) on --vocabulary-model and --vocabulary-adjust (the English 12-layer base and
+   head of docs/results.md §5) or a random-weight 12-layer base with a 2,048-word vocabulary, median of --repeats,
+   interleaved. Generated tokens are checked equal.
 """
 
 from __future__ import annotations
@@ -287,6 +293,58 @@ def attention_rows(repeats: int, model: str | None) -> list[dict]:
     return rows
 
 
+def whole_draw(lp, seeds, positions, temperature, top_k, top_p, stream=0):
+    """`rules.draw` as it was before 2026-12-07: every row's scores and noise at once (the reference)."""
+    if temperature == 0:
+        return lp.argmax(-1)
+    lp = rules.truncate(lp, temperature, top_k, top_p)
+    return rules.gumbel_grid(seeds, positions, lp.shape[-1], stream).add_(lp).argmax(-1)
+
+
+def log_softmax_top_probability(logits):
+    """The confidence of every candidate as ADJUST's head passes computed it before 2026-12-07: from the full
+    log-probabilities (the reference; the pass then also normalises the chosen row, a (batch x vocabulary) cost)."""
+    return rules.marginal_scores(torch.log_softmax(logits, dim=-1), "confidence")
+
+
+def vocabulary_rows(repeats: int, model: str | None, adjust: str | None) -> list[dict]:
+    """Whole generations with draws a chunk of rows at a time and head passes that score candidates from their
+    logits, against both as they were, interleaved."""
+    if model:
+        base = BuiltinModel.load(model)
+        head = AdjustHead.from_pretrained(adjust, base)
+    else:
+        base = random_base("deep", 47, "cpu", vocab_size=2048)
+        with torch.no_grad():
+            base.net.output.weight.mul_(30.0)
+        head = live_head(base)
+    length = base.max_length - 1
+    forms = {"before": (whole_draw, log_softmax_top_probability), "chunked draws": (rules.draw,
+             log_softmax_top_probability), "now": (rules.draw, rules.top_probability)}
+    now = forms["now"]
+    rows = []
+    for spec, k in (("parallel", 16), ("parallel", 48), ("adjust:threshold=0.9", 48), ("adjust", 48)):
+        sampler = make_from_spec(spec, head=head)
+        config = SamplingConfig(length=length, tokens_per_step=k, batch_size=200)
+        times, outs = {name: [] for name in forms}, {}
+        for _ in range(repeats):
+            for name, (draw, top_probability) in forms.items():
+                rules.draw, rules.top_probability = draw, top_probability
+                start = time.perf_counter()
+                with torch.no_grad():
+                    outs[name] = generate(base, sampler, config, num=200).tokens
+                times[name].append(time.perf_counter() - start)
+        rules.draw, rules.top_probability = now
+        median = {name: statistics.median(times[name]) for name in forms}
+        rows.append({"sampler": spec, "k": k, **{f"{name}_s": t for name, t in median.items()},
+                     "speed_up": median["before"] / median["now"],
+                     "same_tokens": all(outs[name] == outs["before"] for name in forms)})
+        print(f"{spec} K={k}, 200 x {length} tokens: before {median['before']:.3f} s, chunked draws "
+              f"{median['chunked draws']:.3f} s, now {median['now']:.3f} s ({rows[-1]['speed_up']:.2f}x), "
+              f"same tokens: {rows[-1]['same_tokens']}", flush=True)
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
@@ -299,7 +357,9 @@ def main() -> int:
     parser.add_argument("--json", default=None)
     parser.add_argument("--model", default=None, help="part 3 on this template-language base (else random)")
     parser.add_argument("--adjust", default=None, help="with --model: its ADJUST head")
-    parser.add_argument("--only", choices=("rotary", "passes", "draw", "attention"), default=None,
+    parser.add_argument("--vocabulary-model", default=None, help="part 5 on this base (else random)")
+    parser.add_argument("--vocabulary-adjust", default=None, help="with --vocabulary-model: its ADJUST head")
+    parser.add_argument("--only", choices=("rotary", "passes", "draw", "attention", "vocabulary"), default=None,
                         help="run one part")
     args = parser.parse_args()
     if args.threads:
@@ -307,9 +367,13 @@ def main() -> int:
     parts = {"rotary": lambda: rotary_rows(args.rotary_repeats),
              "passes": lambda: passes_rows(max(args.repeats, 5), args.shapes.split(","), args.device, args.dtype),
              "draw": lambda: draw_rows(max(args.repeats, 5), args.model, args.adjust),
-             "attention": lambda: attention_rows(max(args.repeats, 5), args.model)}
+             "attention": lambda: attention_rows(max(args.repeats, 5), args.model),
+             "vocabulary": lambda: vocabulary_rows(max(args.repeats, 5), args.vocabulary_model, args.vocabulary_adjust)}
     if args.adjust and not args.model or args.model and args.only in (None, "draw") and not args.adjust:
         print("exact_speedups: error: --model and --adjust go together for part 3 (draw)", file=sys.stderr)
+        return 2
+    if bool(args.vocabulary_model) != bool(args.vocabulary_adjust):
+        print("exact_speedups: error: --vocabulary-model and --vocabulary-adjust go together", file=sys.stderr)
         return 2
     result = {"command": " ".join(["python", *sys.argv]), "threads": torch.get_num_threads()}
     try:
