@@ -23,9 +23,10 @@
    sizes 16, 24 and 64 (where `mdlm.attention` keeps the fused kernel); and whole naive K=4 generations with
    `mdlm.attention` as it dispatches against the fused kernel everywhere, as in part 3 (median of --repeats,
    interleaved). Generated tokens are compared (float rounding differs, so a near-tie may fall the other way).
-5. Work over the vocabulary (2026-12-07): `rules.draw` a chunk of rows at a time against every row at once, and
-   ADJUST's head passes scoring candidates with `rules.top_probability` against full log-probabilities, both
-   forms before, draws alone, and now: whole generations of 200 samples (naive K=16 and 48, ADJUST K=48 and
+5. Work over the vocabulary (2026-12-07): `rules.draw` a chunk of rows at a time against every row at once,
+   ADJUST's head passes scoring candidates with `rules.top_probability` against full log-probabilities, and a
+   base pass's log-probabilities in place a chunk of rows at a time against a fresh output: all three forms before,
+   draws alone, and now: whole generations of 200 samples (naive K=16 and 48, ADJUST K=48 and
    `adjust:threshold=0.9` K <= 48) on --vocabulary-model and --vocabulary-adjust (the English 12-layer base and
    head of docs/results.md §5) or a random-weight 12-layer base with a 2,048-word vocabulary, median of --repeats,
    interleaved. Generated tokens are checked equal.
@@ -307,9 +308,14 @@ def log_softmax_top_probability(logits):
     return rules.marginal_scores(torch.log_softmax(logits, dim=-1), "confidence")
 
 
+def whole_logprobs(logits, banned, overwrite=False):
+    """`rules.model_logprobs` as it was before 2026-12-07: one fresh output for every row (the reference)."""
+    return torch.log_softmax(rules.without_banned(logits, banned, overwrite), dim=-1)
+
+
 def vocabulary_rows(repeats: int, model: str | None, adjust: str | None) -> list[dict]:
-    """Whole generations with draws a chunk of rows at a time and head passes that score candidates from their
-    logits, against both as they were, interleaved."""
+    """Whole generations with draws a chunk of rows at a time, head passes that score candidates from their logits
+    and log-probabilities in place, against the three as they were, interleaved."""
     if model:
         base = BuiltinModel.load(model)
         head = AdjustHead.from_pretrained(adjust, base)
@@ -319,8 +325,9 @@ def vocabulary_rows(repeats: int, model: str | None, adjust: str | None) -> list
             base.net.output.weight.mul_(30.0)
         head = live_head(base)
     length = base.max_length - 1
-    forms = {"before": (whole_draw, log_softmax_top_probability), "chunked draws": (rules.draw,
-             log_softmax_top_probability), "now": (rules.draw, rules.top_probability)}
+    forms = {"before": (whole_draw, log_softmax_top_probability, whole_logprobs),
+             "chunked draws": (rules.draw, log_softmax_top_probability, whole_logprobs),
+             "now": (rules.draw, rules.top_probability, rules.model_logprobs)}
     now = forms["now"]
     rows = []
     for spec, k in (("parallel", 16), ("parallel", 48), ("adjust:threshold=0.9", 48), ("adjust", 48)):
@@ -328,13 +335,13 @@ def vocabulary_rows(repeats: int, model: str | None, adjust: str | None) -> list
         config = SamplingConfig(length=length, tokens_per_step=k, batch_size=200)
         times, outs = {name: [] for name in forms}, {}
         for _ in range(repeats):
-            for name, (draw, top_probability) in forms.items():
-                rules.draw, rules.top_probability = draw, top_probability
+            for name, (draw, top_probability, model_logprobs) in forms.items():
+                rules.draw, rules.top_probability, rules.model_logprobs = draw, top_probability, model_logprobs
                 start = time.perf_counter()
                 with torch.no_grad():
                     outs[name] = generate(base, sampler, config, num=200).tokens
                 times[name].append(time.perf_counter() - start)
-        rules.draw, rules.top_probability = now
+        rules.draw, rules.top_probability, rules.model_logprobs = now
         median = {name: statistics.median(times[name]) for name in forms}
         rows.append({"sampler": spec, "k": k, **{f"{name}_s": t for name, t in median.items()},
                      "speed_up": median["before"] / median["now"],

@@ -530,3 +530,18 @@ def test_draws_are_the_same_in_any_chunking(monkeypatch, temperature, top_k, top
     monkeypatch.setattr(rules, "NOISE_CHUNK", 300)  # 3 rows per chunk, the last chunk shorter
     assert torch.equal(rules.draw(lp, seeds, positions, temperature, top_k, top_p), whole)
     assert torch.equal(rules.draw(lp[7:9], seeds[7:9], positions[7:9], temperature, top_k, top_p), whole[7:9])
+
+
+def test_model_logprobs_in_place_are_log_softmax_in_any_chunking(monkeypatch):
+    """On a CPU the log-probabilities are computed in place a chunk of rows at a time: the same values as one
+    log_softmax of the whole, banned ids at -inf, and without `overwrite` the caller's logits stay as they were."""
+    from jointdlm.sampling import rules
+
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(41, 97, generator=gen) * 4
+    expected = torch.log_softmax(logits.clone().index_fill_(-1, torch.tensor([0, 5]), -torch.inf), dim=-1)
+    kept = logits.clone()
+    assert torch.equal(rules.model_logprobs(logits, [0, 5]), expected) and torch.equal(logits, kept)
+    monkeypatch.setattr(rules, "NOISE_CHUNK", 500)  # 5 rows per chunk, the last chunk shorter
+    assert torch.equal(rules.model_logprobs(logits, [0, 5]), expected) and torch.equal(logits, kept)
+    assert torch.equal(rules.model_logprobs(logits.clone(), [0, 5], overwrite=True), expected)

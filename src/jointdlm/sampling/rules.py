@@ -116,7 +116,14 @@ def gumbel_noise(step_seed: int, positions: Sequence[int], size: int, stream: in
 def model_logprobs(logits: torch.Tensor, banned: Sequence[int], overwrite: bool = False) -> torch.Tensor:
     """Log-probabilities with never-sampled ids (mask, BOS) removed. With `overwrite` the banned ids are set in
     `logits` itself (a float32 tensor the caller will not read again), saving a copy of it."""
-    return torch.log_softmax(without_banned(logits, banned, overwrite), dim=-1)
+    logits = without_banned(logits, banned, overwrite)
+    if logits.device.type != "cpu" or logits.dim() != 2:
+        return torch.log_softmax(logits, dim=-1)
+    # On a CPU in place, a chunk of rows at a time: a fresh (positions x vocabulary) output per step is memory
+    # handed back to the system and faulted in again at the next (docs/results.md §6).
+    for part in logits.split(max(1, NOISE_CHUNK // logits.shape[-1])):
+        part.copy_(torch.log_softmax(part, dim=-1))
+    return logits
 
 
 def without_banned(logits: torch.Tensor, banned: Sequence[int], overwrite: bool = False) -> torch.Tensor:
