@@ -363,3 +363,17 @@ def test_pareto_refuses_a_bad_grid_in_one_line(tiny_model, tiny_model_dir, tmp_p
         proc = subprocess.run(script + extra, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_sampler_time_flags_runs_that_spread():
+    """sampler_time.py warns when a sampler's middle half of runs spans more than UNSTEADY of its median: steady
+    runs of this machine (the §5 English corner) pass, a run spread like the one §6 had to drop does not."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from sampler_time import UNSTEADY, quartile_spread
+    finally:
+        sys.path.pop(0)
+    steady = [0.57, 0.48, 0.50, 0.48, 0.50, 0.48, 0.51, 0.50, 0.54]
+    unsteady = [1.56, 2.10, 1.70, 2.65, 1.82, 2.40, 1.60]
+    assert quartile_spread(steady) < UNSTEADY < quartile_spread(unsteady)
+    assert quartile_spread([1.0, 2.0, 3.0]) is None and quartile_spread([1.0] * 4) == 0
