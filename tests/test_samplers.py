@@ -513,6 +513,7 @@ def test_top_probability_is_the_confidence_score_without_log_probabilities():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
     assert (got < 0.01).any() and (got > 0.99).any()  # the spread of logits reaches both ends
+    assert rules.top_probability(logits[:, :0]).shape == (64, 0)
 
 
 @pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8)])
@@ -530,6 +531,7 @@ def test_draws_are_the_same_in_any_chunking(monkeypatch, temperature, top_k, top
     monkeypatch.setattr(rules, "NOISE_CHUNK", 300)  # 3 rows per chunk, the last chunk shorter
     assert torch.equal(rules.draw(lp, seeds, positions, temperature, top_k, top_p), whole)
     assert torch.equal(rules.draw(lp[7:9], seeds[7:9], positions[7:9], temperature, top_k, top_p), whole[7:9])
+    assert rules.draw(lp[:0], seeds[:0], positions[:0], temperature, top_k, top_p).shape == (0,)
 
 
 def test_model_logprobs_in_place_are_log_softmax_in_any_chunking(monkeypatch):

@@ -141,7 +141,7 @@ def top_probability(logits: torch.Tensor) -> torch.Tensor:
     # handed back and faulted in again each time), a chunk's stays in the caches.
     size = max(1, (NOISE_CHUNK if rows.device.type == "cpu" else NOISE_CHUNK_ACCELERATOR) // rows.shape[-1])
     sums = [torch.sub(part, part.amax(dim=-1, keepdim=True)).exp_().sum(-1) for part in rows.split(size)]
-    return (sums[0] if len(sums) == 1 else torch.cat(sums)).log_().neg_().exp_().view(logits.shape[:-1])
+    return torch.cat(sums).log_().neg_().exp_().view(logits.shape[:-1])
 
 
 @functools.lru_cache(maxsize=64)
@@ -288,5 +288,5 @@ def draw(lp: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor, tempera
     rows = max(1, (NOISE_CHUNK if lp.device.type == "cpu" else NOISE_CHUNK_ACCELERATOR) // lp.shape[-1])
     drawn = [gumbel_grid(seeds[first:first + rows], positions[first:first + rows], lp.shape[-1], stream)
              .add_(truncate(lp[first:first + rows], temperature, top_k, top_p)).argmax(-1)
-             for first in range(0, len(lp), rows)]
-    return drawn[0] if len(drawn) == 1 else torch.cat(drawn)
+             for first in range(0, max(1, len(lp)), rows)]
+    return torch.cat(drawn)
