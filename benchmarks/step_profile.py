@@ -3,8 +3,9 @@ scores, token draws and the rest, from one profiled generation per sampler (cPro
 runs before the call returns, so a function's cumulative time is what it cost).
 
 The question it answers for issue #14: what one ADJUST head pass costs against one base pass on a given base,
-and which part of it grows with the vocabulary (the output layer, log-probabilities, scores and draws work on
-candidates x vocabulary), measured instead of estimated from two rows' speeds.
+and which part of it grows with the vocabulary (the output layer and the scores work on candidates x vocabulary,
+log-probabilities and the draw on the chosen candidate's vocabulary), measured instead of estimated from two rows'
+speeds.
 
     python benchmarks/step_profile.py --model runs/demo/template/model --adjust runs/deep2/tpl_r11_s0 \\
         --length 23 --samplers adjust:threshold=0.9:16,threshold:tau=0.5:extra=1:2
