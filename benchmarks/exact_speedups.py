@@ -313,14 +313,16 @@ def whole_logprobs(logits, banned, overwrite=False):
     return torch.log_softmax(rules.without_banned(logits, banned, overwrite), dim=-1)
 
 
-def vocabulary_rows(repeats: int, model: str | None, adjust: str | None) -> list[dict]:
-    """Whole generations with draws a chunk of rows at a time, head passes that score candidates from their logits
-    and log-probabilities in place, against the three as they were, interleaved."""
+def vocabulary_rows(repeats: int, model: str | None, adjust: str | None, preset: str = "deep",
+                    num: int = 200) -> list[dict]:
+    """Whole generations of `num` samples with draws a chunk of rows at a time, head passes that score candidates
+    from their logits and log-probabilities in place, against the three as they were, interleaved (a random base
+    of `preset`'s shape without `model`)."""
     if model:
         base = BuiltinModel.load(model)
         head = AdjustHead.from_pretrained(adjust, base)
     else:
-        base = random_base("deep", 47, "cpu", vocab_size=2048)
+        base = random_base(preset, 47, "cpu", vocab_size=2048)
         with torch.no_grad():
             base.net.output.weight.mul_(30.0)
         head = live_head(base)
@@ -332,21 +334,21 @@ def vocabulary_rows(repeats: int, model: str | None, adjust: str | None) -> list
     rows = []
     for spec, k in (("parallel", 16), ("parallel", 48), ("adjust:threshold=0.9", 48), ("adjust", 48)):
         sampler = make_from_spec(spec, head=head)
-        config = SamplingConfig(length=length, tokens_per_step=k, batch_size=200)
+        config = SamplingConfig(length=length, tokens_per_step=k, batch_size=num)
         times, outs = {name: [] for name in forms}, {}
         for _ in range(repeats):
             for name, (draw, top_probability, model_logprobs) in forms.items():
                 rules.draw, rules.top_probability, rules.model_logprobs = draw, top_probability, model_logprobs
                 start = time.perf_counter()
                 with torch.no_grad():
-                    outs[name] = generate(base, sampler, config, num=200).tokens
+                    outs[name] = generate(base, sampler, config, num=num).tokens
                 times[name].append(time.perf_counter() - start)
         rules.draw, rules.top_probability, rules.model_logprobs = now
         median = {name: statistics.median(times[name]) for name in forms}
         rows.append({"sampler": spec, "k": k, **{f"{name}_s": t for name, t in median.items()},
                      "speed_up": median["before"] / median["now"],
                      "same_tokens": all(outs[name] == outs["before"] for name in forms)})
-        print(f"{spec} K={k}, 200 x {length} tokens: before {median['before']:.3f} s, chunked draws "
+        print(f"{spec} K={k}, {num} x {length} tokens: before {median['before']:.3f} s, chunked draws "
               f"{median['chunked draws']:.3f} s, now {median['now']:.3f} s ({rows[-1]['speed_up']:.2f}x), "
               f"same tokens: {rows[-1]['same_tokens']}", flush=True)
     return rows

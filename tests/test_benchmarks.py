@@ -377,3 +377,21 @@ def test_sampler_time_flags_runs_that_spread():
     unsteady = [1.56, 2.10, 1.70, 2.65, 1.82, 2.40, 1.60]
     assert quartile_spread(steady) < UNSTEADY < quartile_spread(unsteady)
     assert quartile_spread([1.0, 2.0, 3.0]) is None and quartile_spread([1.0] * 4) == 0
+
+
+def test_vocabulary_work_gives_the_tokens_of_the_forms_before():
+    """exact_speedups.py part 5: draws in chunks, head passes scored from logits and in-place log-probabilities
+    write the tokens the forms before them (kept in the script as references) wrote, naive and ADJUST alike."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from exact_speedups import vocabulary_rows
+    finally:
+        sys.path.pop(0)
+    from jointdlm.sampling import rules
+
+    draw, top_probability, model_logprobs = rules.draw, rules.top_probability, rules.model_logprobs
+    rows = vocabulary_rows(1, None, None, preset="tiny", num=3)
+    assert [(r["sampler"], r["k"]) for r in rows] == [("parallel", 16), ("parallel", 48), ("adjust:threshold=0.9", 48),
+                                                     ("adjust", 48)]
+    assert all(r["same_tokens"] for r in rows)
+    assert (rules.draw, rules.top_probability, rules.model_logprobs) == (draw, top_probability, model_logprobs)
