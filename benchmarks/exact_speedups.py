@@ -336,14 +336,16 @@ def vocabulary_rows(repeats: int, model: str | None, adjust: str | None, preset:
         sampler = make_from_spec(spec, head=head)
         config = SamplingConfig(length=length, tokens_per_step=k, batch_size=num)
         times, outs = {name: [] for name in forms}, {}
-        for _ in range(repeats):
-            for name, (draw, top_probability, model_logprobs) in forms.items():
-                rules.draw, rules.top_probability, rules.model_logprobs = draw, top_probability, model_logprobs
-                start = time.perf_counter()
-                with torch.no_grad():
-                    outs[name] = generate(base, sampler, config, num=num).tokens
-                times[name].append(time.perf_counter() - start)
-        rules.draw, rules.top_probability, rules.model_logprobs = now
+        try:
+            for _ in range(repeats):
+                for name, (draw, top_probability, model_logprobs) in forms.items():
+                    rules.draw, rules.top_probability, rules.model_logprobs = draw, top_probability, model_logprobs
+                    start = time.perf_counter()
+                    with torch.no_grad():
+                        outs[name] = generate(base, sampler, config, num=num).tokens
+                    times[name].append(time.perf_counter() - start)
+        finally:
+            rules.draw, rules.top_probability, rules.model_logprobs = now
         median = {name: statistics.median(times[name]) for name in forms}
         rows.append({"sampler": spec, "k": k, **{f"{name}_s": t for name, t in median.items()},
                      "speed_up": median["before"] / median["now"],
