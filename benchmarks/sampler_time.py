@@ -45,6 +45,19 @@ def load_runs(model_dir: str, adjust_dir: str | None,
     return model, head, items
 
 
+UNSTEADY = 0.15
+"""Quartile spread above which a sampler's median is not trusted: steady runs on 2 cores spread 5-10%; a run
+whose rows later did not hold up spread 25% or more (docs/results.md §6)."""
+
+
+def quartile_spread(values: list[float]) -> float | None:
+    """(third quartile - first quartile) / median of the runs; None below 4 runs."""
+    if len(values) < 4:
+        return None
+    first, _, third = statistics.quantiles(values, n=4)
+    return (third - first) / statistics.median(values)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
@@ -78,19 +91,6 @@ def main() -> None:
         if spread is not None and spread > UNSTEADY:
             print(f"sampler_time: warning: {item}'s middle half of runs spans {spread:.0%} of its median: the "
                   "machine was not steady (another job?); rerun before comparing", file=sys.stderr)
-
-
-UNSTEADY = 0.15
-"""Quartile spread above which a sampler's median is not trusted: steady runs on 2 cores spread 5-10%; a run
-whose rows later did not hold up spread 25% or more (docs/results.md §6)."""
-
-
-def quartile_spread(values: list[float]) -> float | None:
-    """(third quartile - first quartile) / median of the runs; None below 4 runs."""
-    if len(values) < 4:
-        return None
-    first, _, third = statistics.quantiles(values, n=4)
-    return (third - first) / statistics.median(values)
 
 
 if __name__ == "__main__":

@@ -163,11 +163,12 @@ class AdjustSampler:
             head_passes += writing
             # Log-probabilities at every candidate only where the rule reads more than the top one; otherwise
             # at the chosen candidate alone (C x V work per pass is most of a head token on a large vocabulary).
-            logprobs = torch.log_softmax(logits, dim=-1) if c.rule in ("margin", "entropy") else None
+            cheap = positional is not None or c.rule in rules.READS_ONLY_THE_TOP
+            logprobs = None if cheap else torch.log_softmax(logits, dim=-1)
             if positional is not None:
                 scores = positional.gather(1, passes.index)
             else:
-                scores = rules.top_probability(logits) if logprobs is None else rules.marginal_scores(logprobs, c.rule)
+                scores = rules.top_probability(logits) if cheap else rules.marginal_scores(logprobs, c.rule)
             scores = scores.double().masked_fill(~open_, -torch.inf)
             # The best candidate, ties to the first position (the pool is not in position order once refilled).
             top = scores == scores.max(-1, keepdim=True).values

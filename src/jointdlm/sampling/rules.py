@@ -25,9 +25,16 @@ RANDOM_RULE_STREAM = -1
 NOISE_CHUNK = 1 << 18
 """Most noise values computed at once (rows x vocabulary) on a CPU: the hash's dozen passes over a chunk then stay
 in the caches (1.6x faster than chunks of 1 << 22 on 2 cores: docs/results.md §6), and memory stays bounded at
-large vocabularies."""
+large vocabularies. Draws, log-probabilities and a head pass's scores work in chunks of the same size."""
 NOISE_CHUNK_ACCELERATOR = 1 << 22
 """The same on a GPU, where bandwidth is plenty and each chunk's launches cost: fewer, larger chunks."""
+READS_ONLY_THE_TOP = ("confidence",)
+"""The rules whose score needs only a position's top probability (`top_probability`), not its log-probabilities."""
+
+
+def chunk_rows(width: int, device: torch.device) -> int:
+    """Rows of `width` values (a vocabulary) that one chunk holds on `device` (at least one)."""
+    return max(1, (NOISE_CHUNK if device.type == "cpu" else NOISE_CHUNK_ACCELERATOR) // max(1, width))
 
 
 def _signed(c: int) -> int:
@@ -75,8 +82,7 @@ def _noise_rows(step_seeds: torch.Tensor, positions: torch.Tensor, size: int, st
     key = _mix64(step_seeds * _GOLDEN + _mix64(positions * _MIX1 + stream_term))
     out = torch.empty(len(key), size, dtype=torch.float64, device=key.device)
     per_id = (torch.arange(size, dtype=torch.int64, device=key.device) + 1) * _GOLDEN
-    chunk = NOISE_CHUNK if key.device.type == "cpu" else NOISE_CHUNK_ACCELERATOR
-    rows_per_chunk = max(1, min(len(key), chunk // max(1, size)))
+    rows_per_chunk = max(1, min(len(key), chunk_rows(size, key.device)))
     z_buffer = torch.empty(rows_per_chunk, size, dtype=torch.int64, device=key.device)
     scratch_buffer = torch.empty_like(z_buffer)
     for first in range(0, len(key), rows_per_chunk):
@@ -121,7 +127,7 @@ def model_logprobs(logits: torch.Tensor, banned: Sequence[int], overwrite: bool 
         return torch.log_softmax(logits, dim=-1)
     # On a CPU in place, a chunk of rows at a time: a fresh (positions x vocabulary) output per step is memory
     # handed back to the system and faulted in again at the next (docs/results.md §6).
-    for part in logits.split(max(1, NOISE_CHUNK // logits.shape[-1])):
+    for part in logits.split(chunk_rows(logits.shape[-1], logits.device)):
         part.copy_(torch.log_softmax(part, dim=-1))
     return logits
 
@@ -139,8 +145,8 @@ def top_probability(logits: torch.Tensor) -> torch.Tensor:
     rows = logits.reshape(-1, logits.shape[-1])
     # A chunk of rows at a time: a fresh (candidates x vocabulary) temporary per pass cost 2-3 ms on a CPU (memory
     # handed back and faulted in again each time), a chunk's stays in the caches.
-    size = max(1, (NOISE_CHUNK if rows.device.type == "cpu" else NOISE_CHUNK_ACCELERATOR) // rows.shape[-1])
-    sums = [torch.sub(part, part.amax(dim=-1, keepdim=True)).exp_().sum(-1) for part in rows.split(size)]
+    sums = [torch.sub(part, part.amax(dim=-1, keepdim=True)).exp_().sum(-1)
+            for part in rows.split(chunk_rows(rows.shape[-1], rows.device))]
     return torch.cat(sums).log_().neg_().exp_().view(logits.shape[:-1])
 
 
@@ -285,7 +291,7 @@ def draw(lp: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor, tempera
         return lp.argmax(-1)
     # A chunk of rows at a time, as the noise is computed: the float64 scores and noise of a chunk stay in the
     # caches (a whole step's rows at once are tens of MB on a CPU, and drawing them cost 1.4x as much per token).
-    rows = max(1, (NOISE_CHUNK if lp.device.type == "cpu" else NOISE_CHUNK_ACCELERATOR) // lp.shape[-1])
+    rows = chunk_rows(lp.shape[-1], lp.device)
     drawn = [gumbel_grid(seeds[first:first + rows], positions[first:first + rows], lp.shape[-1], stream)
              .add_(truncate(lp[first:first + rows], temperature, top_k, top_p)).argmax(-1)
              for first in range(0, max(1, len(lp)), rows)]
