@@ -341,21 +341,26 @@ def test_prompts_file_with_byte_order_mark_and_crlf_reads_as_plain(files, tmp_pa
     assert rows["windows"] == rows["plain"]
 
 
-@pytest.mark.parametrize("extra, message", [
+@pytest.mark.parametrize("extra, corpus, message", [
     # It used to do nothing, print "saved", and record max_steps=10 as done for a 150-step model.
-    (["--preset", "tiny", "--max-steps", "10"], "trained 150 steps there, max_steps=10 now"),
+    (["--preset", "tiny", "--max-steps", "10"], "own", "trained 150 steps there, max_steps=10 now"),
     # It used to continue the saved tiny network as if it were the preset asked for.
-    (["--preset", "small", "--max-steps", "160"], "preset='tiny' there, 'small' now"),
+    (["--preset", "small", "--max-steps", "160"], "own", "preset='tiny' there, 'small' now"),
+    # It used to continue on another corpus (cut to the saved canvas) and another held-out split without a word.
+    (["--preset", "tiny", "--max-steps", "160"], "other", "trained on another corpus"),
+    (["--preset", "tiny", "--max-steps", "160", "--seed", "3"], "own", "seed=0 there, 3 now"),
 ])
-def test_pretrain_cannot_resume_a_run_with_other_settings(extra, message, files, tmp_path, capsys):
+def test_pretrain_cannot_resume_a_run_with_other_settings(extra, corpus, message, files, tmp_path, capsys):
     out = tmp_path / "model"
     shutil.copytree(files["model"], out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    code = main(["pretrain", "--corpus", str(files["corpus"]), "--out", str(out), *extra])
+    text = files["model"].parent / "corpus.txt" if corpus == "own" else files["corpus"]  # the fixture's own corpus
+    code = main(["pretrain", "--corpus", str(text), "--out", str(out), *extra])
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("jointdlm: error: --out "), lines
     assert message in lines[0], lines[0]
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "a refused resume changed the run"
+    assert corpus == "other" or "another corpus" not in lines[0], "the fixture's own corpus is the saved one"
 
 
 def test_pretrain_failing_before_its_first_checkpoint_leaves_no_directory(files, tmp_path, capsys, monkeypatch):
@@ -452,7 +457,8 @@ def test_corpus_with_byte_order_mark_reads_as_plain(tmp_path):
     (b"[1, 2]\n", "humaneval", "problems.jsonl:1: a humaneval problem is a JSON object, got list"),
     (b'{"task_id": 5, "prompt": 3, "test": "", "entry_point": "f"}\n', "humaneval",  # exit 1, TypeError
      "problems.jsonl:1: prompt must be a string, got 3"),
-    (b'{"task_id": 1, "text": "x", "test_list": "assert 1"}\n', "mbpp", "test_list must be a list of strings"),
+    (b'{"task_id": 1, "text": "x", "test_list": "assert 1"}\n', "mbpp",
+     "test_list must be a non-empty list of strings"),
 ])
 def test_bad_code_eval_problem_file_is_one_line(content, benchmark, message, files, tmp_path, capsys):
     (tmp_path / "problems.jsonl").write_bytes(content)

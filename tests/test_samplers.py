@@ -444,6 +444,9 @@ def test_every_sampler_is_batch_independent(model, scorer, name, options):
         together, alone = run(4, prompts), run(1, prompts)
         assert together.tokens == alone.tokens
         assert together.history == alone.history
+        # What a sample cost does not depend on its batch-mates either (PUNT charged every row the batch's tests).
+        assert together.counters.base_passes == pytest.approx(alone.counters.base_passes)
+        assert together.counters.extra_passes == pytest.approx(alone.counters.extra_passes)
 
 
 # ------------------------------------------------------------------------------------------- validity (slow)

@@ -156,13 +156,13 @@ def _schedule(args: argparse.Namespace, config: SamplingConfig) -> str:
 
 
 def build_sampler(args: argparse.Namespace, model):
-    from .sampling.registry import make_from_spec, parse_spec
+    from .sampling.registry import dependencies_of, make_from_spec, parse_spec
 
-    name, _ = parse_spec(args.sampler)
     head = scorer = None
     if args.adjust:
-        if name != "adjust" and parse_spec(args.sampler)[1].get("via") != "adjust":
-            raise ValueError(f"--adjust is only used by the adjust sampler (or punt:via=adjust), not {name}")
+        if "head" not in dependencies_of(args.sampler):
+            raise ValueError(f"--adjust is only used by the adjust sampler (or punt:via=adjust), not "
+                             f"{parse_spec(args.sampler)[0]}")
         from .adjust.head import AdjustHead
 
         head = AdjustHead.from_pretrained(args.adjust, model)
@@ -252,7 +252,7 @@ def _padding_note(batched_by_length: bool) -> str:
 
 
 def cmd_code_eval(args: argparse.Namespace) -> None:
-    from .eval.code_exec import load_problems, prompt_of, score_completions, truncate
+    from .eval.code_exec import load_problems, prompt_of, require_sandbox, score_completions, truncate
     from .eval.runner import follows_budget
     from .models.loading import load_model
     from .sampling.loop import generate
@@ -260,6 +260,7 @@ def cmd_code_eval(args: argparse.Namespace) -> None:
     if not args.allow_code_execution:
         raise ValueError("code-eval executes model-written code; add --allow-code-execution to run it in the "
                          "sandbox (best effort, not a security boundary: see README)")
+    require_sandbox()  # before the model loads, not after generating
     out = check_output_dir(args.out)
     problems = load_problems(args.benchmark, args.data)[: args.limit]
     model = load_model(args.model, args.device, family=args.family, trust_remote_code=args.trust_remote_code,

@@ -163,12 +163,13 @@ def run_demo(cfg: DemoConfig) -> dict[str, dict]:
     started = time.time()
     check_output_dir(cfg.workdir)
     stages = QUICK if cfg.quick else FULL + (EXTRA if cfg.full else ())
-    if cfg.stages is not None:
-        unknown = set(cfg.stages) - {s.corpus for s in stages}
+    if cfg.stages is not None:  # a stage named runs whether or not the mode runs it by default (tasks)
+        named = QUICK if cfg.quick else FULL + EXTRA
+        unknown = set(cfg.stages) - {s.corpus for s in named}
         if unknown:
             raise ValueError(f"no stage named {', '.join(sorted(unknown))} in this mode; stages: "
-                             f"{', '.join(s.corpus for s in stages)}")
-        stages = tuple(s for s in stages if s.corpus in cfg.stages)
+                             f"{', '.join(s.corpus for s in named)}")
+        stages = tuple(s for s in named if s.corpus in cfg.stages)
     flags = " --quick" if cfg.quick else (" --full" if cfg.full else "")
     flags += f" --stages {','.join(cfg.stages)}" if cfg.stages is not None else ""
     command = f"jointdlm demo{flags} --workdir {cfg.workdir} --seed {cfg.seed}"

@@ -43,6 +43,14 @@ def check_output_dir(path: str | Path) -> Path:
     return path
 
 
+def new_file_mode() -> int:
+    """The mode `open` would give a new file under this process's umask. `tempfile.mkstemp` makes its file
+    private (0600) whatever the umask, and a temporary file renamed into place would keep that."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextmanager
 def atomic_writer(path: str | Path) -> Iterator[TextIO]:
     """A text file open for writing at `path`, through a temporary file in the same directory that replaces `path`
@@ -52,6 +60,7 @@ def atomic_writer(path: str | Path) -> Iterator[TextIO]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, new_file_mode())
     except OSError as err:
         raise OSError(f"cannot write {path}: {err.strerror or err}") from None
     try:

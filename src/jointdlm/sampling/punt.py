@@ -70,7 +70,9 @@ class PUNTSampler:
         ranks = rank_of(ctx.scores(logprobs))
         alive = ctx.eligible.clone()
         rounds = (int(ctx.eligible.sum(-1).max()) - 1).bit_length()
-        passes = 0
+        # Per row: a round probes only the rows with a position to test, and only those pay for it (a row's count
+        # must not depend on the rows batched with it).
+        passes = torch.zeros(len(ctx.tokens), dtype=torch.long, device=ctx.tokens.device)
         for bit in reversed(range(rounds)):
             upper = (ranks >> bit) & 1 == 0
             tested = alive & ~upper
@@ -87,10 +89,10 @@ class PUNTSampler:
                                        at=tested[rows])[1]
             kl = kl_divergence(logprobs.at(tested), ctx.logprobs(logits, where=tested).values)
             alive[tested] = ~(kl > self.config.epsilon)  # a position whose marginal moved depends on the upper half
-            passes += 1
+            passes[rows] += 1
         if self.head is None:
-            return StepResult(fill=alive, tokens=candidates, base_passes=1 + passes, extra_passes=0)
-        return StepResult(fill=alive, tokens=candidates, base_passes=1, extra_passes=passes)
+            return StepResult(fill=alive, tokens=candidates, base_passes=1 + passes.cpu(), extra_passes=0)
+        return StepResult(fill=alive, tokens=candidates, base_passes=1, extra_passes=passes.cpu())
 
 
 def kl_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:

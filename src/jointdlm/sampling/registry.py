@@ -65,12 +65,19 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return name, options
 
 
+def dependencies_of(spec: str) -> tuple[str, ...]:
+    """What a spec's sampler needs besides the model: "head" (an ADJUST head: adjust, punt:via=adjust) or
+    "scorer" (a causal scorer: edlm, apd)."""
+    name, options = parse_spec(spec)
+    if name == "punt" and options.get("via") == "adjust":
+        return ("head",)
+    return {"adjust": ("head",), "edlm": ("scorer",), "apd": ("scorer",)}.get(name, ())
+
+
 def make_from_spec(spec: str, **dependencies: Any) -> Sampler:
     """A sampler from its spec string plus the objects it needs (`head=`, `scorer=`), passed only if used."""
     name, options = parse_spec(spec)
-    needs = {"adjust": ("head",), "edlm": ("scorer",), "apd": ("scorer",)}.get(name, ())
-    if name == "punt" and options.get("via") == "adjust":
-        needs = ("head",)
+    needs = dependencies_of(spec)
     known = options_of(name)
     unknown = [key for key in options if key not in known]
     if unknown:

