@@ -189,7 +189,8 @@ def main() -> None:
     for spec, k in (("sequential", 1), ("parallel", 4), ("parallel", 6), ("parallel", 8), ("adjust", 4), ("adjust", 8),
                     ("adjust:threshold=0.9", 12), ("adjust:threshold=0.9", 16), ("threshold:tau=0.5:extra=1", None),
                     ("eb:gamma=1", None), ("threshold:tau=0.9:extra=1", None), ("threshold:tau=0.3", None),
-                    ("eb:gamma=2", None), ("eb:gamma=3", None), ("eb:gamma=4", None)):
+                    ("eb:gamma=2", None), ("eb:gamma=3", None), ("eb:gamma=4", None), ("punt:epsilon=0.1", None),
+                    ("punt:epsilon=0.5", None), ("punt:epsilon=2", None)):
         schedule = [] if k is None else ["--tokens-per-step", str(k)]
         out = work / f"samples-{spec.replace(':', '_')}{'' if k is None else f'-k{k}'}-seed{args.head_seed}.jsonl"
         argv = ["sample", "--model", str(model), "--sampler", spec, *schedule, "--num",
