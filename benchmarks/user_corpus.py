@@ -134,6 +134,14 @@ def checker(kind: str, size: int) -> Callable[[str], bool]:
     return lambda text: test(text, size)
 
 
+ROWS = (("sequential", 1), ("parallel", 4), ("parallel", 6), ("parallel", 8), ("adjust", 4), ("adjust", 8),
+        ("adjust:threshold=0.9", 12), ("adjust:threshold=0.9", 16), ("threshold:tau=0.5:extra=1", None),
+        ("eb:gamma=1", None), ("threshold:tau=0.9:extra=1", None), ("threshold:tau=0.3", None),
+        ("eb:gamma=2", None), ("eb:gamma=3", None), ("eb:gamma=4", None), ("punt:epsilon=0.1", None),
+        ("punt:epsilon=0.5", None), ("punt:epsilon=2", None))
+"""The samplers and K each run scores (K None: the sampler sizes its own steps)."""
+
+
 def run(argv: list[str]) -> str:
     """Run one CLI command; its last stderr line (the summary), or exit with it."""
     print("$ jointdlm " + " ".join(argv), flush=True)
@@ -185,12 +193,7 @@ def main() -> None:
         run(["train-adjust", "--model", str(model), "--trajectories", str(traj), "--out", str(head),
              "--seed", str(args.head_seed)])
     rows = []
-    # k None: the sampler sizes its own steps
-    for spec, k in (("sequential", 1), ("parallel", 4), ("parallel", 6), ("parallel", 8), ("adjust", 4), ("adjust", 8),
-                    ("adjust:threshold=0.9", 12), ("adjust:threshold=0.9", 16), ("threshold:tau=0.5:extra=1", None),
-                    ("eb:gamma=1", None), ("threshold:tau=0.9:extra=1", None), ("threshold:tau=0.3", None),
-                    ("eb:gamma=2", None), ("eb:gamma=3", None), ("eb:gamma=4", None), ("punt:epsilon=0.1", None),
-                    ("punt:epsilon=0.5", None), ("punt:epsilon=2", None)):
+    for spec, k in ROWS:
         schedule = [] if k is None else ["--tokens-per-step", str(k)]
         out = work / f"samples-{spec.replace(':', '_')}{'' if k is None else f'-k{k}'}-seed{args.head_seed}.jsonl"
         argv = ["sample", "--model", str(model), "--sampler", spec, *schedule, "--num",

@@ -597,6 +597,21 @@ def test_a_round_starts_at_the_rate_the_last_one_ended_with(base, traj_dir, tmp_
     assert later and all(rate == pytest.approx(0.3 * lr) for rate in later)
 
 
+def test_a_plateau_reached_before_the_rounds_minimum_still_lowers_the_rate(base, traj_dir, tmp_path):
+    """A plateau found at an evaluation before `min_round_steps` (step 4 < 5) used to end the round at the first
+    step past the minimum (5, no evaluation there) without the rate decay it was owed; the round now goes on to an
+    evaluation, decays there (step 6), and ends at the next plateau."""
+    lr = 1e-9
+    cfg = AdjustTrainConfig(max_steps=12, lr=lr, warmup_steps=0, batch_size=8, eval_every=2, save_every=2,
+                            heldout=8, patience=1, lr_decays=1, min_round_steps=5, onpolicy_rounds=2,
+                            onpolicy_fraction=0.25, progress=False, heldout_examples=FEW)
+    out = tmp_path / "early-plateau"
+    train_adjust(base, traj_dir, out, cfg)
+    entries = [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines() if line.strip()]
+    round0 = [(e["step"], e["lr"]) for e in entries if not e.get("final") and e["round"] == 0]
+    assert round0 == [(2, lr), (4, lr), (6, pytest.approx(0.3 * lr)), (8, pytest.approx(0.3 * lr))]
+
+
 def test_default_rollout_is_eleven_or_the_generated_length(base, traj_dir, tmp_path):
     """The default trains depths 1-10, and on canvases shorter than 11 generated tokens every depth they have
     instead of refusing; an explicit rollout longer than the canvas is still refused."""

@@ -252,7 +252,7 @@ def test_user_corpus_scores_every_row_with_the_corpus_checker(tmp_path, monkeypa
     monkeypatch.setattr(sys, "argv", ["user_corpus.py", "--workdir", str(tmp_path), "--num", "1"])
     user_corpus.main()
     rows = json.loads((tmp_path / "validity-seed0.json").read_text())
-    assert len(rows) == 15 and all(r["base_passes"] == 4.0 for r in rows)
+    assert len(rows) == len(user_corpus.ROWS) == 18 and all(r["base_passes"] == 4.0 for r in rows)
     assert [r["valid"] for r in rows] == [0.0 if r["sampler"] == "parallel" else 1.0 for r in rows]
 
 

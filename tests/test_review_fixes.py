@@ -171,3 +171,17 @@ def test_demo_runs_a_named_stage_its_mode_leaves_out(tmp_path, monkeypatch):
     assert ran == ["tasks"]
     with pytest.raises(ValueError, match="no stage named klingon"):
         demo.run_demo(demo.DemoConfig(workdir=tmp_path / "runs", stages=("klingon",)))
+
+
+def test_a_launched_process_loads_onto_its_own_gpu(monkeypatch):
+    """Under torchrun / accelerate launch, "cuda" is the process's own GPU (LOCAL_RANK), as accelerate trains on
+    it: every process loaded its model onto GPU 0 and rank 1's first training step mixed devices."""
+    from jointdlm.models.loading import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("cuda") == torch.device("cuda", 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)  # an explicit GPU is kept
+    monkeypatch.delenv("LOCAL_RANK")
+    assert resolve_device("cuda") == torch.device("cuda")

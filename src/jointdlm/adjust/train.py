@@ -692,8 +692,13 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
         raise ValueError(f"rollout={cfg.rollout} exceeds the {data.length} generated tokens of the trajectories")
     prompts = _prompts_of(trajectories_dir)
 
+    if base.device.type == "cuda" and base.device.index is not None:
+        torch.cuda.set_device(base.device)  # one process: accelerate's plain "cuda" is then the base's GPU
     accelerator = Accelerator(cpu=cfg.device == "cpu")
     device = str(accelerator.device)
+    if not _same_device(base.device, accelerator.device):
+        # Under a launcher each process trains on its own GPU (accelerate's cuda:LOCAL_RANK), where its batches go.
+        base = base.to(accelerator.device)
     base_fingerprint = base.fingerprint()
     state_path = out / STATE_FILE
     # The update after the final norm trains from round 1 (see the loop): a run of one round has none.
@@ -762,8 +767,9 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
         return head_out.to(device).eval().requires_grad_(False)
 
     def checkpoint() -> None:
-        gens = accelerator.gather_for_metrics(gen.get_state()[None]) if accelerator.num_processes > 1 \
-            else gen.get_state()[None]
+        # NCCL gathers only accelerator tensors; Generator.set_state takes them back on the CPU.
+        gens = accelerator.gather_for_metrics(gen.get_state()[None].to(accelerator.device)).cpu() \
+            if accelerator.num_processes > 1 else gen.get_state()[None]
         if accelerator.is_main_process:
             exported().save_pretrained(out, {"training": asdict(cfg), "step": progress["step"]})
             tmp = state_path.with_name(STATE_FILE + ".tmp")
@@ -848,8 +854,10 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
     def round_over() -> bool:
         # No "good enough" stop: ending a round once the head left 0.3% of the stale KL cost choice's K=8 0.967 ->
         # 0.980 and template's one-pass writes (docs/results.md §5); a round ends on the plateau or its cap.
+        # A plateau ends the round only once its rate decays are spent (they happen at evaluations: one reached
+        # before min_round_steps waits for the next evaluation past it).
         settled = (cfg.patience > 0 and progress["round_step"] >= cfg.min_round_steps
-                   and progress["stale_evals"] >= cfg.patience)
+                   and progress["stale_evals"] >= cfg.patience and progress["decays"] >= cfg.lr_decays)
         return settled or (progress["round_step"] >= cfg.max_round_steps and current.index < rounds_total - 1)
 
     try:  # the bar's line ends even when a step fails, so an error message starts on its own line
@@ -1069,6 +1077,17 @@ def _trajectory_identity(data: Trajectories) -> dict:
 
 BEFORE_THE_FIELD = {"ema_decay": 0.0}
 """What a run saved before a field existed ran with, where that is not today's default."""
+
+
+def _same_device(a: torch.device | str, b: torch.device | str) -> bool:
+    """Whether two devices are one (a CUDA device without an index is the current one)."""
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    return (a.index if a.index is not None else torch.cuda.current_device()) == \
+        (b.index if b.index is not None else torch.cuda.current_device())
 
 
 def _resume_problems(state: dict, wanted: dict) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -69,6 +70,10 @@ def resolve_device(device: str | torch.device) -> torch.device:
                              f"{torch.__version__}); use --device cpu")
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
             raise ValueError(f"device {device!r} asked for, but only {torch.cuda.device_count()} GPU(s) exist")
+        if resolved.index is None and "LOCAL_RANK" in os.environ:
+            # A process of torchrun / accelerate launch: its own GPU, as accelerate gives it (else every process
+            # would load its model onto GPU 0).
+            resolved = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
     elif resolved.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {device!r} asked for, but MPS is not available here")
     elif resolved.type not in ("cpu", "cuda", "mps"):
