@@ -185,3 +185,32 @@ def test_a_launched_process_loads_onto_its_own_gpu(monkeypatch):
     assert resolve_device("cuda:0") == torch.device("cuda", 0)  # an explicit GPU is kept
     monkeypatch.delenv("LOCAL_RANK")
     assert resolve_device("cuda") == torch.device("cuda")
+
+
+def test_a_resumed_head_checks_the_trajectories_prompts():
+    """Two collections of one config from different prompt files are different data: a run resumed on the other
+    used to go on without a word (with on-policy rounds off nothing else noticed); a state saved before prompts
+    were part of the identity is not refused for them."""
+    from dataclasses import asdict
+    from types import SimpleNamespace
+
+    from jointdlm.adjust.train import OBJECTIVE, AdjustTrainConfig, _comparable, _resume_problems, _trajectory_identity
+    from jointdlm.adjust.trajectories import TrajectoryConfig
+
+    data = SimpleNamespace(fingerprint="f00", config=TrajectoryConfig())
+
+    def wanted(prompts):
+        return {"config": _comparable(asdict(AdjustTrainConfig())), "base_fingerprint": "f00",
+                "trajectories": _trajectory_identity(data, prompts), "num_processes": 1, "objective": OBJECTIVE}
+
+    def saved(prompts, key=True):
+        trajectories = _trajectory_identity(data, prompts)
+        if not key:
+            trajectories.pop("prompts", None)
+        return {"config": asdict(AdjustTrainConfig()), "base_fingerprint": "f00", "trajectories": trajectories,
+                "objective": OBJECTIVE, "num_processes": 1, "generators": [None]}
+
+    assert _resume_problems(saved(["a = "]), wanted(["a = "])) == []
+    assert _resume_problems(saved(["a = "]), wanted(["b = "])) == ["trained on a different trajectory collection"]
+    assert _resume_problems(saved(["a = "], key=False), wanted(["b = "])) == []
+    assert _resume_problems(saved(None), wanted(None)) == []

@@ -29,6 +29,7 @@ Only the head trains; the base is checked bit for bit at the end.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -712,7 +713,7 @@ def train_adjust(base: DiffusionLM, trajectories_dir: str | Path, out: str | Pat
                 "stale_means": {}}
     anchor = "k1" if cfg.threshold_share + cfg.own_share < 1 else "own" if cfg.own_share > 0 else "threshold"
     identity = {"config": _comparable(asdict(cfg)), "base_fingerprint": base_fingerprint,
-                "trajectories": _trajectory_identity(data), "num_processes": accelerator.num_processes,
+                "trajectories": _trajectory_identity(data, prompts), "num_processes": accelerator.num_processes,
                 "objective": OBJECTIVE}
     best_state = None
     averaged = AdjustHead(head_config)
@@ -1067,12 +1068,17 @@ def _comparable(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in ("progress", "max_steps", "eval_every", "save_every")}
 
 
-def _trajectory_identity(data: Trajectories) -> dict:
-    """What makes a trajectory collection the same data (its progress flag does not)."""
-    # `chat` joined the config later: off, it is left out, so heads saved before it still match.
-    return json.loads(json.dumps({"fingerprint": data.fingerprint, **{k: v for k, v in asdict(data.config).items()
-                                                                      if k not in ("progress", "batch_size")
-                                                                      and not (k == "chat" and not v)}}))
+def _trajectory_identity(data: Trajectories, prompts: list[str] | None = None) -> dict:
+    """What makes a trajectory collection the same data (its progress flag does not), prompts included: two
+    collections of one config from different prompt files are different data."""
+    # `chat` joined the config later: off, it is left out, so heads saved before it still match; so are prompts
+    # when there are none.
+    identity = {"fingerprint": data.fingerprint, **{k: v for k, v in asdict(data.config).items()
+                                                    if k not in ("progress", "batch_size")
+                                                    and not (k == "chat" and not v)}}
+    if prompts is not None:
+        identity["prompts"] = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
+    return json.loads(json.dumps(identity))
 
 
 BEFORE_THE_FIELD = {"ema_decay": 0.0}
@@ -1103,7 +1109,10 @@ def _resume_problems(state: dict, wanted: dict) -> list[str]:
         problems.append(f"base model {state['base_fingerprint']} there, {wanted['base_fingerprint']} now")
     saved = json.loads(json.dumps(state.get("trajectories", wanted["trajectories"])))
     saved.pop("batch_size", None)  # recorded by earlier versions; it never changed the data
-    if saved != wanted["trajectories"]:
+    wanted_data = dict(wanted["trajectories"])
+    if "prompts" not in saved:  # saved before the prompts were part of the identity: not known, not compared
+        wanted_data.pop("prompts", None)
+    if saved != wanted_data:
         problems.append("trained on a different trajectory collection")
     objective = state.get("objective", "unscaled")
     if objective != wanted["objective"]:
