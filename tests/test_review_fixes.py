@@ -214,3 +214,83 @@ def test_a_resumed_head_checks_the_trajectories_prompts():
     assert _resume_problems(saved(["a = "]), wanted(["b = "])) == ["trained on a different trajectory collection"]
     assert _resume_problems(saved(["a = "], key=False), wanted(["b = "])) == []
     assert _resume_problems(saved(None), wanted(None)) == []
+
+
+def test_a_sampled_fingerprint_reaches_the_last_value_of_a_large_tensor():
+    """A released 7-8B checkpoint's fingerprint samples its tensors; the positions were float32, which past 2**24
+    rounds: LLaDA's embedding (518M values) put its last position one past the end (an IndexError on loading a
+    head). 2**24 + 4 values is the smallest such case."""
+    from jointdlm.models.hf import hf_fingerprint
+
+    weights = torch.zeros(2**24 + 4, dtype=torch.uint8)
+    before = hf_fingerprint({}, {"w": weights}, full_hash_elements=1)
+    weights[-1] = 1
+    assert hf_fingerprint({}, {"w": weights}, full_hash_elements=1) != before  # the last value is sampled
+
+
+def _harness(tiny_model_dir, **args):
+    pytest.importorskip("lm_eval")
+    from jointdlm.eval.harness import register
+
+    return register()(pretrained=str(tiny_model_dir), **args)
+
+
+def _requests(*pairs):
+    from types import SimpleNamespace
+
+    return [SimpleNamespace(args=pair) for pair in pairs]
+
+
+def test_lm_eval_requests_do_not_depend_on_the_others(tiny_model_dir):
+    """A request's masks (loglikelihood) and noise (generate_until) came from one stream over the whole call, so its
+    result changed with the tasks run beside it; now they come from its own content."""
+    lm = _harness(tiny_model_dir, sampler="parallel", tokens_per_step=2, mc_samples=4, batch_size=3)
+    a, b = ("the cat", " sat on the mat"), ("a dog", " ran")
+    assert lm.loglikelihood(_requests(a)) == lm.loglikelihood(_requests(b, a))[1:]
+    ga, gb = ("the cat", {"until": ["."], "max_gen_toks": 6}), ("a dog", {"max_gen_toks": 4})
+    assert lm.generate_until(_requests(ga)) == lm.generate_until(_requests(gb, ga))[1:]
+    # The draws are batched by batch_size (3 a pass here) and the estimate does not depend on it.
+    (estimate, greedy), = _harness(tiny_model_dir, mc_samples=4, batch_size=8).loglikelihood(_requests(a))
+    assert (estimate, greedy) == (pytest.approx(lm.loglikelihood(_requests(a))[0][0], abs=1e-4),
+                                  lm.loglikelihood(_requests(a))[0][1])
+
+
+def test_lm_eval_greedy_is_llada_s_one_token_a_pass(tiny_model_dir):
+    """is_greedy decodes the continuation one token per pass, the most confident first, and asks whether that is
+    the continuation: the sequential sampler at temperature 0 writes exactly that."""
+    lm = _harness(tiny_model_dir)
+    from jointdlm.sampling.base import TokenChoice
+
+    config = SamplingConfig(length=5, choice=TokenChoice(temperature=0.0))
+    greedy = generate(lm.model, make_sampler("sequential"), config, prompts=["the cat"]).tokens[0]
+    text = lm.model.tokenizer.decode(greedy)
+    prefix = lm._prefixes(["the cat"])[0]
+    from jointdlm.sampling.loop import build_canvas
+
+    tokens, attention, start = build_canvas(lm.model, [prefix], len(greedy))
+    assert lm._greedy_matches(tokens, attention, start, torch.tensor(greedy))
+    wrong = torch.tensor(greedy)
+    wrong[-1] = (wrong[-1] + 1) % 100 + 10
+    assert not lm._greedy_matches(tokens, attention, start, wrong)
+    assert text  # a continuation that decodes to text
+
+
+def test_lm_eval_splits_a_pair_as_lm_eval_does(tiny_model_dir):
+    """The context's trailing spaces go to the continuation, whose ids are the whole's after the context's."""
+    lm = _harness(tiny_model_dir)
+    prefix, target = lm._split("the cat ", "sat")
+    assert prefix == lm._prefixes(["the cat"])[0]
+    assert prefix + target == lm._prefixes(["the cat sat"])[0]
+
+
+def test_lm_eval_keeps_a_long_contexts_last_tokens(tiny_model_dir):
+    """A context longer than the window stopped the whole run; it now keeps its last tokens, and a generation
+    request's canvas no longer depends on the longest context it was grouped with."""
+    lm = _harness(tiny_model_dir, sampler="parallel", tokens_per_step=2)
+    long = " ".join(["the cat sat on the mat"] * 40)
+    out = lm.generate_until(_requests((long, {"max_gen_toks": 4}), ("the cat", {"max_gen_toks": 4})))
+    assert len(out) == 2
+    alone = lm.generate_until(_requests(("the cat", {"max_gen_toks": 4})))
+    assert out[1] == alone[0]
+    (estimate, _), = lm.loglikelihood(_requests((long, " sat")))
+    assert estimate < 0

@@ -5,12 +5,18 @@ and then runs lm-eval's own command line with the arguments given. Every sampler
 argument, e.g. `pretrained=DIR,sampler=adjust,adjust=HEAD,tokens_per_step=4` or `sampler=punt:epsilon=0.05`.
 
 * `generate_until` samples the continuation of each context with the chosen sampler (the canvas holds
-  `max_gen_toks` masks, at most what the model's window leaves) and cuts it at the first `until` string.
+  `max_gen_toks` masks, 256 unless the task says, as lm-eval's own models) and cuts it at the first `until` string.
+  A context that fills the window keeps its last tokens (as lm-eval's Hugging Face model does) instead of
+  stopping the run.
 * `loglikelihood` is a Monte Carlo estimate over masks, as LLaDA evaluates: for each of `mc_samples` draws, mask
   l ~ U{1..n} of the continuation's n tokens and add (n / l) x the log-probability of the masked tokens; the mean
-  is a lower bound on log p(continuation | context). `is_greedy` checks the one-pass argmax of the fully masked
-  continuation. `loglikelihood_rolling` (perplexity of whole documents) is not defined for this estimate and
-  stops with a clear error.
+  is a lower bound on log p(continuation | context). The continuation's tokens are those of context + continuation
+  after the context's (a context's trailing spaces move to the continuation), as lm-eval splits them. `is_greedy`
+  decodes the fully masked continuation greedily one token per pass, the most confident first, as LLaDA's
+  evaluation does (stopping at the first token that differs). `loglikelihood_rolling` (perplexity of whole
+  documents) is not defined for this estimate and stops with a clear error.
+* Every request's randomness comes from its own content and the seed (and, for repeated identical requests, which
+  repeat it is), so its result does not depend on the other requests of the run or on the batch.
 * After each request type, base passes, head passes and tokens/s go to stderr beside lm-eval's own table.
 * `--apply_chat_template`: lm-eval asks the model to format each request's turns; the checkpoint's own chat
   template does it, and the contexts that come back are encoded with their special tokens parsed.
@@ -18,6 +24,8 @@ argument, e.g. `pretrained=DIR,sampler=adjust,adjust=HEAD,tokens_per_step=4` or 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -114,7 +122,6 @@ def _model_class():
             self.tokens_per_step, self.steps, self.block_length = tokens_per_step, steps, block_length
             self.batch, self.max_gen_toks, self.seed, self.mc_samples = batch, max_gen_toks, seed, mc_samples
             self.spec_text = str(sampler)
-            self._generated = 0
             self.templated = False  # lm-eval put the contexts in the chat template (--apply_chat_template)
 
         # -- chat template (--apply_chat_template) -----------------------------------------------------------
@@ -148,22 +155,28 @@ def _model_class():
         def generate_until(self, requests) -> list[str]:
             outputs: list[str | None] = [None] * len(requests)
             groups: dict[tuple, list[int]] = {}
+            prefixes: list[list[int]] = [[] for _ in requests]
+            indices = [0] * len(requests)
+            repeats: dict[tuple, int] = {}
             for i, request in enumerate(requests):
                 context, gen_kwargs = request.args
                 until = gen_kwargs.get("until") or []
                 until = [until] if isinstance(until, str) else list(until)
-                limit = int(gen_kwargs.get("max_gen_toks") or self.max_gen_toks or 64)
-                groups.setdefault((tuple(until), limit), []).append(i)
+                limit = int(gen_kwargs.get("max_gen_toks") or self.max_gen_toks or DEFAULT_MAX_GEN_TOKS)
+                prefix, length = self._fit(self._prefixes([context])[0], limit)
+                groups.setdefault((tuple(until), length), []).append(i)
+                prefixes[i] = prefix
+                key = (context, tuple(until), limit)
+                repeats[key] = repeats.get(key, -1) + 1
+                indices[i] = request_seed(self.seed, *key, repeats[key])
             started, passes, head_passes, tokens = time.perf_counter(), 0.0, 0.0, 0
-            for (until, limit), rows in groups.items():
+            for (until, length), rows in groups.items():
                 contexts = [requests[i].args[0] for i in rows]
-                length = self._room(contexts, limit)
                 config = SamplingConfig(length=length, tokens_per_step=self.tokens_per_step, steps=self.steps,
                                         block_length=self.block_length, choice=self.choice, seed=self.seed,
                                         batch_size=self.batch)
-                out = generate(self.model, self.sampler, config, prompts=contexts, prefixes=self._prefixes(contexts),
-                               sample_indices=[self._generated + j for j in range(len(rows))])
-                self._generated += len(rows)
+                out = generate(self.model, self.sampler, config, prompts=contexts,
+                               prefixes=[prefixes[i] for i in rows], sample_indices=[indices[i] for i in rows])
                 for i, text in zip(rows, out.texts, strict=True):
                     cuts = [text.find(stop) for stop in until if stop and stop in text]
                     outputs[i] = text[: min(cuts)] if cuts else text
@@ -178,13 +191,15 @@ def _model_class():
                   f"{tokens / elapsed if elapsed > 0 else 0:.1f} tokens/s", file=sys.stderr)
             return [o or "" for o in outputs]
 
-        def _room(self, contexts: list[str], limit: int) -> int:
-            longest = max(len(p) for p in self._prefixes(contexts))
-            room = self.model.max_length - longest
-            if room < 1:
-                raise ValueError(f"a context of {longest} tokens leaves no room in the model's window of "
-                                 f"{self.model.max_length} tokens")
-            return min(limit, room)
+        def _fit(self, prefix: list[int], limit: int) -> tuple[list[int], int]:
+            """A context's ids and the tokens to generate after it, in the model's window: at most `limit` and what
+            the window leaves after the context; a context that fills the window keeps its last tokens, leaving
+            min(limit, half the window). A request's canvas depends on it alone, not on the requests beside it."""
+            window = self.model.max_length
+            if len(prefix) < window:
+                return prefix, min(limit, window - len(prefix))
+            length = min(limit, window // 2)
+            return prefix[len(prefix) + length - window:], length
 
         # -- likelihood ------------------------------------------------------------------------------------
         @torch.no_grad()
@@ -192,19 +207,21 @@ def _model_class():
             from ..sampling.loop import build_canvas
 
             results = []
-            gen = torch.Generator().manual_seed(self.seed)
             spec = self.model.spec
             for request in requests:
                 context, continuation = request.args
-                target = self.model.tokenizer.encode(continuation)
+                prefix, target = self._split(context, continuation)
                 if not target:
                     results.append((0.0, True))
                     continue
-                prefix = self._prefixes([context])[0]
-                tokens, attention, start = build_canvas(self.model, [prefix], len(target))
-                truth = torch.tensor(target, device=tokens.device)
                 n = len(target)
-                canvases = tokens.repeat(self.mc_samples, 1)
+                if n >= self.model.max_length:
+                    raise ValueError(f"a continuation of {n} tokens does not fit the model's window of "
+                                     f"{self.model.max_length} tokens")
+                prefix = prefix[max(0, len(prefix) + n - self.model.max_length):]  # the context's last tokens
+                tokens, attention, start = build_canvas(self.model, [prefix], n)
+                truth = torch.tensor(target, device=tokens.device)
+                gen = torch.Generator().manual_seed(request_seed(self.seed, context, continuation))
                 weights = torch.zeros(self.mc_samples)
                 hidden = torch.zeros(self.mc_samples, n, dtype=torch.bool)
                 for m in range(self.mc_samples):
@@ -212,18 +229,48 @@ def _model_class():
                     masked = torch.randperm(n, generator=gen)[:count]
                     hidden[m, masked] = True
                     weights[m] = n / count
-                region = canvases[:, start:]
-                canvases[:, start:] = torch.where(hidden.to(region.device), torch.full_like(region, spec.mask_id),
-                                                  truth.expand_as(region))
-                logits = self.model.forward(canvases, attention.repeat(self.mc_samples, 1)).logits[:, start:]
-                logprobs = torch.log_softmax(logits.float(), dim=-1)
-                picked = logprobs.gather(-1, truth.expand(self.mc_samples, n)[..., None])[..., 0].cpu()
+                picked = torch.zeros(self.mc_samples, n)
+                for first in range(0, self.mc_samples, self.batch):  # batch_size draws a pass, not all of them
+                    rows = hidden[first:first + self.batch]
+                    canvases = tokens.repeat(len(rows), 1)
+                    canvases[:, start:] = torch.where(rows.to(tokens.device), spec.mask_id, truth)
+                    logits = self.model.forward(canvases, attention.repeat(len(rows), 1)).logits[:, start:]
+                    logprobs = torch.log_softmax(logits.float(), dim=-1)
+                    picked[first:first + len(rows)] = logprobs.gather(
+                        -1, truth.expand(len(rows), n)[..., None])[..., 0].cpu()
                 estimate = float(((picked * hidden).sum(-1) * weights).mean())
-                full = tokens.clone()
-                full[:, start:] = spec.mask_id
-                greedy = self.model.forward(full, attention).logits[0, start:].argmax(-1)
-                results.append((estimate, bool(torch.equal(greedy, truth))))
+                results.append((estimate, self._greedy_matches(tokens, attention, start, truth)))
             return results
+
+        def _split(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+            """The context's ids and the continuation's, as lm-eval splits a pair: the context's trailing spaces
+            move to the continuation, and the continuation's ids are those of the whole after the context's (so
+            "Answer:" + " B" is scored as the one token " B" where the tokenizer has it)."""
+            spaces = len(context) - len(context.rstrip(" "))
+            if spaces:
+                context, continuation = context[:-spaces], context[-spaces:] + continuation
+            prefix, whole = self._prefixes([context, context + continuation])
+            if whole[:len(prefix)] == prefix:
+                return prefix, whole[len(prefix):]
+            return prefix, list(self.model.tokenizer.encode(continuation))  # a token across the seam: apart
+
+        def _greedy_matches(self, tokens: torch.Tensor, attention: torch.Tensor, start: int,
+                            truth: torch.Tensor) -> bool:
+            """Whether greedy decoding of the masked continuation, one token per pass at the most confident
+            position (LLaDA's), writes `truth`; it stops at the first token that differs."""
+            canvas = tokens.clone()
+            canvas[:, start:] = self.model.spec.mask_id
+            banned = self.model.spec.never_sampled()
+            for _ in range(len(truth)):
+                open_ = canvas[0, start:] == self.model.spec.mask_id
+                logits = self.model.forward(canvas, attention).logits[0, start:].float()
+                logits[:, banned] = -torch.inf
+                best, ids = logits.log_softmax(-1).max(-1)
+                at = int(best.masked_fill(~open_, -torch.inf).argmax())
+                if ids[at] != truth[at]:
+                    return False
+                canvas[0, start + at] = ids[at]
+            return True
 
         def loglikelihood_rolling(self, requests) -> list[float]:
             raise NotImplementedError("loglikelihood_rolling (whole-document perplexity) is not supported for "
@@ -231,6 +278,19 @@ def _model_class():
                                       "tasks")
 
     return JointDLMHarnessModel
+
+
+DEFAULT_MAX_GEN_TOKS = 256
+"""Tokens a generation request may write when neither its task nor max_gen_toks says: lm-eval's own models' 256
+(gsm8k sets none, and its chains of reasoning run past 64)."""
+
+
+def request_seed(seed: int, *content: object) -> int:
+    """A request's own 63-bit seed: from the run's seed and the request's content alone."""
+    from ..sampling.rules import mix_seed
+
+    digest = hashlib.sha256(json.dumps([str(c) for c in content]).encode()).digest()
+    return mix_seed(seed, int.from_bytes(digest[:8], "little"))
 
 
 def register() -> type:

@@ -291,7 +291,8 @@ def hf_fingerprint(config: Mapping[str, Any], state: Mapping[str, torch.Tensor],
         t = state[name]
         digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         if sampled and t.numel() > SAMPLED_ELEMENTS:
-            index = torch.linspace(0, t.numel() - 1, SAMPLED_ELEMENTS, device=t.device).long()
+            # In integers: float32 positions past 2**24 round, and the last one could land past the end.
+            index = torch.arange(SAMPLED_ELEMENTS, device=t.device) * (t.numel() - 1) // (SAMPLED_ELEMENTS - 1)
             t = t.detach().reshape(-1)[index]
         digest.update(_tensor_bytes(t))
     return digest.hexdigest()[:16]
