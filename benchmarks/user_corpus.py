@@ -123,9 +123,9 @@ class Kind(NamedTuple):
     max_size: int
 
 
-KINDS = {"brackets": Kind(is_valid, write_bracket_corpus, 6, 64),
+KINDS = {"brackets": Kind(is_valid, write_bracket_corpus, 6, 63),
          "permutation": Kind(is_permutation, write_permutation_corpus, 10, len(PERMUTATION_WORDS)),
-         "chain": Kind(is_chain, write_chain_corpus, 12, 64)}
+         "chain": Kind(is_chain, write_chain_corpus, 12, 63)}
 
 
 def checker(kind: str, size: int) -> Callable[[str], bool]:

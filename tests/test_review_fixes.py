@@ -294,3 +294,17 @@ def test_lm_eval_keeps_a_long_contexts_last_tokens(tiny_model_dir):
     assert out[1] == alone[0]
     (estimate, _), = lm.loglikelihood(_requests((long, " sat")))
     assert estimate < 0
+
+
+def test_pretrain_says_when_its_canvas_cuts_most_documents(capsys):
+    """Documents longer than the automatic canvas's cap (128 tokens) were cut with no word: 64 bracket pairs (130
+    tokens with BOS and EOS) trained and sampled a canvas no valid string fits."""
+    from jointdlm.models.tokenizer import BPETokenizer
+    from jointdlm.models.train import auto_seq_len
+
+    docs = [" ".join("( )" for _ in range(64))] * 50 + ["( )"] * 2
+    tokenizer = BPETokenizer.train(docs, 300)
+    assert auto_seq_len(tokenizer, docs) == 128
+    assert "are longer than the canvas of 128 tokens" in capsys.readouterr().err
+    assert auto_seq_len(tokenizer, ["( )" * 3] * 10) <= 128
+    assert capsys.readouterr().err == ""
