@@ -26,7 +26,7 @@ import torch
 from jointdlm.adjust.train import AdjustTrainConfig, read_verdict, train_adjust
 from jointdlm.adjust.trajectories import TrajectoryConfig, collect_trajectories
 from jointdlm.data import get_language, validity_rate, write_corpus
-from jointdlm.models.mdlm import BuiltinModel
+from jointdlm.models.mdlm import BuiltinModel, read_config
 from jointdlm.models.train import PretrainConfig, pretrain
 from jointdlm.sampling.loop import SamplingConfig, fill_length, generate
 from jointdlm.sampling.registry import make_from_spec, make_sampler
@@ -83,6 +83,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     work = Path(args.workdir) / args.language
+    if (work / "model" / "config.json").exists():  # a cached base must be the one these flags ask for
+        saved = read_config(work / "model" / "config.json").get("pretrain") or {}
+        wanted = {"preset": args.preset, "max_steps": args.pretrain_steps, "batch_size": args.pretrain_batch}
+        differ = [f"{key}={saved[key]!r} there, {value!r} now" for key, value in wanted.items()
+                  if key in saved and saved[key] != value]
+        if differ:
+            parser.error(f"{work / 'model'} was pre-trained otherwise ({'; '.join(differ)}): its results would be "
+                         "labelled with these flags; use another --workdir")
     if not (work / "model" / "training_done.json").exists():
         write_corpus(args.language, work / "corpus.txt", num=20000, seed=0)
         pretrain(work / "corpus.txt", work / "model", PretrainConfig(preset=args.preset, max_steps=args.pretrain_steps,

@@ -79,7 +79,7 @@ def main() -> int:
         for cache in (None, *KV_CACHES):
             config = SamplingConfig(length=canvas, tokens_per_step=int(k), block_length=args.block_length,
                                     kv_cache=cache, batch_size=args.batch_size)
-            best, out, _ = best_of(model, sampler, config, num, args.repeats, init)
+            best, out = best_of(model, sampler, config, num, args.repeats, init)
             uncached = uncached or best
             row = {"sampler": name, "k": int(k), "cache": cache or "none", "base_passes": out.counters.base_passes,
                    "ms_per_seq": 1000 * best / num, "speedup_vs_no_cache": uncached / best}

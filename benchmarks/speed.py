@@ -12,9 +12,11 @@ pass changes the logits as a trained head's does. Without: the template-language
 Prints, per sampler and K: base passes, head passes, ms per sequence (best of R), ratios to K=1 and to naive
 parallel at the same K, the pass-time floor of ADJUST against naive (the row's time inside base and head passes
 over its time inside base passes: what ADJUST would cost against naive if nothing outside the passes took time)
-and the share of the row's time spent outside model and head passes. The time inside passes is clocked around
-every call during the row's fastest run, so a head pass that computes a few candidate positions is counted at
-what it costs. The header line also gives one base pass and one head pass over every masked position of a
+and the share of the row's time spent outside model and head passes. The rows are timed in rounds (each row once
+a round, best of R rounds) with nothing around the passes; the time inside passes is clocked around every call in
+one more run of each row (on a GPU the clocks synchronise at every call, which would hold back the queueing of
+the next pass in a timed run), so a head pass that computes a few candidate positions is counted at what it
+costs. The header line also gives one base pass and one head pass over every masked position of a
 half-written canvas, for scale. With --compare-full-head, the same head's weights
 are also timed updating every position (`masked_only=False`, what heads saved before the masked-position pass
 do), as rows `adjust-every-position`; with --compare-anywhere, the same head choosing among every masked position
@@ -133,22 +135,37 @@ class PassClock:
         return passes
 
 
-def best_of(model, sampler, config: SamplingConfig, num: int, repeats: int, init: torch.Tensor | None = None,
-            clocks: Sequence[PassClock] = ()) -> tuple[float, Generation, list[float]]:
-    """The fastest wall time of `repeats` identical runs of `generate` (with `init`: a pre-filled canvas), the last
-    run's result, and the seconds of the fastest run spent inside each of the `clocks` (the model or head each
-    wraps)."""
-    best, out, inside = float("inf"), None, [0.0] * len(clocks)
+def timed_run(model, sampler, config: SamplingConfig, num: int, init: torch.Tensor | None = None
+              ) -> tuple[float, Generation]:
+    """Wall time of one run of `generate` (with `init`: a pre-filled canvas) and its result."""
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = generate(model, sampler, config, num=num, init=init)
+    sync()
+    return time.perf_counter() - start, out
+
+
+def best_of(model, sampler, config: SamplingConfig, num: int, repeats: int, init: torch.Tensor | None = None
+            ) -> tuple[float, Generation]:
+    """The fastest wall time of `repeats` identical runs of `generate` and the last run's result."""
+    best, out = float("inf"), None
     for _ in range(repeats):
-        for clock in clocks:
-            clock.seconds = 0.0
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = generate(model, sampler, config, num=num, init=init)
-        seconds = time.perf_counter() - start
-        if seconds < best:
-            best, inside = seconds, [clock.seconds for clock in clocks]
-    return best, out, inside
+        seconds, out = timed_run(model, sampler, config, num, init)
+        best = min(best, seconds)
+    return best, out
+
+
+def inside_passes(model, sampler, config: SamplingConfig, num: int, clocks: Sequence[PassClock]
+                  ) -> tuple[float, list[float]]:
+    """One more run with `clocks` around the model and heads (which `model` and `sampler` must use): its wall time
+    and the seconds spent inside each clock's calls. Apart from the timed runs, whose GPU work the clocks'
+    synchronisations would serialise."""
+    for clock in clocks:
+        clock.seconds = 0.0
+    seconds, _ = timed_run(model, sampler, config, num)
+    return seconds, [clock.seconds for clock in clocks]
 
 
 def every_position(head: AdjustHead) -> AdjustHead:
@@ -250,33 +267,42 @@ def main() -> int:
     head_s = head_times["adjust"]
     print(f"# one pass over the batch: base {1000 * base_s:.2f} ms; " + ", ".join(
         f"head {name} {1000 * t:.2f} ms ({t / base_s:.3f} of a base pass)" for name, t in head_times.items()))
-    timings, inside = {}, {}
-    # Clocks around every base and head call: the share of a row's time spent outside them.
+    def sampler_of(name: str, head_of: dict):
+        return make_sampler("adjust", head=head_of[name], **options.get(name, {})) if name in head_of \
+            else make_sampler(name)
+
+    configs = {(name, k): SamplingConfig(length=length, tokens_per_step=k, batch_size=batch) for name, k in runs}
+    samplers = {(name, k): sampler_of(name, heads) for name, k in runs}
+    # Rows timed in rounds (every row once a round, best of the rounds), so a slow spell of the machine falls on
+    # all of them alike; no clock inside the timed runs.
+    best = dict.fromkeys(runs, float("inf"))
+    counters = {}
+    for _ in range(args.repeats):
+        for row in runs:
+            seconds, out = timed_run(model, samplers[row], configs[row], num)
+            best[row], counters[row] = min(best[row], seconds), out.counters
+    # Then one clocked run a row: the share of its time inside base and head passes.
     clocked_model = PassClock(model, model.device)
     clocked_heads = {name: PassClock(h, model.device) for name, h in heads.items()}
-    for name, k in runs:
-        clocked_head = clocked_heads.get(name)
-        sampler = (make_sampler("adjust", head=clocked_head, **options.get(name, {})) if clocked_head
-                   else make_sampler(name))
-        config = SamplingConfig(length=length, tokens_per_step=k, batch_size=batch)
-        best, out, inside[(name, k)] = best_of(clocked_model, sampler, config, num, args.repeats,
-                                               clocks=(clocked_model, *clocked_heads.values()))
-        timings[(name, k)] = (best, out.counters)
-    k1 = timings[("sequential", 1)][0]
+    inside = {row: inside_passes(clocked_model, sampler_of(row[0], clocked_heads), configs[row], num,
+                                 (clocked_model, *clocked_heads.values())) for row in runs}
+    k1 = best[("sequential", 1)]
     rows = []
     print("| sampler | K | base passes | head passes | ms/seq | time vs K=1 | time vs naive same K "
           "| floor vs naive | outside passes |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for (name, k), (seconds, c) in timings.items():
-        naive = timings.get(("parallel", k), (seconds, None))[0]
-        base_inside, *heads_inside = inside[(name, k)]
+    for (name, k), seconds in best.items():
+        c = counters[(name, k)]
+        naive = best.get(("parallel", k))  # none for K=1's row: no naive row to compare it with
+        clocked_seconds, (base_inside, *heads_inside) = inside[(name, k)]
         floor = (base_inside + sum(heads_inside)) / base_inside
-        overhead = 1 - (base_inside + sum(heads_inside)) / seconds
+        overhead = 1 - (base_inside + sum(heads_inside)) / clocked_seconds
         rows.append({"sampler": name, "k": k, "ms_per_seq": 1000 * seconds / num, "base_passes": c.base_passes,
                      "head_passes": c.extra_passes, "floor_vs_naive": floor, "overhead_share": overhead,
-                     "time_vs_k1": seconds / k1, "time_vs_naive": seconds / naive})
+                     "time_vs_k1": seconds / k1, "time_vs_naive": None if naive is None else seconds / naive})
+        versus = "–" if naive is None else f"{seconds / naive:.2f}x"
         print(f"| {name} | {k} | {c.base_passes:.1f} | {c.extra_passes:.1f} | {1000 * seconds / num:.3f} "
-              f"| {seconds / k1:.2f}x | {seconds / naive:.2f}x | {floor:.2f}x | {overhead:.1%} |")
+              f"| {seconds / k1:.2f}x | {versus} | {floor:.2f}x | {overhead:.1%} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"command": "python " + " ".join(sys.argv), "device": device_name(device),

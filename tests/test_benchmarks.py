@@ -395,3 +395,16 @@ def test_vocabulary_work_gives_the_tokens_of_the_forms_before():
                                                      ("adjust", 48)]
     assert all(r["same_tokens"] for r in rows)
     assert (rules.draw, rules.top_probability, rules.model_logprobs) == (draw, top_probability, model_logprobs)
+
+
+def test_adjust_recipe_refuses_a_cached_base_of_other_flags(tmp_path):
+    """A workdir's cached base was reused whatever --preset / --pretrain-steps said, and its results labelled with
+    the new flags (a 2,000-step base reported as a 6,000-step one)."""
+    model = tmp_path / "choice" / "model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text(json.dumps({"model_type": "jointdlm-mdlm", "pretrain": {
+        "preset": "small", "max_steps": 2000, "batch_size": 64}}))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "adjust_recipe.py"), "--language", "choice",
+                           "--workdir", str(tmp_path), "--pretrain-steps", "6000"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "max_steps=2000 there, 6000 now" in proc.stderr, proc.stderr

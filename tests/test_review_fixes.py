@@ -308,3 +308,15 @@ def test_pretrain_says_when_its_canvas_cuts_most_documents(capsys):
     assert "are longer than the canvas of 128 tokens" in capsys.readouterr().err
     assert auto_seq_len(tokenizer, ["( )" * 3] * 10) <= 128
     assert capsys.readouterr().err == ""
+
+
+def test_an_even_number_of_timings_reads_the_middle_twos_mean():
+    """`--timing-repeats 2` reported each row's slower run (the upper middle of two), cold first round included."""
+    from types import SimpleNamespace
+
+    from jointdlm.eval.runner import _time_in_rounds
+
+    rows = [{"speed": {"wall_time_s": 3.0, "generated_tokens": 60}}]
+    again = SimpleNamespace(texts=["a"], counters=SimpleNamespace(wall_time_s=1.0))
+    _time_in_rounds(rows, [["a"]], 2, lambda name, k: again, [("parallel", 2)])
+    assert rows[0]["speed"]["wall_time_s"] == 2.0 and rows[0]["speed"]["tokens_per_second"] == 30.0
