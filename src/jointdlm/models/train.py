@@ -346,7 +346,7 @@ def pretrain(corpus: str | Path, out: str | Path, cfg: PretrainConfig) -> Builti
     step = 0
     if resume:
         optimizer.load_state_dict(state["optimizer"])
-        batch_gen.set_state(state["generator"])
+        batch_gen.set_state(state["generator"].cpu())  # map_location moved it; a generator takes a CPU state
         step = state["step"]
 
     loss_fn = mdlm_loss if cfg.objective == "mdlm" else ar_loss
