@@ -274,8 +274,7 @@ def cmd_code_eval(args: argparse.Namespace) -> None:
                                         timeout=args.timeout)
     c = result.counters
     rows = [{"task_id": p["task_id"], "completion": truncate(text, chat=args.chat, benchmark=args.benchmark),
-             "status": o.status,
-             "detail": o.detail}
+             "status": o.status, "detail": o.detail}
             for p, text, o in zip(problems, result.texts, outcomes, strict=True)]
     summary = {"command": args.command_line, "benchmark": args.benchmark,
                "sampler": args.sampler,

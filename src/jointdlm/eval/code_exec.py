@@ -120,7 +120,7 @@ def require_sandbox() -> None:
 
 
 def run_program(program: str, timeout: float = 10.0, memory_mb: int = 1024) -> ExecResult:
-    """Run one program in the sandbox; passed means it exited normally (its asserts held)."""
+    """Run one program in the sandbox; passed means it ran to its end and exited normally (its asserts held)."""
     with tempfile.TemporaryDirectory(prefix="jointdlm-exec-") as work:
         Path(work, "program.py").write_text(program)
         env = {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "PYTHONHASHSEED": "0", "LANG": "C.UTF-8"}
