@@ -320,3 +320,14 @@ def test_an_even_number_of_timings_reads_the_middle_twos_mean():
     again = SimpleNamespace(texts=["a"], counters=SimpleNamespace(wall_time_s=1.0))
     _time_in_rounds(rows, [["a"]], 2, lambda name, k: again, [("parallel", 2)])
     assert rows[0]["speed"]["wall_time_s"] == 2.0 and rows[0]["speed"]["tokens_per_second"] == 30.0
+
+
+def test_lm_eval_takes_the_kv_cache(tiny_model_dir):
+    """kv_cache is a sampling option of `sample` and `eval`; lm-eval refused it as an unknown model arg."""
+    lm = _harness(tiny_model_dir, sampler="parallel", tokens_per_step=2, block_length=4, kv_cache="prefix")
+    cached = lm.generate_until(_requests(("the cat", {"max_gen_toks": 12})))
+    assert len(cached) == 1 and isinstance(cached[0], str)
+    with pytest.raises(ValueError, match="kv_cache must be one of prefix, dual"):
+        _harness(tiny_model_dir, block_length=4, kv_cache="everything")
+    with pytest.raises(ValueError, match="needs semi-autoregressive blocks"):
+        _harness(tiny_model_dir, kv_cache="dual")

@@ -468,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated K values (1 = the K=1 row)")
     p.add_argument("--num", type=_positive_int, default=200)
     p.add_argument("--task", default=None,
-                   help="a prompted task (copy, reverse, sort, insert, remove, replace, add, all)")
+                   help="a prompted task (copy, reverse, sort, shuffle, insert, remove, replace, add, all)")
     p.add_argument("--language", default=None, help="toy language of the model's corpus: exact validity and TV")
     p.add_argument("--length", type=_positive_int, default=None)
     p.add_argument("--seed", type=int, default=0)

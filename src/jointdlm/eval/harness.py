@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from ..sampling.base import TokenChoice
-from ..sampling.loop import SamplingConfig, generate
+from ..sampling.loop import KV_CACHES, SamplingConfig, generate
 
 
 def _lm_eval():
@@ -81,7 +81,8 @@ def _model_class():
                      tokens_per_step: int = 1, steps: int | None = None, block_length: int | None = None,
                      rule: str = "confidence", temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                      device: str = "cpu", batch_size: int | str = 16, max_gen_toks: int | None = None,
-                     seed: int = 0, mc_samples: int = 32, dtype: str = "auto", **unused: Any) -> None:
+                     seed: int = 0, mc_samples: int = 32, dtype: str = "auto", kv_cache: str | None = None,
+                     **unused: Any) -> None:
             super().__init__()
             from ..adjust.head import AdjustHead
             from ..models.causal import CausalScorer
@@ -95,6 +96,10 @@ def _model_class():
             tokens_per_step = _integer("tokens_per_step", tokens_per_step, 1)
             steps = None if steps is None else _integer("steps", steps, 1)
             block_length = None if block_length is None else _integer("block_length", block_length, 1)
+            if kv_cache is not None and kv_cache not in KV_CACHES:
+                raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
+            if kv_cache is not None and block_length is None:
+                raise ValueError("kv_cache needs semi-autoregressive blocks (block_length)")
             # lm-eval's --batch_size auto:N (re-detect N times) is auto here too: a fixed 16
             auto = isinstance(batch_size, str) and batch_size.split(":")[0] == "auto"
             batch = 16 if auto else _integer("batch_size", batch_size, 1)
@@ -120,6 +125,7 @@ def _model_class():
             judge = CausalScorer.load(scorer, device) if scorer else None
             self.sampler = make_from_spec(str(sampler), head=head, scorer=judge)
             self.tokens_per_step, self.steps, self.block_length = tokens_per_step, steps, block_length
+            self.kv_cache = kv_cache
             self.batch, self.max_gen_toks, self.seed, self.mc_samples = batch, max_gen_toks, seed, mc_samples
             self.spec_text = str(sampler)
             self.templated = False  # lm-eval put the contexts in the chat template (--apply_chat_template)
@@ -172,9 +178,11 @@ def _model_class():
             started, passes, head_passes, tokens = time.perf_counter(), 0.0, 0.0, 0
             for (until, length), rows in groups.items():
                 contexts = [requests[i].args[0] for i in rows]
+                # A canvas no longer than a block has nothing to cache: whole-canvas passes.
+                blocks = self.block_length is not None and self.block_length < length
                 config = SamplingConfig(length=length, tokens_per_step=self.tokens_per_step, steps=self.steps,
                                         block_length=self.block_length, choice=self.choice, seed=self.seed,
-                                        batch_size=self.batch)
+                                        batch_size=self.batch, kv_cache=self.kv_cache if blocks else None)
                 out = generate(self.model, self.sampler, config, prompts=contexts,
                                prefixes=[prefixes[i] for i in rows], sample_indices=[indices[i] for i in rows])
                 for i, text in zip(rows, out.texts, strict=True):
