@@ -25,7 +25,8 @@ class ThresholdConfig:
     factor: float | None = None
     extra: int = 0
     """After the sure positions (or the single most confident when none is sure), also fill this many of the next
-    most confident: with 1, K=1 order for the unsure tokens and the sure ones alongside. It halved the base passes
+    most confident: with 1, K=1 order for the unsure tokens and the sure ones alongside, but for a step with
+    nothing sure, which writes two unsure tokens. It halved the base passes
     at K=1 validity on template and choice, and lost half the validity on permutation, where a sure token
     constrains the others (docs/results.md §5)."""
 
