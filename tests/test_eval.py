@@ -162,3 +162,27 @@ def test_timing_repeats_report_the_median_wall_time_of_the_same_samples(tiny_mod
     assert rows[1]["speed"]["speedup_vs_k1"] == 3.0 / 7.0
     with pytest.raises(ValueError, match="timing_repeats"):
         EvalConfig(timing_repeats=0)
+
+
+def test_edlm_can_sample_with_another_scorer_than_the_one_that_measures_it(tiny_model, scorer_dir, tmp_path,
+                                                                          capsys, monkeypatch):
+    """EDLM keeps the proposal its scorer likes best: measured by that same scorer its NLL is biased in its favour
+    (results §5). `sampler_scorer` gives it another model, and without one eval says so."""
+    scorer = CausalScorer.load(scorer_dir)
+    other = CausalScorer.load(scorer_dir)
+    cfg = EvalConfig(samplers=("edlm",), tokens_per_step=(2,), num=8, batch_size=8, mauve_seeds=(0,))
+    run_eval(tiny_model, cfg, tmp_path / "shared", scorer=scorer)
+    assert "samples with the scorer that measures its NLL and MAUVE" in capsys.readouterr().err
+    from jointdlm.sampling import edlm
+
+    built = []
+    real = edlm.EDLMSampler.__init__
+
+    def recording(self, *args, **kwargs):
+        built.append(kwargs.get("scorer"))
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(edlm.EDLMSampler, "__init__", recording)
+    run_eval(tiny_model, cfg, tmp_path / "apart", scorer=scorer, sampler_scorer=other)
+    assert "samples with the scorer" not in capsys.readouterr().err
+    assert built and all(s is other for s in built)

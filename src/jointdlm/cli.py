@@ -316,8 +316,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
                        dtype=args.dtype)
     head = AdjustHead.from_pretrained(args.adjust, model) if args.adjust else None
     scorer = CausalScorer.load(args.scorer, args.device) if args.scorer else None
-    results = run_eval(model, cfg, args.out, adjust_head=head, scorer=scorer,
-                       command=args.command_line)
+    drafter = CausalScorer.load(args.sampler_scorer, args.device) if args.sampler_scorer else None
+    results = run_eval(model, cfg, args.out, adjust_head=head, scorer=scorer, command=args.command_line,
+                       sampler_scorer=drafter)
     from .eval.runner import format_table
 
     print(format_table(results))
@@ -461,7 +462,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="quality and speed of samplers x tokens per step, with tables and plots")
     add_model_args(p)
     p.add_argument("--adjust", default=None, help="ADJUST head directory (needed for the adjust sampler)")
-    p.add_argument("--scorer", default=None, help="causal scorer directory: NLL and MAUVE (and edlm/apd)")
+    p.add_argument("--scorer", default=None, help="causal scorer directory: NLL and MAUVE (and edlm/apd unless "
+                   "--sampler-scorer is given)")
+    p.add_argument("--sampler-scorer", default=None,
+                   help="another causal LM for edlm / apd to sample with, so the scorer that measures them is not "
+                        "the one that chose their tokens")
     p.add_argument("--samplers", default="parallel,adjust",
                    help="comma-separated sampler specs, e.g. parallel,adjust,punt:epsilon=0.05,threshold:tau=0.8")
     p.add_argument("--tokens-per-step", type=_int_list, default="1,2,3,4,8",

@@ -23,7 +23,7 @@ from ..models.protocol import DiffusionLM
 from ..outputs import atomic_write_text, check_output_dir
 from ..sampling.base import TokenChoice
 from ..sampling.loop import Generation, SamplingConfig, build_canvas, encode_prompts, fill_length, generate
-from ..sampling.registry import SAMPLERS, make_from_spec, parse_spec
+from ..sampling.registry import SAMPLERS, dependencies_of, make_from_spec, parse_spec
 from . import metrics
 
 REFERENCE_FILE = "reference.jsonl"
@@ -135,11 +135,18 @@ def follows_budget(spec: str) -> bool:
 
 
 def run_eval(model: DiffusionLM, cfg: EvalConfig, out: str | Path, adjust_head=None,
-             scorer: CausalScorer | None = None, command: str | None = None) -> dict:
+             scorer: CausalScorer | None = None, command: str | None = None,
+             sampler_scorer: CausalScorer | None = None) -> dict:
     """Run the grid, write results.json and results.md (and plots) into `out`, return the results. `command`, the
     command line that ran it, heads results.md and is kept in results.json, so the numbers carry their source."""
+    # The samplers that need an autoregressive model (EDLM, APD) use `sampler_scorer`, else the metric's `scorer`:
+    # then the NLL and MAUVE of their rows are measured by the model that chose or shaped their tokens.
+    drafter = sampler_scorer if sampler_scorer is not None else scorer
     for spec in cfg.samplers:
-        make_from_spec(spec, head=adjust_head, scorer=scorer)
+        make_from_spec(spec, head=adjust_head, scorer=drafter)
+        if sampler_scorer is None and scorer is not None and "scorer" in dependencies_of(spec):
+            print(f"warning: {spec} samples with the scorer that measures its NLL and MAUVE (biased in its favour); "
+                  "give it another causal LM with --sampler-scorer", file=sys.stderr)
     examples, prompts = _prompts(cfg)
     length = cfg.length or fill_length(model, prompts)
     SamplingConfig(length=length, block_length=cfg.block_length, kv_cache=cfg.kv_cache)  # a bad pair fails here
@@ -158,7 +165,7 @@ def run_eval(model: DiffusionLM, cfg: EvalConfig, out: str | Path, adjust_head=N
     cached = reference is not None
     if reference is None:
         print("generating the K=1 reference samples", file=sys.stderr)
-        ref = _run(model, "sequential", 1, cfg, length, prompts, cfg.seed + 1000, adjust_head, scorer)
+        ref = _run(model, "sequential", 1, cfg, length, prompts, cfg.seed + 1000, adjust_head, drafter)
         reference = ref.texts
         atomic_write_text(reference_path,
                           "\n".join(json.dumps(r) for r in [{"key": reference_key}] + [{"text": t} for t in reference]))
@@ -172,7 +179,7 @@ def run_eval(model: DiffusionLM, cfg: EvalConfig, out: str | Path, adjust_head=N
         else:
             grid.append((spec, 1))
     def run(name: str, k: int) -> Generation:
-        return _run(model, name, k, cfg, length, prompts, cfg.seed, adjust_head, scorer, cfg.kv_cache)
+        return _run(model, name, k, cfg, length, prompts, cfg.seed, adjust_head, drafter, cfg.kv_cache)
 
     if cached:
         # Nothing has run in this process yet: one untimed base pass over a batch, so the first timed row (K=1,
