@@ -239,7 +239,10 @@ def select_top(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 def truncate(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """Tempered, truncated scores over the last dimension (float64) whose softmax is the distribution to draw from.
     With nothing cut they are the tempered logits as they are: Gumbel-max draws from their softmax whatever
-    constant a row is shifted by, so no normalisation pass over every sampled position's vocabulary is needed."""
+    constant a row is shifted by, so no normalisation pass over every sampled position's vocabulary is needed.
+    With both top-k and top-p, top-p reads the tempered probabilities as they were before top-k (not renormalised
+    over the k kept): the intersection of the two sets, as Dream's sampler keeps, which can keep more than Hugging
+    Face's top-k-then-top-p."""
     if (top_k <= 0 or top_k >= logits.shape[-1]) and top_p >= 1.0:
         return logits.double() if temperature == 1 else logits.double() / temperature
     lp = torch.log_softmax(logits.double() / temperature, dim=-1)
