@@ -580,17 +580,25 @@ def test_held_out_kl_and_the_saved_head_use_the_moving_average(base, traj_dir, t
         AdjustTrainConfig(heldout_examples=0)
 
 
+PLATEAU_LR = 1e-9
+"""A rate at which held-out KL cannot gain 3% between evaluations: every evaluation after the first is a plateau."""
+
+
+def plateau_log(base, traj_dir, out, max_steps: int, min_round_steps: int) -> list[dict]:
+    """The log entries of a two-round run at `PLATEAU_LR`, evaluated every 2 steps, patience 1, one rate decay."""
+    cfg = AdjustTrainConfig(max_steps=max_steps, lr=PLATEAU_LR, warmup_steps=0, batch_size=8, eval_every=2,
+                            save_every=2, heldout=8, patience=1, lr_decays=1, min_round_steps=min_round_steps,
+                            onpolicy_rounds=2, onpolicy_fraction=0.25, progress=False, heldout_examples=FEW)
+    train_adjust(base, traj_dir, out, cfg)
+    return [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines() if line.strip()]
+
+
 def test_a_round_starts_at_the_rate_the_last_one_ended_with(base, traj_dir, tmp_path):
     """A plateau in round 0 lowers the rate; round 1 goes on at that rate, not back at the full one (docs/results.md
     §2: the reset raised held-out KL 3-6x). A learning rate of 1e-9 makes the plateau certain: held-out KL cannot
     gain 3% between evaluations, so round 0 decays at its second evaluation and ends at its third."""
-    lr = 1e-9
-    cfg = AdjustTrainConfig(max_steps=10, lr=lr, warmup_steps=0, batch_size=8, eval_every=2, save_every=2,
-                            heldout=8, patience=1, lr_decays=1, min_round_steps=2, onpolicy_rounds=2,
-                            onpolicy_fraction=0.25, progress=False, heldout_examples=FEW)
-    out = tmp_path / "plateau"
-    train_adjust(base, traj_dir, out, cfg)
-    entries = [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines() if line.strip()]
+    lr = PLATEAU_LR
+    entries = plateau_log(base, traj_dir, tmp_path / "plateau", max_steps=10, min_round_steps=2)
     rates = [(e["round"], e["lr"]) for e in entries if not e.get("final")]
     assert rates[:3] == [(0, lr), (0, pytest.approx(0.3 * lr)), (0, pytest.approx(0.3 * lr))]
     later = [rate for r, rate in rates if r == 1]
@@ -601,13 +609,8 @@ def test_a_plateau_reached_before_the_rounds_minimum_still_lowers_the_rate(base,
     """A plateau found at an evaluation before `min_round_steps` (step 4 < 5) used to end the round at the first
     step past the minimum (5, no evaluation there) without the rate decay it was owed; the round now goes on to an
     evaluation, decays there (step 6), and ends at the next plateau."""
-    lr = 1e-9
-    cfg = AdjustTrainConfig(max_steps=12, lr=lr, warmup_steps=0, batch_size=8, eval_every=2, save_every=2,
-                            heldout=8, patience=1, lr_decays=1, min_round_steps=5, onpolicy_rounds=2,
-                            onpolicy_fraction=0.25, progress=False, heldout_examples=FEW)
-    out = tmp_path / "early-plateau"
-    train_adjust(base, traj_dir, out, cfg)
-    entries = [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines() if line.strip()]
+    lr = PLATEAU_LR
+    entries = plateau_log(base, traj_dir, tmp_path / "early-plateau", max_steps=12, min_round_steps=5)
     round0 = [(e["step"], e["lr"]) for e in entries if not e.get("final") and e["round"] == 0]
     assert round0 == [(2, lr), (4, lr), (6, pytest.approx(0.3 * lr)), (8, pytest.approx(0.3 * lr))]
 
