@@ -97,8 +97,10 @@ def describe(row: dict | None, metric: str = "validity") -> str:
         return "–"
     v = row["quality"][metric]
     k = f" K={row['tokens_per_step']}" if row["tokens_per_step"] else ""
-    return (f"{row['sampler']}{k}: {v['value']:.3f} [{v['low']:.3f}, {v['high']:.3f}] at "
-            f"{row['speed']['base_passes_per_sample']:.1f} base passes")
+    entropy = row["quality"].get("entropy") if metric == "nll" else None  # a low NLL by repetition shows here
+    return (f"{row['sampler']}{k}: {v['value']:.3f} [{v['low']:.3f}, {v['high']:.3f}]"
+            + (f" (entropy {entropy['value']:.2f})" if entropy else "")
+            + f" at {row['speed']['base_passes_per_sample']:.1f} base passes")
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from jointdlm.eval.metrics import (
     nll,
     proportion,
     task_accuracy,
+    token_entropy,
     total_variation,
     validity,
 )
@@ -153,3 +154,23 @@ def test_mauve_of_identical_points_is_one():
 def test_mauve_texts_runs_offline(memorised_scorer):
     texts = TemplateLanguage().sample(60, seed=0)
     assert mauve_texts(memorised_scorer, texts, texts, seeds=(0,)).value > 0.99
+
+
+def test_token_entropy_is_each_samples_own_frequencies():
+    # Four distinct tokens once each: log 4; one token repeated: 0; two tokens 3:1; an empty sample: 0.
+    est = token_entropy([[5, 6, 7, 8], [9, 9, 9, 9], [1, 1, 1, 2], []])
+    each = [np.log(4), 0.0, -(0.75 * np.log(0.75) + 0.25 * np.log(0.25)), 0.0]
+    assert est.value == pytest.approx(np.mean(each)) and est.n == 4
+    assert est.low <= est.value <= est.high
+
+
+def test_entropy_tells_repetition_from_text(memorised_scorer):
+    # The scorer's NLL prefers the repeated word to the shuffled sentence: entropy is what tells them apart.
+    words = SENTENCE.split()
+    shuffled = [" ".join(random.Random(s).sample(words, len(words))) for s in range(20)]
+    repeated = ["the " * 12] * 20
+    assert metrics.entropy(memorised_scorer, repeated).high < metrics.entropy(memorised_scorer, shuffled).low
+    assert metrics.entropy(memorised_scorer, [SENTENCE]).value == pytest.approx(
+        token_entropy([memorised_scorer.tokenizer.encode(SENTENCE)]).value)
+    with pytest.raises(ValueError, match="at least one text"):
+        metrics.entropy(memorised_scorer, [])

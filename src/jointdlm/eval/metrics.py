@@ -133,6 +133,28 @@ def nll(scorer: CausalScorer, texts: Sequence[str], seed: int = 0) -> Estimate:
     return bootstrap(scorer.nll(texts), seed=seed)
 
 
+def token_entropy(token_ids: Sequence[Sequence[int]], seed: int = 0) -> Estimate:
+    """Mean over samples of the entropy (nats) of each sample's own token frequencies.
+
+    The field's companion to generative NLL: repetitive text ("the the the ...") scores a low NLL under any LM,
+    so a sampler can look better by degenerating; its samples' entropy then falls below K=1's (Zheng et al.,
+    2024, found this in MDLM's reported perplexities). An empty sample has entropy 0."""
+    values = []
+    for ids in token_ids:
+        counts = np.unique(np.asarray(ids, dtype=np.int64), return_counts=True)[1]
+        p = counts / counts.sum() if counts.size else counts
+        values.append(float(-(p * np.log(p)).sum()))
+    return bootstrap(values, seed=seed)
+
+
+def entropy(scorer: CausalScorer, texts: Sequence[str], seed: int = 0) -> Estimate:
+    """`token_entropy` of the texts in the scorer's tokens (the tokens its NLL is measured on, EOS left out)."""
+    texts = list(texts)
+    if not texts:
+        raise ValueError("entropy needs at least one text")
+    return token_entropy([scorer.tokenizer.encode(t) for t in texts], seed=seed)
+
+
 def task_accuracy(examples: Sequence[TaskExample], predictions: Sequence[str]) -> Estimate:
     return proportion(score_all(examples, predictions))
 

@@ -104,6 +104,7 @@ def _quality(cfg: EvalConfig, texts: list[str], reference: list[str], scorer: Ca
             out["accuracy_by_task"] = by_task
     if scorer is not None:
         out["nll"] = asdict(metrics.nll(scorer, texts))
+        out["entropy"] = asdict(metrics.entropy(scorer, texts))
         out["mauve"] = asdict(metrics.mauve_texts(scorer, reference, texts, seeds=cfg.mauve_seeds))
     if not out:
         # No language, task or scorer: still compare with the K=1 reference, on the base's own features.
@@ -247,20 +248,33 @@ def _fmt(estimate: dict | None) -> str:
     return f"{estimate['value']:.3f} [{estimate['low']:.3f}, {estimate['high']:.3f}]"
 
 
+def _repetitive(row: dict, k1: dict | None) -> bool:
+    """Whether the row's token entropy lies wholly below K=1's interval (both measured)."""
+    mine, ref = row["quality"].get("entropy"), k1 and k1["quality"].get("entropy")
+    return bool(mine and ref and row is not k1 and mine["high"] < ref["low"])
+
+
 def format_table(results: dict) -> str:
     rows = results["rows"]
-    names = [m for m in ("validity", "tv_distance", "accuracy", "mauve", "nll", "mauve_base")
+    names = [m for m in ("validity", "tv_distance", "accuracy", "mauve", "nll", "entropy", "mauve_base")
              if any(m in r["quality"] for r in rows)]
     header = ["sampler", "K", *names, "base passes", "extra passes", "tokens/pass", "tokens/s", "speed-up vs K=1"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    k1 = next((r for r in rows if r["sampler"] == "sequential"), None)
+    repetitive = False
     for r in rows:
         s = r["speed"]
         k = r["tokens_per_step"] if r["tokens_per_step"] is not None else "adaptive"
         speedup = f"{s['speedup_vs_k1']:.2f}x" if s.get("speedup_vs_k1") else "–"
-        cells = [r["sampler"], str(k), *[_fmt(r["quality"].get(m)) for m in names],
+        cells = [r["sampler"], str(k), *[_fmt(r["quality"].get(m)) + (" †" if m == "nll" and _repetitive(r, k1)
+                                                                       else "") for m in names],
                  f"{s['base_passes_per_sample']:.1f}", f"{s['extra_passes_per_sample']:.1f}",
                  f"{s['tokens_per_base_pass']:.2f}", f"{s['tokens_per_second']:.0f}", speedup]
         lines.append("| " + " | ".join(cells) + " |")
+        repetitive = repetitive or _repetitive(r, k1)
+    if repetitive:
+        lines += ["", "† entropy below K=1's whole interval: more repetitive samples than K=1's, so part of a lower "
+                      "NLL is repetition, not quality."]
     by_task = [r["quality"].get("accuracy_by_task") for r in rows]
     if any(by_task):
         tasks = list(next(t for t in by_task if t))
