@@ -273,8 +273,8 @@ def format_table(results: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
         repetitive = repetitive or _repetitive(r, k1)
     if repetitive:
-        lines += ["", "† entropy below K=1's whole interval: more repetitive samples than K=1's, so part of a lower "
-                      "NLL is repetition, not quality."]
+        lines += ["", "† entropy below K=1's whole interval: samples more repetitive (or shorter) than K=1's, so a lower "
+                      "NLL here may come from repetition, not quality."]
     by_task = [r["quality"].get("accuracy_by_task") for r in rows]
     if any(by_task):
         tasks = list(next(t for t in by_task if t))
