@@ -39,7 +39,7 @@ def test_grid_writes_results_table_and_plots(tiny_model, scorer_dir, tmp_path):
     rows = {(r["sampler"], r["tokens_per_step"]): r for r in results["rows"]}
     assert set(rows) == {("sequential", 1), ("parallel", 2), ("parallel", 4), ("adjust", 2), ("adjust", 4)}
     for row in rows.values():
-        for metric in ("validity", "tv_distance", "nll", "entropy", "mauve"):
+        for metric in ("validity", "tv_distance", "nll", "entropy", "length", "mauve"):
             est = row["quality"][metric]
             assert est["low"] <= est["value"] <= est["high"], (metric, est)
     # An untrained head is naive parallel: same samples, hence the same validity.
@@ -189,11 +189,12 @@ def test_edlm_can_sample_with_another_scorer_than_the_one_that_measures_it(tiny_
 
 
 def test_table_marks_an_nll_row_whose_entropy_is_below_k1s():
-    def row(name, k, entropy_low, entropy_high):
+    def row(name, k, entropy_low, entropy_high, length=(12.0, 13.0)):
         return {"sampler": name, "tokens_per_step": k,
                 "quality": {"nll": {"value": 5.0, "low": 4.9, "high": 5.1},
                             "entropy": {"value": (entropy_low + entropy_high) / 2, "low": entropy_low,
-                                        "high": entropy_high}},
+                                        "high": entropy_high},
+                            "length": {"value": sum(length) / 2, "low": length[0], "high": length[1]}},
                 "speed": {"base_passes_per_sample": 1.0, "extra_passes_per_sample": 0.0, "tokens_per_base_pass": 4.0,
                           "tokens_per_second": 10.0, "speedup_vs_k1": 1.0}}
 
@@ -203,3 +204,5 @@ def test_table_marks_an_nll_row_whose_entropy_is_below_k1s():
     assert "†" in lines["| parallel8"] and "†" not in lines["| parallel4"] and "†" not in lines["| sequential1"]
     assert "† entropy below K=1's whole interval" in table
     assert "†" not in format_table({"rows": [row("sequential", 1, 3.0, 3.2), row("parallel", 4, 2.9, 3.1)]})
+    # Shorter samples have a lower entropy without repeating themselves: no mark.
+    assert "†" not in format_table({"rows": [row("sequential", 1, 3.0, 3.2), row("parallel", 8, 2.0, 2.5, (8.0, 9.0))]})

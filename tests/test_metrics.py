@@ -174,3 +174,5 @@ def test_entropy_tells_repetition_from_text(memorised_scorer):
         token_entropy([memorised_scorer.tokenizer.encode(SENTENCE)]).value)
     with pytest.raises(ValueError, match="at least one text"):
         metrics.entropy(memorised_scorer, [])
+    lengths = metrics.sample_length(memorised_scorer, [SENTENCE, "the"])
+    assert lengths.value == pytest.approx((len(memorised_scorer.tokenizer.encode(SENTENCE)) + 1) / 2)

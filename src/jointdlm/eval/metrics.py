@@ -155,6 +155,15 @@ def entropy(scorer: CausalScorer, texts: Sequence[str], seed: int = 0) -> Estima
     return token_entropy([scorer.tokenizer.encode(t) for t in texts], seed=seed)
 
 
+def sample_length(scorer: CausalScorer, texts: Sequence[str], seed: int = 0) -> Estimate:
+    """Mean number of the scorer's tokens per text: a sample's entropy grows with its length, so on a canvas whose
+    samples end at EOS a lower entropy can be shorter samples rather than repetition (this number tells which)."""
+    texts = list(texts)
+    if not texts:
+        raise ValueError("sample_length needs at least one text")
+    return bootstrap([len(scorer.tokenizer.encode(t)) for t in texts], seed=seed)
+
+
 def task_accuracy(examples: Sequence[TaskExample], predictions: Sequence[str]) -> Estimate:
     return proportion(score_all(examples, predictions))
 

@@ -105,6 +105,7 @@ def _quality(cfg: EvalConfig, texts: list[str], reference: list[str], scorer: Ca
     if scorer is not None:
         out["nll"] = asdict(metrics.nll(scorer, texts))
         out["entropy"] = asdict(metrics.entropy(scorer, texts))
+        out["length"] = asdict(metrics.sample_length(scorer, texts))
         out["mauve"] = asdict(metrics.mauve_texts(scorer, reference, texts, seeds=cfg.mauve_seeds))
     if not out:
         # No language, task or scorer: still compare with the K=1 reference, on the base's own features.
@@ -249,14 +250,19 @@ def _fmt(estimate: dict | None) -> str:
 
 
 def _repetitive(row: dict, k1: dict | None) -> bool:
-    """Whether the row's token entropy lies wholly below K=1's interval (both measured)."""
-    mine, ref = row["quality"].get("entropy"), k1 and k1["quality"].get("entropy")
-    return bool(mine and ref and row is not k1 and mine["high"] < ref["low"])
+    """Whether the row's token entropy lies wholly below K=1's interval while its samples are not shorter than
+    K=1's (their length interval reaches K=1's): repetition, not length (entropy grows with a sample's length)."""
+    if k1 is None or row is k1:
+        return False
+    mine, ref = row["quality"].get("entropy"), k1["quality"].get("entropy")
+    length, ref_length = row["quality"].get("length"), k1["quality"].get("length")
+    shorter = bool(length and ref_length and length["high"] < ref_length["low"])
+    return bool(mine and ref and mine["high"] < ref["low"] and not shorter)
 
 
 def format_table(results: dict) -> str:
     rows = results["rows"]
-    names = [m for m in ("validity", "tv_distance", "accuracy", "mauve", "nll", "entropy", "mauve_base")
+    names = [m for m in ("validity", "tv_distance", "accuracy", "mauve", "nll", "entropy", "length", "mauve_base")
              if any(m in r["quality"] for r in rows)]
     header = ["sampler", "K", *names, "base passes", "extra passes", "tokens/pass", "tokens/s", "speed-up vs K=1"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -273,8 +279,8 @@ def format_table(results: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
         repetitive = repetitive or _repetitive(r, k1)
     if repetitive:
-        lines += ["", "† entropy below K=1's whole interval: samples more repetitive (or shorter) than K=1's, so a lower "
-                      "NLL here may come from repetition, not quality."]
+        lines += ["", "† entropy below K=1's whole interval at a sample length not below K=1's: more repetitive "
+                      "samples than K=1's, so part of a lower NLL here is repetition, not quality."]
     by_task = [r["quality"].get("accuracy_by_task") for r in rows]
     if any(by_task):
         tasks = list(next(t for t in by_task if t))
