@@ -17,7 +17,8 @@
    second log-softmax of the sampled rows in float64): whole generations of fast samplers at batch 500 on a
    random-weight base of the demo's template shape (12 layers, d=48, vocabulary 734, 23 tokens) whose output is
    scaled to be peaked, or on --model and --adjust (the demo's template base and head: `make demo`), median of
-   --repeats, interleaved. Generated tokens are checked equal.
+   --repeats, interleaved. Generated tokens are checked equal (both with Gumbel-max draws, as the change was made
+   on them: `rules.draw` inverts the cumulative distribution since 2026-12-07, benchmarks/draw_speed.py).
 4. Attention written out (`mdlm.written_out_attention`) against torch's fused kernel: one call at the shapes of
    the demo's template base (batch 500 x 4 heads x 24 positions x 12), of a head pass there (8 queries), at head
    sizes 16, 24 and 64 (where `mdlm.attention` keeps the fused kernel); and whole naive K=4 generations with
@@ -29,7 +30,8 @@
    draws alone, and now: whole generations of 200 samples (naive K=16 and 48, ADJUST K=48 and
    `adjust:threshold=0.9` K <= 48) on --vocabulary-model and --vocabulary-adjust (the English 12-layer base and
    head of docs/results.md §5) or a random-weight 12-layer base with a 2,048-word vocabulary, median of --repeats,
-   interleaved. Generated tokens are checked equal.
+   interleaved. Generated tokens are checked equal. All three forms draw with Gumbel-max noise, as the changes
+   were made on it (`rules.draw` inverts the cumulative distribution since: benchmarks/draw_speed.py).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from draw_speed import gumbel_draw  # noqa: E402  (Gumbel-max draws, as parts 3 and 5 were made on them)
 from speed import live_head, random_base  # noqa: E402
 
 import jointdlm.models.mdlm as mdlm  # noqa: E402
@@ -236,18 +239,22 @@ def draw_rows(repeats: int, model: str | None, adjust: str | None) -> list[dict]
     # ADJUST's head rounds draw through `rules.draw` since their fixed-shape passes (c853741), not `sample_at`:
     # an adjust row here would time today's draw in both arms, so part 3 has none (results §6 has the row as it
     # was measured, at 2150a9a).
+    live_draw = rules.draw
     for spec, k in (("threshold:tau=0.5:extra=1", 1), ("parallel", 4)):
         sampler = make_from_spec(spec, head=head)
         config = SamplingConfig(length=23, tokens_per_step=k, batch_size=500)
         times, outs = {"before": [], "now": []}, {}
-        for _ in range(repeats):
-            for name in ("before", "now"):
-                rules.sample_at = renormalising_sample_at if name == "before" else drawn
-                start = time.perf_counter()
-                with torch.no_grad():
-                    outs[name] = generate(base, sampler, config, num=500).tokens
-                times[name].append(time.perf_counter() - start)
-        rules.sample_at = drawn
+        rules.draw = gumbel_draw  # both arms draw with Gumbel-max noise, as then
+        try:
+            for _ in range(repeats):
+                for name in ("before", "now"):
+                    rules.sample_at = renormalising_sample_at if name == "before" else drawn
+                    start = time.perf_counter()
+                    with torch.no_grad():
+                        outs[name] = generate(base, sampler, config, num=500).tokens
+                    times[name].append(time.perf_counter() - start)
+        finally:
+            rules.sample_at, rules.draw = drawn, live_draw
         before, now = (statistics.median(times[n]) for n in ("before", "now"))
         rows.append({"sampler": spec, "k": k, "before_s": before, "now_s": now, "speed_up": before / now,
                      "same_tokens": outs["before"] == outs["now"]})
@@ -331,9 +338,9 @@ def vocabulary_rows(repeats: int, model: str | None, adjust: str | None, preset:
         head = live_head(base)
     length = base.max_length - 1
     forms = {"before": (whole_draw, log_softmax_top_probability, whole_logprobs),
-             "chunked draws": (rules.draw, log_softmax_top_probability, whole_logprobs),
-             "now": (rules.draw, rules.top_probability, rules.model_logprobs)}
-    now = forms["now"]
+             "chunked draws": (gumbel_draw, log_softmax_top_probability, whole_logprobs),
+             "now": (gumbel_draw, rules.top_probability, rules.model_logprobs)}
+    now = (rules.draw, rules.top_probability, rules.model_logprobs)  # restored after (draws by inverse CDF since)
     rows = []
     for spec, k in (("parallel", 16), ("parallel", 48), ("adjust:threshold=0.9", 48), ("adjust", 48)):
         sampler = make_from_spec(spec, head=head)

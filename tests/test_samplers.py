@@ -550,3 +550,25 @@ def test_model_logprobs_in_place_are_log_softmax_in_any_chunking(monkeypatch):
     monkeypatch.setattr(rules, "NOISE_CHUNK", 500)  # 5 rows per chunk, the last chunk shorter
     assert torch.equal(rules.model_logprobs(logits, [0, 5]), expected) and torch.equal(logits, kept)
     assert torch.equal(rules.model_logprobs(logits.clone(), [0, 5], overwrite=True), expected)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (1.0, 3, 0.6)])
+def test_draws_follow_the_tempered_truncated_distribution(temperature, top_k, top_p):
+    """`draw` inverts the cumulative distribution at one uniform per (seed, position): over 40,000 keys its tokens
+    follow softmax(truncate(...)) (total variation well under a wrong target's) and never a token it cuts."""
+    from jointdlm.sampling import rules
+
+    gen = torch.Generator().manual_seed(3)
+    lp = torch.log_softmax(torch.randn(1, 20, generator=gen) * 2, dim=-1)
+    lp[0, 4] = -torch.inf  # a banned id
+    n = 40_000
+    seeds = torch.randint(-2**62, 2**62, (n,), generator=gen)
+    positions = torch.randint(0, 64, (n,), generator=gen)
+    tokens = rules.draw(lp.expand(n, -1), seeds, positions, temperature, top_k, top_p)
+    freq = torch.bincount(tokens, minlength=20).double() / n
+    target = torch.softmax(rules.truncate(lp, temperature, top_k, top_p), dim=-1)[0]
+    wrong = torch.softmax(lp.double(), dim=-1)[0] if (temperature, top_k, top_p) != (1.0, 0, 1.0) else \
+        torch.softmax(lp.double() / 1.5, dim=-1)[0]
+    assert 0.5 * (freq - target).abs().sum() < 0.015
+    assert 0.5 * (freq - wrong).abs().sum() > 0.05
+    assert freq[target == 0].sum() == 0 and freq[4] == 0

@@ -3,8 +3,9 @@
 One base pass gives the marginals p_D of the leftmost `max_draft` masked positions; a draft is drawn from
 them. One causal-scorer pass over the canvas with the draft written in gives p_AR at each drafted position,
 conditioned on the true prefix and the drafted tokens before it. The target is p_T ∝ p_D^R · p_AR^(1-R).
-Its token at each position is drawn with the same Gumbel noise as the draft (same step seed, position and
-stream), so draft and target coincide wherever the two distributions agree closely. The longest agreeing
+Its token at each position is drawn with the same uniform as the draft (same step seed, position and stream,
+inverted through each one's cumulative distribution), so draft and target coincide wherever the two
+distributions agree closely. The longest agreeing
 prefix is accepted and the first disagreeing position takes the target's token, so every step writes at
 least one token and every written token is the target's. R = 1 makes the target the draft (everything
 accepted); R = 0 is the causal model alone. The unmasking rule is not used: APD is left to right by

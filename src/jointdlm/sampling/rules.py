@@ -1,7 +1,7 @@
 """Unmasking rules (which masked positions to fill) and token sampling (what to write there).
 
 Positions are chosen from the model's own (untempered) distribution; tokens are drawn from the tempered,
-top-k / top-p truncated one with Gumbel-max noise in float64.
+top-k / top-p truncated one by inverting its cumulative distribution in float64 at one uniform per drawn position.
 
 Randomness is counter-based: at every step the loop draws one seed per row from that row's generator, and
 the noise at a position is a function of (step seed, position, stream) only. So a sample never depends on
@@ -238,7 +238,7 @@ def select_top(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 def truncate(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """Tempered, truncated scores over the last dimension (float64) whose softmax is the distribution to draw from.
-    With nothing cut they are the tempered logits as they are: Gumbel-max draws from their softmax whatever
+    With nothing cut they are the tempered logits as they are: `inverse_cdf` draws from their softmax whatever
     constant a row is shifted by, so no normalisation pass over every sampled position's vocabulary is needed.
     With both top-k and top-p, top-p reads the tempered probabilities as they were before top-k (not renormalised
     over the k kept): the intersection of the two sets, as Dream's sampler keeps, which can keep more than Hugging
@@ -292,10 +292,22 @@ def draw(lp: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor, tempera
     positions[i], stream): a row's own position, left padding removed."""
     if temperature == 0:
         return lp.argmax(-1)
-    # A chunk of rows at a time, as the noise is computed: the float64 scores and noise of a chunk stay in the
-    # caches (a whole step's rows at once are tens of MB on a CPU, and drawing them cost 1.4x as much per token).
+    # Inverse CDF at one uniform of (seed, position, stream) per row: a float64 exp and cumulative sum over the
+    # vocabulary, where Gumbel-max hashed a noise value per entry (6x the time, most of a fast sampler's run on a
+    # small base: docs/results.md §6). A chunk of rows at a time, so a chunk's float64 rows stay in the caches.
     rows = chunk_rows(lp.shape[-1], lp.device)
-    drawn = [gumbel_grid(seeds[first:first + rows], positions[first:first + rows], lp.shape[-1], stream)
-             .add_(truncate(lp[first:first + rows], temperature, top_k, top_p)).argmax(-1)
+    uniforms = uniform_grid(seeds, positions, 1, stream)
+    drawn = [inverse_cdf(truncate(lp[first:first + rows], temperature, top_k, top_p), uniforms[first:first + rows])
              for first in range(0, max(1, len(lp)), rows)]
     return torch.cat(drawn)
+
+
+def inverse_cdf(scores: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """(n,) the token of each row of float64 `scores` (n, V) (log-probabilities up to a constant; -inf = never) at
+    which the cumulative distribution of softmax(scores) first exceeds that row's uniform in (0, 1) (n, 1). The
+    target stays below the total by a relative 2**-52, so a rounding of u x total up to the total cannot land on the
+    cut tail (tokens at -inf add nothing to the sum, and are never first to exceed it)."""
+    cdf = (scores - scores.amax(-1, keepdim=True)).exp_().cumsum_(-1)
+    total = cdf[:, -1:]
+    target = torch.minimum(uniforms * total, total * (1 - 2.0 ** -52))
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
