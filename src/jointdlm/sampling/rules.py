@@ -23,9 +23,9 @@ POSITIONAL_RULES = ("random", "left_to_right")
 _MASK64 = (1 << 64) - 1
 RANDOM_RULE_STREAM = -1
 NOISE_CHUNK = 1 << 18
-"""Most noise values computed at once (rows x vocabulary) on a CPU: the hash's dozen passes over a chunk then stay
-in the caches (1.6x faster than chunks of 1 << 22 on 2 cores: docs/results.md §6), and memory stays bounded at
-large vocabularies. Draws, log-probabilities and a head pass's scores work in chunks of the same size."""
+"""Most values (rows x vocabulary) worked on at once on a CPU: a chunk's passes then stay in the caches (for the
+Gumbel noise draws once used, 1.6x faster than chunks of 1 << 22 on 2 cores: docs/results.md §6), and memory stays
+bounded at large vocabularies. Draws, log-probabilities and a head pass's scores work in chunks of this size."""
 NOISE_CHUNK_ACCELERATOR = 1 << 22
 """The same on a GPU, where bandwidth is plenty and each chunk's launches cost: fewer, larger chunks."""
 READS_ONLY_THE_TOP = ("confidence",)
@@ -104,19 +104,15 @@ def uniform_grid(step_seeds: torch.Tensor, positions: torch.Tensor, size: int, s
 
 
 def gumbel_grid(step_seeds: torch.Tensor, positions: torch.Tensor, size: int, stream: int = 0) -> torch.Tensor:
-    """(n, size) float64 Gumbel noise -log(-log(u)) of `uniform_grid`'s uniforms, computed in place."""
+    """(n, size) float64 Gumbel noise -log(-log(u)) of `uniform_grid`'s uniforms, computed in place: the noise of
+    the Gumbel-max draws before `draw` inverted the cumulative distribution (kept for benchmarks/draw_speed.py and
+    exact_speedups.py, whose references draw with it)."""
     return _noise_rows(step_seeds, positions, size, stream, gumbel=True)
 
 
 def uniform_noise(step_seed: int, position: int, size: int, stream: int = 0) -> torch.Tensor:
     """float64 uniforms in (0, 1) that depend only on (step seed, position, stream)."""
     return uniform_grid(torch.tensor([step_seed]), torch.tensor([position]), size, stream)[0]
-
-
-def gumbel_noise(step_seed: int, positions: Sequence[int], size: int, stream: int = 0) -> torch.Tensor:
-    """(len(positions), size) float64 Gumbel noise, one independent row per position."""
-    positions = torch.as_tensor(list(positions), dtype=torch.int64)
-    return gumbel_grid(torch.full_like(positions, step_seed), positions, size, stream)
 
 
 def model_logprobs(logits: torch.Tensor, banned: Sequence[int], overwrite: bool = False) -> torch.Tensor:
