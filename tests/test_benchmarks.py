@@ -408,3 +408,21 @@ def test_adjust_recipe_refuses_a_cached_base_of_other_flags(tmp_path):
                            "--workdir", str(tmp_path), "--pretrain-steps", "6000"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "max_steps=2000 there, 6000 now" in proc.stderr, proc.stderr
+
+
+def test_draw_speed_checks_both_draws_against_the_exact_distribution(tiny_model_dir):
+    """benchmarks/draw_speed.py: Gumbel-max and inverse-CDF draws both land near the exact distribution at every
+    setting, and the timing part runs every sampler with either draw and restores the live one."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from draw_speed import distribution_rows, generation_rows
+    finally:
+        sys.path.pop(0)
+    from jointdlm.sampling import rules
+
+    rows = distribution_rows(n=20_000)
+    assert len(rows) == 4 and all(r["gumbel_tv"] < 0.02 and r["inverse_cdf_tv"] < 0.02 for r in rows)
+    live = rules.draw
+    timed = generation_rows(str(tiny_model_dir), None, "parallel:4,sequential:1", num=4, rounds=1)
+    assert [r["sampler"] for r in timed] == ["parallel:4", "sequential:1"] and all(r["speed_up"] > 0 for r in timed)
+    assert rules.draw is live
