@@ -60,6 +60,14 @@ def test_reference_is_generated_once(tiny_model, tmp_path, capsys):
     run_eval(tiny_model, cfg, tmp_path)
     assert "generating the K=1 reference" not in capsys.readouterr().err
     assert (tmp_path / "reference.jsonl").read_text() == first
+    # A reference cached by code that sampled otherwise (no samples version in its key) is sampled again.
+    lines = first.splitlines()
+    key = json.loads(lines[0])
+    del key["key"]["version"]
+    (tmp_path / "reference.jsonl").write_text("\n".join([json.dumps(key), *lines[1:]]))
+    run_eval(tiny_model, cfg, tmp_path)
+    assert "generating the K=1 reference" in capsys.readouterr().err
+    assert (tmp_path / "reference.jsonl").read_text() == first
 
 
 def test_task_accuracy_through_the_cli(tiny_model_dir, tmp_path, capsys):

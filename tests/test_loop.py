@@ -559,3 +559,15 @@ def test_the_default_length_fills_a_canvas_but_not_a_checkpoints_whole_window():
     assert fill_length(model(4096), ["a b"]) == fill_length(model(131072), None) == MAX_FILL == 256
     with pytest.raises(ValueError, match="leave no room"):
         fill_length(model(3), ["a b"])
+
+
+def test_text_ends_at_a_pad_written_before_the_eos(tiny_model):
+    """A base learns PAD only after a document's EOS; one written earlier ends the text there. Decoding drops
+    special tokens, so without the cut the words after the PAD were glued on (naive parallel writes such a PAD in
+    most English samples at K=48)."""
+    spec, tok = tiny_model.spec, tiny_model.tokenizer
+    words = tok.encode("the busy bee buzzed noisily")
+    init = torch.tensor([[words[0], words[1], spec.pad_id, words[2], spec.eos_id, spec.pad_id]])
+    gen = generate(tiny_model, make_sampler("parallel"), SamplingConfig(length=6, progress=False), num=1, init=init)
+    assert gen.tokens[0] == init[0].tolist()  # the tokens as written; only the text is cut
+    assert gen.texts[0] == tok.decode(words[:2]) != tok.decode(words[:3])

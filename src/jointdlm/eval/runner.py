@@ -28,6 +28,9 @@ from . import metrics
 
 REFERENCE_FILE = "reference.jsonl"
 RESULTS_FILE = "results.json"
+SAMPLES_VERSION = 2
+"""Part of the cached reference's key, raised when the same seed stops giving the same samples or texts (2: draws by
+inverse CDF, and text ending at a PAD, 2026-12-07), so a reference cached by older code is sampled again."""
 TABLE_FILE = "results.md"
 
 
@@ -157,7 +160,8 @@ def run_eval(model: DiffusionLM, cfg: EvalConfig, out: str | Path, adjust_head=N
     out.mkdir(parents=True, exist_ok=True)
 
     reference_path = out / REFERENCE_FILE
-    reference_key = {"seed": cfg.seed + 1000, "num": cfg.num, "length": length, "task": cfg.task,
+    reference_key = {"version": SAMPLES_VERSION, "seed": cfg.seed + 1000, "num": cfg.num, "length": length,
+                     "task": cfg.task,
                      "choice": asdict(cfg.choice), "model": model.fingerprint(), "block_length": cfg.block_length}
     reference = None
     if reference_path.exists():

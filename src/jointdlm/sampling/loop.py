@@ -196,11 +196,14 @@ def cut_at_stop(ids: Sequence[int], stops: Collection[int]) -> list[int]:
 
 
 def stop_ids(model: DiffusionLM) -> set[int]:
-    """Where a sample's text ends: EOS, the ids a checkpoint's generation_config.json ends generation at, and the
-    token its chat template closes an assistant's turn with (an instruct model writes it after its answer;
+    """Where a sample's text ends: EOS, padding (a base learns it only after a document's end: a PAD written before
+    the EOS ends the text there, where decoding would drop it and glue the tokens after it on; naive parallel
+    writes one in most English samples at K=48), the ids a checkpoint's generation_config.json ends generation at,
+    and the token its chat template closes an assistant's turn with (an instruct model writes it after its answer;
     decoding drops it, so what follows would be glued on)."""
     end_of_turn = getattr(model.tokenizer, "end_of_turn_ids", None)
-    return {model.spec.eos_id, *getattr(model, "generation_stops", ()),
+    pad = () if model.spec.pad_id is None else (model.spec.pad_id,)
+    return {model.spec.eos_id, *pad, *getattr(model, "generation_stops", ()),
             *(end_of_turn() if callable(end_of_turn) else [])}
 
 
