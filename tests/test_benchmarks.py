@@ -426,3 +426,13 @@ def test_draw_speed_checks_both_draws_against_the_exact_distribution(tiny_model_
     timed = generation_rows(str(tiny_model_dir), None, "parallel:4,sequential:1", num=4, rounds=1)
     assert [r["sampler"] for r in timed] == ["parallel:4", "sequential:1"] and all(r["speed_up"] > 0 for r in timed)
     assert rules.draw is live
+
+
+def test_pad_before_eos_counts_rows_whose_pad_comes_first():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from pad_before_eos import pad_before_eos
+    finally:
+        sys.path.pop(0)
+    rows = [[5, 0, 6, 2, 0], [5, 6, 2, 0, 0], [5, 0, 0, 0, 0], [5, 6, 7, 8, 9]]
+    assert pad_before_eos(rows, pad_id=0, eos_id=2) == 2

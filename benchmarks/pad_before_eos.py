@@ -1,0 +1,48 @@
+"""How many samples write a PAD before their EOS (a base learns PAD only after a document's end; the text ends at
+the first of either since 2026-12-07, where decoding had glued the words after such a PAD on).
+
+    python benchmarks/pad_before_eos.py --model runs/demo/english/model --adjust runs/demo/english/adjust
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from jointdlm.adjust.head import AdjustHead
+from jointdlm.models.mdlm import BuiltinModel
+from jointdlm.sampling.loop import SamplingConfig, generate
+from jointdlm.sampling.registry import make_from_spec
+
+SAMPLERS = "sequential:1,parallel:4,parallel:48,adjust:48,adjust:threshold=0.9:48,threshold:tau=0.5:1"
+
+
+def pad_before_eos(tokens: list[list[int]], pad_id: int, eos_id: int) -> int:
+    """Rows with a PAD before their first EOS (or anywhere, in a row with no EOS)."""
+    return sum(pad_id in row[: row.index(eos_id) if eos_id in row else len(row)] for row in tokens)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--adjust")
+    parser.add_argument("--samplers", default=SAMPLERS, help="comma-separated SPEC:K")
+    parser.add_argument("--num", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = BuiltinModel.load(args.model)
+    head = AdjustHead.from_pretrained(args.adjust, model) if args.adjust else None
+    for item in args.samplers.split(","):
+        spec, _, k = item.rpartition(":")
+        config = SamplingConfig(length=model.max_length - 1, tokens_per_step=int(k), seed=args.seed, batch_size=250)
+        with torch.no_grad():
+            tokens = generate(model, make_from_spec(spec, head=head), config, num=args.num).tokens
+        print(f"{item}: {pad_before_eos(tokens, model.spec.pad_id, model.spec.eos_id)} of {args.num} samples write "
+              f"a PAD before their EOS", flush=True)
+
+
+if __name__ == "__main__":
+    main()
