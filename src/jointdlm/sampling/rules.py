@@ -289,8 +289,9 @@ def draw(lp: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor, tempera
     if temperature == 0:
         return lp.argmax(-1)
     # Inverse CDF at one uniform of (seed, position, stream) per row: a float64 exp and cumulative sum over the
-    # vocabulary, where Gumbel-max hashed a noise value per entry (6x the time, most of a fast sampler's run on a
-    # small base: docs/results.md §6). A chunk of rows at a time, so a chunk's float64 rows stay in the caches.
+    # vocabulary, where Gumbel-max hashed a noise value per entry (naive K=48 on the demo's English base ran 1.48x
+    # faster as a whole: docs/results.md §6). A chunk of rows at a time, so a chunk's float64 rows stay in the
+    # caches; the uniforms hashed once for all rows (per chunk, their small calls cost more than the sums).
     rows = chunk_rows(lp.shape[-1], lp.device)
     uniforms = uniform_grid(seeds, positions, 1, stream)
     drawn = [inverse_cdf(truncate(lp[first:first + rows], temperature, top_k, top_p), uniforms[first:first + rows])
