@@ -102,10 +102,10 @@ def test_prompt_untouched_and_every_position_filled_once(tiny_model, sampler_nam
 
 def test_generated_text_is_decoded_generated_region_only(tiny_model):
     gen = generate(tiny_model, make_sampler("parallel"), SamplingConfig(length=8, tokens_per_step=2), prompts=PROMPTS)
-    eos = tiny_model.spec.eos_id
+    ends = {tiny_model.spec.eos_id, tiny_model.spec.pad_id}  # the text ends at the first EOS or PAD
     for text, toks in zip(gen.texts, gen.tokens, strict=True):
         assert len(toks) == 8
-        cut = toks[: toks.index(eos)] if eos in toks else toks
+        cut = toks[: next((i for i, t in enumerate(toks) if t in ends), len(toks))]
         assert text == tiny_model.tokenizer.decode(cut)
     assert gen.prompts == PROMPTS
 
