@@ -21,9 +21,8 @@ import statistics
 import time
 
 import torch
+from sampler_time import load_runs, require_positive
 
-from jointdlm.adjust.head import AdjustHead
-from jointdlm.models.mdlm import BuiltinModel
 from jointdlm.sampling import rules
 from jointdlm.sampling.loop import SamplingConfig, generate
 from jointdlm.sampling.registry import make_from_spec
@@ -64,19 +63,16 @@ def distribution_rows(n: int = 100_000) -> list[dict]:
 
 def generation_rows(model: str | None, adjust: str | None, samplers: str, num: int, rounds: int) -> list[dict]:
     if model:
-        base = BuiltinModel.load(model)
-        head = AdjustHead.from_pretrained(adjust, base) if adjust else None
+        base, head, parsed = load_runs(model, adjust, samplers)
     else:
-        from speed import live_head, random_base  # beside this script when it runs
+        from speed import live_head, random_base
 
         base = random_base("deep", 47, "cpu", vocab_size=2048)
         with torch.no_grad():
             base.net.output.weight.mul_(30.0)  # peaked, as a trained base
         head = live_head(base)
-    items = []
-    for item in samplers.split(","):
-        spec, _, k = item.rpartition(":")
-        items.append((item, make_from_spec(spec, head=head), int(k)))
+        parsed = [(item, item.rpartition(":")[0], int(item.rpartition(":")[2])) for item in samplers.split(",")]
+    items = [(item, make_from_spec(spec, head=head), k) for item, spec, k in parsed]
     live = rules.draw
     times: dict[tuple[str, str], list[float]] = {}
     try:
@@ -108,11 +104,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    if args.num < 1 or args.rounds < 1 or args.threads < 1:
-        parser.error("--num, --rounds and --threads must be >= 1")
+    require_positive(parser, args, ("num", "rounds", "threads"))
     torch.set_num_threads(args.threads)
     distribution_rows()
-    generation_rows(args.model, args.adjust, args.samplers, args.num, args.rounds)
+    try:  # every spec is built before anything is timed: a bad one, or a bad directory, is one line
+        generation_rows(args.model, args.adjust, args.samplers, args.num, args.rounds)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
 
 
 if __name__ == "__main__":

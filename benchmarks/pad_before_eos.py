@@ -9,9 +9,8 @@ from __future__ import annotations
 import argparse
 
 import torch
+from sampler_time import load_runs, require_positive
 
-from jointdlm.adjust.head import AdjustHead
-from jointdlm.models.mdlm import BuiltinModel
 from jointdlm.sampling.loop import SamplingConfig, generate
 from jointdlm.sampling.registry import make_from_spec
 
@@ -32,17 +31,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    require_positive(parser, args, ("num", "threads"))
     torch.set_num_threads(args.threads)
-    model = BuiltinModel.load(args.model)
-    head = AdjustHead.from_pretrained(args.adjust, model) if args.adjust else None
-    for item in args.samplers.split(","):
-        spec, _, k = item.rpartition(":")
-        config = SamplingConfig(length=model.max_length - 1, tokens_per_step=int(k), seed=args.seed, batch_size=250)
+    try:  # every spec built before anything samples: a bad one is one line
+        model, head, items = load_runs(args.model, args.adjust, args.samplers)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+    for item, spec, k in items:
+        config = SamplingConfig(length=model.max_length - 1, tokens_per_step=k, seed=args.seed, batch_size=250)
         with torch.no_grad():
             tokens = generate(model, make_from_spec(spec, head=head), config, num=args.num).tokens
         print(f"{item}: {pad_before_eos(tokens, model.spec.pad_id, model.spec.eos_id)} of {args.num} samples write "
               f"a PAD before their EOS", flush=True)
-
 
 if __name__ == "__main__":
     main()
