@@ -994,55 +994,6 @@ def test_threshold_opening_with_an_untrained_head_is_threshold_extra_one(base, t
     assert 0 < opened.counters.extra_passes <= opened.counters.base_passes
 
 
-class _EvenSureHead:
-    """A head stand-in whose passes are sure of token 6 at even positions and unsure at odd ones; it records the
-    candidates of each pass."""
-
-    threshold_share = 0.5
-
-    def __init__(self) -> None:
-        self.pools: list[list[list[int]]] = []
-
-    def step_passes(self, base, attention_mask, base_hidden, index):
-        head = self
-
-        class Passes:
-            def __init__(self) -> None:
-                self.index = index
-
-            def move_to(self, index) -> None:
-                self.index = index
-
-            def logits(self, tokens, written=None):
-                head.pools.append(self.index.tolist())
-                logits = torch.zeros(*self.index.shape, base.spec.vocab_size)
-                logits[..., 6] = 50.0 * (self.index % 2 == 0)
-                return logits
-
-        return Passes()
-
-
-@pytest.mark.parametrize("k, passes, filled", [(16, 6, 10), (3, 2, 6)])
-def test_threshold_head_passes_write_every_sure_candidate(base, k, passes, filled):
-    """Row 0's base is sure everywhere: the opening round writes it all, no head pass. Row 1's is unsure: the
-    opening writes position 0; the first head pass is sure at 2, 4, 6 and 8 and writes all four, the queue brings
-    in 9, then the unsure 1, 3, 5, 7, 9 come one per pass, while the step's K-1 head passes last."""
-    model, head = _SureAndUnsure(base), _EvenSureHead()
-    tokens = torch.full((2, 10), base.spec.mask_id)
-    ctx = StepContext(model=model, tokens=tokens, attention_mask=torch.ones_like(tokens),
-                      eligible=tokens == base.spec.mask_id, budget=torch.tensor([k, k]),
-                      choice=TokenChoice("confidence", temperature=1.0),
-                      generators=[torch.Generator().manual_seed(i) for i in range(2)])
-    result = make_sampler("adjust", head=head, threshold=0.9).step(ctx)
-    assert result.fill.sum(-1).tolist() == [10, filled]
-    assert torch.as_tensor(result.extra_passes).tolist() == [0, passes]
-    assert result.tokens[0].tolist() == [5] * 10 and result.tokens[1, 2:9:2].tolist() == [6] * 4
-    assert head.pools[0][1] == [1, 2, 3, 4, 5, 6, 7, 8]
-    if k == 16:  # after the sure four leave: the unsure, and 9 from the queue; then one fewer after each pass
-        assert [sorted(p for p in pool[1] if p % 2) for pool in head.pools[1:]] == [
-            [1, 3, 5, 7, 9], [3, 5, 7, 9], [5, 7, 9], [7, 9], [9]]
-
-
 def test_threshold_opening_writes_the_sure_tokens_and_at_most_k_minus_1_more(base, trained):
     length = base.max_length - 1
     config = SamplingConfig(length=length, tokens_per_step=K, seed=2, batch_size=8, record_history=True)

@@ -317,19 +317,9 @@ class StepPasses:
                                            f.gather(2, at[:, None, :, None].expand(-1, 1, -1, f.shape[-1])))
                                  for t, f in zip(self.rope_at, self.rope, strict=True))
 
-    def move_to(self, index: torch.Tensor) -> None:
-        """Makes `index` (B, C') the candidates, any width: positions still masked, or already candidates (their
-        block input is what the step's first pass computed)."""
-        self.index = index
-        if self.keys is not None:
-            self.z_at, self.hidden_at = take_positions(self.z, index), take_positions(self.base_hidden, index)
-            self.rope_at = tuple(f.gather(2, index[:, None, :, None].expand(-1, 1, -1, f.shape[-1]))
-                                 for f in self.rope)
-
     def logits(self, tokens: torch.Tensor, written: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, C, V) logits at the candidates after one pass over `tokens`; `written` (B,) or (B, W) holds the
-        positions each row wrote since the previous call (any other positions whose tokens did not change may fill
-        it: their keys and values come out the same): required after the first."""
+        """(B, C, V) logits at the candidates after one pass over `tokens`; `written` (B,) is a position each row
+        wrote since the previous call (any position for a row that wrote nothing): required after the first."""
         head, index = self.head, self.index
         if not self.fixed:
             query = torch.zeros_like(tokens, dtype=torch.bool).scatter_(1, index, True)
@@ -349,7 +339,7 @@ class StepPasses:
             # A candidate is a real token, so it sees every non-padding position (itself among them).
             self.mask = None if self.attention_mask is None else self.attention_mask.bool()[:, None, None, :]
         else:
-            at = written[:, None] if written.dim() == 1 else written
+            at = written[:, None]
             z = head._block_input(self.base, take_positions(tokens, at), take_positions(self.base_hidden, at))
             k, v = head.block.keys_values(z, *rotary_tables(take_positions(self.positions, at), head_dim,
                                                             head.config.rope_theta))

@@ -18,10 +18,8 @@ The first token of a step is always written. Rows stop independently; a row's he
 while it is still writing.
 
 `adjust:threshold=0.9` opens each step with the threshold sampler's round: from the base pass, every position whose
-confidence is at least the threshold (at least one), then up to K-1 head passes, each writing its best candidate
-and every other candidate the head has made sure of (confidence at least the threshold on the head-updated
-distributions). The sure tokens cost no head pass; the head's passes go to the uncertain ones, whose joint naive
-parallel gets wrong. The head must
+confidence is at least the threshold (at least one), then up to K-1 more tokens, one per head pass. The sure tokens
+cost no head pass; the head's passes go to the uncertain ones, whose joint naive parallel gets wrong. The head must
 have been trained on such steps (`train-adjust --threshold-share 0.5`, the default since 2026-12-04): without it
 the sampler lost 0.09-0.19 validity for one head seed in two on binding and one in three on choice, and collapsed
 on 2 of 4 chained heads, and it warns for such heads (docs/results.md §2, §5). At the training-free threshold's own
@@ -122,10 +120,7 @@ class AdjustSampler:
         if rounds > 1:
             index, open_, queue, queued = self._candidates(scores.masked_fill(fill, -torch.inf), rounds)
             writing &= (budget > 1) & open_.any(-1)
-            if index.shape[1] and self.config.threshold is not None:
-                self._sure_rounds(ctx, out.hidden, tokens, fill, index, open_, queue, queued, writing, budget,
-                                  head_passes)
-            elif index.shape[1]:  # else the first round wrote every eligible position of every row
+            if index.shape[1]:  # else the first round wrote every eligible position of every row
                 self._head_rounds(ctx, out.hidden, tokens, fill, index, open_, queue, queued, writing, budget, rounds,
                                   head_passes, entropy_sum, entropy_max)
         return StepResult(fill=fill, tokens=tokens, base_passes=1, extra_passes=head_passes.cpu())
@@ -206,70 +201,6 @@ class AdjustSampler:
                 passes.replace(pick, queue[:, r - 1])
             else:
                 passes.keep(keep)
-
-    def _sure_rounds(self, ctx: StepContext, base_hidden: torch.Tensor, tokens: torch.Tensor, fill: torch.Tensor,
-                     index: torch.Tensor, open_: torch.Tensor, queue: torch.Tensor, queued: torch.Tensor,
-                     writing: torch.Tensor, budget: torch.Tensor, head_passes: torch.Tensor) -> None:
-        """`adjust:threshold`'s tokens after its opening round, written into `tokens` and `fill` in place: after
-        each head pass the best candidate by the rule and every other candidate whose head-updated confidence is at
-        least the threshold (sure tokens cost no pass, as in the opening round), for up to K-1 head passes. Each
-        written candidate leaves the pool
-        and the next in the base's order comes in; the pool narrows to the most candidates any row still has."""
-        passes = self.head.step_passes(ctx.model, ctx.attention_mask, base_hidden, index)
-        banned = ctx.model.spec.never_sampled()
-        c = ctx.choice
-        positional = None if c.rule not in rules.POSITIONAL_RULES else rules.positional_scores(
-            c.rule, tokens.shape, ctx.step_seeds, ctx.offsets, tokens.device)
-        seeds, shift = rules.row_keys(ctx.step_seeds, ctx.offsets, tokens.device)
-        taken = torch.zeros(len(tokens), dtype=torch.long, device=tokens.device)  # queue entries brought in
-        r = 0
-        last = queue.shape[1] - 1
-        written = None
-        while True:
-            with torch.no_grad():
-                logits = rules.without_banned(passes.logits(tokens, written), banned, overwrite=True)
-            head_passes += writing
-            confidence = rules.top_probability(logits).double().masked_fill(~open_, -torch.inf)
-            if positional is not None:
-                scores = positional.gather(1, passes.index).double().masked_fill(~open_, -torch.inf)
-            elif c.rule == "confidence":
-                scores = confidence
-            else:
-                scores = rules.marginal_scores(torch.log_softmax(logits, dim=-1), c.rule).double()
-                scores = scores.masked_fill(~open_, -torch.inf)
-            # The rule's best candidate (ties to the first position), then the sure ones by confidence.
-            top = scores == scores.max(-1, keepdim=True).values
-            pick = torch.where(top, passes.index, tokens.shape[1]).argmin(-1)[:, None]
-            sure = confidence >= self.config.threshold
-            wanted = sure.sum(-1) + ~sure.gather(1, pick).squeeze(1)
-            # The pick ranks first: 2 is above any confidence (and finite, which select_top requires).
-            chosen = rules.select_top(confidence.scatter(1, pick, 2.0), wanted * writing) & open_
-            rows, columns = chosen.nonzero(as_tuple=True)
-            positions = passes.index[rows, columns]
-            at = torch.log_softmax(logits[rows, columns], dim=-1)
-            tokens[rows, positions] = rules.draw(at, seeds[rows], positions - shift[rows], c.temperature, c.top_k,
-                                                 c.top_p).to(tokens.device)
-            fill[rows, positions] = True
-            # Each written candidate's column takes the next position in the base's order, while the row's queue
-            # lasts; a column with none left closes.
-            source = taken[:, None] + chosen.long().cumsum(-1) - 1
-            if last >= 0:
-                incoming = queued.gather(1, source.clamp(0, last)) & (source <= last) & chosen
-                moved = torch.where(incoming, queue.gather(1, source.clamp(0, last)), passes.index)
-            else:
-                incoming, moved = torch.zeros_like(chosen), passes.index
-            open_ = torch.where(chosen, incoming, open_)
-            taken += chosen.sum(-1)
-            r += 1
-            writing &= (budget > r + 1) & open_.any(-1)
-            if not writing.any():
-                break
-            open_ &= writing[:, None]
-            written = passes.index
-            width = int(open_.sum(-1).max())
-            keep = (~open_).to(torch.uint8).argsort(dim=-1, stable=True)[:, :width]
-            open_ = open_.gather(1, keep)
-            passes.move_to(moved.gather(1, keep))
 
     def _passes(self, at: torch.Tensor, rows: torch.Tensor, entropy_sum: torch.Tensor,
                 entropy_max: torch.Tensor, first: bool) -> torch.Tensor:
