@@ -1,5 +1,7 @@
 """How many samples write a PAD before their EOS (a base learns PAD only after a document's end; the text ends at
-the first of either since 2026-12-07, where decoding had glued the words after such a PAD on).
+the first of either since 2026-12-07, where decoding had glued the words after such a PAD on), how many write words
+after that end (a word among the tail's PADs: the text before it then tends to run up to it), and the text's mean
+length in tokens.
 
     python benchmarks/pad_before_eos.py --model runs/demo/english/model --adjust runs/demo/english/adjust
 """
@@ -14,12 +16,24 @@ from sampler_time import load_runs, require_positive
 from jointdlm.sampling.loop import SamplingConfig, generate
 from jointdlm.sampling.registry import make_from_spec
 
-SAMPLERS = "sequential:1,parallel:4,parallel:48,adjust:48,adjust:threshold=0.9:48,threshold:tau=0.5:1"
+SAMPLERS = ("sequential:1,parallel:4,parallel:48,adjust:48,adjust:threshold=0.9:48,threshold:tau=0.5:1,"
+            "threshold:tau=0.9:1")
 
 
 def pad_before_eos(tokens: list[list[int]], pad_id: int, eos_id: int) -> int:
     """Rows with a PAD before their first EOS (or anywhere, in a row with no EOS)."""
     return sum(pad_id in row[: row.index(eos_id) if eos_id in row else len(row)] for row in tokens)
+
+
+def words_after_end(tokens: list[list[int]], stop_ids: tuple[int, ...]) -> tuple[int, float]:
+    """Rows with a token other than PAD / EOS after their first PAD or EOS, and the mean index of that first one
+    (the row's length where it has none): the text's length in canvas tokens."""
+    rows, total = 0, 0
+    for row in tokens:
+        end = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
+        rows += any(t not in stop_ids for t in row[end:])
+        total += end
+    return rows, total / max(1, len(tokens))
 
 
 def main() -> None:
@@ -41,8 +55,9 @@ def main() -> None:
         config = SamplingConfig(length=model.max_length - 1, tokens_per_step=k, seed=args.seed, batch_size=250)
         with torch.no_grad():
             tokens = generate(model, make_from_spec(spec, head=head), config, num=args.num).tokens
+        stray, length = words_after_end(tokens, (model.spec.pad_id, model.spec.eos_id))
         print(f"{item}: {pad_before_eos(tokens, model.spec.pad_id, model.spec.eos_id)} of {args.num} samples write "
-              f"a PAD before their EOS", flush=True)
+              f"a PAD before their EOS, {stray} a word after their end; {length:.1f} tokens a text", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -436,3 +436,13 @@ def test_pad_before_eos_counts_rows_whose_pad_comes_first():
         sys.path.pop(0)
     rows = [[5, 0, 6, 2, 0], [5, 6, 2, 0, 0], [5, 0, 0, 0, 0], [5, 6, 7, 8, 9]]
     assert pad_before_eos(rows, pad_id=0, eos_id=2) == 2
+
+
+def test_words_after_end_counts_rows_with_a_word_past_their_first_stop():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from pad_before_eos import words_after_end
+    finally:
+        sys.path.pop(0)
+    rows = [[5, 0, 6, 2, 0], [5, 6, 2, 0, 0], [5, 0, 0, 0, 0], [5, 6, 7, 8, 9], [5, 6, 2, 0, 7]]
+    assert words_after_end(rows, stop_ids=(0, 2)) == (2, (1 + 2 + 1 + 5 + 2) / 5)
