@@ -1,7 +1,8 @@
 """How many samples write a PAD before their EOS (a base learns PAD only after a document's end; the text ends at
 the first of either since 2026-12-07, where decoding had glued the words after such a PAD on), how many write words
 after that end (a word among the tail's PADs: the text before it then tends to run up to it), and the text's mean
-length in tokens.
+length in tokens. First it prints the base's PAD probability at each position of the all-masked canvas: a round
+that writes every position of at least a threshold's confidence writes the tail from these marginals at once.
 
     python benchmarks/pad_before_eos.py --model runs/demo/english/model --adjust runs/demo/english/adjust
 """
@@ -13,7 +14,7 @@ import argparse
 import torch
 from sampler_time import load_runs, require_positive
 
-from jointdlm.sampling.loop import SamplingConfig, generate
+from jointdlm.sampling.loop import SamplingConfig, build_canvas, encode_prompts, generate
 from jointdlm.sampling.registry import make_from_spec
 
 SAMPLERS = ("sequential:1,parallel:4,parallel:48,adjust:48,adjust:threshold=0.9:48,threshold:tau=0.5:1,"
@@ -36,6 +37,14 @@ def words_after_end(tokens: list[list[int]], stop_ids: tuple[int, ...]) -> tuple
     return rows, total / max(1, len(tokens))
 
 
+def first_pass_pad(model, length: int) -> list[float]:
+    """The base's PAD probability at each generated position of the all-masked (unprompted) canvas."""
+    tokens, attention, start = build_canvas(model, encode_prompts(model, [""]), length)
+    with torch.no_grad():
+        logits = model.forward(tokens, attention).logits
+    return logits[0, start:].float().softmax(-1)[:, model.spec.pad_id].tolist()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
@@ -51,6 +60,9 @@ def main() -> None:
         model, head, items = load_runs(args.model, args.adjust, args.samplers)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
+    pad = first_pass_pad(model, model.max_length - 1)
+    print("PAD probability from the all-masked canvas, by position (1 = the first generated): "
+          + " ".join(f"{i + 1}:{p:.2f}" for i, p in enumerate(pad)), flush=True)
     for item, spec, k in items:
         config = SamplingConfig(length=model.max_length - 1, tokens_per_step=k, seed=args.seed, batch_size=250)
         with torch.no_grad():
