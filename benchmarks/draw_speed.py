@@ -21,7 +21,7 @@ import statistics
 import time
 
 import torch
-from sampler_time import load_runs, require_positive
+from sampler_time import load_runs, parse_runs, require_positive
 
 from jointdlm.sampling import rules
 from jointdlm.sampling.loop import SamplingConfig, generate
@@ -71,7 +71,7 @@ def generation_rows(model: str | None, adjust: str | None, samplers: str, num: i
         with torch.no_grad():
             base.net.output.weight.mul_(30.0)  # peaked, as a trained base
         head = live_head(base)
-        parsed = [(item, item.rpartition(":")[0], int(item.rpartition(":")[2])) for item in samplers.split(",")]
+        parsed = parse_runs(samplers, head)
     items = [(item, make_from_spec(spec, head=head), k) for item, spec, k in parsed]
     live = rules.draw
     times: dict[tuple[str, str], list[float]] = {}

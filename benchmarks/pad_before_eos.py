@@ -14,7 +14,8 @@ import argparse
 import torch
 from sampler_time import load_runs, require_positive
 
-from jointdlm.sampling.loop import SamplingConfig, build_canvas, encode_prompts, generate
+from jointdlm.models.protocol import DiffusionLM
+from jointdlm.sampling.loop import SamplingConfig, build_canvas, encode_prompts, generate, stop_ids
 from jointdlm.sampling.registry import make_from_spec
 
 SAMPLERS = ("sequential:1,parallel:4,parallel:48,adjust:48,adjust:threshold=0.9:48,threshold:tau=0.5:1,"
@@ -26,18 +27,18 @@ def pad_before_eos(tokens: list[list[int]], pad_id: int, eos_id: int) -> int:
     return sum(pad_id in row[: row.index(eos_id) if eos_id in row else len(row)] for row in tokens)
 
 
-def words_after_end(tokens: list[list[int]], stop_ids: tuple[int, ...]) -> tuple[int, float]:
-    """Rows with a token other than PAD / EOS after their first PAD or EOS, and the mean index of that first one
-    (the row's length where it has none): the text's length in canvas tokens."""
+def words_after_end(tokens: list[list[int]], stops: set[int] | tuple[int, ...]) -> tuple[int, float]:
+    """Rows with a token other than a stop (`loop.stop_ids`: EOS, PAD) after their first stop, and the mean index of
+    that first one (the row's length where it has none): the text's length in canvas tokens."""
     rows, total = 0, 0
     for row in tokens:
-        end = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
-        rows += any(t not in stop_ids for t in row[end:])
+        end = next((i for i, t in enumerate(row) if t in stops), len(row))
+        rows += any(t not in stops for t in row[end:])
         total += end
     return rows, total / max(1, len(tokens))
 
 
-def first_pass_pad(model, length: int) -> list[float]:
+def first_pass_pad(model: DiffusionLM, length: int) -> list[float]:
     """The base's PAD probability at each generated position of the all-masked (unprompted) canvas."""
     tokens, attention, start = build_canvas(model, encode_prompts(model, [""]), length)
     with torch.no_grad():
@@ -67,9 +68,10 @@ def main() -> None:
         config = SamplingConfig(length=model.max_length - 1, tokens_per_step=k, seed=args.seed, batch_size=250)
         with torch.no_grad():
             tokens = generate(model, make_from_spec(spec, head=head), config, num=args.num).tokens
-        stray, length = words_after_end(tokens, (model.spec.pad_id, model.spec.eos_id))
+        stray, length = words_after_end(tokens, stop_ids(model))
         print(f"{item}: {pad_before_eos(tokens, model.spec.pad_id, model.spec.eos_id)} of {args.num} samples write "
               f"a PAD before their EOS, {stray} a word after their end; {length:.1f} tokens a text", flush=True)
+
 
 if __name__ == "__main__":
     main()

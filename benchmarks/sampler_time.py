@@ -35,6 +35,12 @@ def load_runs(model_dir: str, adjust_dir: str | None,
     spec is built once, so a bad one fails (ValueError) before anything runs."""
     model = BuiltinModel.load(model_dir)
     head = AdjustHead.from_pretrained(adjust_dir, model) if adjust_dir else None
+    return model, head, parse_runs(samplers, head)
+
+
+def parse_runs(samplers: str, head: AdjustHead | None) -> list[tuple[str, str, int]]:
+    """Each `SPEC:K` of the comma-separated `samplers` as (item, spec, K), each spec built once with `head`, so a
+    bad one fails (ValueError) before anything runs."""
     items = []
     for item in samplers.split(","):
         spec, _, k = item.rpartition(":")
@@ -42,7 +48,7 @@ def load_runs(model_dir: str, adjust_dir: str | None,
             raise ValueError(f"each sampler is SPEC:K (K tokens per step), got {item!r}")
         make_from_spec(spec, head=head, scorer=None)
         items.append((item, spec, int(k)))
-    return model, head, items
+    return items
 
 
 UNSTEADY = 0.15

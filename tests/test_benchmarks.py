@@ -445,4 +445,4 @@ def test_words_after_end_counts_rows_with_a_word_past_their_first_stop():
     finally:
         sys.path.pop(0)
     rows = [[5, 0, 6, 2, 0], [5, 6, 2, 0, 0], [5, 0, 0, 0, 0], [5, 6, 7, 8, 9], [5, 6, 2, 0, 7]]
-    assert words_after_end(rows, stop_ids=(0, 2)) == (2, (1 + 2 + 1 + 5 + 2) / 5)
+    assert words_after_end(rows, stops=(0, 2)) == (2, (1 + 2 + 1 + 5 + 2) / 5)
