@@ -41,7 +41,7 @@ from ..validation import require_finite
 from . import rules
 from .base import StepContext, StepResult, resolve_config
 from .rules import select_top
-from .threshold import sure_count
+from .threshold import sure_count, sure_draws
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,8 @@ class AdjustConfig:
     gamma: float | None = None
     threshold: float | None = None
     candidates: int = 8
+    mode: bool = False
+    drawn: bool = False
     """After the step's first token(s), the head's passes compute and choose among only this many positions, the
     best-ranked by the base pass still open; below K-1, a written one is replaced by the next in the base's order
     until the base's K-1 best have all come in. Quality measured the same as choosing among every masked position,
@@ -109,13 +111,22 @@ class AdjustSampler:
         scores = ctx.scores(logprobs)
         if self.config.threshold is not None:
             confidence = scores if ctx.choice.rule == "confidence" else ctx.scores(logprobs, rule="confidence")
-            fill = select_top(confidence, sure_count(confidence, self.config.threshold).clamp(min=1) * writing)
+            if self.config.drawn:
+                accepted = sure_draws(ctx, logprobs, confidence, self.config.threshold)
+                fill = select_top(confidence + 2 * accepted, accepted.sum(-1).clamp(min=1) * writing)
+            else:
+                fill = select_top(confidence, sure_count(confidence, self.config.threshold).clamp(min=1) * writing)
         else:
             fill = select_top(scores, writing.long())
         if self.config.tested:
             first = scores.argmax(-1)
             writing &= self._passes(logprobs.rows_at(first), writing, entropy_sum, entropy_max, first=True)
         tokens = torch.where(fill, ctx.sample(logprobs, fill), tokens)
+        if self.config.threshold is not None and self.config.mode:
+            sure = fill & (confidence >= self.config.threshold)
+            c = ctx.choice
+            mode = rules.sample_at(logprobs, sure, ctx.step_seeds, 0.0, c.top_k, c.top_p, 0, ctx.offsets)
+            tokens = torch.where(sure, mode, tokens)
         head_passes = torch.zeros(len(tokens), dtype=torch.long, device=tokens.device)
         if rounds > 1:
             index, open_, queue, queued = self._candidates(scores.masked_fill(fill, -torch.inf), rounds)
