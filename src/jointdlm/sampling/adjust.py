@@ -17,16 +17,19 @@ head-updated distributions:
 The first token of a step is always written. Rows stop independently; a row's head passes are counted only
 while it is still writing.
 
-`adjust:threshold=0.9` opens each step with the threshold sampler's round: from the base pass, every position whose
-confidence is at least the threshold (at least one), then up to K-1 more tokens, one per head pass. The sure tokens
-cost no head pass; the head's passes go to the uncertain ones, whose joint naive parallel gets wrong. The head must
-have been trained on such steps (`train-adjust --threshold-share 0.5`, the default since 2026-12-04): without it
-the sampler lost 0.09-0.19 validity for one head seed in two on binding and one in three on choice, and collapsed
-on 2 of 4 chained heads, and it warns for such heads (docs/results.md §2, §5). At the training-free threshold's own
-setting, `adjust:threshold=0.5` K=2 is `threshold:tau=0.5:extra=1` with its unsure token from the head: on template
-it matched that sampler's 0.980 at 2.1 base passes on three heads, and on choice's 2,000-step base it was level with
-0.9 or better at fewer passes, but on choice's 6,000-step base 0.5 and 0.7 kept the threshold's own errors at that
-tau (0.54 and 0.82 against 0.99 at 0.9; docs/results.md §5): 0.9 is the setting that held everywhere measured."""
+`adjust:threshold=0.9` opens each step with a threshold round from the base pass: every position whose confidence
+is at least the threshold and whose drawn token is that likely too (the acceptance rule of Fast-dLLM's released
+code), or the most confident position alone when there is none; then up to K-1 more tokens, one per head pass. The
+sure tokens cost no head pass; the head's passes go to the uncertain ones, whose joint naive parallel gets wrong,
+and to a sure position whose draw fell in its unlikely remainder, which the head then draws beside the tokens
+written around it. Accepting every sure position's draw (the training-free `threshold`'s rule) wrote a word among
+the PADs of English's tail in two thirds of the samples (NLL 8.04 against K=1's 7.17; this rule 7.14: results
+§5), and was the same on template. The head must have been trained on such steps (`train-adjust
+--threshold-share 0.5`, the default since 2026-12-04): without it the sampler lost 0.09-0.19 validity for one head
+seed in two on binding and one in three on choice, and collapsed on 2 of 4 chained heads, and it warns for such
+heads (docs/results.md §2, §5). The round's threshold must stay high: on choice's 6,000-step base 0.5 and 0.7 kept
+the training-free threshold's own errors at that tau (0.54 and 0.82 against 0.99 at 0.9; docs/results.md §5):
+0.9 is the setting that held everywhere measured."""
 
 from __future__ import annotations
 
@@ -41,7 +44,6 @@ from ..validation import require_finite
 from . import rules
 from .base import StepContext, StepResult, resolve_config
 from .rules import select_top
-from .threshold import sure_count, sure_draws
 
 
 @dataclass(frozen=True)
@@ -50,8 +52,6 @@ class AdjustConfig:
     gamma: float | None = None
     threshold: float | None = None
     candidates: int = 8
-    mode: bool = False
-    drawn: bool = False
     """After the step's first token(s), the head's passes compute and choose among only this many positions, the
     best-ranked by the base pass still open; below K-1, a written one is replaced by the next in the base's order
     until the base's K-1 best have all come in. Quality measured the same as choosing among every masked position,
@@ -111,22 +111,16 @@ class AdjustSampler:
         scores = ctx.scores(logprobs)
         if self.config.threshold is not None:
             confidence = scores if ctx.choice.rule == "confidence" else ctx.scores(logprobs, rule="confidence")
-            if self.config.drawn:
-                accepted = sure_draws(ctx, logprobs, confidence, self.config.threshold)
-                fill = select_top(confidence + 2 * accepted, accepted.sum(-1).clamp(min=1) * writing)
-            else:
-                fill = select_top(confidence, sure_count(confidence, self.config.threshold).clamp(min=1) * writing)
+            likely, drawn = likely_draws(ctx, logprobs, confidence, self.config.threshold)
+            # The likely draws, or the most confident position alone when there is none (drawn as K=1 draws it).
+            fill = select_top(confidence + 2 * likely, likely.sum(-1).clamp(min=1) * writing)
+            tokens = torch.where(fill, torch.where(likely, drawn, ctx.sample(logprobs, fill & ~likely)), tokens)
         else:
             fill = select_top(scores, writing.long())
-        if self.config.tested:
-            first = scores.argmax(-1)
-            writing &= self._passes(logprobs.rows_at(first), writing, entropy_sum, entropy_max, first=True)
-        tokens = torch.where(fill, ctx.sample(logprobs, fill), tokens)
-        if self.config.threshold is not None and self.config.mode:
-            sure = fill & (confidence >= self.config.threshold)
-            c = ctx.choice
-            mode = rules.sample_at(logprobs, sure, ctx.step_seeds, 0.0, c.top_k, c.top_p, 0, ctx.offsets)
-            tokens = torch.where(sure, mode, tokens)
+            if self.config.tested:
+                first = scores.argmax(-1)
+                writing &= self._passes(logprobs.rows_at(first), writing, entropy_sum, entropy_max, first=True)
+            tokens = torch.where(fill, ctx.sample(logprobs, fill), tokens)
         head_passes = torch.zeros(len(tokens), dtype=torch.long, device=tokens.device)
         if rounds > 1:
             index, open_, queue, queued = self._candidates(scores.masked_fill(fill, -torch.inf), rounds)
@@ -227,6 +221,21 @@ class AdjustSampler:
         entropy_sum.copy_(torch.where(passed, new_sum, entropy_sum))
         entropy_max.copy_(torch.where(passed, new_max, entropy_max))
         return passed
+
+
+def likely_draws(ctx: StepContext, logprobs: rules.Marginals, confidence: torch.Tensor,
+                 threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) the positions whose drawn token has a probability of at least `threshold` (the untempered one, as
+    the confidence), and (B, T) the tokens drawn there. Only a position whose top probability reaches it can
+    qualify, so only those are drawn."""
+    sure = confidence >= threshold
+    drawn = ctx.sample(logprobs, sure)
+    likely = torch.zeros_like(sure)
+    if sure.any():
+        rows = logprobs.at(sure)
+        chosen = drawn[sure].to(rows.device)
+        likely[sure] = (rows.gather(1, chosen[:, None]).squeeze(1).exp() >= threshold).to(sure.device)
+    return likely, drawn
 
 
 def _without(column: torch.Tensor, width: int) -> torch.Tensor:

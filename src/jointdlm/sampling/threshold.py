@@ -24,8 +24,6 @@ class ThresholdConfig:
     tau: float = 0.9
     factor: float | None = None
     extra: int = 0
-    mode: bool = False
-    drawn: bool = False
     """After the sure positions (or the single most confident when none is sure), also fill this many of the next
     most confident: with 1, K=1 order for the unsure tokens and the sure ones alongside, but for a step with
     nothing sure, which writes two unsure tokens. It halved the base passes
@@ -52,20 +50,8 @@ class ThresholdSampler:
     def step(self, ctx: StepContext) -> StepResult:
         logprobs = ctx.logprobs(ctx.forward().logits)
         confidence = ctx.scores(logprobs, rule="confidence")
-        if self.config.drawn:
-            accepted = sure_draws(ctx, logprobs, confidence, self.config.tau)
-            priority = confidence + 2 * accepted
-            fill = select_top(priority, accepted.sum(-1).clamp(min=1) + self.config.extra)
-        else:
-            fill = select_top(confidence, accepted_count(confidence, self.config))
-        tokens = ctx.sample(logprobs, fill)
-        if self.config.mode:
-            from . import rules
-            sure = fill & (confidence >= self.config.tau)
-            c = ctx.choice
-            mode = rules.sample_at(logprobs, sure, ctx.step_seeds, 0.0, c.top_k, c.top_p, 0, ctx.offsets)
-            tokens = torch.where(sure, mode, tokens)
-        return StepResult(fill=fill, tokens=tokens, base_passes=1)
+        fill = select_top(confidence, accepted_count(confidence, self.config))
+        return StepResult(fill=fill, tokens=ctx.sample(logprobs, fill), base_passes=1)
 
 
 def accepted_count(confidence: torch.Tensor, config: ThresholdConfig) -> torch.Tensor:
@@ -82,14 +68,3 @@ def accepted_count(confidence: torch.Tensor, config: ThresholdConfig) -> torch.T
 def sure_count(confidence: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
     """(B,) positions per row whose confidence is at least tau (a float, or (B, 1) per row)."""
     return (confidence >= tau).sum(-1)
-
-
-def sure_draws(ctx: StepContext, logprobs, confidence: torch.Tensor, tau: float) -> torch.Tensor:
-    """(B, T) the positions whose drawn token has probability at least tau."""
-    sure = confidence >= tau
-    tokens = ctx.sample(logprobs, sure)
-    rows = logprobs.at(sure)
-    p = rows.gather(1, tokens[sure][:, None].to(rows.device)).squeeze(1).exp()
-    accepted = sure.clone()
-    accepted[sure] = (p >= tau).to(sure.device)
-    return accepted
