@@ -35,7 +35,6 @@ from jointdlm.adjust.train import (
 from jointdlm.adjust.trajectories import TrajectoryConfig, collect_trajectories, load_trajectories
 from jointdlm.models.mdlm import BuiltinModel, take_positions
 from jointdlm.sampling import rules
-from jointdlm.sampling.adjust import likely_draws
 from jointdlm.sampling.base import StepContext, TokenChoice
 from jointdlm.sampling.loop import SamplingConfig, build_canvas, encode_prompts, generate, sample_seed
 from jointdlm.sampling.registry import make_sampler
@@ -981,40 +980,18 @@ def test_adaptive_adjust_survives_rows_that_stop_in_different_ways(base):
 @pytest.mark.parametrize("tau", [0.5, 0.9])
 def test_threshold_opening_with_an_untrained_head_is_threshold_extra_one(base, tau):
     """At K=2 the step writes the sure positions, then the head's most confident one. A head that changes
-    nothing leaves the base's marginals, so greedily (where every draw is its position's mode, and so as likely as
-    the position is sure) that is `threshold:extra=1`, token for token (noise is keyed by step seed and position,
-    not by the round that draws it)."""
+    nothing leaves the base's marginals, so that is `threshold:extra=1`, token for token (noise is keyed by step
+    seed and position, not by the round that draws it)."""
     torch.manual_seed(3)
     head = AdjustHead(AdjustHeadConfig.for_base(base)).eval().requires_grad_(False)
     config = SamplingConfig(length=base.max_length - 1, tokens_per_step=2, seed=6, batch_size=8,
-                            record_history=True, choice=TokenChoice(temperature=0.0))
+                            record_history=True)
     opened = generate(base, make_sampler("adjust", head=head, threshold=tau), config, num=16)
     reference = generate(base, make_sampler("threshold", tau=tau, extra=1), config, num=16)
     assert opened.tokens == reference.tokens and opened.history == reference.history
     assert opened.counters.base_passes == reference.counters.base_passes
     # One head pass per step, except in steps whose threshold round wrote every position left.
     assert 0 < opened.counters.extra_passes <= opened.counters.base_passes
-
-
-def test_threshold_opening_accepts_a_sure_position_only_when_its_draw_is_as_likely():
-    """A sure position (top probability >= tau) is written from the base pass only when the token drawn there
-    has a probability of at least tau too, as often as that happens (its mode's probability), and a position
-    below tau never is: the rest go to the head's passes."""
-    probabilities = torch.tensor([[0.95, 0.05], [0.6, 0.4], [0.99, 0.01], [0.3, 0.7]], dtype=torch.float64)
-    logprobs = rules.Marginals(torch.ones(1, 4, dtype=torch.bool), probabilities.log().float())
-    confidence = probabilities.max(-1).values[None]
-    seen, accepted = torch.zeros(4), torch.zeros(4)
-    steps = 4000
-    for step in range(steps):
-        ctx = SimpleNamespace(sample=lambda lp, fill, step=step: rules.sample_at(lp, fill, [step], 1.0, 0, 1.0))
-        likely, drawn = likely_draws(ctx, logprobs, confidence, 0.9)
-        assert (drawn[likely] == 0).all()  # the sure positions' mode
-        accepted += likely[0].float()
-        seen += (drawn[0] == 0).float() * (confidence[0] >= 0.9)
-    assert accepted[1] == 0 and accepted[3] == 0
-    assert torch.equal(accepted, seen)
-    # Binomial intervals of about 4 standard deviations around 0.95 and 0.99 of 4,000 draws.
-    assert abs(accepted[0] / steps - 0.95) < 0.014 and abs(accepted[2] / steps - 0.99) < 0.007
 
 
 def test_threshold_opening_writes_the_sure_tokens_and_at_most_k_minus_1_more(base, trained):

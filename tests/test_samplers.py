@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -28,7 +29,8 @@ from jointdlm.sampling.edlm import EDLMConfig, EDLMSampler
 from jointdlm.sampling.loop import SamplingConfig, build_canvas, encode_prompts, generate
 from jointdlm.sampling.punt import PUNTConfig, PUNTSampler
 from jointdlm.sampling.registry import make_sampler
-from jointdlm.sampling.threshold import ThresholdConfig, ThresholdSampler
+from jointdlm.sampling.rules import Marginals, sample_at
+from jointdlm.sampling.threshold import ThresholdConfig, ThresholdSampler, draws_and_confidence
 from jointdlm.sampling.threshold import accepted_count as threshold_count
 
 PROMPTS = ["the cat", "the", "the busy bee buzzed", ""]
@@ -185,23 +187,45 @@ def test_registry_builds_each_sampler_with_its_options(scorer):
 def test_threshold_counts_by_tau_and_by_factor():
     conf = torch.tensor([[0.99, 0.95, 0.9, 0.5, -math.inf], [0.4, 0.3, -math.inf, -math.inf, -math.inf]],
                         dtype=torch.float64)
-    assert threshold_count(conf, ThresholdConfig(tau=0.9)).tolist() == [3, 1]
+    assert threshold_count(conf, ThresholdConfig(tau=0.9)).tolist() == [3, 0]
     assert threshold_count(conf, ThresholdConfig(tau=0.0)).tolist() == [4, 2]
-    assert threshold_count(conf, ThresholdConfig(tau=2.0)).tolist() == [1, 1]
+    assert threshold_count(conf, ThresholdConfig(tau=2.0)).tolist() == [0, 0]
     # (n+1)(1-c_n): 0.02, 0.15, 0.4, 2.5 | 1.2, 2.1
-    assert threshold_count(conf, ThresholdConfig(factor=1.0)).tolist() == [3, 1]
+    assert threshold_count(conf, ThresholdConfig(factor=1.0)).tolist() == [3, 0]
     assert threshold_count(conf, ThresholdConfig(factor=3.0)).tolist() == [4, 2]
     shuffled = conf[:, [3, 0, 4, 2, 1]]
-    assert threshold_count(shuffled, ThresholdConfig(factor=1.0)).tolist() == [3, 1]
-    # extra: the next most confident beside the sure ones (or beside the single best when none is sure).
-    assert threshold_count(conf, ThresholdConfig(tau=0.9, extra=1)).tolist() == [4, 2]
-    assert threshold_count(conf, ThresholdConfig(tau=2.0, extra=2)).tolist() == [3, 3]
+    assert threshold_count(shuffled, ThresholdConfig(factor=1.0)).tolist() == [3, 0]
+    # Below the floor no position can pass: a drawn token's probability is at most its position's top one.
+    assert ThresholdConfig(tau=0.7).floor == 0.7 and ThresholdConfig(factor=1.0).floor == 0.5
+    assert ThresholdConfig(factor=3.0).floor < 0
     with pytest.raises(ValueError, match="extra"):
         ThresholdConfig(extra=-1)
     with pytest.raises(ValueError, match="extra"):
         ThresholdConfig(extra=0.5)
     with pytest.raises(ValueError, match="extra"):
         ThresholdConfig(extra=True)
+
+
+def test_threshold_accepts_a_sure_position_only_when_its_draw_is_as_likely():
+    """As Fast-dLLM's released code: a position passes when the token drawn there has a probability of at least
+    tau (so a sure position passes as often as its draw is that likely, and then with that token), and a position
+    whose top probability is below tau is never drawn for the test."""
+    probabilities = torch.tensor([[0.95, 0.05], [0.6, 0.4], [0.99, 0.01], [0.3, 0.7]], dtype=torch.float64)
+    logprobs = Marginals(torch.ones(1, 4, dtype=torch.bool), probabilities.log().float())
+    confidence = probabilities.max(-1).values[None]
+    accepted, modes = torch.zeros(4), torch.zeros(4)
+    steps = 4000
+    for step in range(steps):
+        ctx = SimpleNamespace(sample=lambda lp, fill, step=step: sample_at(lp, fill, [step], 1.0, 0, 1.0))
+        drawn_confidence, drawn = draws_and_confidence(ctx, logprobs, confidence, 0.9)
+        assert torch.isinf(drawn_confidence[0, [1, 3]]).all()  # below the floor: not drawn
+        likely = drawn_confidence >= 0.9
+        assert (drawn[likely] == 0).all()  # the sure positions' mode
+        accepted += likely[0].float()
+        modes += (drawn[0] == 0).float()
+    assert accepted[1] == 0 and accepted[3] == 0 and torch.equal(accepted[[0, 2]], modes[[0, 2]])
+    # Within about 4 standard deviations of 0.95 and 0.99 (binomial, 4,000 draws).
+    assert abs(accepted[0] / steps - 0.95) < 0.014 and abs(accepted[2] / steps - 0.99) < 0.007
 
 
 def test_eb_counts_entropy_prefix():

@@ -44,6 +44,7 @@ from ..validation import require_finite
 from . import rules
 from .base import StepContext, StepResult, resolve_config
 from .rules import select_top
+from .threshold import draws_and_confidence
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,8 @@ class AdjustSampler:
         scores = ctx.scores(logprobs)
         if self.config.threshold is not None:
             confidence = scores if ctx.choice.rule == "confidence" else ctx.scores(logprobs, rule="confidence")
-            likely, drawn = likely_draws(ctx, logprobs, confidence, self.config.threshold)
+            drawn_confidence, drawn = draws_and_confidence(ctx, logprobs, confidence, self.config.threshold)
+            likely = drawn_confidence >= self.config.threshold
             # The likely draws, or the most confident position alone when there is none (drawn as K=1 draws it).
             fill = select_top(confidence + 2 * likely, likely.sum(-1).clamp(min=1) * writing)
             tokens = torch.where(fill, torch.where(likely, drawn, ctx.sample(logprobs, fill & ~likely)), tokens)
@@ -221,21 +223,6 @@ class AdjustSampler:
         entropy_sum.copy_(torch.where(passed, new_sum, entropy_sum))
         entropy_max.copy_(torch.where(passed, new_max, entropy_max))
         return passed
-
-
-def likely_draws(ctx: StepContext, logprobs: rules.Marginals, confidence: torch.Tensor,
-                 threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) the positions whose drawn token has a probability of at least `threshold` (the untempered one, as
-    the confidence), and (B, T) the tokens drawn there. Only a position whose top probability reaches it can
-    qualify, so only those are drawn."""
-    sure = confidence >= threshold
-    drawn = ctx.sample(logprobs, sure)
-    likely = torch.zeros_like(sure)
-    if sure.any():
-        rows = logprobs.at(sure)
-        chosen = drawn[sure].to(rows.device)
-        likely[sure] = (rows.gather(1, chosen[:, None]).squeeze(1).exp() >= threshold).to(sure.device)
-    return likely, drawn
 
 
 def _without(column: torch.Tensor, width: int) -> torch.Tensor:
