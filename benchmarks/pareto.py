@@ -97,9 +97,13 @@ def describe(row: dict | None, metric: str = "validity") -> str:
         return "–"
     v = row["quality"][metric]
     k = f" K={row['tokens_per_step']}" if row["tokens_per_step"] else ""
-    entropy = row["quality"].get("entropy") if metric == "nll" else None  # a low NLL by repetition shows here
+    # What the metric cannot see beside it: a low NLL by repetition shows in the entropy (and MAUVE), a high
+    # validity by writing the likeliest strings too often in the total variation to the language's distribution.
+    beside = {"nll": ("entropy", "mauve"), "validity": ("tv_distance",)}.get(metric, ())
+    shown = [f"{name.replace('_distance', '')} {row['quality'][name]['value']:.2f}" for name in beside
+             if name in row["quality"]]
     return (f"{row['sampler']}{k}: {v['value']:.3f} [{v['low']:.3f}, {v['high']:.3f}]"
-            + (f" (entropy {entropy['value']:.2f})" if entropy else "")
+            + (f" ({', '.join(shown)})" if shown else "")
             + f" at {row['speed']['base_passes_per_sample']:.1f} base passes")
 
 

@@ -79,6 +79,10 @@ def test_pareto_picks_the_best_row_within_a_budget_in_the_metrics_direction():
     assert pareto.best_within(rows, 3, adjust=True, metric="nll")["sampler"] == "adjust:tau=0.9"
     assert pareto.best_within(rows, 2, adjust=True) is None and pareto.describe(None) == "–"
     assert "1.200" in pareto.describe(rows[3], "nll")
+    # Beside the metric, what it cannot see: the entropy and MAUVE of an NLL, the total variation of a validity.
+    seen = row("threshold:tau=0.5", 5, validity=0.99, tv_distance=0.9, nll=1.0, entropy=2.0, mauve=0.93)
+    assert pareto.describe(seen, "validity").startswith("threshold:tau=0.5: 0.990 [0.990, 0.990] (tv 0.90) at 5.0")
+    assert "(entropy 2.00, mauve 0.93)" in pareto.describe(seen, "nll")
 
 
 def test_pareto_names_the_training_free_rows_adaptive_adjust_does_not_match():
