@@ -58,7 +58,7 @@ from jointdlm.sampling.base import StepContext, StepResult  # noqa: E402
 from jointdlm.sampling.loop import SamplingConfig, generate  # noqa: E402
 from jointdlm.sampling.registry import make_from_spec, make_sampler  # noqa: E402
 from jointdlm.sampling.rules import select_top  # noqa: E402
-from jointdlm.sampling.threshold import sure_count  # noqa: E402
+from jointdlm.sampling.threshold import draws_and_confidence  # noqa: E402
 
 
 def written_out_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -97,7 +97,8 @@ class GeneralPassAdjust(AdjustSampler):
     """ADJUST's step as it was before 2026-12-04's fixed-shape passes (the reference part 2 times and checks the
     sampler against): each head pass through the general pass (`AdjustHead.forward`: keys and values carried
     from the step's previous pass and recomputed at every masked position and the ones written since, queries at
-    the masked candidates, logits there), each round on log-probabilities at the remaining candidates only."""
+    the masked candidates, logits there), each round on log-probabilities at the remaining candidates only. Its
+    threshold round accepts positions as the sampler's does (by the drawn token's probability, since 2026-12-07)."""
 
     def step(self, ctx: StepContext) -> StepResult:
         out = ctx.forward()
@@ -117,7 +118,9 @@ class GeneralPassAdjust(AdjustSampler):
             if r == 0 and self.config.threshold is not None:
                 confidence = scores if ctx.choice.rule == "confidence" else \
                     ctx.scores(logprobs, eligible, rule="confidence")
-                chosen = select_top(confidence, sure_count(confidence, self.config.threshold).clamp(min=1) * writing)
+                drawn_confidence, _ = draws_and_confidence(ctx, logprobs, confidence, self.config.threshold)
+                likely = drawn_confidence >= self.config.threshold
+                chosen = select_top(confidence + 2 * likely, likely.sum(-1).clamp(min=1) * writing)
             else:
                 chosen = select_top(scores, writing.long())
             if self.config.tested:
