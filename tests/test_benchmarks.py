@@ -85,6 +85,33 @@ def test_pareto_picks_the_best_row_within_a_budget_in_the_metrics_direction():
     assert "(entropy 2.00, mauve 0.93)" in pareto.describe(seen, "nll")
 
 
+def test_pareto_reports_by_mauve_what_an_nll_below_k1_hides(capsys):
+    """A sampler whose text is less varied than K=1's scores below K=1's NLL: by NLL it is the best row, by MAUVE
+    against K=1's samples it is not (the script reports both when it has a scorer)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import pareto
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def row(sampler, passes, nll, mauve):
+        quality = {"nll": nll, "mauve": mauve, "entropy": 2.0}
+        return {"sampler": sampler, "tokens_per_step": None,
+                "speed": {"base_passes_per_sample": passes, "wall_time_s": passes, "samples": 1},
+                "quality": {k: {"value": v, "low": v - 0.01, "high": v + 0.01} for k, v in quality.items()}}
+
+    rows = [row("sequential", 20, 7.2, 0.96), row("threshold:tau=0.5", 13, 6.6, 0.90),
+            row("adjust:threshold=0.9", 1, 7.1, 0.95)]
+    pareto.report(rows, "nll", "13", "english")
+    by_nll = capsys.readouterr().out
+    assert "by nll, in passes (point estimates): 1 not matched" in by_nll
+    assert "| 13 | threshold:tau=0.5: 6.600" in by_nll
+    pareto.report(rows, "mauve", "13", "english")
+    by_mauve = capsys.readouterr().out
+    assert "by mauve, in passes (point estimates): each is matched or beaten." in by_mauve
+    assert "by mauve, in wall time (point estimates): each is matched or beaten." in by_mauve
+
+
 def test_pareto_names_the_training_free_rows_adaptive_adjust_does_not_match():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
