@@ -1,14 +1,14 @@
 """Fast-dLLM threshold unmasking: from one base pass, fill every position the model is sure enough of.
 
-The number of tokens per step follows the model's confidence instead of a schedule: confident stretches are
-filled at once, uncertain ones one by one. As in Fast-dLLM's released code, a position's confidence here is the
-probability of the token drawn there: a position whose top probability passes tau but whose draw fell in its
-unlikely remainder stays masked for a later step, instead of writing that unlikely token beside the others drawn
-at once. (Accepting every sure position's draw wrote a word among the PADs of English's tail in two thirds of the
-samples, MAUVE 0.68 against 0.95; on template's τ=0.5 this rule writes the more likely strings more often, docs/
-results.md §5.) The most confident position is always filled, so each step makes progress; `extra=1` also fills
-the next most confident one. The factor variant accepts the largest n whose n-th best confidence c_(n) satisfies
-(n + 1)(1 - c_(n)) < factor, which lets more tokens through when all of them are near-certain.
+The number of tokens per step follows the model's confidence instead of a schedule: confident stretches are filled
+at once, uncertain ones one by one. As in Fast-dLLM's released code, a position's confidence here is the probability
+of the token drawn there: a position whose top probability passes tau but whose draw fell in its unlikely remainder
+stays masked for a later step, instead of writing that unlikely token beside the others drawn at once. (Accepting
+every sure position's draw wrote a word among the PADs of English's tail in two thirds of the samples, MAUVE 0.68
+against 0.95; on template's τ=0.5 this rule writes the more likely strings more often, docs/results.md §5.) When no
+position passes, the most confident one is filled (as K=1 would draw it), so each step makes progress; `extra=1`
+also fills the next most confident one. The factor variant accepts the largest n whose n-th best confidence c_(n)
+satisfies (n + 1)(1 - c_(n)) < factor, which lets more tokens through when all of them are near-certain.
 """
 
 from __future__ import annotations
