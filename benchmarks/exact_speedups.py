@@ -58,7 +58,7 @@ from jointdlm.sampling.base import StepContext, StepResult  # noqa: E402
 from jointdlm.sampling.loop import SamplingConfig, generate  # noqa: E402
 from jointdlm.sampling.registry import make_from_spec, make_sampler  # noqa: E402
 from jointdlm.sampling.rules import select_top  # noqa: E402
-from jointdlm.sampling.threshold import draws_and_confidence  # noqa: E402
+from jointdlm.sampling.threshold import threshold_round  # noqa: E402
 
 
 def written_out_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -118,9 +118,7 @@ class GeneralPassAdjust(AdjustSampler):
             if r == 0 and self.config.threshold is not None:
                 confidence = scores if ctx.choice.rule == "confidence" else \
                     ctx.scores(logprobs, eligible, rule="confidence")
-                drawn_confidence, _ = draws_and_confidence(ctx, logprobs, confidence, self.config.threshold)
-                likely = drawn_confidence >= self.config.threshold
-                chosen = select_top(confidence + 2 * likely, likely.sum(-1).clamp(min=1) * writing)
+                chosen, _ = threshold_round(ctx, logprobs, confidence, self.opening, writing)
             else:
                 chosen = select_top(scores, writing.long())
             if self.config.tested:

@@ -45,7 +45,7 @@ from ..validation import require_finite
 from . import rules
 from .base import StepContext, StepResult, resolve_config
 from .rules import select_top
-from .threshold import draws_and_confidence
+from .threshold import ThresholdConfig, threshold_round
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,7 @@ class AdjustSampler:
         self.head = head
         self.config = resolve_config(AdjustConfig, config, settings)
         self.follows_budget = not self.config.adaptive
+        self.opening = None if self.config.threshold is None else ThresholdConfig(tau=self.config.threshold)
         if self.config.threshold is not None and getattr(head, "threshold_share", None) == 0:
             lost = ("collapsed on 2 of 4 such heads that chain their passes" if not head.config.from_base_hidden
                     else "lost 0.09-0.19 validity for one such head in two on binding and one in three on choice")
@@ -113,11 +114,8 @@ class AdjustSampler:
         scores = ctx.scores(logprobs)
         if self.config.threshold is not None:
             confidence = scores if ctx.choice.rule == "confidence" else ctx.scores(logprobs, rule="confidence")
-            drawn_confidence, drawn = draws_and_confidence(ctx, logprobs, confidence, self.config.threshold)
-            likely = drawn_confidence >= self.config.threshold
-            # The likely draws, or the most confident position alone when there is none (drawn as K=1 draws it).
-            fill = select_top(confidence + 2 * likely, likely.sum(-1).clamp(min=1) * writing)
-            tokens = torch.where(fill, torch.where(likely, drawn, ctx.sample(logprobs, fill & ~likely)), tokens)
+            fill, drawn = threshold_round(ctx, logprobs, confidence, self.opening, writing)
+            tokens = torch.where(fill, drawn, tokens)
         else:
             fill = select_top(scores, writing.long())
             if self.config.tested:

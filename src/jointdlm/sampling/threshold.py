@@ -60,11 +60,20 @@ class ThresholdSampler:
     def step(self, ctx: StepContext) -> StepResult:
         logprobs = ctx.logprobs(ctx.forward().logits)
         confidence = ctx.scores(logprobs, rule="confidence")
-        drawn_confidence, drawn = draws_and_confidence(ctx, logprobs, confidence, self.config.floor)
-        accepted = select_top(drawn_confidence, accepted_count(drawn_confidence, self.config))
-        fill = select_top(confidence + 2 * accepted, accepted.sum(-1).clamp(min=1) + self.config.extra)
-        tokens = torch.where(accepted, drawn, ctx.sample(logprobs, fill & ~accepted))
+        fill, tokens = threshold_round(ctx, logprobs, confidence, self.config)
         return StepResult(fill=fill, tokens=tokens, base_passes=1)
+
+
+def threshold_round(ctx: StepContext, logprobs: Marginals, confidence: torch.Tensor, config: ThresholdConfig,
+                    writing: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) the positions one threshold round fills and (B, T) the tokens it writes there: those whose drawn
+    token passes the test, or the most confident position when none does, then `extra` more; nothing in rows
+    that are not `writing` (B,). `adjust:threshold` opens its steps with this round."""
+    drawn_confidence, drawn = draws_and_confidence(ctx, logprobs, confidence, config.floor)
+    accepted = select_top(drawn_confidence, accepted_count(drawn_confidence, config))
+    count = accepted.sum(-1).clamp(min=1) + config.extra
+    fill = select_top(confidence + 2 * accepted, count if writing is None else count * writing)
+    return fill, torch.where(accepted, drawn, ctx.sample(logprobs, fill & ~accepted))
 
 
 def accepted_count(confidence: torch.Tensor, config: ThresholdConfig) -> torch.Tensor:
