@@ -121,12 +121,19 @@ class GeneralPassAdjust(AdjustSampler):
                 chosen, _ = threshold_round(ctx, logprobs, confidence, self.opening, writing)
             else:
                 chosen = select_top(scores, writing.long())
-            if self.config.tested:
+            if self.config.gamma is not None:
                 writing &= self._general_passes(logprobs, chosen, entropy_sum, entropy_max, first=r == 0)
+                chosen &= writing[:, None]
+            drawn = ctx.sample(logprobs, chosen)
+            if self.config.tau is not None and r > 0:  # the drawn token's probability, as the sampler tests it
+                likely = logprobs.at(chosen).gather(1, drawn[chosen][:, None]).squeeze(1).exp() >= self.config.tau
+                passed = torch.zeros_like(writing)
+                passed[chosen.any(-1)] = likely
+                writing &= passed
                 chosen &= writing[:, None]
             if not writing.any():
                 break
-            tokens = torch.where(chosen, ctx.sample(logprobs, chosen), tokens)
+            tokens = torch.where(chosen, drawn, tokens)
             fill |= chosen
             eligible = eligible & ~chosen
             if r == 0:
@@ -147,9 +154,6 @@ class GeneralPassAdjust(AdjustSampler):
         at = logprobs.at(chosen)
         rows = chosen.any(-1)
         passed = torch.zeros_like(rows)
-        if self.config.tau is not None:
-            passed[rows] = True if first else at.max(-1).values.exp() >= self.config.tau
-            return passed
         entropy = -(at.exp() * at.clamp(min=-1e30)).nan_to_num(0.0).sum(-1).double()
         new_sum = entropy_sum[rows] + entropy
         new_max = torch.maximum(entropy_max[rows], entropy)

@@ -30,9 +30,11 @@ from jointdlm.models.mdlm import BuiltinModel
 from jointdlm.sampling.adjust import AdjustConfig
 from jointdlm.sampling.registry import parse_spec
 
-SAMPLERS = ("parallel", "adjust", "adjust:tau=0.9", "adjust:tau=0.7",
+SAMPLERS = ("parallel", "adjust", "adjust:tau=0.9",
             "adjust:gamma=1", "adjust:gamma=4", "adjust:gamma=16", "adjust:gamma=64",
             "adjust:threshold=0.9", "adjust:threshold=0.7", "adjust:threshold=0.5",
+            "adjust:threshold=0.9:tau=0.3", "adjust:threshold=0.5:tau=0.5", "adjust:threshold=0.3:tau=0.3",
+            "adjust:threshold=0.1:tau=0.1",
             "threshold:tau=0.9", "threshold:tau=0.7", "threshold:tau=0.5", "threshold:tau=0.3", "threshold:tau=0.1",
             "threshold:tau=0.9:extra=1", "threshold:tau=0.7:extra=1", "threshold:tau=0.5:extra=1",
             "eb:gamma=1", "eb:gamma=2", "eb:gamma=4", "eb:gamma=8", "eb:gamma=16",

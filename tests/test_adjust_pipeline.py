@@ -6,6 +6,7 @@ head is trained once and shared. Kill and distributed tests run real subprocesse
 """
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -923,10 +924,10 @@ def test_adaptive_adjust_that_accepts_everything_is_fixed_k(base, trained):
         loose = generate(base, make_sampler("adjust", head=trained.head, **options), config, num=8)
         assert loose.tokens == fixed.tokens
         assert loose.counters.extra_passes == fixed.counters.extra_passes
-    with pytest.raises(ValueError, match="give one of"):
+    with pytest.raises(ValueError, match="gamma .* goes alone"):
         make_sampler("adjust", head=trained.head, tau=0.5, gamma=1.0)
-    with pytest.raises(ValueError, match="give one of"):
-        make_sampler("adjust", head=trained.head, tau=0.5, threshold=0.9)
+    with pytest.raises(ValueError, match="gamma .* goes alone"):
+        make_sampler("adjust", head=trained.head, gamma=1.0, threshold=0.9)
     with pytest.raises(ValueError, match="threshold must be in"):
         make_sampler("adjust", head=trained.head, threshold=0.0)
     with pytest.raises(ValueError, match="tau"):
@@ -973,6 +974,52 @@ def test_adaptive_adjust_survives_rows_that_stop_in_different_ways(base):
     result = make_sampler("adjust", head=head, tau=0.9).step(ctx)
     assert result.fill.sum(-1).tolist() == [2, 1]
     assert torch.as_tensor(result.extra_passes).tolist() == [1, 1]
+
+
+class _Unsure(_SureAndUnsure):
+    """A base stand-in whose every row puts probability `p` on token 5 and spreads the rest over the other ids,
+    whatever the tokens."""
+
+    def __init__(self, like: BuiltinModel, p: float) -> None:
+        super().__init__(like)
+        others = like.spec.vocab_size - 1 - len(like.spec.never_sampled())
+        self.logit = math.log(p / (1 - p) * others)
+
+    def forward(self, tokens, attention_mask=None, at=None):
+        hidden = torch.zeros(*tokens.shape, self.hidden_size)
+        hidden[..., 0] = self.logit
+        logits = self.lm_head(hidden)
+        return SimpleNamespace(logits=logits if at is None else logits[at], hidden=hidden)
+
+
+def test_tau_accepts_a_head_draw_only_when_the_drawn_token_is_that_likely(base):
+    """Every position is 60% sure of token 5: with tau=0.5 a head draw is kept only when it is token 5 (so 60% of
+    the steps write a second token, and every second token is 5); a test on the top probability (0.6 >= 0.5 at
+    every position) would keep them all, whatever was drawn."""
+    model = _Unsure(base, 0.6)
+    head = AdjustHead(AdjustHeadConfig(d_model=8, n_heads=2, mlp_hidden=16, base_fingerprint="stub",
+                                       from_base_hidden=False, after_norm=False)).eval()
+    rows = 600
+    tokens = torch.full((rows, 3), base.spec.mask_id)
+    ctx = StepContext(model=model, tokens=tokens, attention_mask=torch.ones_like(tokens),
+                      eligible=tokens == base.spec.mask_id, budget=torch.full((rows,), 2),
+                      choice=TokenChoice("confidence", temperature=1.0),
+                      generators=[torch.Generator().manual_seed(i) for i in range(rows)])
+    result = make_sampler("adjust", head=head, tau=0.5).step(ctx)
+    written = result.fill.sum(-1)
+    assert written.min() == 1 and written.max() == 2
+    second = written == 2
+    assert 0.54 < second.float().mean() < 0.66  # 0.6, binomial sd 0.02 at 600 rows
+    # The first token (the base's) is drawn from the whole distribution; each second one passed the test.
+    fives = (result.tokens == 5) & result.fill
+    assert (fives.sum(-1)[second] >= 1).all()
+    assert 0.11 < ((fives.sum(-1) == 0) & ~second).float().mean() < 0.21  # 0.4 x 0.4, sd 0.015
+    assert torch.as_tensor(result.extra_passes).tolist() == [1] * rows
+    # The opening round and the head's draws both hold to it: with threshold=0.5 and tau=0.5 no step writes any
+    # token but 5 except its forced first.
+    opened = make_sampler("adjust", head=head, threshold=0.5, tau=0.5).step(ctx)
+    unlikely = (opened.tokens != 5) & opened.fill
+    assert (unlikely.sum(-1) <= 1).all() and (unlikely.sum(-1) == 1).any()
 
 
 # 10. adjust:threshold: the threshold round from the base pass, then up to K-1 head tokens.

@@ -51,11 +51,14 @@ def test_fixed_shape_head_passes_give_the_samples_of_the_step_before(tmp_path):
     the benchmark as the reference) write the same tokens, fixed K and adaptive, with a `--shapes` spec parsed."""
     out = tmp_path / "passes.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "exact_speedups.py"), "--only", "passes",
-                           "--shapes", "tiny:20:3:4+adjust:gamma=1/6+adjust:threshold=0.5/3", "--threads", "1",
+                           "--shapes", "tiny:20:3:4+adjust:gamma=1/6+adjust:threshold=0.5/3"
+                           # a tau at which the random tiny base's draws (4,096 ids) are refused about half the time
+                           "+adjust:threshold=0.3:tau=0.00025/6", "--threads", "1",
                            "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["passes"]
-    assert [(r["sampler"], r["k"]) for r in rows] == [("adjust", 4), ("adjust:gamma=1", 6), ("adjust:threshold=0.5", 3)]
+    assert [(r["sampler"], r["k"]) for r in rows] == [("adjust", 4), ("adjust:gamma=1", 6), ("adjust:threshold=0.5", 3),
+                                                      ("adjust:threshold=0.3:tau=0.00025", 6)]
     assert all(r["same_tokens"] and r["general_ms_per_seq"] > 0 and r["fixed_ms_per_seq"] > 0 for r in rows)
 
 
