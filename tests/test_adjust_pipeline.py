@@ -1053,6 +1053,10 @@ def test_threshold_opening_writes_the_sure_tokens_and_at_most_k_minus_1_more(bas
     assert c.extra_passes <= (K - 1) * c.base_passes + 1e-9
     alone = generate(base, sampler, replace(config, batch_size=1), num=16)
     assert alone.tokens == gen.tokens and alone.history == gen.history
+    # With the head's draws held to the rule too, the same samples at batch size 1 and 8.
+    held = make_sampler("adjust", head=trained.head, threshold=0.5, tau=0.5)
+    batched, alone = (generate(base, held, replace(config, batch_size=b), num=16) for b in (8, 1))
+    assert alone.tokens == batched.tokens and alone.history == batched.history
 
 
 def test_threshold_opening_warns_about_a_head_trained_without_it(base, trained, tmp_path):
