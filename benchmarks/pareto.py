@@ -28,6 +28,7 @@ from jointdlm.eval.runner import EvalConfig, run_eval
 from jointdlm.models.causal import CausalScorer
 from jointdlm.models.mdlm import BuiltinModel
 from jointdlm.sampling.adjust import AdjustConfig
+from jointdlm.sampling.base import TokenChoice
 from jointdlm.sampling.registry import parse_spec
 
 SAMPLERS = ("parallel", "adjust", "adjust:tau=0.9",
@@ -130,6 +131,10 @@ def main() -> None:
     parser.add_argument("--timing-repeats", type=int, default=3,
                         help="wall time of each row: the median of this many runs (same samples), in rounds that "
                              "run every row once")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="nucleus cut shared by every row, K=1 included: a refusal rule (the threshold's, "
+                             "adjust:tau) cuts unlikely draws too, so an NLL or validity compared with K=1's "
+                             "says more at a shared cut")
     args = parser.parse_args()
     if args.timing_repeats < 1:
         parser.error(f"--timing-repeats must be >= 1, got {args.timing_repeats}")
@@ -142,7 +147,8 @@ def main() -> None:
     samplers = SAMPLERS + tuple(s for s in args.more_samplers.split(",") if s)
     try:
         cfg = EvalConfig(samplers=samplers, tokens_per_step=tokens_per_step, num=args.num, seed=args.seed,
-                         language=args.language, task=args.task, batch_size=500, timing_repeats=args.timing_repeats)
+                         language=args.language, task=args.task, batch_size=500, timing_repeats=args.timing_repeats,
+                         choice=TokenChoice(top_p=args.top_p))
     except ValueError as err:
         parser.error(str(err))
     metric = "validity" if args.language else "accuracy" if args.task else "nll"
