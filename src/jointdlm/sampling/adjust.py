@@ -42,7 +42,10 @@ its forced first has a probability of at least 0.3 where it was drawn. That is w
 threshold above K=1's validity on template (0.998 against 0.985), and ADJUST reaches it in fewer base passes; on
 English it writes likelier, less varied text (lower NLL, lower MAUVE), as the threshold does at a low tau. With the
 opening at 0.9 (`adjust:threshold=0.9:tau=0.3`) it held on every language measured (template, choice, shuffle,
-permutation); the opening at 0.3 fell to 0.51 / 0.44 on permutation / shuffle at K <= 2 (results §5)."""
+permutation); the opening at 0.3 fell to 0.51 / 0.44 on permutation / shuffle at K <= 2 (results §5). Refusing
+unlikely draws is a cut of the distribution: K=1 under `--top-p 0.95` is as valid, and `adjust:threshold=0.9` under
+that cut matches it from one base pass, where a refused head draw ends its step (tau=0.3: 6 base passes on binding;
+English: 8-10 at any tau down to 0.01; results §5, "Refusing unlikely draws is a cut")."""
 
 from __future__ import annotations
 
