@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from jointdlm import cli
-from jointdlm.adjust.head import AdjustHead, AdjustHeadConfig, HeadCarry
+from jointdlm.adjust.head import AdjustHead, AdjustHeadConfig, HeadCarry, StepPasses
 from jointdlm.adjust.train import (
     LOG_FILE,
     POLICY_HEAD_FILE,
@@ -897,12 +897,18 @@ def test_distributed_training(base, base_dir, traj_dir, tmp_path):
 # 9. Adaptive ADJUST: K is the most a step writes; a test on the head-updated distributions stops the step.
 
 @pytest.mark.parametrize("options", [{"tau": 0.9}, {"gamma": 0.5}])
-def test_adaptive_adjust_writes_between_one_and_k_tokens(base, trained, options):
+def test_adaptive_adjust_writes_between_one_and_k_tokens(base, trained, options, monkeypatch):
     length = base.max_length - 1
     config = SamplingConfig(length=length, tokens_per_step=8, seed=2, batch_size=8, record_history=True)
     sampler = make_sampler("adjust", head=trained.head, **options)
     assert not sampler.follows_budget
+    narrowed = []
+    select = StepPasses.select
+    monkeypatch.setattr(StepPasses, "select", lambda self, rows: (narrowed.append(len(rows)), select(self, rows)))
     gen = generate(base, sampler, config, num=16)
+    # Once half of a step's rows have stopped, its passes go on with the rest alone: the same samples and counts
+    # as each row sampled alone (below).
+    assert narrowed and max(narrowed) <= 4
     fixed = generate(base, make_sampler("adjust", head=trained.head), config, num=16)
     c = gen.counters
     assert fixed.counters.base_passes <= c.base_passes <= length
@@ -915,6 +921,7 @@ def test_adaptive_adjust_writes_between_one_and_k_tokens(base, trained, options)
         assert per_step.max() <= 8 and per_step.min() >= 1
     alone = generate(base, sampler, replace(config, batch_size=1), num=16)
     assert alone.tokens == gen.tokens and alone.history == gen.history
+    assert alone.counters.extra_passes == pytest.approx(c.extra_passes)
 
 
 def test_adaptive_adjust_that_accepts_everything_is_fixed_k(base, trained):

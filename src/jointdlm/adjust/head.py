@@ -294,6 +294,21 @@ class StepPasses:
         self.carry = HeadCarry()
         self.keys: torch.Tensor | None = None
 
+    @property
+    def can_select(self) -> bool:
+        """Whether `select` may narrow the rows (today's heads, after the step's first pass)."""
+        return self.fixed and self.keys is not None
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keeps only the batch rows `rows` (R,): later passes compute those rows alone."""
+        for name in ("attention_mask", "base_hidden", "hidden", "index", "keys", "values", "positions", "z",
+                     "z_at", "hidden_at", "mask"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value[rows])
+        self.rope = tuple(t[rows] for t in self.rope)
+        self.rope_at = tuple(t[rows] for t in self.rope_at)
+
     def keep(self, columns: torch.Tensor) -> None:
         """Keeps only the candidates at `columns` (B, C') of each row, e.g. all but the one just written: a pass
         then costs the candidates still to be chosen among."""

@@ -171,18 +171,23 @@ class AdjustSampler:
                      entropy_sum: torch.Tensor, entropy_max: torch.Tensor) -> None:
         """The step's tokens after the first, one per head pass, written into `tokens` and `fill` in place. Every
         shape is fixed, so on a GPU nothing is read back (but whether any row still writes, for an adaptive
-        step)."""
+        step). An adaptive step whose writing rows fall to half of those in its passes carries on with those rows
+        alone: the rows that stopped would otherwise keep paying for every pass the slowest row needs."""
         passes = self.head.step_passes(ctx.model, ctx.attention_mask, base_hidden, index)
         banned = ctx.model.spec.never_sampled()
         positional = None if ctx.choice.rule not in rules.POSITIONAL_RULES else rules.positional_scores(
             ctx.choice.rule, tokens.shape, ctx.step_seeds, ctx.offsets, tokens.device)
         seeds, shift = rules.row_keys(ctx.step_seeds, ctx.offsets, tokens.device)
         c = ctx.choice
+        # The rows in the passes (None: every row) and their state; written back into the caller's tensors at the
+        # end, and whenever the rows narrow.
+        rows = None
+        row_tokens, row_fill, row_passes, row_sum, row_max = tokens, fill, head_passes, entropy_sum, entropy_max
         written = None
         for r in range(1, rounds):
             with torch.no_grad():
-                logits = rules.without_banned(passes.logits(tokens, written), banned, overwrite=True)
-            head_passes += writing
+                logits = rules.without_banned(passes.logits(row_tokens, written), banned, overwrite=True)
+            row_passes += writing
             # Log-probabilities at every candidate only where the rule reads more than the top one; otherwise
             # at the chosen candidate alone (C x V work per pass is most of a head token on a large vocabulary).
             cheap = positional is not None or c.rule in rules.READS_ONLY_THE_TOP
@@ -194,21 +199,23 @@ class AdjustSampler:
             scores = scores.double().masked_fill(~open_, -torch.inf)
             # The best candidate, ties to the first position (the pool is not in position order once refilled).
             top = scores == scores.max(-1, keepdim=True).values
-            pick = torch.where(top, passes.index, tokens.shape[1]).argmin(-1)
-            rows = logits if logprobs is None else logprobs
-            at = rows.gather(1, pick[:, None, None].expand(-1, 1, rows.shape[-1])).squeeze(1)
+            pick = torch.where(top, passes.index, row_tokens.shape[1]).argmin(-1)
+            at_rows = logits if logprobs is None else logprobs
+            at = at_rows.gather(1, pick[:, None, None].expand(-1, 1, at_rows.shape[-1])).squeeze(1)
             if logprobs is None:
                 at = torch.log_softmax(at, dim=-1)
             if self.config.gamma is not None:
-                writing &= self._passes(at, writing, entropy_sum, entropy_max, first=False)
+                writing &= self._passes(at, writing, row_sum, row_max, first=False)
             written = passes.index.gather(1, pick[:, None]).squeeze(1)
             drawn = rules.draw(at, seeds, written - shift, c.temperature, c.top_k, c.top_p)
             if self.config.tau is not None:  # the draw's own (untempered) probability, as Fast-dLLM accepts it
                 writing &= at.gather(1, drawn.to(at.device)[:, None]).squeeze(1).exp().to(writing.device) \
                     >= self.config.tau
-            new = torch.where(writing, drawn.to(tokens.device), tokens.gather(1, written[:, None]).squeeze(1))
-            tokens.scatter_(1, written[:, None], new[:, None])
-            fill.scatter_(1, written[:, None], (fill.gather(1, written[:, None]).squeeze(1) | writing)[:, None])
+            new = torch.where(writing, drawn.to(row_tokens.device),
+                              row_tokens.gather(1, written[:, None]).squeeze(1))
+            row_tokens.scatter_(1, written[:, None], new[:, None])
+            row_fill.scatter_(1, written[:, None],
+                              (row_fill.gather(1, written[:, None]).squeeze(1) | writing)[:, None])
             # The chosen candidate leaves the pool and the next in the base's order comes in, while the queue lasts
             # (a row that did not write is done for the step either way). Only rows still writing with budget left
             # write in the next round; an adaptive step ends when none does (a fixed step's rounds are known:
@@ -226,6 +233,23 @@ class AdjustSampler:
                 passes.replace(pick, queue[:, r - 1])
             else:
                 passes.keep(keep)
+            if self.config.adaptive and passes.can_select and 2 * int(writing.sum()) <= len(writing):
+                if rows is not None:  # the narrowed rows' state back into the caller's tensors
+                    tokens[rows], fill[rows], head_passes[rows] = row_tokens, row_fill, row_passes
+                    entropy_sum[rows], entropy_max[rows] = row_sum, row_max
+                keep_rows = writing.nonzero().squeeze(1)
+                rows = keep_rows if rows is None else rows[keep_rows]
+                passes.select(keep_rows)
+                row_tokens, row_fill, row_passes = tokens[rows], fill[rows], head_passes[rows]
+                row_sum, row_max = entropy_sum[rows], entropy_max[rows]
+                open_, queue, queued, budget = open_[keep_rows], queue[keep_rows], queued[keep_rows], budget[keep_rows]
+                seeds, shift, written, writing = seeds[keep_rows], shift[keep_rows], written[keep_rows], \
+                    writing[keep_rows]
+                if positional is not None:
+                    positional = positional[keep_rows]
+        if rows is not None:
+            tokens[rows], fill[rows], head_passes[rows] = row_tokens, row_fill, row_passes
+            entropy_sum[rows], entropy_max[rows] = row_sum, row_max
 
     def _passes(self, at: torch.Tensor, rows: torch.Tensor, entropy_sum: torch.Tensor,
                 entropy_max: torch.Tensor, first: bool) -> torch.Tensor:
