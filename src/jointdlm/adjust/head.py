@@ -301,11 +301,12 @@ class StepPasses:
 
     def select(self, rows: torch.Tensor) -> None:
         """Keeps only the batch rows `rows` (R,): later passes compute those rows alone."""
-        for name in ("attention_mask", "base_hidden", "hidden", "index", "keys", "values", "positions", "z",
-                     "z_at", "hidden_at", "mask"):
+        for name in ("attention_mask", "base_hidden", "index", "keys", "values", "positions", "z", "z_at",
+                     "hidden_at", "mask"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value[rows])
+        self.hidden = self.base_hidden  # what the fixed path holds there (it reads it nowhere after the first pass)
         self.rope = tuple(t[rows] for t in self.rope)
         self.rope_at = tuple(t[rows] for t in self.rope_at)
 

@@ -183,6 +183,12 @@ class AdjustSampler:
         # end, and whenever the rows narrow.
         rows = None
         row_tokens, row_fill, row_passes, row_sum, row_max = tokens, fill, head_passes, entropy_sum, entropy_max
+
+        def write_back() -> None:
+            if rows is not None:
+                tokens[rows], fill[rows], head_passes[rows] = row_tokens, row_fill, row_passes
+                entropy_sum[rows], entropy_max[rows] = row_sum, row_max
+
         written = None
         for r in range(1, rounds):
             with torch.no_grad():
@@ -234,9 +240,7 @@ class AdjustSampler:
             else:
                 passes.keep(keep)
             if self.config.adaptive and passes.can_select and 2 * int(writing.sum()) <= len(writing):
-                if rows is not None:  # the narrowed rows' state back into the caller's tensors
-                    tokens[rows], fill[rows], head_passes[rows] = row_tokens, row_fill, row_passes
-                    entropy_sum[rows], entropy_max[rows] = row_sum, row_max
+                write_back()
                 keep_rows = writing.nonzero().squeeze(1)
                 rows = keep_rows if rows is None else rows[keep_rows]
                 passes.select(keep_rows)
@@ -247,9 +251,7 @@ class AdjustSampler:
                     writing[keep_rows]
                 if positional is not None:
                     positional = positional[keep_rows]
-        if rows is not None:
-            tokens[rows], fill[rows], head_passes[rows] = row_tokens, row_fill, row_passes
-            entropy_sum[rows], entropy_max[rows] = row_sum, row_max
+        write_back()
 
     def _passes(self, at: torch.Tensor, rows: torch.Tensor, entropy_sum: torch.Tensor,
                 entropy_max: torch.Tensor, first: bool) -> torch.Tensor:
