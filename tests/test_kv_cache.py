@@ -68,7 +68,8 @@ def test_a_prefilled_block_costs_no_record(tiny_model, monkeypatch):
     monkeypatch.setattr(WindowedPasses, "record", lambda self, *a: calls.append(a[2]) or record(self, *a))
     init = torch.full((2, 12), tiny_model.spec.mask_id)
     init[:, :4] = 20  # the first block is given
-    config = SamplingConfig(length=12, tokens_per_step=2, block_length=4, kv_cache="prefix", seed=5)
+    config = SamplingConfig(length=12, tokens_per_step=2, block_length=4, kv_cache="prefix", seed=5,
+                            stop_at_text_end=False)  # a text that ends in the second block would skip the third
     out = generate(tiny_model, make_sampler("parallel"), config, num=2, init=init)
     assert [t[:4] for t in out.tokens] == [[20] * 4] * 2
     starts = sorted({window.start for window in calls})

@@ -41,6 +41,12 @@ class Recorder:
         return result
 
 
+def whole(**settings) -> SamplingConfig:
+    """A config that samples every position: most invariants here are about whole canvases (the tiny model ends
+    texts early, after which a sample stops by default: the last section)."""
+    return SamplingConfig(stop_at_text_end=False, **settings)
+
+
 def expected_nfe(length: int, k: int, block: int | None = None) -> int:
     block = block or length
     return sum(math.ceil(min(block, length - s) / k) for s in range(0, length, block))
@@ -71,7 +77,7 @@ def test_prompt_untouched_and_every_position_filled_once(tiny_model, sampler_nam
     spec = tiny_model.spec
     length = 10
     rec = Recorder(make_sampler(sampler_name))
-    config = SamplingConfig(length=length, tokens_per_step=k, record_history=True)
+    config = whole(length=length, tokens_per_step=k, record_history=True)
     gen = generate(tiny_model, rec, config, prompts=PROMPTS)
     initial, _, start = build_canvas(tiny_model, encode_prompts(tiny_model, PROMPTS), length)
 
@@ -101,7 +107,7 @@ def test_prompt_untouched_and_every_position_filled_once(tiny_model, sampler_nam
 
 
 def test_generated_text_is_decoded_generated_region_only(tiny_model):
-    gen = generate(tiny_model, make_sampler("parallel"), SamplingConfig(length=8, tokens_per_step=2), prompts=PROMPTS)
+    gen = generate(tiny_model, make_sampler("parallel"), whole(length=8, tokens_per_step=2), prompts=PROMPTS)
     ends = {tiny_model.spec.eos_id, tiny_model.spec.pad_id}  # the text ends at the first EOS or PAD
     for text, toks in zip(gen.texts, gen.tokens, strict=True):
         assert len(toks) == 8
@@ -115,7 +121,7 @@ def test_generated_text_is_decoded_generated_region_only(tiny_model):
 
 @pytest.mark.parametrize("length,k", [(12, 1), (12, 3), (12, 5), (12, 12), (7, 20), (13, 4)])
 def test_nfe_parallel_fixed_k(tiny_model, length, k):
-    gen = generate(tiny_model, make_sampler("parallel"), SamplingConfig(length=length, tokens_per_step=k), num=2)
+    gen = generate(tiny_model, make_sampler("parallel"), whole(length=length, tokens_per_step=k), num=2)
     c = gen.counters
     assert c.base_passes == math.ceil(length / k) == c.steps
     assert c.extra_passes == 0
@@ -124,21 +130,21 @@ def test_nfe_parallel_fixed_k(tiny_model, length, k):
 
 
 def test_nfe_sequential_is_length(tiny_model):
-    gen = generate(tiny_model, make_sampler("sequential"), SamplingConfig(length=11), num=3)
+    gen = generate(tiny_model, make_sampler("sequential"), whole(length=11), num=3)
     assert gen.counters.base_passes == 11 and gen.counters.tokens_per_base_pass == pytest.approx(1.0)
     assert gen.counters.generated_tokens == 33
 
 
 @pytest.mark.parametrize("length,block,k", [(12, 4, 3), (12, 5, 2), (10, 3, 4), (9, 9, 2), (8, 20, 3)])
 def test_nfe_with_blocks(tiny_model, length, block, k):
-    config = SamplingConfig(length=length, tokens_per_step=k, block_length=block)
+    config = whole(length=length, tokens_per_step=k, block_length=block)
     gen = generate(tiny_model, make_sampler("parallel"), config, num=2)
     assert gen.counters.base_passes == expected_nfe(length, k, block)
 
 
 @pytest.mark.parametrize("length,block,steps", [(12, None, 4), (12, None, 5), (13, None, 13), (12, 4, 6), (12, 6, 4)])
 def test_nfe_with_steps(tiny_model, length, block, steps):
-    config = SamplingConfig(length=length, steps=steps, block_length=block, record_history=True)
+    config = whole(length=length, steps=steps, block_length=block, record_history=True)
     gen = generate(tiny_model, make_sampler("parallel"), config, num=2)
     assert gen.counters.base_passes == steps
     hist = torch.tensor(gen.history)
@@ -148,7 +154,7 @@ def test_nfe_with_steps(tiny_model, length, block, steps):
 @pytest.mark.parametrize("block", [3, 4, 5])
 def test_semi_autoregressive_blocks_fill_in_order(tiny_model, block):
     length = 12
-    config = SamplingConfig(length=length, tokens_per_step=2, block_length=block, record_history=True)
+    config = whole(length=length, tokens_per_step=2, block_length=block, record_history=True)
     gen = generate(tiny_model, make_sampler("parallel"), config, prompts=PROMPTS)
     for hist in gen.history:
         blocks = [hist[s:s + block] for s in range(0, length, block)]
@@ -178,7 +184,7 @@ def test_rows_finishing_at_different_steps(tiny_model):
             return StepResult(fill=fill, tokens=torch.full_like(ctx.tokens, 10), base_passes=1)
 
     sampler = Uneven()
-    gen = generate(tiny_model, sampler, SamplingConfig(length=6, record_history=True), num=3)
+    gen = generate(tiny_model, sampler, whole(length=6, record_history=True), num=3)
     assert all(t == [10] * 6 for t in gen.tokens)
     assert sampler.active_rows[0] == 3 and sampler.active_rows[-1] == 1
     assert [max(h) + 1 for h in gen.history] == [6, 3, 2]
@@ -191,14 +197,14 @@ def test_rows_finishing_at_different_steps(tiny_model):
 def test_left_to_right_fills_in_order(tiny_model):
     choice = TokenChoice(rule="left_to_right")
     for name in ("sequential", "parallel"):
-        gen = generate(tiny_model, make_sampler(name), SamplingConfig(length=9, choice=choice, record_history=True),
+        gen = generate(tiny_model, make_sampler(name), whole(length=9, choice=choice, record_history=True),
                        prompts=PROMPTS)
         assert gen.history == [list(range(9))] * 3
 
 
 def test_left_to_right_parallel_k_fills_leftmost(tiny_model):
     choice = TokenChoice(rule="left_to_right")
-    config = SamplingConfig(length=9, tokens_per_step=4, choice=choice, record_history=True)
+    config = whole(length=9, tokens_per_step=4, choice=choice, record_history=True)
     gen = generate(tiny_model, make_sampler("parallel"), config, num=2)
     assert gen.history == [[0, 0, 0, 0, 1, 1, 1, 1, 2]] * 2
 
@@ -206,7 +212,7 @@ def test_left_to_right_parallel_k_fills_leftmost(tiny_model):
 def test_random_rule_order_depends_on_seed(tiny_model):
     orders = []
     for seed in (0, 1, 2):
-        config = SamplingConfig(length=12, choice=TokenChoice(rule="random"), seed=seed, record_history=True)
+        config = whole(length=12, choice=TokenChoice(rule="random"), seed=seed, record_history=True)
         gen = generate(tiny_model, make_sampler("sequential"), config, num=2)
         for hist in gen.history:
             assert sorted(hist) == list(range(12))
@@ -219,7 +225,7 @@ def test_random_rule_order_depends_on_seed(tiny_model):
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("name,k", [("parallel", 3), ("sequential", 1)])
 def test_every_rule_runs(tiny_model, rule, name, k):
-    config = SamplingConfig(length=8, tokens_per_step=k, choice=TokenChoice(rule=rule), record_history=True)
+    config = whole(length=8, tokens_per_step=k, choice=TokenChoice(rule=rule), record_history=True)
     gen = generate(tiny_model, make_sampler(name), config, prompts=PROMPTS)
     assert gen.counters.base_passes == math.ceil(8 / k)
     for toks, hist in zip(gen.tokens, gen.history, strict=True):
@@ -229,7 +235,7 @@ def test_every_rule_runs(tiny_model, rule, name, k):
 def test_confidence_rule_fills_the_most_confident_position(tiny_model):
     """Sequential + confidence at step 0 must pick argmax over positions of max-prob (checked by recomputing)."""
     rec = Recorder(SequentialSampler())
-    generate(tiny_model, rec, SamplingConfig(length=8, choice=TokenChoice(rule="confidence")), prompts=PROMPTS)
+    generate(tiny_model, rec, whole(length=8, choice=TokenChoice(rule="confidence")), prompts=PROMPTS)
     for s in rec.steps:
         ctx_tokens, fill = s["tokens"], s["fill"]
         _, attention, _ = build_canvas(tiny_model, encode_prompts(tiny_model, PROMPTS), 8)
@@ -246,7 +252,7 @@ def test_confidence_rule_fills_the_most_confident_position(tiny_model):
 def test_mask_and_bos_never_generated(tiny_model, temperature, top_k, top_p):
     spec = tiny_model.spec
     choice = TokenChoice(temperature=temperature, top_k=top_k, top_p=top_p)
-    gen = generate(tiny_model, make_sampler("parallel"), SamplingConfig(length=16, tokens_per_step=4, choice=choice),
+    gen = generate(tiny_model, make_sampler("parallel"), whole(length=16, tokens_per_step=4, choice=choice),
                    num=24)
     flat = [t for toks in gen.tokens for t in toks]
     assert spec.mask_id not in flat and spec.bos_id not in flat
@@ -275,23 +281,23 @@ class GreedyChecker:
 def test_greedy_is_argmax_and_deterministic(tiny_model):
     greedy = TokenChoice(temperature=0.0)
     checker = GreedyChecker()
-    a = generate(tiny_model, checker, SamplingConfig(length=12, tokens_per_step=3, choice=greedy, seed=0), num=3)
+    a = generate(tiny_model, checker, whole(length=12, tokens_per_step=3, choice=greedy, seed=0), num=3)
     assert checker.checked == 3 * 12
     b = generate(tiny_model, make_sampler("parallel"),
-                 SamplingConfig(length=12, tokens_per_step=3, choice=greedy, seed=7), num=3)
+                 whole(length=12, tokens_per_step=3, choice=greedy, seed=7), num=3)
     assert a.tokens == b.tokens, "greedy decoding must not depend on the seed"
     assert a.tokens[0] == a.tokens[1] == a.tokens[2], "greedy unconditional samples are all the same string"
 
 
 def test_top_k_one_equals_greedy(tiny_model):
     greedy = generate(tiny_model, make_sampler("parallel"),
-                      SamplingConfig(length=12, tokens_per_step=2, choice=TokenChoice(temperature=0.0)),
+                      whole(length=12, tokens_per_step=2, choice=TokenChoice(temperature=0.0)),
                       prompts=PROMPTS)
     top1 = generate(tiny_model, make_sampler("parallel"),
-                    SamplingConfig(length=12, tokens_per_step=2, choice=TokenChoice(temperature=1.0, top_k=1), seed=5),
+                    whole(length=12, tokens_per_step=2, choice=TokenChoice(temperature=1.0, top_k=1), seed=5),
                     prompts=PROMPTS)
     sampled = generate(tiny_model, make_sampler("parallel"),
-                       SamplingConfig(length=12, tokens_per_step=2, choice=TokenChoice(temperature=1.0), seed=5),
+                       whole(length=12, tokens_per_step=2, choice=TokenChoice(temperature=1.0), seed=5),
                        prompts=PROMPTS)
     assert top1.tokens == greedy.tokens
     assert sampled.tokens != greedy.tokens
@@ -302,7 +308,7 @@ def test_top_k_one_equals_greedy(tiny_model):
 
 def test_same_seed_same_output_different_seed_different(tiny_model):
     def run(seed):
-        return generate(tiny_model, make_sampler("parallel"), SamplingConfig(length=14, tokens_per_step=2, seed=seed),
+        return generate(tiny_model, make_sampler("parallel"), whole(length=14, tokens_per_step=2, seed=seed),
                         num=4).tokens
 
     a, b, c = run(3), run(3), run(4)
@@ -314,7 +320,7 @@ def test_same_seed_same_output_different_seed_different(tiny_model):
 @pytest.mark.parametrize("name,k", [("parallel", 3), ("sequential", 1)])
 def test_batch_independence(tiny_model, name, k):
     def run(batch_size, prompts):
-        config = SamplingConfig(length=14, tokens_per_step=k, batch_size=batch_size, seed=11, record_history=True)
+        config = whole(length=14, tokens_per_step=k, batch_size=batch_size, seed=11, record_history=True)
         return generate(tiny_model, make_sampler(name), config, prompts=prompts, num=None if prompts else 8)
 
     for prompts in (None, PROMPTS8):
@@ -397,7 +403,7 @@ class Broken:
 
 @pytest.mark.parametrize("kind", ["prompt", "filled", "mask", "bos", "vocab", "nothing", "too_many", "shape"])
 def test_check_step_catches_broken_sampler(tiny_model, kind):
-    config = SamplingConfig(length=8, tokens_per_step=2)
+    config = whole(length=8, tokens_per_step=2)
     with pytest.raises(AssertionError):
         generate(tiny_model, Broken(kind), config, prompts=PROMPTS)
 
@@ -426,29 +432,29 @@ def test_check_step_accepts_good_step_and_budget(tiny_model):
 
 def test_sequential_rejects_more_than_one_token_per_step(tiny_model):
     with pytest.raises(ValueError, match="token per step"):
-        generate(tiny_model, make_sampler("sequential"), SamplingConfig(length=8, tokens_per_step=2), num=1)
+        generate(tiny_model, make_sampler("sequential"), whole(length=8, tokens_per_step=2), num=1)
     with pytest.raises(ValueError, match="token per step"):
-        generate(tiny_model, make_sampler("sequential"), SamplingConfig(length=12, steps=4), num=1)
+        generate(tiny_model, make_sampler("sequential"), whole(length=12, steps=4), num=1)
     # steps == length is one token per step: allowed
-    gen = generate(tiny_model, make_sampler("sequential"), SamplingConfig(length=6, steps=6), num=1)
+    gen = generate(tiny_model, make_sampler("sequential"), whole(length=6, steps=6), num=1)
     assert gen.counters.base_passes == 6
 
 
 def test_prompt_longer_than_canvas(tiny_model):
     long_prompt = " ".join(["the busy bee buzzed"] * 10)
     with pytest.raises(ValueError, match="exceeds"):
-        generate(tiny_model, make_sampler("parallel"), SamplingConfig(length=4), prompts=["the", long_prompt])
+        generate(tiny_model, make_sampler("parallel"), whole(length=4), prompts=["the", long_prompt])
     with pytest.raises(ValueError, match="exceeds"):
-        generate(tiny_model, make_sampler("parallel"), SamplingConfig(length=tiny_model.max_length), num=1)
-    ok = generate(tiny_model, make_sampler("parallel"), SamplingConfig(length=tiny_model.max_length - 1), num=1)
+        generate(tiny_model, make_sampler("parallel"), whole(length=tiny_model.max_length), num=1)
+    ok = generate(tiny_model, make_sampler("parallel"), whole(length=tiny_model.max_length - 1), num=1)
     assert len(ok.tokens[0]) == tiny_model.max_length - 1
 
 
 def test_generate_needs_prompts_or_num(tiny_model):
     with pytest.raises(ValueError):
-        generate(tiny_model, make_sampler("parallel"), SamplingConfig(length=4))
+        generate(tiny_model, make_sampler("parallel"), whole(length=4))
     with pytest.raises(ValueError):
-        generate(tiny_model, make_sampler("parallel"), SamplingConfig(length=4), num=0)
+        generate(tiny_model, make_sampler("parallel"), whole(length=4), num=0)
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -461,10 +467,10 @@ def test_sampling_config_rejects(kwargs):
 
 
 def test_sampling_config_accepts_and_schedules():
-    assert SamplingConfig(length=12, block_length=5, steps=6).block_sizes() == [5, 5, 2]
-    cfg = SamplingConfig(length=10, tokens_per_step=4)
+    assert whole(length=12, block_length=5, steps=6).block_sizes() == [5, 5, 2]
+    cfg = whole(length=10, tokens_per_step=4)
     assert cfg.schedule(10) == [4, 4, 2] and cfg.num_blocks == 1
-    assert SamplingConfig(length=10, steps=4).schedule(10) == [3, 3, 2, 2]
+    assert whole(length=10, steps=4).schedule(10) == [3, 3, 2, 2]
 
 
 @pytest.mark.parametrize("kwargs", [{"rule": "bogus"}, {"top_p": 0.0}, {"top_p": 1.5}, {"temperature": -1.0},
@@ -536,7 +542,7 @@ class ShiftedModel:
 
 
 def test_non_finite_logits_fail_and_huge_finite_ones_do_not(tiny_model):
-    config = SamplingConfig(length=6, tokens_per_step=2, seed=0)
+    config = whole(length=6, tokens_per_step=2, seed=0)
     # Finite logits whose sum overflows float32: the cheap check fails, the exact one passes.
     huge = ShiftedModel(tiny_model, offset=3e35)
     assert not torch.isfinite(huge.forward(*build_canvas(tiny_model, [[tiny_model.spec.bos_id]] * 2, 6)[:2])
@@ -568,6 +574,66 @@ def test_text_ends_at_a_pad_written_before_the_eos(tiny_model):
     spec, tok = tiny_model.spec, tiny_model.tokenizer
     words = tok.encode("the busy bee buzzed noisily")
     init = torch.tensor([[words[0], words[1], spec.pad_id, words[2], spec.eos_id, spec.pad_id]])
-    gen = generate(tiny_model, make_sampler("parallel"), SamplingConfig(length=6, progress=False), num=1, init=init)
+    gen = generate(tiny_model, make_sampler("parallel"), whole(length=6, progress=False), num=1, init=init)
     assert gen.tokens[0] == init[0].tolist()  # the tokens as written; only the text is cut
     assert gen.texts[0] == tok.decode(words[:2]) != tok.decode(words[:3])
+
+
+# ------------------------------------------------------------------------------------- stopping at the text's end
+
+
+@pytest.mark.parametrize("spec,k,block,cache", [("parallel", 3, None, None), ("sequential", 1, None, None),
+                                                ("sequential", 1, 4, None), ("parallel", 2, 4, "dual"),
+                                                ("threshold:tau=0.5", 1, None, None), ("eb:gamma=1", 1, 4, "prefix"),
+                                                ("adjust:threshold=0.5", 4, None, None), ("adjust", 3, 4, None)])
+def test_a_sample_stops_once_its_text_is_decided(tiny_model, spec, k, block, cache):
+    """Once a stop token is written with nothing masked before it, later passes could only fill positions the
+    text never shows: the texts are a whole-canvas run's, from fewer passes; what was not sampled is PAD, history
+    -1. One row a batch, so both runs compute each row's passes at the same shapes."""
+    from jointdlm.adjust.head import AdjustHead, AdjustHeadConfig
+    from jointdlm.sampling.loop import stop_ids
+
+    head = AdjustHead(AdjustHeadConfig.for_base(tiny_model)).eval() if spec.startswith("adjust") else None
+
+    def run(stop):
+        config = SamplingConfig(length=12, tokens_per_step=k, block_length=block, kv_cache=cache, seed=3,
+                                batch_size=1, record_history=True, stop_at_text_end=stop)
+        return generate(tiny_model, make_from_spec(spec, head=head), config, num=12)
+
+    whole, stopped = run(False), run(True)
+    assert stopped.texts == whole.texts
+    assert stopped.counters.base_passes < whole.counters.base_passes
+    assert stopped.counters.extra_passes <= whole.counters.extra_passes
+    stops, pad = stop_ids(tiny_model), tiny_model.spec.pad_id
+    early = 0
+    for w, s, hist in zip(whole.tokens, stopped.tokens, stopped.history, strict=True):
+        end = next((i for i, t in enumerate(s) if t in stops), len(s))
+        assert s[:end + 1] == w[:end + 1]
+        for i in range(end + 1, len(s)):
+            assert (hist[i] == -1 and s[i] == pad) or (hist[i] >= 0 and s[i] == w[i])
+        early += -1 in hist
+    assert early >= 3, "the tiny model should end several texts early"
+
+
+def test_a_stopped_sample_is_the_same_at_batch_size_1_and_8(tiny_model):
+    def run(batch_size):
+        config = SamplingConfig(length=14, tokens_per_step=2, block_length=7, seed=4, batch_size=batch_size,
+                                record_history=True)
+        return generate(tiny_model, make_sampler("parallel"), config, prompts=PROMPTS8)
+
+    one, eight = run(1), run(8)
+    assert sum(a != b for a, b in zip(one.tokens, eight.tokens, strict=True)) <= 1  # as for whole canvases above
+    assert one.counters.base_passes < 7 * 2  # some rows stopped early
+
+
+def test_a_prefilled_text_that_is_decided_costs_no_pass(tiny_model):
+    spec, tok = tiny_model.spec, tiny_model.tokenizer
+    words = tok.encode("the busy bee")
+    init = torch.tensor([words + [spec.eos_id, spec.mask_id, spec.mask_id],
+                         words[:2] + [spec.mask_id, spec.eos_id, spec.mask_id, spec.mask_id]])
+    config = SamplingConfig(length=6, record_history=True, choice=TokenChoice(rule="left_to_right"))
+    gen = generate(tiny_model, make_sampler("sequential"), config, num=2, init=init)
+    assert gen.texts[0] == tok.decode(words) and gen.tokens[0][4:] == [spec.pad_id] * 2
+    assert gen.history[0] == [-1] * 6
+    assert gen.counters.base_passes == 0.5  # the second row fills its one masked position before the EOS, then stops
+    assert gen.tokens[1][3] == spec.eos_id and gen.history[1][2] == 0 and gen.history[1][4:] == [-1, -1]

@@ -103,7 +103,7 @@ def test_replay_picks_most_confident_position(model, reference):
 def test_matches_generate(model, reference):
     _, data = reference
     sampling = SamplingConfig(length=CFG.length, choice=TokenChoice(CFG.rule, CFG.temperature), seed=CFG.seed,
-                              batch_size=CFG.batch_size, record_history=True)
+                              batch_size=CFG.batch_size, record_history=True, stop_at_text_end=False)
     gen = generate(model, make_sampler("sequential"), sampling, num=CFG.num)
     assert data.tokens.tolist() == gen.tokens
     assert data.order.tolist() == gen.history

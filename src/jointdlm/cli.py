@@ -138,7 +138,7 @@ def sampling_config_from_args(args: argparse.Namespace, length: int) -> Sampling
     return SamplingConfig(length=length, tokens_per_step=k, steps=args.steps,
                           block_length=args.block_length, kv_cache=args.kv_cache, choice=choice_from_args(args),
                           seed=args.seed, batch_size=args.batch_size, record_history=args.history, progress=True,
-                          chat=args.chat)
+                          chat=args.chat, stop_at_text_end=not args.whole_canvas)
 
 
 def _schedule(args: argparse.Namespace, config: SamplingConfig) -> str:
@@ -393,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=_positive_int, default=16)
     p.add_argument("--prompts", default=None, help="file with one prompt per line")
     p.add_argument("--history", action="store_true", help="record the step at which each position was filled")
+    p.add_argument("--whole-canvas", action="store_true",
+                   help="sample every position, also after the text's end (by default a sample stops once its text "
+                        "is decided, a stop token with nothing masked before it; the texts are the same)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("code-eval", help="HumanEval / MBPP pass@1: generate, then execute in a sandbox (opt-in)",
@@ -407,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=_positive_float, default=10.0, help="seconds per program")
     add_sampler_args(p, sampler="sequential", length=256, batch_size=8)
     p.add_argument("--history", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--whole-canvas", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_code_eval)
 
     p = sub.add_parser("trajectories", help="collect K=1 trajectories of a base model (ADJUST training data)")

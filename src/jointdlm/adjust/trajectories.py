@@ -95,7 +95,8 @@ class TrajectoryConfig:
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(length=self.length, tokens_per_step=1, choice=self.choice(), seed=self.seed,
-                              batch_size=self.batch_size, record_history=True, progress=False, chat=self.chat)
+                              batch_size=self.batch_size, record_history=True, progress=False, chat=self.chat,
+                              stop_at_text_end=False)
 
     @property
     def on_policy(self) -> bool:
@@ -260,7 +261,7 @@ def _collect_batch(model: DiffusionLM, cfg: TrajectoryConfig, indices: range, pr
             sampler = make_sampler("adjust", head=head, threshold=cfg.policy_threshold if opens else None)
         config = SamplingConfig(length=length, tokens_per_step=k, choice=cfg.choice(),
                                 seed=cfg.seed + POLICY_SEED_OFFSET, batch_size=cfg.batch_size, record_history=True,
-                                progress=False, chat=cfg.chat)
+                                progress=False, chat=cfg.chat, stop_at_text_end=False)
         gen = generate(model, sampler, config, prompts=None if prompts is None else [prompts[i] for i in rows],
                        num=None if prompts else len(rows), sample_indices=[indices[i] for i in rows.tolist()])
         history = torch.tensor(gen.history, dtype=torch.long).reshape(len(rows), length)

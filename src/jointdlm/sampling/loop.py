@@ -40,6 +40,11 @@ class SamplingConfig:
     progress: bool = False
     chat: bool = False
     """Each prompt is one user turn in the model's chat template (instruct checkpoints; see `encode_prompts`)."""
+    stop_at_text_end: bool = True
+    """A sample stops once its text is decided: a stop token (`stop_ids`) written with every position before it
+    filled. Later passes could only fill positions after the text's end, which decoding drops, so the texts are
+    those of a whole-canvas run and only the passes are fewer; the unsampled positions come back as PAD (EOS where
+    the model has none), history -1. Off: every position is sampled (ADJUST's trajectories train on whole canvases)."""
 
     def __post_init__(self) -> None:
         if self.length < 1:
@@ -335,6 +340,9 @@ def _generate_batch(model: DiffusionLM, sampler: Sampler, config: SamplingConfig
     extra = torch.zeros(batch, dtype=torch.long)
     steps = torch.zeros(batch, dtype=torch.long)
     mask_id = model.spec.mask_id
+    stops = torch.tensor(sorted(stop_ids(model)), device=tokens.device) if config.stop_at_text_end else None
+    done = torch.zeros(batch, dtype=torch.bool, device=tokens.device) if stops is None else \
+        text_decided(tokens[:, start:], stops, mask_id)  # pre-filled text (init) may be decided already
     step_index = 0
     block_start = start
     view = model.windowed() if config.kv_cache is not None else None
@@ -342,11 +350,11 @@ def _generate_batch(model: DiffusionLM, sampler: Sampler, config: SamplingConfig
         region = torch.zeros_like(tokens, dtype=torch.bool)
         region[:, block_start:block_start + block_size] = True
         schedule = config.schedule(block_size)
-        if view is not None and ((tokens == mask_id) & region).any():  # a pre-filled block needs no record
+        if view is not None and ((tokens == mask_id) & region & ~done[:, None]).any():  # nothing to fill: no record
             end = block_start + block_size if config.kv_cache == "dual" else tokens.shape[1]
             view.record(tokens, attention, slice(block_start, end))
         for k in itertools.count():
-            eligible = (tokens == mask_id) & region
+            eligible = (tokens == mask_id) & region & ~done[:, None]
             remaining = eligible.sum(-1)
             active = (remaining > 0).nonzero().squeeze(-1)
             if active.numel() == 0:
@@ -370,5 +378,18 @@ def _generate_batch(model: DiffusionLM, sampler: Sampler, config: SamplingConfig
             extra[rows] += result.extra_passes
             steps[rows] += 1
             step_index += 1
+            if stops is not None:
+                done[active] = text_decided(tokens[active, start:], stops, mask_id)
         block_start += block_size
+    if stops is not None:  # positions after a decided text's end were never sampled
+        filler = model.spec.eos_id if model.spec.pad_id is None else model.spec.pad_id
+        tokens[:, start:] = tokens[:, start:].masked_fill(done[:, None] & (tokens[:, start:] == mask_id), filler)
     return tokens[:, start:].cpu(), filled_at, base, extra, steps
+
+
+def text_decided(generated: torch.Tensor, stops: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """(B,) True where a row's text can no longer change: a stop token with no mask before it (`cut_at_stop` ends
+    the text at the first stop, so positions after it do not matter)."""
+    is_stop = torch.isin(generated, stops)
+    before_first_stop = is_stop.cumsum(-1) == 0
+    return is_stop.any(-1) & ~((generated == mask_id) & before_first_stop).any(-1)
