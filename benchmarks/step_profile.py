@@ -64,7 +64,8 @@ def builtin_from(stats: pstats.Stats, name: str, caller: Callable) -> float:
 def profile(model: BuiltinModel, spec: str, k: int, head: AdjustHead | None, length: int, num: int,
             batch_size: int) -> dict[str, float]:
     sampler = make_from_spec(spec, head=head, scorer=None)
-    config = SamplingConfig(length=length, tokens_per_step=k, seed=1, batch_size=batch_size)
+    config = SamplingConfig(length=length, tokens_per_step=k, seed=1, batch_size=batch_size,
+                            stop_at_text_end=False)  # a step's parts on whole canvases: every row, every step
     generate(model, sampler, config, num=min(num, batch_size))  # warm-up
     profiler = cProfile.Profile()
     with torch.no_grad():

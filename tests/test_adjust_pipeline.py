@@ -147,7 +147,7 @@ def test_zero_init_head_is_naive_parallel(base):
                    TokenChoice("margin", temperature=0.0), TokenChoice("confidence", temperature=1.0),
                    TokenChoice("random", temperature=1.0), TokenChoice("entropy", temperature=0.7, top_p=0.9)):
         cfg = SamplingConfig(length=length, tokens_per_step=K, seed=5, batch_size=8, choice=choice,
-                             record_history=True)
+                             record_history=True, stop_at_text_end=False)  # passes of whole canvases
         adjust = generate(base, make_sampler("adjust", head=head), cfg, num=12)
         naive = generate(base, make_sampler("parallel"), cfg, num=12)
         assert adjust.tokens == naive.tokens, choice

@@ -347,9 +347,11 @@ def test_head_precision_base_passes_make_adjust_the_k1_sampler(tiny_model):
     torch.nn.init.normal_(head.out_norm.weight)  # a head that changes the distributions
     length, greedy = 16, TokenChoice("confidence", temperature=0.0)
     k1 = generate(tiny_model, make_sampler("sequential"),
-                  SamplingConfig(length=length, tokens_per_step=1, seed=3, batch_size=4, choice=greedy), num=4)
+                  SamplingConfig(length=length, tokens_per_step=1, seed=3, batch_size=4, choice=greedy,
+                                 stop_at_text_end=False), num=4)  # whole canvases: every token compared
     adjust = make_sampler("adjust", head=head, candidates=length)
-    config = SamplingConfig(length=length, tokens_per_step=4, seed=3, batch_size=4, choice=greedy)
+    config = SamplingConfig(length=length, tokens_per_step=4, seed=3, batch_size=4, choice=greedy,
+                            stop_at_text_end=False)
     original = StepPasses.logits
     with torch.no_grad():
         with ReplacedPasses("base", tiny_model):

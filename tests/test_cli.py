@@ -46,14 +46,26 @@ def test_sample_with_prompts_and_sequential(tiny_model_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("the cat\n\nthe busy bee buzzed\n", encoding="utf-8")
     out = tmp_path / "p.jsonl"
-    rc = main(["sample", "--model", str(tiny_model_dir), "--sampler", "sequential", "--prompts", str(prompts),
-               "--length", "6", "--rule", "left_to_right", "--temperature", "0", "--history", "--out", str(out)])
+    args = ["sample", "--model", str(tiny_model_dir), "--sampler", "sequential", "--prompts", str(prompts),
+            "--length", "6", "--rule", "left_to_right", "--temperature", "0", "--history", "--out", str(out)]
+    rc = main([*args, "--whole-canvas"])
     err = capsys.readouterr().err
     assert rc == 0, err
     rows = read_jsonl(out)
     assert [r["prompt"] for r in rows] == ["the cat", "the busy bee buzzed"]
     assert all(r["history"] == list(range(6)) for r in rows)
     assert "NFE 6.0/sample" in err
+    # By default a sample stops at its text's end: the same texts, the positions after it never sampled.
+    rc = main(args)
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    stopped = read_jsonl(out)
+    assert [r["text"] for r in stopped] == [r["text"] for r in rows]
+    assert any(-1 in r["history"] for r in stopped) and "NFE 6.0/sample" not in err
+    for whole, row in zip(rows, stopped, strict=True):
+        decided = [i for i, h in enumerate(row["history"]) if h >= 0]
+        assert row["history"] == list(range(len(decided))) + [-1] * (6 - len(decided))
+        assert row["tokens"][:len(decided)] == whole["tokens"][:len(decided)]
 
 
 def test_sample_says_when_a_sampler_sizes_its_own_steps(tiny_model_dir, tmp_path, capsys):

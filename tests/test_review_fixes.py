@@ -40,8 +40,9 @@ class OneAtATime:
 def test_an_adaptive_samplers_cap_is_k_at_every_step(tiny_model):
     """K is the most an adaptive step may write (adaptive ADJUST's cap), at every step: the schedule's leftover entry
     ([4, 4, 2] for 10 tokens) used to cap every step from the third on at 2."""
-    for config in (SamplingConfig(length=10, tokens_per_step=4), SamplingConfig(length=10, block_length=5,
-                                                                                tokens_per_step=3)):
+    whole = {"stop_at_text_end": False}  # every step of the canvas
+    for config in (SamplingConfig(length=10, tokens_per_step=4, **whole),
+                   SamplingConfig(length=10, block_length=5, tokens_per_step=3, **whole)):
         sampler = OneAtATime()
         generate(tiny_model, sampler, config, num=1)
         k = config.tokens_per_step
