@@ -6,7 +6,7 @@ stop_at_text_end`, the default); `--whole-canvas` runs sample every position. Th
 sampler both ways in turn; prints base and head passes per sample, the median time of each and their ratio.
 
     python benchmarks/text_end.py --model runs/demo/english/model --adjust runs/demo/english/adjust \\
-        --length 48 --samplers sequential:1,threshold:tau=0.9:1,adjust:threshold=0.9:48 [--block-length 16]
+        --length 47 --samplers sequential:1,threshold:tau=0.9:1,adjust:4 [--block-length 16]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--adjust", help="ADJUST head directory (for adjust samplers)")
     parser.add_argument("--samplers", required=True, help="comma-separated SPEC:K (K: tokens per step)")
-    parser.add_argument("--length", type=int, default=48)
+    parser.add_argument("--length", type=int, default=47)
     parser.add_argument("--block-length", type=int, default=None, help="semi-autoregressive blocks")
     parser.add_argument("--num", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=200)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import matplotlib
 import matplotlib.ticker
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -73,9 +74,10 @@ def plot_order(results: dict, path: Path, keys: tuple[str, ...] = ORDER_PANELS) 
         return
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 1.3 + 1.1 * len(panels)), squeeze=False)
     for ax, key in zip(axes[:, 0], panels, strict=True):
-        grid = histories[key]
+        grid = np.ma.masked_less(np.asarray(histories[key]), 0)  # -1: after the text's end, never sampled
         image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
-        ax.set_title(f"{key}: step at which each position was filled", fontsize=9)
+        ax.set_title(f"{key}: step at which each position was filled (blank: after the text's end, not sampled)",
+                     fontsize=9)
         ax.set_ylabel("sample")
         ax.set_yticks(range(len(grid)))
         fig.colorbar(image, ax=ax, label="step", fraction=0.03)
