@@ -64,19 +64,31 @@ def quartile_spread(values: list[float]) -> float | None:
     return (third - first) / statistics.median(values)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def timing_parser(description: str, length: int, num: int, rounds: int) -> argparse.ArgumentParser:
+    """The flags of a script that times whole generations of SPEC:K samplers on a base (and its head) in rounds."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", required=True)
     parser.add_argument("--adjust", help="ADJUST head directory (for adjust samplers)")
     parser.add_argument("--samplers", required=True, help="comma-separated SPEC:K (K: tokens per step)")
-    parser.add_argument("--length", type=int, default=32)
-    parser.add_argument("--num", type=int, default=500)
-    parser.add_argument("--batch-size", type=int, default=500)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--length", type=int, default=length)
+    parser.add_argument("--num", type=int, default=num)
+    parser.add_argument("--batch-size", type=int, default=num)
+    parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--threads", type=int, default=2)
+    return parser
+
+
+def parse_timing_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parsed flags, every count checked (one-line error), torch's threads set."""
     args = parser.parse_args()
     require_positive(parser, args, ("length", "num", "batch_size", "rounds", "threads"))
     torch.set_num_threads(args.threads)
+    return args
+
+
+def main() -> None:
+    parser = timing_parser(__doc__.splitlines()[0], length=32, num=500, rounds=7)
+    args = parse_timing_args(parser)
     try:
         model, head, items = load_runs(args.model, args.adjust, args.samplers)
     except (ValueError, FileNotFoundError) as err:

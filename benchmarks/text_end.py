@@ -11,32 +11,21 @@ sampler both ways in turn; prints base and head passes per sample, the median ti
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
 
 import torch
-from sampler_time import load_runs, quartile_spread, require_positive
+from sampler_time import load_runs, parse_timing_args, quartile_spread, timing_parser
 
 from jointdlm.sampling.loop import SamplingConfig, generate
 from jointdlm.sampling.registry import make_from_spec
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--adjust", help="ADJUST head directory (for adjust samplers)")
-    parser.add_argument("--samplers", required=True, help="comma-separated SPEC:K (K: tokens per step)")
-    parser.add_argument("--length", type=int, default=47)
+    parser = timing_parser(__doc__.splitlines()[0], length=47, num=200, rounds=5)  # 47: the demo English canvas
     parser.add_argument("--block-length", type=int, default=None, help="semi-autoregressive blocks")
-    parser.add_argument("--num", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    require_positive(parser, args, ("length", "num", "batch_size", "rounds", "threads"))
-    torch.set_num_threads(args.threads)
+    args = parse_timing_args(parser)
     try:
         model, head, items = load_runs(args.model, args.adjust, args.samplers)
         configs = {stop: {k: SamplingConfig(length=args.length, tokens_per_step=k, block_length=args.block_length,
